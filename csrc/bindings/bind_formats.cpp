@@ -1,0 +1,82 @@
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "bindings/bindings.h"
+#include "formats/open_checkpoint.h"
+
+namespace py = pybind11;
+
+namespace fastckpt::bindings {
+namespace {
+
+// The whole file as a 1-D uint8 buffer for torch.frombuffer. It holds the
+// mapping alive for as long as any tensor made from it exists.
+struct FileBuffer {
+  std::shared_ptr<MappedFile> file;
+};
+
+py::tuple tensor_tuple(const TensorRecord& t) {
+  return py::make_tuple(t.name, std::string(dtype_name(t.dtype)), py::tuple(py::cast(t.shape)),
+                        py::tuple(py::cast(t.strides)), t.storage_offset, t.storage);
+}
+
+}  // namespace
+
+void register_formats(py::module_& m) {
+  py::class_<FileBuffer>(m, "FileBuffer", py::buffer_protocol())
+      .def_buffer([](FileBuffer& b) {
+        return py::buffer_info(b.file->data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.file->size())}, {1},
+                               /*readonly=*/false);
+      })
+      .def_property_readonly("size", [](const FileBuffer& b) { return b.file->size(); });
+
+  py::class_<CheckpointIndex, std::shared_ptr<CheckpointIndex>>(m, "FileIndex")
+      .def_property_readonly("path", &CheckpointIndex::path)
+      .def_readonly("format", &CheckpointIndex::format)
+      .def_readonly("metadata_json", &CheckpointIndex::metadata_json)
+      .def_property_readonly("file_size", [](const CheckpointIndex& i) { return i.file->size(); })
+      .def("__len__", [](const CheckpointIndex& i) { return i.tensors.size(); })
+      .def("names",
+           [](const CheckpointIndex& i) {
+             py::list out(i.tensors.size());
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::str(i.tensors[k].name);
+             return out;
+           })
+      .def("paths",
+           [](const CheckpointIndex& i) {
+             py::list out(i.tensors.size());
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(i.tensors[k].path));
+             return out;
+           })
+      // (name, dtype, shape, strides, storage_offset_elems, storage_index)
+      .def("tensor_info", [](const CheckpointIndex& i, size_t k) { return tensor_tuple(i.tensors.at(k)); })
+      .def("tensor_infos",
+           [](const CheckpointIndex& i) {
+             py::list out(i.tensors.size());
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = tensor_tuple(i.tensors[k]);
+             return out;
+           })
+      // (key, file_offset, nbytes, dtype)
+      .def("storage_info",
+           [](const CheckpointIndex& i, size_t k) {
+             const auto& s = i.storages.at(k);
+             return py::make_tuple(s.key, s.file_offset, s.nbytes, std::string(dtype_name(s.dtype)));
+           })
+      .def_property_readonly("num_storages", [](const CheckpointIndex& i) { return i.storages.size(); })
+      .def("buffer", [](const CheckpointIndex& i) { return FileBuffer{i.file}; })
+      .def("drop_from_page_cache", [](const CheckpointIndex& i) { i.file->drop_from_page_cache(); });
+
+  m.def(
+      "open_file",
+      [](const std::string& path) {
+        // Parsing touches only the C++ index and the mapping: safe without the GIL.
+        py::gil_scoped_release release;
+        return std::make_shared<CheckpointIndex>(open_checkpoint_file(path));
+      },
+      py::arg("path"), "Read one checkpoint file's index (safetensors, torch zip or legacy torch).");
+}
+
+}  // namespace fastckpt::bindings

@@ -1,0 +1,7 @@
+#include "bindings/bindings.h"
+
+namespace fastckpt::bindings {
+
+void register_rules(pybind11::module_& /*m*/) {}
+
+}  // namespace fastckpt::bindings

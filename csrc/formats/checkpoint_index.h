@@ -1,0 +1,56 @@
+// What every reader produces: a flat list of tensors, each a view (shape,
+// strides, offset) of a byte range ("storage") of the file. Readers never copy
+// tensor data; the copy engine and the Python layer read through this index.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "io/mapped_file.h"
+
+namespace fastckpt {
+
+// A contiguous byte range of the file holding one storage's elements.
+struct StorageRecord {
+  std::string key;       // zip record name / legacy key / safetensors tensor name
+  uint64_t file_offset;  // absolute offset of the first byte in the file
+  uint64_t nbytes;
+  DType dtype;
+};
+
+struct TensorRecord {
+  std::string name;               // dotted path, e.g. "model.encoder.layers.0.fc1.weight"
+  std::vector<std::string> path;  // the same path as container keys (keys may contain dots)
+  DType dtype;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements
+  uint64_t storage_offset = 0;   // in elements
+  uint32_t storage = 0;          // index into CheckpointIndex::storages
+};
+
+struct CheckpointIndex {
+  std::shared_ptr<MappedFile> file;
+  std::string format;  // "safetensors" | "torch_zip" | "torch_legacy"
+  std::vector<StorageRecord> storages;
+  std::vector<TensorRecord> tensors;
+  // safetensors: the __metadata__ object; torch: plain (non-tensor) values of the
+  // pickled tree, placeholders for objects of other classes. A JSON object text.
+  std::string metadata_json = "{}";
+
+  const std::string& path() const { return file->path(); }
+};
+
+// Number of elements, or CheckpointError on negative dims / overflow.
+uint64_t checked_numel(const std::string& path, const TensorRecord& t);
+
+// Checks every tensor's reachable bytes lie inside its storage and every storage
+// inside the file; all arithmetic overflow-checked. Readers call it last.
+void validate_index(const CheckpointIndex& index);
+
+// True when the tensor's elements are laid out contiguously (row-major).
+bool is_contiguous(const TensorRecord& t);
+
+}  // namespace fastckpt

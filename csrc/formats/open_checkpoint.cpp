@@ -1,0 +1,24 @@
+#include "formats/open_checkpoint.h"
+
+#include <cstring>
+
+#include "common/error.h"
+#include "formats/safetensors_reader.h"
+#include "formats/torch_reader.h"
+
+namespace fastckpt {
+
+CheckpointIndex open_checkpoint_file(const std::string& path) {
+  auto file = MappedFile::open(path);
+  const uint8_t* p = file->data();
+  const uint64_t n = file->size();
+  if (n >= 4 && std::memcmp(p, "PK\x03\x04", 4) == 0) return read_torch_zip(file);
+  // Legacy files start with the pickled magic number: PROTO 2, LONG1 of 10 bytes.
+  if (n >= 4 && p[0] == 0x80 && p[1] == 0x02 && p[2] == 0x8a && p[3] == 0x0a) return read_torch_legacy(file);
+  const bool named_safetensors =
+      path.size() >= 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0;
+  if (named_safetensors || (n >= 9 && p[8] == '{')) return read_safetensors(file);
+  fail(path, "not a checkpoint fastckpt can read (neither safetensors, torch zip nor legacy torch)");
+}
+
+}  // namespace fastckpt
