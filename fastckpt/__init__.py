@@ -1,13 +1,23 @@
 """fastckpt: stream PyTorch checkpoints straight into a built model."""
 
 from fastckpt.checkpoint import Checkpoint, TensorInfo, open
+from fastckpt.diff import DiffReport, diff
 from fastckpt.errors import CheckpointError, LimitError
+from fastckpt.freeze import FreezeSummary, freeze
+from fastckpt.resume import ResumeReport, resume, save
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "DiffReport",
+    "FreezeSummary",
     "LimitError",
+    "ResumeReport",
     "TensorInfo",
+    "diff",
+    "freeze",
     "open",
+    "resume",
+    "save",
 ]
 __version__ = "0.1.0"

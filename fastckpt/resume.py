@@ -1,0 +1,669 @@
+"""Training checkpoints keyed by parameter *name*: ``fastckpt.save`` / ``fastckpt.resume``.
+
+Layout written by ``save(path, ...)`` (a folder; no pickle anywhere)::
+
+    path/fastckpt.json          manifest: format, model class, tied aliases, files
+    path/model.safetensors      model state_dict; tied tensors stored once
+                                (aliases in the manifest and the file's metadata)
+    path/optimizer.safetensors  per-parameter optimizer state tensors
+    path/optimizer.json         optimizer class, param_groups with parameter NAMES,
+                                and per name: which state entries are tensors
+                                (stored under "state.<name>.<key>") and which are
+                                plain JSON values (python step counts etc.)
+    path/extra.json             ``extra`` (anything JSON can hold)
+
+The save is atomic as a whole: everything is written into a hidden temporary
+folder beside ``path`` which is then renamed into place. If ``path`` already
+holds a fastckpt save, it is renamed aside first and removed after the new one
+is in place; a crash between those two renames leaves the old save intact as
+``.<name>.old-*`` beside ``path`` (never a half-written one at ``path``).
+
+``resume(path, model, optimizer)`` also reads Hugging Face Trainer folders
+(``optimizer.pt`` beside ``model.safetensors`` / ``pytorch_model.bin``), whose
+optimizer state is keyed by position only; see ``remap_optimizer_state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastckpt.atomic import atomic_write
+from fastckpt.errors import CheckpointError
+from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+
+FORMAT = "fastckpt.train/1"
+MANIFEST = "fastckpt.json"
+MODEL_FILE = "model.safetensors"
+OPT_TENSORS = "optimizer.safetensors"
+OPT_JSON = "optimizer.json"
+EXTRA_JSON = "extra.json"
+TRAINER_OPTIMIZER = "optimizer.pt"
+
+PathLike = str | os.PathLike
+
+# A name-keyed optimizer state: {"state": {param name: {key: value}},
+# "param_groups": [{..., "params": [param names]}]}.
+NamedOptimizerState = dict[str, Any]
+
+
+# -- save ---------------------------------------------------------------------------
+def _write_json(path: Path, doc: Any) -> None:
+    with atomic_write(path) as f:
+        f.write(json.dumps(doc, indent=1, sort_keys=False).encode())
+
+
+def _to_json(value: Any, where: str) -> Any:
+    """Plain JSON for python numbers / strings / lists; tuples tagged so they come back as tuples."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _to_json(v, where) for k, v in value.items()}
+    raise TypeError(f"{where}: cannot store {type(value).__name__} value {value!r} as JSON")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in value["__tuple__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+
+
+def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict tensors stored once each, and ``alias -> stored name`` for tied ones."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in model.state_dict().items():
+        ident = _tensor_identity(t)
+        if t.numel() and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        stored[name] = t
+    return stored, aliases
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name (the first name, for tied parameters)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    write_safetensors(path, specs, lambda s: tensors[s.name], metadata)
+
+
+def save(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra: Any = None,
+) -> Path:
+    """Save model, optimizer state (keyed by parameter name) and ``extra`` into the folder ``path``.
+
+    Atomic as a whole (see the module docstring). Returns the folder.
+    """
+    target = Path(path)
+    if target.exists() and not (target / MANIFEST).is_file():
+        raise FileExistsError(
+            f"{target}: exists and is not a fastckpt save; refusing to replace it"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        tensors, aliases = _model_tensors(model)
+        _write_tensors(
+            tmp / MODEL_FILE, tensors, {"format": "pt", "fastckpt.aliases": json.dumps(aliases)}
+        )
+        files = [MODEL_FILE]
+        if optimizer is not None:
+            _save_optimizer(tmp, model, optimizer)
+            files += [OPT_TENSORS, OPT_JSON]
+        if extra is not None:
+            _write_json(tmp / EXTRA_JSON, _to_json(extra, "extra"))
+            files.append(EXTRA_JSON)
+        _write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT,
+                "model_class": type(model).__name__,
+                "aliases": aliases,
+                "files": files,
+            },
+        )
+        _fsync_dir(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    names = _param_names(model)
+    sd = optimizer.state_dict()
+    # state_dict() numbers parameters 0, 1, ... across the groups in order.
+    position_names: list[str] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(
+                    f"{folder}: the optimizer holds a parameter of shape {list(p.shape)} "
+                    "that is not a parameter of the model"
+                )
+            position_names.append(names[id(p)])
+    groups = []
+    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
+        g = {k: _to_json(v, f"param group {k!r}") for k, v in sd_group.items() if k != "params"}
+        g["params"] = [names[id(p)] for p in group["params"]]
+        groups.append(g)
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for pos, entry in sd["state"].items():
+        name = position_names[pos]
+        record: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tkey = f"state.{name}.{key}"
+                tensors[tkey] = value
+                record[key] = {"tensor": tkey}
+            else:
+                record[key] = {"value": _to_json(value, f"optimizer state {name}.{key}")}
+        state[name] = record
+    _write_tensors(folder / OPT_TENSORS, tensors, {"format": "pt"})
+    _write_json(
+        folder / OPT_JSON,
+        {"class": type(optimizer).__name__, "param_groups": groups, "state": state},
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / "save")
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, target)
+    _fsync_dir(target.parent)
+
+
+# -- report -------------------------------------------------------------------------
+@dataclass(slots=True)
+class ResumeReport:
+    path: str
+    layout: str  # "fastckpt" (name-keyed) or "position-keyed" (torch.optim / HF Trainer)
+    model_loaded: int = 0
+    model_missing: list[str] = field(default_factory=list)  # model tensors the file lacks
+    model_unexpected: list[str] = field(default_factory=list)  # file tensors the model lacks
+    model_shape_mismatch: list[str] = field(default_factory=list)  # left as they are in the model
+    restored: list[str] = field(default_factory=list)  # parameters that got their saved state
+    new: list[str] = field(default_factory=list)  # parameters with no saved state: fresh state
+    dropped: list[str] = field(default_factory=list)  # saved state of parameters now gone
+    # saved state of a name that is now tied to (an alias of) another parameter: (alias, kept)
+    dropped_tied: list[tuple[str, str]] = field(default_factory=list)
+    # saved state whose tensor shapes do not fit the parameter: fresh state instead
+    shape_mismatch: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how a position-keyed state was aligned
+    extra: Any = None
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per case ``strict=True`` refuses."""
+        lines = []
+        for label, names in (
+            ("model tensors missing from the checkpoint", self.model_missing),
+            ("checkpoint tensors the model does not have", self.model_unexpected),
+            ("model tensors whose shape differs from the checkpoint", self.model_shape_mismatch),
+            ("parameters with no saved optimizer state (would start fresh)", self.new),
+            ("saved optimizer state of parameters the model no longer has", self.dropped),
+            ("saved optimizer state whose shapes do not fit the parameter", self.shape_mismatch),
+        ):
+            if names:
+                lines.append(f"{label}: {', '.join(names)}")
+        if self.dropped_tied:
+            pairs = ", ".join(f"{a} (now tied to {k})" for a, k in self.dropped_tied)
+            lines.append(f"saved optimizer state dropped because the parameter is now tied: {pairs}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "layout": self.layout,
+            "model_loaded": self.model_loaded,
+            "model_missing": list(self.model_missing),
+            "model_unexpected": list(self.model_unexpected),
+            "model_shape_mismatch": list(self.model_shape_mismatch),
+            "restored": list(self.restored),
+            "new": list(self.new),
+            "dropped": list(self.dropped),
+            "dropped_tied": [list(p) for p in self.dropped_tied],
+            "shape_mismatch": list(self.shape_mismatch),
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"resumed from {self.path} ({self.layout}): {self.model_loaded} model tensors, "
+            f"optimizer state for {len(self.restored)} parameters"
+        ]
+        lines += [f"  {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# -- model weights ------------------------------------------------------------------
+def _tie_sets(model: nn.Module) -> dict[str, list[str]]:
+    """state_dict name -> every state_dict name of the same tensor (itself included)."""
+    by_ident: dict[tuple[Any, ...], list[str]] = {}
+    for name, t in model.state_dict().items():
+        ident = _tensor_identity(t) if t.numel() else (name,)  # empty tensors share no memory
+        by_ident.setdefault(ident, []).append(name)
+    return {n: names for names in by_ident.values() for n in names}
+
+
+def _check_model_keys(
+    model: nn.Module, file_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str]
+) -> tuple[list[str], list[str], list[str], dict[str, str]]:
+    """(missing, unexpected, shape mismatches, model name -> file name to load it from)."""
+    file_keys = list(file_shapes)
+    available = set(file_keys)
+    sources = {k: k for k in file_keys}
+    for alias, stored in aliases.items():  # saved tied: the alias reads the stored tensor
+        if stored in available:
+            sources.setdefault(alias, stored)
+    ties = _tie_sets(model)
+    model_sd = model.state_dict()
+    model_keys = list(model_sd)
+    plan: dict[str, str] = {}
+    covered: set[str] = set()
+    mismatched: list[str] = []
+    for key in model_keys:
+        if key in covered:
+            continue
+        # One tensor in the model: load it once, from the first of its names the file has.
+        group = ties.get(key, [key])
+        src = next((sources[n] for n in group if n in sources), None)
+        if src is None:
+            continue
+        covered.update(group)
+        want = tuple(model_sd[key].shape)
+        if file_shapes[src] != want:
+            mismatched.append(f"{key} (file {list(file_shapes[src])}, model {list(want)})")
+        else:
+            plan[key] = src
+    missing = [k for k in model_keys if k not in covered]
+    model_set = set(model_keys)
+    unexpected = [k for k in file_keys if k not in model_set]
+    return missing, unexpected, mismatched, plan
+
+
+def restore_model_weights(model: nn.Module, path: PathLike, plan: Mapping[str, str]) -> int:
+    """Copy ``plan`` (model name -> checkpoint name) into ``model``. Returns tensors loaded.
+
+    The one place that decides how weights get into the model: tensors from
+    ``fastckpt.open`` (zero-copy views of the mapped file) through
+    ``load_state_dict``; the lead may switch this to ``fastckpt.load_into``.
+    """
+    import fastckpt
+
+    with fastckpt.open(path) as ckpt:
+        state = {target: ckpt.tensor(source) for target, source in plan.items()}
+        result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{path}: internal error: unexpected {result.unexpected_keys}")
+    return len(state)
+
+
+# -- optimizer state ----------------------------------------------------------------
+def _load_named_optimizer_state(folder: Path) -> NamedOptimizerState:
+    import fastckpt
+
+    try:
+        doc = json.loads((folder / OPT_JSON).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / OPT_JSON}: cannot read optimizer state: {e}") from None
+    state: dict[str, dict[str, Any]] = {}
+    with fastckpt.open(folder / OPT_TENSORS) as ckpt:
+        for name, record in doc["state"].items():
+            entry: dict[str, Any] = {}
+            for key, v in record.items():
+                if "tensor" in v:
+                    # Materialised: the optimizer owns and updates this memory in place.
+                    entry[key] = ckpt.tensor(v["tensor"]).clone()
+                else:
+                    entry[key] = _from_json(v["value"])
+            state[name] = entry
+    groups = [_from_json(g) for g in doc["param_groups"]]
+    return {"state": state, "param_groups": groups, "class": doc.get("class")}
+
+
+def _state_shape_ok(entry: Mapping[str, Any], shape: tuple[int, ...]) -> str | None:
+    """None when every per-parameter tensor in ``entry`` has ``shape``; else a reason."""
+    for key, v in entry.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != shape:
+            return f"{key} has shape {list(v.shape)}, parameter has {list(shape)}"
+    return None
+
+
+def _apply_named_state(
+    named: NamedOptimizerState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    report: ResumeReport,
+) -> dict[str, Any]:
+    """Fill ``report`` and build the position-keyed state_dict for ``optimizer``."""
+    names = _param_names(model)
+    all_named = dict(model.named_parameters(remove_duplicate=False))
+    current: list[str] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError("the optimizer holds a parameter that is not in the model")
+            current.append(names[id(p)])
+    current_set = set(current)
+    saved_state: dict[str, dict[str, Any]] = named["state"]
+    saved_names = [n for g in named["param_groups"] for n in g["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    for pos, name in enumerate(current):
+        if name not in saved_state:
+            if name not in saved_names:
+                report.new.append(name)
+            continue  # saved without state (never stepped): fresh either way
+        reason = _state_shape_ok(saved_state[name], tuple(all_named[name].shape))
+        if reason is not None:
+            report.shape_mismatch.append(f"{name} ({reason})")
+            continue
+        state[pos] = saved_state[name]
+        report.restored.append(name)
+    for name in saved_names:
+        if name in current_set:
+            continue
+        if name in all_named and names.get(id(all_named[name])) in current_set:
+            report.dropped_tied.append((name, names[id(all_named[name])]))
+        else:
+            report.dropped.append(name)
+    # Hyperparameters (lr as a scheduler left it, betas, ...) come back group by group.
+    groups: list[dict[str, Any]] = []
+    saved_groups = named["param_groups"]
+    pos = 0
+    if len(saved_groups) != len(optimizer.param_groups):
+        report.notes.append(
+            f"saved optimizer has {len(saved_groups)} param groups, the current one "
+            f"{len(optimizer.param_groups)}: hyperparameters kept as they are now"
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        if len(saved_groups) == len(optimizer.param_groups):
+            g = {k: v for k, v in saved_groups[i].items() if k != "params"}
+        else:
+            g = {k: v for k, v in group.items() if k != "params"}
+        g["params"] = list(range(pos, pos + len(group["params"])))
+        pos += len(group["params"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# -- position-keyed states (torch.optim, Hugging Face Trainer) -----------------------
+_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def _no_decay(model: nn.Module, name: str, legacy: bool) -> bool:
+    """The Trainer's rule: no weight decay inside a LayerNorm module or for bias/norm names.
+
+    ``legacy`` is the rule of transformers < 4.50: LayerNorm modules and "bias" only.
+    """
+    patterns = ("bias",) if legacy else _NO_DECAY_PATTERNS
+    if any(re.search(p, name.lower()) for p in patterns):
+        return True
+    parts = name.split(".")
+    module: nn.Module | None = model
+    for part in parts[:-1]:
+        module = getattr(module, part, None) if module is not None else None
+        if isinstance(module, nn.LayerNorm):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Hypothesis:
+    tied_at_save: tuple[str, ...]
+    legacy_decay: bool
+    groups: tuple[tuple[str, ...], ...]
+
+
+def remap_optimizer_state(
+    optimizer_state: Mapping[str, Any],
+    checkpoint: PathLike,
+    model: nn.Module,
+) -> tuple[NamedOptimizerState, list[str]]:
+    """Name the parameters of a position-keyed ``torch.optim`` state dict. Returns (state, notes).
+
+    Recovers the saving model's parameter list and checks it against the state.
+    Assumptions (each checked where the data allows):
+
+    - the saving model had the current model's architecture: its parameters are
+      the current model's names (``named_parameters(remove_duplicate=False)``
+      order, i.e. module registration order) that its checkpoint holds;
+      checkpoint tensors the current model lacks are taken as buffers, not
+      parameters (a parameter that vanished cannot be placed: the alignment
+      then fails the count check and the call refuses);
+    - a name the checkpoint stores as a view of an earlier one (torch files), or
+      a current alias the checkpoint lacks, was tied when saving: the saving
+      model's ``named_parameters()`` listed it once, under its first name; a
+      current alias the checkpoint does hold may have been tied or not — both
+      are tried;
+    - frozen parameters (``requires_grad=False`` now) were not in the optimizer;
+    - the groups are one group of all parameters, or the Trainer's two:
+      weight-decay parameters then the others, each in ``named_parameters`` order;
+      both the current and the older Trainer rule for "no decay" are tried.
+
+    Each candidate must give the saved group sizes exactly and every saved
+    per-parameter state tensor (``exp_avg``...) the shape of its parameter.
+    Zero candidates, or several that name positions differently, raise
+    ``CheckpointError`` with the reason; one parameter's moments are never
+    given to another on a guess.
+    """
+    import fastckpt
+
+    where = str(checkpoint)
+    saved_groups = optimizer_state.get("param_groups")
+    saved_state = optimizer_state.get("state")
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+        raise CheckpointError(f"{where}: not a torch.optim state dict (no 'state'/'param_groups')")
+    sizes = tuple(len(g["params"]) for g in saved_groups)
+    flat_positions = [i for g in saved_groups for i in g["params"]]
+    if len(saved_groups) not in (1, 2):
+        raise CheckpointError(
+            f"{where}: the optimizer has {len(saved_groups)} param groups; only one group or the "
+            "Trainer's two (weight decay, no decay) can be aligned with parameter names"
+        )
+    with fastckpt.open(checkpoint) as ckpt:
+        ck_keys = ckpt.keys()
+        ck_set = set(ck_keys)
+        ck_shares = {k: ckpt.info(k).shares_storage_with for k in ck_keys}
+    all_named = list(model.named_parameters(remove_duplicate=False))
+    shapes = {n: tuple(p.shape) for n, p in all_named}
+    first_name: dict[int, str] = {}
+    for n, p in all_named:
+        first_name.setdefault(id(p), n)
+    order = [n for n, p in all_named if n in ck_set and p.requires_grad]
+    known_tied = set()
+    for i, n in enumerate(order):
+        if any(other in order[:i] for other in ck_shares.get(n, ())):
+            known_tied.add(n)
+    maybe_tied = [
+        n for n, p in all_named if n in ck_set and first_name[id(p)] != n and n not in known_tied
+    ]
+    if len(maybe_tied) > 10:
+        raise CheckpointError(f"{where}: too many tied parameters to align ({len(maybe_tied)})")
+
+    failures: list[str] = []
+    passing: list[_Hypothesis] = []
+    for r in range(len(maybe_tied) + 1):
+        for tied in itertools.combinations(maybe_tied, r):
+            params = [n for n in order if n not in known_tied and n not in tied]
+            for legacy in (False, True):
+                if len(saved_groups) == 1:
+                    groups: tuple[tuple[str, ...], ...] = (tuple(params),)
+                else:
+                    decay = tuple(n for n in params if not _no_decay(model, n, legacy))
+                    groups = (decay, tuple(n for n in params if _no_decay(model, n, legacy)))
+                h = _Hypothesis(tuple(sorted(tied)), legacy, groups)
+                got = tuple(len(g) for g in groups)
+                if got != sizes:
+                    failures.append(f"{_describe(h)}: group sizes {list(got)} != saved {list(sizes)}")
+                    continue
+                names = [n for g in groups for n in g]
+                bad = next(
+                    (
+                        (n, reason)
+                        for n, pos in zip(names, flat_positions)
+                        if pos in saved_state
+                        and (reason := _state_shape_ok(saved_state[pos], shapes[n])) is not None
+                    ),
+                    None,
+                )
+                if bad is not None:
+                    failures.append(f"{_describe(h)}: {bad[0]}: {bad[1]}")
+                    continue
+                if all(p.groups != h.groups for p in passing):
+                    passing.append(h)
+    if not passing:
+        detail = "; ".join(dict.fromkeys(failures)) or "no candidate"
+        raise CheckpointError(
+            f"{where}: cannot align the position-keyed optimizer state ({len(flat_positions)} "
+            f"parameters in groups of {list(sizes)}) with the checkpoint's parameter names: {detail}"
+        )
+    if len(passing) > 1:
+        a, b = passing[0], passing[1]
+        fa = [n for g in a.groups for n in g]
+        fb = [n for g in b.groups for n in g]
+        differ = [f"position {i}: {x} or {y}" for i, (x, y) in enumerate(zip(fa, fb)) if x != y]
+        raise CheckpointError(
+            f"{where}: ambiguous optimizer state: {_describe(a)} and {_describe(b)} both fit "
+            f"the group sizes and state shapes but name positions differently "
+            f"({'; '.join(differ[:3])}); refusing to guess"
+        )
+    h = passing[0]
+    names = [n for g in h.groups for n in g]
+    state = {
+        n: dict(saved_state[pos]) for n, pos in zip(names, flat_positions) if pos in saved_state
+    }
+    groups_named = []
+    for g, names_g in zip(saved_groups, h.groups):
+        d = {k: v for k, v in g.items() if k != "params"}
+        d["params"] = list(names_g)
+        groups_named.append(d)
+    notes = [f"position-keyed optimizer state aligned by {_describe(h)}"]
+    if known_tied:
+        notes.append(f"tied when saved (stored as views): {', '.join(sorted(known_tied))}")
+    return {"state": state, "param_groups": groups_named}, notes
+
+
+def _describe(h: _Hypothesis) -> str:
+    tied = f"{', '.join(h.tied_at_save)} tied when saved" if h.tied_at_save else "no extra ties"
+    if len(h.groups) == 1:
+        return f"one group ({tied})"
+    rule = "older Trainer no-decay rule" if h.legacy_decay else "Trainer no-decay rule"
+    return f"decay/no-decay groups by the {rule} ({tied})"
+
+
+# -- resume -------------------------------------------------------------------------
+def resume(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    strict: bool = True,
+) -> ResumeReport:
+    """Restore ``model`` (and ``optimizer``) from a ``save`` folder or a Trainer checkpoint folder.
+
+    Everything is checked before anything is changed: with ``strict=True`` any
+    missing / unexpected model tensor, new / vanished parameter, state dropped
+    because of a new tie, or misfitting state shape raises ``CheckpointError``
+    listing them, and the model and optimizer are left as they were.
+    """
+    import fastckpt
+
+    folder = Path(path)
+    if (folder / MANIFEST).is_file():
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{folder / MANIFEST}: unknown format {manifest.get('format')!r}")
+        report = ResumeReport(path=str(folder), layout="fastckpt")
+        weights: Path = folder / MODEL_FILE
+        aliases: dict[str, str] = manifest.get("aliases", {})
+    else:
+        report = ResumeReport(path=str(folder), layout="position-keyed")
+        weights, aliases = folder, {}
+    with fastckpt.open(weights) as ckpt:
+        file_shapes = {k: tuple(ckpt.info(k).shape) for k in ckpt.keys()}
+    missing, unexpected, mismatched, plan = _check_model_keys(model, file_shapes, aliases)
+    report.model_missing, report.model_unexpected = missing, unexpected
+    report.model_shape_mismatch = mismatched
+
+    new_state: dict[str, Any] | None = None
+    if optimizer is not None:
+        if report.layout == "fastckpt":
+            if not (folder / OPT_JSON).is_file():
+                raise CheckpointError(f"{folder}: saved without an optimizer")
+            named = _load_named_optimizer_state(folder)
+        else:
+            opt_file = folder / TRAINER_OPTIMIZER if folder.is_dir() else None
+            if opt_file is None or not opt_file.is_file():
+                raise CheckpointError(f"{folder}: no {TRAINER_OPTIMIZER} to resume the optimizer from")
+            try:
+                # weights_only: the safe unpickler (tensors and python containers/numbers only).
+                raw = torch.load(opt_file, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+                raise CheckpointError(f"{opt_file}: cannot read optimizer state: {e}") from None
+            named, notes = remap_optimizer_state(raw, weights, model)
+            report.notes += notes
+        new_state = _apply_named_state(named, model, optimizer, report)
+
+    if strict and report.problems:
+        raise CheckpointError(
+            f"{folder}: resume is not exact (strict=True):\n  "
+            + "\n  ".join(report.problems)
+            + "\npass strict=False to resume anyway; these are then listed in the report"
+        )
+    report.model_loaded = restore_model_weights(model, weights, plan)
+    if optimizer is not None and new_state is not None:
+        optimizer.load_state_dict(new_state)
+    if (folder / EXTRA_JSON).is_file():
+        with contextlib.suppress(OSError):
+            report.extra = _from_json(json.loads((folder / EXTRA_JSON).read_text("utf-8")))
+    return report
