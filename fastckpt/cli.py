@@ -104,6 +104,51 @@ def demo() -> None:
         inspect(path, key=None, as_json=False)
 
 
+# -- diff (fastckpt.diff; owned by the diff/freeze/resume work) -----------------------
+def _suggestions(a: Path, b: Path) -> str:
+    """Suggested rules for loading A into B, from the suggestion helpers when they are installed."""
+    try:
+        from fastckpt.suggest import suggest_rules
+    except ImportError:
+        suggest_rules = None
+    if suggest_rules is None:
+        return "# suggestions need fastckpt.suggest, which this build does not have"
+    with fastckpt.open(a) as ca, fastckpt.open(b) as cb:
+        return str(suggest_rules(ca, cb))
+
+
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
+    b: Path = typer.Argument(..., help="checkpoint to compare against"),
+    rules: Path = typer.Option(None, "--rules", help="rules file mapping A's names onto B's"),
+    values: bool = typer.Option(False, "--values", help="compare values too (streamed)"),
+    atol: float = typer.Option(0.0, "--atol", help="with --values: tensors within atol count as equal"),
+    suggest: bool = typer.Option(False, "--suggest", help="print suggested rules for A -> B"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Names, shapes, dtypes (and with --values, values) that differ. Exit 0 equal, 1 different, 2 error.
+
+    Example: fastckpt diff before/model.safetensors after/model.safetensors --values
+    """
+    try:
+        report = fastckpt.diff(a, b, rules=rules, values=values, atol=atol)
+        suggestion = _suggestions(a, b) if suggest else None
+    except (fastckpt.CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        doc = report.to_dict()
+        if suggestion is not None:
+            doc["suggested_rules"] = suggestion
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        console.print(report)
+        if suggestion is not None:
+            console.print("[bold]suggested rules[/bold]")
+            console.print(suggestion, highlight=False, markup=False)
+    raise typer.Exit(0 if report.equal else 1)
+
+
 def main() -> None:
     app()
 

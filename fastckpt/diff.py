@@ -401,7 +401,10 @@ def _plan(rules: Any, a_keys: list[str], b_keys: list[str]) -> MappingPlan:
     if rules is None:
         return plain_plan(a_keys, b_keys)
     if not hasattr(rules, "plan"):
-        from fastckpt.rules import as_rules  # lazy: the rules engine is optional here
+        try:
+            from fastckpt.rules import as_rules  # lazy: the rules engine is optional here
+        except ImportError:
+            raise ImportError("rules need fastckpt.rules, which this build does not have") from None
 
         rules = as_rules(rules)
     return rules.plan(a_keys, b_keys)
