@@ -225,7 +225,7 @@ def _ranges(values: Sequence[int]) -> str:
 
 
 def _collapse(template: list[str | None], tuples: list[tuple[int, ...]]) -> list[str]:
-    """Names for the numeric tuples filling ``template``'s ``None`` slots, as few lines as possible."""
+    """Names for the numeric tuples that fill the template's None slots, in few lines."""
     if len(tuples) == 1 or not tuples:
         return [_fill(template, [str(v) for v in t]) for t in tuples]
     columns = [sorted({t[i] for t in tuples}) for i in range(len(tuples[0]))]
@@ -368,7 +368,9 @@ def _chunks(a: Any, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tenso
             yield from _chunks(a[i], b[i])
 
 
-def compare_values(a: Any, b: torch.Tensor, cast: torch.dtype | None = None) -> tuple[bool, float, float]:
+def compare_values(
+    a: Any, b: torch.Tensor, cast: torch.dtype | None = None
+) -> tuple[bool, float, float]:
     """(bit_equal, max_abs_diff, max_rel_diff) of two same-shape tensors, chunk by chunk."""
     bit_equal = (cast or a.dtype) == b.dtype
     max_abs = 0.0

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ def _write_json(path: Path, doc: Any) -> None:
 
 
 def _to_json(value: Any, where: str) -> Any:
-    """Plain JSON for python numbers / strings / lists; tuples tagged so they come back as tuples."""
+    """Plain JSON for numbers, strings, lists; tuples are tagged so they come back as tuples."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple):
@@ -112,7 +112,9 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _write_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
     write_safetensors(path, specs, lambda s: tensors[s.name], metadata)
 
@@ -178,7 +180,7 @@ def _save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
                 )
             position_names.append(names[id(p)])
     groups = []
-    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
+    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"], strict=True):
         g = {k: _to_json(v, f"param group {k!r}") for k, v in sd_group.items() if k != "params"}
         g["params"] = [names[id(p)] for p in group["params"]]
         groups.append(g)
@@ -256,7 +258,9 @@ class ResumeReport:
                 lines.append(f"{label}: {', '.join(names)}")
         if self.dropped_tied:
             pairs = ", ".join(f"{a} (now tied to {k})" for a, k in self.dropped_tied)
-            lines.append(f"saved optimizer state dropped because the parameter is now tied: {pairs}")
+            lines.append(
+                f"saved optimizer state dropped because the parameter is now tied: {pairs}"
+            )
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -544,13 +548,15 @@ def remap_optimizer_state(
                 h = _Hypothesis(tuple(sorted(tied)), legacy, groups)
                 got = tuple(len(g) for g in groups)
                 if got != sizes:
-                    failures.append(f"{_describe(h)}: group sizes {list(got)} != saved {list(sizes)}")
+                    failures.append(
+                        f"{_describe(h)}: group sizes {list(got)} != saved {list(sizes)}"
+                    )
                     continue
                 names = [n for g in groups for n in g]
                 bad = next(
                     (
                         (n, reason)
-                        for n, pos in zip(names, flat_positions)
+                        for n, pos in zip(names, flat_positions, strict=True)
                         if pos in saved_state
                         and (reason := _state_shape_ok(saved_state[pos], shapes[n])) is not None
                     ),
@@ -565,13 +571,18 @@ def remap_optimizer_state(
         detail = "; ".join(dict.fromkeys(failures)) or "no candidate"
         raise CheckpointError(
             f"{where}: cannot align the position-keyed optimizer state ({len(flat_positions)} "
-            f"parameters in groups of {list(sizes)}) with the checkpoint's parameter names: {detail}"
+            f"parameters in groups of {list(sizes)}) with the checkpoint's parameter names: "
+            + detail
         )
     if len(passing) > 1:
         a, b = passing[0], passing[1]
         fa = [n for g in a.groups for n in g]
         fb = [n for g in b.groups for n in g]
-        differ = [f"position {i}: {x} or {y}" for i, (x, y) in enumerate(zip(fa, fb)) if x != y]
+        differ = [
+            f"position {i}: {x} or {y}"
+            for i, (x, y) in enumerate(zip(fa, fb, strict=True))
+            if x != y
+        ]
         raise CheckpointError(
             f"{where}: ambiguous optimizer state: {_describe(a)} and {_describe(b)} both fit "
             f"the group sizes and state shapes but name positions differently "
@@ -580,10 +591,12 @@ def remap_optimizer_state(
     h = passing[0]
     names = [n for g in h.groups for n in g]
     state = {
-        n: dict(saved_state[pos]) for n, pos in zip(names, flat_positions) if pos in saved_state
+        n: dict(saved_state[pos])
+        for n, pos in zip(names, flat_positions, strict=True)
+        if pos in saved_state
     }
     groups_named = []
-    for g, names_g in zip(saved_groups, h.groups):
+    for g, names_g in zip(saved_groups, h.groups, strict=True):
         d = {k: v for k, v in g.items() if k != "params"}
         d["params"] = list(names_g)
         groups_named.append(d)
@@ -644,7 +657,9 @@ def resume(
         else:
             opt_file = folder / TRAINER_OPTIMIZER if folder.is_dir() else None
             if opt_file is None or not opt_file.is_file():
-                raise CheckpointError(f"{folder}: no {TRAINER_OPTIMIZER} to resume the optimizer from")
+                raise CheckpointError(
+                    f"{folder}: no {TRAINER_OPTIMIZER} to resume the optimizer from"
+                )
             try:
                 # weights_only: the safe unpickler (tensors and python containers/numbers only).
                 raw = torch.load(opt_file, map_location="cpu", weights_only=True)

@@ -100,16 +100,24 @@ def test_atol_and_nan_handling():
 
 def test_model_against_checkpoint_and_rules_object(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4))
-    save_file({"net.0.weight": model[0].weight.detach().clone(),
-               "net.0.bias": model[0].bias.detach().clone(),
-               "emb": torch.arange(20.0).reshape(5, 4)}, tmp_path / "c.safetensors")
+    save_file(
+        {
+            "net.0.weight": model[0].weight.detach().clone(),
+            "net.0.bias": model[0].bias.detach().clone(),
+            "emb": torch.arange(20.0).reshape(5, 4),
+        },
+        tmp_path / "c.safetensors",
+    )
     assert fastckpt.diff(tmp_path / "c.safetensors", model).only_in_b == ["0.weight", "0.bias"]
 
     class StripNet:  # a test double for a rules object
         def plan(self, source_keys, target_keys):
             return MappingPlan(
-                assignments=[Assignment(k.removeprefix("net."), k, rule="net.{r*} -> {r*}")
-                             for k in source_keys if k.startswith("net.")],
+                assignments=[
+                    Assignment(k.removeprefix("net."), k, rule="net.{r*} -> {r*}")
+                    for k in source_keys
+                    if k.startswith("net.")
+                ],
                 ignored_sources=["emb"],
             )
 
@@ -118,11 +126,17 @@ def test_model_against_checkpoint_and_rules_object(tmp_path):
 
     class Rows:
         def plan(self, source_keys, target_keys):
-            return MappingPlan([Assignment("emb", "emb", rows=RowSelection(1, 3)),
-                                Assignment("emb2", "emb", rows=RowSelection(index=(4, 0)))])
+            return MappingPlan(
+                [
+                    Assignment("emb", "emb", rows=RowSelection(1, 3)),
+                    Assignment("emb2", "emb", rows=RowSelection(index=(4, 0))),
+                ]
+            )
 
-    target = {"emb": torch.arange(4.0, 12.0).reshape(2, 4),
-              "emb2": torch.cat([torch.arange(16.0, 20.0), torch.arange(4.0)]).reshape(2, 4)}
+    target = {
+        "emb": torch.arange(4.0, 12.0).reshape(2, 4),
+        "emb2": torch.cat([torch.arange(16.0, 20.0), torch.arange(4.0)]).reshape(2, 4),
+    }
     r = fastckpt.diff(tmp_path / "c.safetensors", target, rules=Rows(), values=True)
     assert r.changed == [] and len(r.unchanged) == 2
     assert sorted(r.only_in_a) == ["net.0.bias", "net.0.weight"]
@@ -131,8 +145,14 @@ def test_model_against_checkpoint_and_rules_object(tmp_path):
 def test_story3_frozen_body_unchanged_head_changed(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=32, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(cfg)
     model.save_pretrained(tmp_path / "before")
     fastckpt.freeze(model, "bert.*")
@@ -149,16 +169,19 @@ def test_story3_frozen_body_unchanged_head_changed(tmp_path):
     assert "bert.encoder.layer.{0..1}.attention.self.query.weight" in text
 
     runner = CliRunner()
-    res = runner.invoke(app, ["diff", str(tmp_path / "before"), str(tmp_path / "after"),
-                              "--values", "--json"])
+    res = runner.invoke(
+        app, ["diff", str(tmp_path / "before"), str(tmp_path / "after"), "--values", "--json"]
+    )
     assert res.exit_code == 1
     doc = json.loads(res.stdout)
     assert not doc["equal"]
     assert sorted(t["a"] for t in doc["tensors"] if t["status"] == "changed") == [
-        "classifier.bias", "classifier.weight"
+        "classifier.bias",
+        "classifier.weight",
     ]
-    res = runner.invoke(app, ["diff", str(tmp_path / "before"), str(tmp_path / "before"),
-                              "--values"])
+    res = runner.invoke(
+        app, ["diff", str(tmp_path / "before"), str(tmp_path / "before"), "--values"]
+    )
     assert res.exit_code == 0, res.output
     assert "EQUAL" in res.stdout
 

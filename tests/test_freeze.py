@@ -10,7 +10,7 @@ import fastckpt
 
 
 class SequentialHead(nn.Module):
-    """Story 3's custom module: the head is nn.Sequential, so its parameters are linear.0.weight ..."""
+    """Story 3: an nn.Sequential head, so its parameters are linear.0.weight, linear.2.weight."""
 
     def __init__(self):
         super().__init__()
@@ -73,8 +73,14 @@ def test_summary_prints_a_table():
 
 def test_bert_story3_freeze_body():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=32, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(cfg)
     summary = fastckpt.freeze(model, "bert.*")
     assert summary.by_module["bert"].trainable_params == 0

@@ -1,4 +1,4 @@
-"""save / resume by parameter name, and story 4 (SCENARIOS.md): resume after the parameter list changed."""
+"""save / resume by parameter name; story 4 (SCENARIOS.md): the parameter list changed."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import assert_same_bytes
 from safetensors.torch import load_file
 from torch import nn
 
 import fastckpt
+from tests.conftest import assert_same_bytes
 
 resume_mod = importlib.import_module("fastckpt.resume")
 
@@ -49,10 +49,16 @@ def trainer_optimizer(model: nn.Module) -> torch.optim.AdamW:
     no_decay = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     decay = get_parameter_names(model, [nn.LayerNorm], no_decay)
     groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
-         "weight_decay": 0.01},
-        {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
-         "weight_decay": 0.0},
+        {
+            "params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad],
+            "weight_decay": 0.01,
+        },
+        {
+            "params": [
+                p for n, p in model.named_parameters() if n not in decay and p.requires_grad
+            ],
+            "weight_decay": 0.0,
+        },
     ]
     return torch.optim.AdamW(groups, lr=1e-3)
 
@@ -88,7 +94,11 @@ def trained(tmp_path_factory):
 def test_save_layout_is_json_and_safetensors(trained):
     folder = trained["fc"]
     assert sorted(os.listdir(folder)) == [
-        "extra.json", "fastckpt.json", "model.safetensors", "optimizer.json", "optimizer.safetensors"
+        "extra.json",
+        "fastckpt.json",
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
     ]
     tensors = load_file(folder / "optimizer.safetensors")
     exp = trained["state"]["roberta.embeddings.word_embeddings.weight"]["exp_avg"]
@@ -112,7 +122,7 @@ def test_resume_round_trip_continues_identically(trained):
     ref_opt.load_state_dict(trained["opt"].state_dict())
     train_step(model, opt, 99)
     train_step(ref_model, ref_opt, 99)
-    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values(), strict=True):
         assert_same_bytes(a, b)
 
 
@@ -142,7 +152,11 @@ def test_story4_every_parameter_gets_its_own_moments(trained, source, tie):
         for key, value in entry.items():
             assert_same_bytes(value, saved[name][key])
     for name, t in model.state_dict().items():
-        src = "roberta.embeddings.word_embeddings.weight" if tie and "decoder.weight" in name else name
+        src = (
+            "roberta.embeddings.word_embeddings.weight"
+            if tie and "decoder.weight" in name
+            else name
+        )
         assert_same_bytes(t, trained["model"].state_dict()[src])
     train_step(model, opt, 7)  # continues without error
 
@@ -154,22 +168,33 @@ def test_saved_tied_resumed_untied_reports_new_parameter(tmp_path):
     fastckpt.save(tmp_path / "tied", model, opt)
     untied = build_roberta(tie=False, seed=3)
     opt2 = trainer_optimizer(untied)
-    with pytest.raises(fastckpt.CheckpointError, match="parameters with no saved optimizer state "
-                       r"\(would start fresh\): lm_head.decoder.weight"):
+    with pytest.raises(
+        fastckpt.CheckpointError,
+        match="parameters with no saved optimizer state "
+        r"\(would start fresh\): lm_head.decoder.weight",
+    ):
         fastckpt.resume(tmp_path / "tied", untied, opt2)
     report = fastckpt.resume(tmp_path / "tied", untied, opt2, strict=False)
     assert report.new == ["lm_head.decoder.weight"]
     # The alias recorded at save fills the now separate head with the embedding.
-    assert_same_bytes(untied.lm_head.decoder.weight.detach(),
-                      model.roberta.embeddings.word_embeddings.weight.detach())
+    assert_same_bytes(
+        untied.lm_head.decoder.weight.detach(),
+        model.roberta.embeddings.word_embeddings.weight.detach(),
+    )
     train_step(untied, opt2, 1)
 
 
 def test_trainer_folder_of_tied_hf_model(tmp_path):
     """transformers' own tying (decoder weight and bias both aliases: 42 of 44 names)."""
     torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=40)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=40,
+    )
     model = RobertaForMaskedLM(cfg)
     opt = trainer_optimizer(model)
     train_step(model, opt, 0)
@@ -200,13 +225,17 @@ class ThreeNames(nn.Module):
 def test_ambiguous_alignment_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"x": torch.randn(4), "y": torch.randn(4), "z": torch.randn(4)},
-              tmp_path / "model.safetensors")
-    state = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.ones(4),
-                           "exp_avg_sq": torch.ones(4)},
-                       1: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4),
-                           "exp_avg_sq": torch.ones(4)}},
-             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    save_file(
+        {"x": torch.randn(4), "y": torch.randn(4), "z": torch.randn(4)},
+        tmp_path / "model.safetensors",
+    )
+    state = {
+        "state": {
+            0: {"step": torch.tensor(1.0), "exp_avg": torch.ones(4), "exp_avg_sq": torch.ones(4)},
+            1: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4), "exp_avg_sq": torch.ones(4)},
+        },
+        "param_groups": [{"lr": 0.1, "params": [0, 1]}],
+    }
     model = ThreeNames()
     with pytest.raises(fastckpt.CheckpointError) as err:
         resume_mod.remap_optimizer_state(state, tmp_path, model)
@@ -221,11 +250,14 @@ def test_misaligned_shapes_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              tmp_path / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors"
+    )
     # Positions 0 and 1 swapped relative to the model's order.
-    state = {"state": {0: {"exp_avg": torch.zeros(4)}, 1: {"exp_avg": torch.zeros(4, 3)}},
-             "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}]}
+    state = {
+        "state": {0: {"exp_avg": torch.zeros(4)}, 1: {"exp_avg": torch.zeros(4, 3)}},
+        "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}],
+    }
     with pytest.raises(fastckpt.CheckpointError) as err:
         resume_mod.remap_optimizer_state(state, tmp_path, model)
     assert "0.weight: exp_avg has shape [4], parameter has [4, 3]" in str(err.value)
@@ -265,7 +297,7 @@ def test_save_is_atomic_when_the_writer_fails(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left behind
     model, opt = _small_save(tmp_path, 0.0)
     fastckpt.resume(tmp_path / "ckpt", model, opt)
-    for a, b in zip(model.parameters(), good_model.parameters()):
+    for a, b in zip(model.parameters(), good_model.parameters(), strict=True):
         assert_same_bytes(a.detach(), b.detach())
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)
 
@@ -290,6 +322,8 @@ def test_vanished_parameter_and_shape_checks(tmp_path):
     opt3 = torch.optim.AdamW(wider.parameters())
     with pytest.raises(fastckpt.CheckpointError) as err:
         fastckpt.resume(tmp_path / "ckpt", wider, opt3)
-    assert "model tensors whose shape differs from the checkpoint: 0.weight (file [4, 3], " \
+    assert (
+        "model tensors whose shape differs from the checkpoint: 0.weight (file [4, 3], "
         "model [5, 3]), 0.bias (file [4], model [5])" in str(err.value)
+    )
     assert "0.weight (exp_avg has shape [4, 3], parameter has [5, 3])" in str(err.value)
