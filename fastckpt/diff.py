@@ -35,8 +35,9 @@ from fastckpt.checkpoint import Checkpoint
 from fastckpt.dtypes import short_name
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection, plain_plan
 
-# Elements per comparison chunk: 4 Mi elements is 32 MB as float64 per side.
-CHUNK_ELEMENTS = 1 << 22
+# Elements per comparison chunk: 1 Mi elements is 8 MB as float64 per side; the
+# arithmetic holds about ten such temporaries (~80 MB), whatever the file size.
+CHUNK_ELEMENTS = 1 << 20
 
 Side = nn.Module | Checkpoint | Mapping[str, torch.Tensor] | str | os.PathLike
 
