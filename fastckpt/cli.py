@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import typer
@@ -91,17 +90,67 @@ def inspect(
         console.print(f"{len(infos)} tensors{picked}, {human_bytes(total)}")
 
 
-@app.command()
-def demo() -> None:
-    """Write a small checkpoint and show what fastckpt sees in it."""
-    import torch
+def _error_text(e: BaseException) -> str:
+    # KeyError's str() adds quotes around its message.
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "demo.pt"
-        emb = torch.randn(100, 16)
-        torch.save({"model": {"embed.weight": emb, "head.weight": emb, "proj.weight": torch.randn(16, 8).t()}, "epoch": 3}, path)
-        console.print(f"[bold]fastckpt inspect {path.name}[/bold]")
-        inspect(path, key=None, as_json=False)
+
+# Errors that are the user's input, not a bug: one line on stderr, exit status 2.
+_INPUT_ERRORS = (fastckpt.CheckpointError, FileNotFoundError, IsADirectoryError, ValueError, KeyError)
+
+
+@app.command("convert")
+def convert_command(
+    src: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
+    dst: Path = typer.Argument(
+        ..., help="a .safetensors file, or a folder (model.safetensors or shards + index)"
+    ),
+    rules: Path = typer.Option(None, "--rules", help="rules file: renames, row slices, ignores"),
+    dtype: str = typer.Option(None, "--dtype", help="cast floating tensors: bf16, fp16 or fp32"),
+    max_shard_size: str = typer.Option(
+        None, "--max-shard-size", help="split into shards of at most this size (2GB, 500MB)"
+    ),
+    key: str = typer.Option(None, help="container key of the state dict ('' for the whole tree)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing destination"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON report instead of a table"),
+) -> None:
+    """Convert any readable checkpoint to safetensors, streamed and written atomically.
+
+    Example: fastckpt convert pytorch_model.bin out/ --dtype bf16 --max-shard-size 2GB
+    """
+    from fastckpt.convert import convert
+
+    try:
+        report = convert(
+            src,
+            dst,
+            rules,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            key=key,
+            overwrite=overwrite,
+            progress=not as_json and console.is_terminal,
+        )
+    except _INPUT_ERRORS as e:
+        raise _fail(_error_text(e)) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"{src} -> {dst}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("files", ", ".join(report.files))
+    table.add_row("tensors", str(report.tensors))
+    table.add_row("bytes", human_bytes(report.total_bytes))
+    table.add_row("renamed", str(len(report.renamed)))
+    table.add_row("row-sliced", str(len(report.sliced)))
+    table.add_row("cast", str(len(report.cast)))
+    if report.ignored:
+        table.add_row("ignored", str(len(report.ignored)))
+    if report.copied:
+        table.add_row("copied", ", ".join(report.copied))
+    table.add_row("seconds", f"{report.seconds:.2f}")
+    console.print(table)
 
 
 def main() -> None:
