@@ -153,6 +153,52 @@ def convert_command(
     console.print(table)
 
 
+@app.command("bench")
+def bench_command(
+    path: Path = typer.Argument(
+        None, help="checkpoint to load (default: generated BERT-large and many-small files)"
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    cold: bool = typer.Option(False, "--cold", help="evict the file from the page cache per run"),
+    repeat: int = typer.Option(3, "--repeat", help="timed runs per contender"),
+    size: str = typer.Option("full", "--size", help="default workload size: small or full"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
+    markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
+
+    Each contender runs in its own process, in alternation; exit status 1 if one failed.
+
+    Example: fastckpt bench --size small --repeat 5 --json
+    """
+    import sys
+
+    from fastckpt.bench import run_bench
+    from fastckpt.bench.report import markdown as to_markdown
+    from fastckpt.bench.report import print_tables
+
+    err = Console(stderr=True)
+    try:
+        with err.status("benchmarking") as status:
+            result = run_bench(
+                path, device=device, cold=cold, repeat=repeat, size=size, cache_dir=cache_dir,
+                on_run=lambda what: status.update(f"benchmarking {what}"),
+            )
+    except _INPUT_ERRORS as e:
+        raise _fail(_error_text(e)) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif markdown:
+        typer.echo(to_markdown(result, "fastckpt " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "fastckpt bench"))
+    else:
+        print_tables(result, console)
+    if result.failed:
+        for line in result.failed:
+            err.print(f"[red]failed:[/red] {line}", highlight=False)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
