@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import fastckpt
@@ -22,7 +23,8 @@ console = Console()
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: the message stays one line, whatever the terminal width (scripts grep it)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -197,6 +199,25 @@ def bench_command(
         for line in result.failed:
             err.print(f"[red]failed:[/red] {line}", highlight=False)
         raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_command(
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="run the small benchmark first"),
+    repeat: int = typer.Option(3, "--repeat", help="timed runs per bench contender"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="where bench checkpoints live"),
+) -> None:
+    """Show what fastckpt does: a small benchmark, then the stories of SCENARIOS.md.
+
+    Steps whose piece is missing from this build print a note instead of failing.
+
+    Example: fastckpt demo --no-bench
+    """
+    from fastckpt.demo import run_demo
+
+    skipped = run_demo(console, bench=bench, repeat=repeat, cache_dir=cache_dir)
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} step(s) skipped:[/yellow] {', '.join(skipped)}")
 
 
 def main() -> None:

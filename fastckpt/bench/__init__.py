@@ -158,6 +158,7 @@ def evict(files: list[str]) -> None:
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a freshly generated file) are not dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -254,6 +255,10 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         self.log.close()
 
 
