@@ -24,7 +24,9 @@ console = Console()
 
 def _fail(message: str) -> typer.Exit:
     # soft_wrap: the message stays one line, whatever the terminal width (scripts grep it)
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(2)
 
 
@@ -98,7 +100,9 @@ def _error_text(e: BaseException) -> str:
 
 
 # Errors that are the user's input, not a bug: one line on stderr, exit status 2.
-_INPUT_ERRORS = (fastckpt.CheckpointError, FileNotFoundError, IsADirectoryError, ValueError, KeyError)
+_INPUT_ERRORS = (
+    fastckpt.CheckpointError, FileNotFoundError, IsADirectoryError, ValueError, KeyError
+)
 
 
 @app.command("convert")
@@ -192,7 +196,7 @@ def bench_command(
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif markdown:
-        typer.echo(to_markdown(result, "fastckpt " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "fastckpt bench"))
+        typer.echo(to_markdown(result, "fastckpt " + " ".join(sys.argv[1:])))
     else:
         print_tables(result, console)
     if result.failed:

@@ -195,7 +195,7 @@ def read_tensor(ckpt: Checkpoint, a: Assignment, spec: TensorSpec) -> torch.Tens
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | None) -> list[list[TensorSpec]]:
-    """Greedy in order, as transformers shards: a tensor larger than the limit gets its own shard."""
+    """Greedy in order, as transformers shards; a tensor over the limit gets a shard of its own."""
     if max_shard_size is None:
         return [list(specs)]
     shards: list[list[TensorSpec]] = []

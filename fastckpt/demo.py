@@ -154,7 +154,8 @@ class Walkthrough:
             return
         self.console.print(
             ">>> fastckpt.load_into(model, 'ddp.safetensors', rules='module.{rest*} -> {rest*}')",
-            style="bold", markup=False,
+            style="bold",
+            markup=False,
         )
         report = fastckpt.load_into(model, path, rules="module.{rest*} -> {rest*}\n")  # type: ignore[attr-defined]
         self.console.print(report)
@@ -172,14 +173,18 @@ class Walkthrough:
         with torch.no_grad():  # "fine-tuning" with the body frozen: only the head moves
             model.classifier.weight.add_(0.01)
         save_file({k: v.clone() for k, v in model.state_dict().items()}, str(after))
-        self.console.print(">>> fastckpt.diff('before.safetensors', 'after.safetensors', values=True)",
-                           style="bold", markup=False)
+        self.console.print(
+            ">>> fastckpt.diff('before.safetensors', 'after.safetensors', values=True)",
+            style="bold",
+            markup=False,
+        )
         result = fastckpt.diff(before, after, values=True)  # type: ignore[attr-defined]
         self.console.print(result)
 
 
-def run_demo(console: Console, *, bench: bool = True, repeat: int = 3,
-             cache_dir: Path | None = None) -> list[str]:
+def run_demo(
+    console: Console, *, bench: bool = True, repeat: int = 3, cache_dir: Path | None = None
+) -> list[str]:
     """Runs the demo; returns the titles of steps skipped for missing pieces."""
     if bench:
         from fastckpt.bench import run_bench
@@ -187,8 +192,12 @@ def run_demo(console: Console, *, bench: bool = True, repeat: int = 3,
 
         console.rule("[bold]fastckpt bench --size small[/bold]")
         with console.status("benchmarking") as status:
-            result = run_bench(size="small", repeat=repeat, cache_dir=cache_dir,
-                               on_run=lambda what: status.update(f"benchmarking {what}"))
+            result = run_bench(
+                size="small",
+                repeat=repeat,
+                cache_dir=cache_dir,
+                on_run=lambda what: status.update(f"benchmarking {what}"),
+            )
         print_tables(result, console)
     with tempfile.TemporaryDirectory(prefix="fastckpt-demo-") as tmp:
         walk = Walkthrough(console, Path(tmp))

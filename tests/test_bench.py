@@ -37,18 +37,29 @@ def test_full_workloads_have_the_promised_shapes():
 def test_bert_layout_matches_transformers_bert():
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=24, max_position_embeddings=20)
-    expected = {k: tuple(v.shape) for k, v in BertModel(config).state_dict().items()
-                if not k.endswith("position_ids") and "token_type_ids" not in k}
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=20,
+    )
+    expected = {
+        k: tuple(v.shape)
+        for k, v in BertModel(config).state_dict().items()
+        if not k.endswith("position_ids") and "token_type_ids" not in k
+    }
     assert dict(bert_layout(2, 16, 50, 24, positions=20)) == expected
 
 
 def test_many_small_names():
     layout = many_small_layout(2, 2)
     assert [n for n, _ in layout[:4]] == [
-        "layers.0.experts.0.w1.weight", "layers.0.experts.0.w2.weight",
-        "layers.0.experts.0.w3.weight", "layers.0.experts.1.w1.weight",
+        "layers.0.experts.0.w1.weight",
+        "layers.0.experts.0.w2.weight",
+        "layers.0.experts.0.w3.weight",
+        "layers.0.experts.1.w1.weight",
     ]
 
 
@@ -80,7 +91,12 @@ def test_read_layout_safetensors_and_nested_torch(tmp_path):
 
 def test_contenders_by_format_and_mode():
     names, _ = contenders_for("torch", "cpu", cold=True)
-    assert names == ["fastckpt", "torch.load(mmap)+load_state_dict", "ceiling:memcpy", "ceiling:read"]
+    assert names == [
+        "fastckpt",
+        "torch.load(mmap)+load_state_dict",
+        "ceiling:memcpy",
+        "ceiling:read",
+    ]
     names, notes = contenders_for("safetensors", "cuda", cold=False)
     assert names[:3] == ["fastckpt", "safetensors.load_file+load_state_dict", "safe_open+copy_"]
     assert names[-1] == "ceiling:h2d"
@@ -120,7 +136,11 @@ def test_evict_leaves_the_file_out_of_the_page_cache(tmp_path):
 
 
 def test_flat_model_has_the_checkpoint_names():
-    layout = [("a.b.weight", (2, 3), torch.float32), ("a.c", (4,), torch.int64), ("top", (), torch.bfloat16)]
+    layout = [
+        ("a.b.weight", (2, 3), torch.float32),
+        ("a.c", (4,), torch.int64),
+        ("top", (), torch.bfloat16),
+    ]
     model = FlatModel(layout)
     model.materialize("cpu")
     assert {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()} == {
@@ -133,8 +153,15 @@ def test_flat_model_has_the_checkpoint_names():
 def test_worker_protocol(tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file({"x.weight": torch.randn(4, 4)}, str(path))
-    spec = {"contender": "safe_open+copy_", "path": str(path), "files": [str(path)],
-            "device": "cpu", "nbytes": 64, "prefix": [], "layout": [("x.weight", [4, 4], "float32")]}
+    spec = {
+        "contender": "safe_open+copy_",
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": 64,
+        "prefix": [],
+        "layout": [("x.weight", [4, 4], "float32")],
+    }
     commands = "".join(json.dumps({"cmd": c}) + "\n" for c in ("prepare", "go", "quit", "go"))
     serve(spec, io.StringIO(commands))
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -149,8 +176,15 @@ def test_worker_reports_a_missing_contender_as_skipped(tmp_path, capsys, monkeyp
     monkeypatch.delattr(fastckpt, "load_into", raising=False)
     path = tmp_path / "w.safetensors"
     save_file({"x": torch.randn(2)}, str(path))
-    spec = {"contender": "fastckpt", "path": str(path), "files": [str(path)],
-            "device": "cpu", "nbytes": 8, "prefix": [], "layout": [("x", [2], "float32")]}
+    spec = {
+        "contender": "fastckpt",
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": 8,
+        "prefix": [],
+        "layout": [("x", [2], "float32")],
+    }
     serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n'))
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert replies[1] == {

@@ -38,13 +38,18 @@ def test_inspect_table_and_json(small_file):
     result = runner.invoke(app, ["inspect", str(path), "--json"])
     doc = json.loads(result.output)
     assert doc["total_tensors"] == 2
-    assert {t["name"]: t["shape"] for t in doc["tensors"]} == {"embed.weight": [10, 4], "head.bias": [3]}
+    assert {t["name"]: t["shape"] for t in doc["tensors"]} == {
+        "embed.weight": [10, 4],
+        "head.bias": [3],
+    }
 
 
 def test_inspect_missing_file_is_exit_2_one_line(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "nope.pt")])
     assert result.exit_code == 2
-    assert result.output.strip() == f"error: {tmp_path / 'nope.pt'}: no such checkpoint file or folder"
+    assert (
+        result.output.strip() == f"error: {tmp_path / 'nope.pt'}: no such checkpoint file or folder"
+    )
 
 
 def test_convert_json_report(small_file, tmp_path):
@@ -62,7 +67,9 @@ def test_convert_json_report(small_file, tmp_path):
 
 def test_convert_table(small_file, tmp_path):
     path, _ = small_file
-    result = runner.invoke(app, ["convert", str(path), str(tmp_path / "out"), "--max-shard-size", "100B"])
+    result = runner.invoke(
+        app, ["convert", str(path), str(tmp_path / "out"), "--max-shard-size", "100B"]
+    )
     assert result.exit_code == 0, result.output
     assert "model.safetensors.index.json" in result.output
     assert (tmp_path / "out" / "model-00001-of-00002.safetensors").is_file()
@@ -72,7 +79,10 @@ def test_convert_table(small_file, tmp_path):
     "args, message",
     [
         (["--dtype", "int4"], "--dtype must be one of bf16, fp16, fp32, not 'int4'"),
-        (["--max-shard-size", "lots"], "cannot read size 'lots' (examples: 2GB, 500MB, 1GiB, 1048576)"),
+        (
+            ["--max-shard-size", "lots"],
+            "cannot read size 'lots' (examples: 2GB, 500MB, 1GiB, 1048576)",
+        ),
         (["--max-shard-size", "100B"], "give a folder as destination for sharded output"),
     ],
 )
@@ -111,18 +121,24 @@ def test_bench_small_json(tmp_path):
         app, ["bench", "--size", "small", "--repeat", "1", "--cache-dir", str(tmp_path), "--json"]
     )
     doc = json.loads(result.output)
-    assert result.exit_code == (1 if any(
-        r["status"] == "error" for t in doc["targets"] for r in t["results"]) else 0)
+    assert result.exit_code == (
+        1 if any(r["status"] == "error" for t in doc["targets"] for r in t["results"]) else 0
+    )
     assert [(t["workload"], t["format"]) for t in doc["targets"]] == [
-        ("bert-small", "safetensors"), ("bert-small", "torch"),
-        ("many-small", "safetensors"), ("many-small", "torch"),
+        ("bert-small", "safetensors"),
+        ("bert-small", "torch"),
+        ("many-small", "safetensors"),
+        ("many-small", "torch"),
     ]
     for t in doc["targets"]:
         rows = {r["contender"]: r for r in t["results"]}
         assert t["ceiling"] == "ceiling:memcpy"
         assert rows["ceiling:memcpy"]["status"] == "ok"
-        peers = ["torch.load(mmap)+load_state_dict"] if t["format"] == "torch" else [
-            "safetensors.load_file+load_state_dict", "safe_open+copy_"]
+        peers = (
+            ["torch.load(mmap)+load_state_dict"]
+            if t["format"] == "torch"
+            else ["safetensors.load_file+load_state_dict", "safe_open+copy_"]
+        )
         for name in peers:
             assert rows[name]["status"] == "ok", rows[name]
             assert rows[name]["verified"] is True

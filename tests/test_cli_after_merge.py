@@ -72,8 +72,14 @@ def test_torch_zip_bert_folder_to_sharded_safetensors_loads_with_transformers(tm
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     model = BertModel(config).eval()
     src = tmp_path / "hf"
     model.save_pretrained(src, safe_serialization=False)  # pytorch_model.bin
@@ -90,12 +96,16 @@ def test_convert_with_a_rules_file(tmp_path):
     from safetensors.torch import save_file
 
     emb = torch.randn(10, 4)
-    save_file({"module.embed.weight": emb, "module.cls.bias": torch.ones(2)}, str(tmp_path / "s.safetensors"))
+    save_file(
+        {"module.embed.weight": emb, "module.cls.bias": torch.ones(2)},
+        str(tmp_path / "s.safetensors"),
+    )
     rules = tmp_path / "r.rules"
     rules.write_text("ignore module.cls.**\nmodule.embed.weight -> embed.weight rows[:7]\n")
     dst = tmp_path / "o.safetensors"
-    result = runner.invoke(app, ["convert", str(tmp_path / "s.safetensors"), str(dst),
-                                 "--rules", str(rules), "--json"])
+    result = runner.invoke(
+        app, ["convert", str(tmp_path / "s.safetensors"), str(dst), "--rules", str(rules), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["ignored"] == ["module.cls.bias"]
     back = load_file(str(dst))
@@ -105,8 +115,9 @@ def test_convert_with_a_rules_file(tmp_path):
 
 @needs_load_into
 def test_bench_fastckpt_row_runs_and_is_verified(tmp_path):
-    result = runner.invoke(app, ["bench", "--size", "small", "--repeat", "1",
-                                 "--cache-dir", str(tmp_path), "--json"])
+    result = runner.invoke(
+        app, ["bench", "--size", "small", "--repeat", "1", "--cache-dir", str(tmp_path), "--json"]
+    )
     doc = json.loads(result.output)
     for t in doc["targets"]:
         ours = next(r for r in t["results"] if r["contender"] == "fastckpt")

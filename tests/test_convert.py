@@ -28,8 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 class FakeRules:
     """Test double for a rules object: a fixed rename table with rows, dtypes and ignores."""
 
-    def __init__(self, table: dict[str, tuple[str, RowSelection | None, torch.dtype | None]],
-                 ignore: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        table: dict[str, tuple[str, RowSelection | None, torch.dtype | None]],
+        ignore: tuple[str, ...] = (),
+    ):
         self.table = table
         self.ignore = ignore
         self.calls: list[tuple[list[str], object]] = []
@@ -113,8 +116,11 @@ def test_rules_rename_slice_index_rows_rule_dtype_and_ignore(tmp_path):
     rules = FakeRules(
         {
             "src.emb": ("encoder.embed_tokens.weight", RowSelection(0, 7), None),
-            "src.pos": ("encoder.embed_positions.weight", RowSelection(index=(5, 0, 2)),
-                        torch.float16),
+            "src.pos": (
+                "encoder.embed_positions.weight",
+                RowSelection(index=(5, 0, 2)),
+                torch.float16,
+            ),
         },
         ignore=("cls.head",),
     )
@@ -157,7 +163,9 @@ def test_two_sources_for_one_target_is_an_error(tmp_path):
     src = tmp_path / "src.safetensors"
     save_file({"a": torch.ones(2), "b": torch.ones(2)}, str(src))
     rules = FakeRules({"a": ("x", None, None), "b": ("x", None, None)})
-    with pytest.raises(fastckpt.CheckpointError, match="target 'x' would come from both 'a' and 'b'"):
+    with pytest.raises(
+        fastckpt.CheckpointError, match="target 'x' would come from both 'a' and 'b'"
+    ):
         convert(src, tmp_path / "out.safetensors", rules)
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -166,7 +174,9 @@ def test_bad_row_index_is_an_error(tmp_path):
     src = tmp_path / "src.safetensors"
     save_file({"a": torch.ones(3, 2)}, str(src))
     rules = FakeRules({"a": ("a", RowSelection(index=(0, 3)), None)})
-    with pytest.raises(fastckpt.CheckpointError, match="row index 3 out of range for 'a' with 3 rows"):
+    with pytest.raises(
+        fastckpt.CheckpointError, match="row index 3 out of range for 'a' with 3 rows"
+    ):
         convert(src, tmp_path / "out.safetensors", rules)
 
 
@@ -212,7 +222,9 @@ def test_folder_without_split_is_one_model_file(mixed_file, tmp_path):
 
 
 def test_plan_shards_keeps_order_and_isolates_oversized():
-    specs = [TensorSpec(n, torch.float32, (s,)) for n, s in [("a", 2), ("b", 2), ("c", 10), ("d", 1)]]
+    specs = [
+        TensorSpec(n, torch.float32, (s,)) for n, s in [("a", 2), ("b", 2), ("c", 10), ("d", 1)]
+    ]
     groups = plan_shards(specs, 16)
     assert [[s.name for s in g] for g in groups] == [["a", "b"], ["c"], ["d"]]
     assert [[s.name for s in g] for g in plan_shards(specs, None)] == [["a", "b", "c", "d"]]
@@ -221,8 +233,16 @@ def test_plan_shards_keeps_order_and_isolates_oversized():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("2GB", 2 * 10**9), ("500MB", 500 * 10**6), ("10KB", 10_000), ("1GiB", 2**30),
-     ("3MiB", 3 * 2**20), ("1024", 1024), ("1.5GB", 1_500_000_000), ("7 kb", 7000)],
+    [
+        ("2GB", 2 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("10KB", 10_000),
+        ("1GiB", 2**30),
+        ("3MiB", 3 * 2**20),
+        ("1024", 1024),
+        ("1.5GB", 1_500_000_000),
+        ("7 kb", 7000),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -343,7 +363,9 @@ def test_killed_convert_leaves_no_destination(tmp_path, sig, dst_name, shard):
             proc.kill()
             proc.wait()
     assert not dst.exists()
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("src.safetensors", "progress")]
+    leftovers = [
+        p.name for p in tmp_path.iterdir() if p.name not in ("src.safetensors", "progress")
+    ]
     # only the hidden temporary beside the destination remains, never the destination
     assert len(leftovers) == 1 and leftovers[0].startswith(f".{dst_name}.")
     assert leftovers[0].endswith(".partial")
@@ -354,8 +376,12 @@ def tiny_bert():
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
     )
     return BertModel(config).eval()
 

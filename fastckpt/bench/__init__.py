@@ -171,7 +171,9 @@ def resident_bytes(files: list[str]) -> int | None:
         return None
     out = subprocess.run(
         [exe, "--bytes", "--noheadings", "--output", "RES", *files],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         return None
@@ -206,7 +208,10 @@ class Worker:
         self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastckpt.bench.worker", str(spec_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
         )
 
     def ask(self, cmd: str) -> dict:
@@ -329,12 +334,18 @@ def bench_target(
         workers: dict[str, Worker] = {}
         try:
             for n in names:
-                spec = {"contender": n, "path": str(path), "device": device, "nbytes": nbytes, **info}
+                spec = {
+                    "contender": n,
+                    "path": str(path),
+                    "device": device,
+                    "nbytes": nbytes,
+                    **info,
+                }
                 workers[n] = Worker(spec, Path(tmp))
             if not cold:
                 warm(files)
             for round_ in range(repeat + 1):  # round 0: warm-up and value check, untimed
-                order = names[round_ % len(names):] + names[: round_ % len(names)]
+                order = names[round_ % len(names) :] + names[: round_ % len(names)]
                 for n in order:
                     r = results[n]
                     if r.status != "ok":
@@ -402,7 +413,8 @@ def run_bench(
             targets += [(w.name, files["safetensors"]), (w.name, files["torch"])]
     for name, p in targets:
         result.targets.append(
-            bench_target(name, p, device=device, cold=cold, repeat=repeat,
-                         notes=result.notes, on_run=on_run)
+            bench_target(
+                name, p, device=device, cold=cold, repeat=repeat, notes=result.notes, on_run=on_run
+            )
         )
     return result

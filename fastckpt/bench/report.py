@@ -8,7 +8,14 @@ from rich.table import Table
 from fastckpt.bench import BenchResult, ContenderResult, TargetResult
 
 COLUMNS = (
-    "contender", "median s", "±", "GB/s", "× ceiling", "t / fastckpt", "+private", "peak RSS",
+    "contender",
+    "median s",
+    "±",
+    "GB/s",
+    "× ceiling",
+    "t / fastckpt",
+    "+private",
+    "peak RSS",
     "note",
 )
 
@@ -22,7 +29,9 @@ def _row(r: ContenderResult) -> list[str]:
         return [r.contender, "-", "-", "-", "-", "-", "-", "-", r.status]
     note = r.note
     if r.resident_before:
-        note = (note + " " if note else "") + f"resident before: {max(r.resident_before) / 1e6:.0f} MB"
+        note = (
+            note + " " if note else ""
+        ) + f"resident before: {max(r.resident_before) / 1e6:.0f} MB"
     return [
         r.contender,
         f"{r.median:.3f}",

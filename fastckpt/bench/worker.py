@@ -50,7 +50,7 @@ class FlatModel(nn.Module):
     def __init__(self, layout: list[tuple[str, tuple[int, ...], torch.dtype]]):
         super().__init__()
         self._layout = layout
-        for name, shape, dtype in layout:
+        for name, _shape, dtype in layout:
             *parents, leaf = name.split(".")
             owner: nn.Module = self
             for part in parents:
@@ -211,8 +211,11 @@ class Contender:
         assert self.model is not None
         state: dict = {}
         for f in self.files:
-            state.update(_state_dict_at(torch.load(f, mmap=True, weights_only=True,
-                                                   map_location="cpu"), self.prefix))
+            state.update(
+                _state_dict_at(
+                    torch.load(f, mmap=True, weights_only=True, map_location="cpu"), self.prefix
+                )
+            )
         self.model.load_state_dict(state)
 
     def _load_load_file(self) -> None:

@@ -23,7 +23,9 @@ from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 Layout = list[tuple[str, tuple[int, ...]]]
 
 
-def bert_layout(layers: int, hidden: int, vocab: int, intermediate: int, positions: int = 512) -> Layout:
+def bert_layout(
+    layers: int, hidden: int, vocab: int, intermediate: int, positions: int = 512
+) -> Layout:
     """Names and shapes of a Hugging Face ``BertModel`` state dict."""
     h, i = hidden, intermediate
     out: Layout = [
@@ -35,8 +37,12 @@ def bert_layout(layers: int, hidden: int, vocab: int, intermediate: int, positio
     ]
     for n in range(layers):
         p = f"encoder.layer.{n}."
-        for proj in ("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense"):
+        for proj in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ):
             out += [(p + proj + ".weight", (h, h)), (p + proj + ".bias", (h,))]
         out += [
             (p + "attention.output.LayerNorm.weight", (h,)),
