@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import fastckpt
@@ -23,7 +23,10 @@ console = Console()
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: the message stays one line, whatever the terminal width (scripts grep it)
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(2)
 
 
@@ -91,17 +94,134 @@ def inspect(
         console.print(f"{len(infos)} tensors{picked}, {human_bytes(total)}")
 
 
-@app.command()
-def demo() -> None:
-    """Write a small checkpoint and show what fastckpt sees in it."""
-    import torch
+def _error_text(e: BaseException) -> str:
+    # KeyError's str() adds quotes around its message.
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "demo.pt"
-        emb = torch.randn(100, 16)
-        torch.save({"model": {"embed.weight": emb, "head.weight": emb, "proj.weight": torch.randn(16, 8).t()}, "epoch": 3}, path)
-        console.print(f"[bold]fastckpt inspect {path.name}[/bold]")
-        inspect(path, key=None, as_json=False)
+
+# Errors that are the user's input, not a bug: one line on stderr, exit status 2.
+_INPUT_ERRORS = (
+    fastckpt.CheckpointError, FileNotFoundError, IsADirectoryError, ValueError, KeyError
+)
+
+
+@app.command("convert")
+def convert_command(
+    src: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
+    dst: Path = typer.Argument(
+        ..., help="a .safetensors file, or a folder (model.safetensors or shards + index)"
+    ),
+    rules: Path = typer.Option(None, "--rules", help="rules file: renames, row slices, ignores"),
+    dtype: str = typer.Option(None, "--dtype", help="cast floating tensors: bf16, fp16 or fp32"),
+    max_shard_size: str = typer.Option(
+        None, "--max-shard-size", help="split into shards of at most this size (2GB, 500MB)"
+    ),
+    key: str = typer.Option(None, help="container key of the state dict ('' for the whole tree)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing destination"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON report instead of a table"),
+) -> None:
+    """Convert any readable checkpoint to safetensors, streamed and written atomically.
+
+    Example: fastckpt convert pytorch_model.bin out/ --dtype bf16 --max-shard-size 2GB
+    """
+    from fastckpt.convert import convert
+
+    try:
+        report = convert(
+            src,
+            dst,
+            rules,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            key=key,
+            overwrite=overwrite,
+            progress=not as_json and console.is_terminal,
+        )
+    except _INPUT_ERRORS as e:
+        raise _fail(_error_text(e)) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"{src} -> {dst}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("files", ", ".join(report.files))
+    table.add_row("tensors", str(report.tensors))
+    table.add_row("bytes", human_bytes(report.total_bytes))
+    table.add_row("renamed", str(len(report.renamed)))
+    table.add_row("row-sliced", str(len(report.sliced)))
+    table.add_row("cast", str(len(report.cast)))
+    if report.ignored:
+        table.add_row("ignored", str(len(report.ignored)))
+    if report.copied:
+        table.add_row("copied", ", ".join(report.copied))
+    table.add_row("seconds", f"{report.seconds:.2f}")
+    console.print(table)
+
+
+@app.command("bench")
+def bench_command(
+    path: Path = typer.Argument(
+        None, help="checkpoint to load (default: generated BERT-large and many-small files)"
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    cold: bool = typer.Option(False, "--cold", help="evict the file from the page cache per run"),
+    repeat: int = typer.Option(3, "--repeat", help="timed runs per contender"),
+    size: str = typer.Option("full", "--size", help="default workload size: small or full"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
+    markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
+
+    Each contender runs in its own process, in alternation; exit status 1 if one failed.
+
+    Example: fastckpt bench --size small --repeat 5 --json
+    """
+    import sys
+
+    from fastckpt.bench import run_bench
+    from fastckpt.bench.report import markdown as to_markdown
+    from fastckpt.bench.report import print_tables
+
+    err = Console(stderr=True)
+    try:
+        with err.status("benchmarking") as status:
+            result = run_bench(
+                path, device=device, cold=cold, repeat=repeat, size=size, cache_dir=cache_dir,
+                on_run=lambda what: status.update(f"benchmarking {what}"),
+            )
+    except _INPUT_ERRORS as e:
+        raise _fail(_error_text(e)) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif markdown:
+        typer.echo(to_markdown(result, "fastckpt " + " ".join(sys.argv[1:])))
+    else:
+        print_tables(result, console)
+    if result.failed:
+        for line in result.failed:
+            err.print(f"[red]failed:[/red] {line}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_command(
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="run the small benchmark first"),
+    repeat: int = typer.Option(3, "--repeat", help="timed runs per bench contender"),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="where bench checkpoints live"),
+) -> None:
+    """Show what fastckpt does: a small benchmark, then the stories of SCENARIOS.md.
+
+    Steps whose piece is missing from this build print a note instead of failing.
+
+    Example: fastckpt demo --no-bench
+    """
+    from fastckpt.demo import run_demo
+
+    skipped = run_demo(console, bench=bench, repeat=repeat, cache_dir=cache_dir)
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} step(s) skipped:[/yellow] {', '.join(skipped)}")
 
 
 # -- diff (fastckpt.diff; owned by the diff/freeze/resume work) -----------------------

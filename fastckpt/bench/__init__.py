@@ -1,0 +1,420 @@
+"""``fastckpt bench``: fastckpt against its peers and the hardware ceilings, side by side.
+
+Every contender runs in its own long-lived worker process (``fastckpt.bench.worker``)
+so its peak memory is its own; the harness runs them in alternation, round after
+round (each round starts at the next contender), so drifting machine load spreads
+evenly. Round 0 is untimed: it warms imports and checks the loaded values against
+the file. With ``cold=True`` the file is evicted from the page cache
+(``posix_fadvise(DONTNEED)``) before every timed run, and ``fincore`` (when
+installed) reports how much of it was still resident.
+
+Peak private memory is RssAnon sampled from outside the worker (every ~1 ms) minus
+its value just before the run; peak RSS is the kernel's VmHWM, reset before the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastckpt.bench.workloads import SIZES, default_cache_dir, ensure_files
+
+FASTCKPT = "fastckpt"
+PEERS = {
+    "safetensors": [
+        "safetensors.load_file+load_state_dict",
+        "safe_open+copy_",
+        "fastsafetensors",
+        "runai-model-streamer",
+    ],
+    "torch": ["torch.load(mmap)+load_state_dict"],
+}
+OPTIONAL = {"fastsafetensors": "fastsafetensors", "runai-model-streamer": "runai_model_streamer"}
+
+
+@dataclass
+class ContenderResult:
+    contender: str
+    status: str = "ok"  # ok | skipped | error
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    peak_private: int = 0  # bytes of RssAnon above the pre-run value, max over runs
+    peak_rss: int = 0  # VmHWM during the run (destination included), max over runs
+    verified: bool | None = None
+    resident_before: list[int] = field(default_factory=list)  # cold runs: fincore bytes
+    median: float | None = None
+    spread: float | None = None  # (max - min) / median
+    gbps: float | None = None
+    x_ceiling: float | None = None  # fraction of the ceiling's speed (1.0 = as fast)
+    x_fastckpt: float | None = None  # time / fastckpt's time (2.0 = twice as slow)
+
+    @property
+    def is_ceiling(self) -> bool:
+        return self.contender.startswith("ceiling:")
+
+
+@dataclass
+class TargetResult:
+    workload: str
+    format: str
+    path: str
+    files: list[str]
+    nbytes: int
+    tensors: int
+    ceiling: str | None = None
+    results: list[ContenderResult] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    device: str
+    cold: bool
+    repeat: int
+    size: str | None
+    targets: list[TargetResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def failed(self) -> list[str]:
+        return [
+            f"{t.workload}/{t.format}: {r.contender}: {r.note}"
+            for t in self.targets
+            for r in t.results
+            if r.status == "error"
+        ]
+
+
+# -- the checkpoint's layout ------------------------------------------------------------
+def read_layout(path: Path) -> dict:
+    """Files, state-dict prefix, and (name, shape, dtype) of every tensor, for the workers."""
+    import fastckpt
+
+    try:
+        with fastckpt.open(path) as ck:
+            return {
+                "format": "safetensors" if ck.format == "safetensors" else "torch",
+                "files": [str(f) for f in ck.files],
+                "prefix": list(ck.prefix),
+                "layout": [
+                    (k, list(ck.info(k).shape), str(ck.info(k).dtype).removeprefix("torch."))
+                    for k in ck.keys()
+                ],
+            }
+    except fastckpt.CheckpointError:
+        if str(path).endswith(".safetensors") or path.is_dir():
+            raise
+    return _layout_with_torch(path)  # a torch file this build's readers cannot open yet
+
+
+def _layout_with_torch(path: Path) -> dict:
+    import torch
+
+    from fastckpt.checkpoint import pick_state_dict
+
+    found: list[tuple[tuple[str, ...], torch.Tensor]] = []
+
+    def walk(obj: object, at: tuple[str, ...]) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.append((at, obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, at + (str(k),))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, at + (str(i),))
+
+    walk(torch.load(path, mmap=True, weights_only=True, map_location="cpu"), ())
+    prefix = pick_state_dict([p for p, _ in found])
+    n = len(prefix)
+    return {
+        "format": "torch",
+        "files": [str(path)],
+        "prefix": list(prefix),
+        "layout": [
+            (".".join(p[n:]), list(t.shape), str(t.dtype).removeprefix("torch."))
+            for p, t in found
+            if p[:n] == prefix and len(p) > n
+        ],
+    }
+
+
+# -- page cache -----------------------------------------------------------------------
+def evict(files: list[str]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages (a freshly generated file) are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_bytes(files: list[str]) -> int | None:
+    """Bytes of the files in the page cache, by ``fincore``; None when it is not installed."""
+    exe = shutil.which("fincore")
+    if exe is None:
+        return None
+    out = subprocess.run(
+        [exe, "--bytes", "--noheadings", "--output", "RES", *files],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        return None
+    return sum(int(x) for x in out.stdout.split())
+
+
+def warm(files: list[str]) -> None:
+    buf = bytearray(16 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+# -- workers ----------------------------------------------------------------------------
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Worker:
+    def __init__(self, spec: dict, folder: Path):
+        self.name = spec["contender"]
+        spec_path = folder / f"spec-{abs(hash(self.name))}.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastckpt.bench.worker", str(spec_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+
+    def ask(self, cmd: str) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            tail = self.log.read()[-800:].strip().splitlines()
+            return {"error": f"worker exited ({tail[-1] if tail else 'no output'})"}
+        return json.loads(line)
+
+    def measure(self) -> dict:
+        """One timed run, with RssAnon sampled from this process meanwhile."""
+        reply = self.ask("prepare")
+        if "ready" not in reply:
+            return reply
+        pid = self.proc.pid
+        baseline = _rss_anon(pid)
+        peak = [baseline]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_anon(pid))
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            reply = self.ask("go")
+        finally:
+            done.set()
+            sampler.join()
+        reply["peak_private"] = max(0, peak[0] - baseline)
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError, AssertionError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.flush()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self.log.close()
+
+
+# -- the run ----------------------------------------------------------------------------
+def contenders_for(fmt: str, device: str, cold: bool) -> tuple[list[str], list[str]]:
+    """(contenders to run, notes about the ones left out)."""
+    names = [FASTCKPT, *PEERS[fmt]]
+    notes = []
+    for name, module in OPTIONAL.items():
+        if name in names and importlib.util.find_spec(module) is None:
+            names.remove(name)
+            notes.append(f"{name}: not installed, not run")
+    if device.startswith("cuda"):
+        names.append("ceiling:h2d")
+    else:
+        names.append("ceiling:memcpy")
+    if cold:
+        names.append("ceiling:read")
+    return names, notes
+
+
+def _summarize(target: TargetResult) -> None:
+    for r in target.results:
+        if r.status == "ok" and r.times:
+            r.median = statistics.median(r.times)
+            r.spread = (max(r.times) - min(r.times)) / r.median if r.median else 0.0
+            r.gbps = target.nbytes / r.median / 1e9 if r.median else None
+    ceilings = [r for r in target.results if r.is_ceiling and r.median is not None]
+    if ceilings:
+        slowest = max(ceilings, key=lambda r: r.median or 0.0)
+        target.ceiling = slowest.contender
+        for r in target.results:
+            if r.median:
+                r.x_ceiling = (slowest.median or 0.0) / r.median
+    ours = next((r for r in target.results if r.contender == FASTCKPT and r.median), None)
+    if ours is not None:
+        for r in target.results:
+            if r.median and not r.is_ceiling:
+                r.x_fastckpt = r.median / (ours.median or 1.0)
+
+
+def bench_target(
+    workload: str,
+    path: Path,
+    *,
+    device: str,
+    cold: bool,
+    repeat: int,
+    notes: list[str],
+    on_run: Callable[[str], None] | None = None,
+) -> TargetResult:
+    info = read_layout(path)
+    files = info["files"]
+    nbytes = 0
+    import torch
+
+    for _, shape, dtype in info["layout"]:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes += numel * getattr(torch, dtype).itemsize
+    target = TargetResult(workload, info["format"], str(path), files, nbytes, len(info["layout"]))
+    names, left_out = contenders_for(info["format"], device, cold)
+    notes.extend(f"{workload}/{info['format']}: {n}" for n in left_out)
+    results = {n: ContenderResult(n) for n in names}
+    target.results = list(results.values())
+    with tempfile.TemporaryDirectory(prefix="fastckpt-bench-") as tmp:
+        workers: dict[str, Worker] = {}
+        try:
+            for n in names:
+                spec = {
+                    "contender": n,
+                    "path": str(path),
+                    "device": device,
+                    "nbytes": nbytes,
+                    **info,
+                }
+                workers[n] = Worker(spec, Path(tmp))
+            if not cold:
+                warm(files)
+            for round_ in range(repeat + 1):  # round 0: warm-up and value check, untimed
+                order = names[round_ % len(names) :] + names[: round_ % len(names)]
+                for n in order:
+                    r = results[n]
+                    if r.status != "ok":
+                        continue
+                    if cold and round_ > 0:
+                        evict(files)
+                        res = resident_bytes(files)
+                        if res is not None:
+                            r.resident_before.append(res)
+                    if on_run is not None:
+                        on_run(f"{workload}/{info['format']}: {n} ({round_}/{repeat})")
+                    reply = workers[n].measure()
+                    if "skipped" in reply:
+                        r.status, r.note = "skipped", reply["skipped"]
+                    elif "error" in reply:
+                        r.status, r.note = "error", reply["error"]
+                    elif round_ == 0:
+                        if reply.get("verified") is False:
+                            r.status, r.note = "error", "loaded values differ from the file"
+                        r.verified = reply.get("verified")
+                    else:
+                        r.times.append(reply["seconds"])
+                        r.peak_private = max(r.peak_private, reply["peak_private"])
+                        r.peak_rss = max(r.peak_rss, reply["peak_rss"])
+        finally:
+            for w in workers.values():
+                w.close()
+    _summarize(target)
+    return target
+
+
+def run_bench(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    cold: bool = False,
+    repeat: int = 3,
+    size: str = "full",
+    cache_dir: str | os.PathLike | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Bench ``path``, or (None) the default workloads of ``size`` ("full" or "small")."""
+    if repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, not {repeat}")
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device here")
+    elif device != "cpu":
+        raise ValueError(f"--device must be cpu or cuda, not {device!r}")
+    result = BenchResult(device, cold, repeat, None if path is not None else size)
+    if cold and resident_bytes([sys.executable]) is None:
+        result.notes.append("fincore not found: eviction is not double-checked")
+    if path is not None:
+        p = Path(path)
+        targets = [(p.name, p)]
+    else:
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        targets = []
+        for w in SIZES[size]:
+            files = ensure_files(w, cache, size)
+            targets += [(w.name, files["safetensors"]), (w.name, files["torch"])]
+    for name, p in targets:
+        result.targets.append(
+            bench_target(
+                name, p, device=device, cold=cold, repeat=repeat, notes=result.notes, on_run=on_run
+            )
+        )
+    return result

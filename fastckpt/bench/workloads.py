@@ -1,0 +1,133 @@
+"""The default benchmark checkpoints: written once into a cache folder, reused afterwards.
+
+- ``bert-large``: a BERT-large-shaped fp32 state dict (24 layers x 1024 hidden,
+  50k vocab: 1.4 GB, 391 tensors);
+- ``many-small``: 30,720 fp32 tensors of 64x32 (40 layers x 256 experts x 3, 250 MB).
+
+``--size small`` scales both down to tens of MB so tests and ``make demo`` stay fast.
+Each is written as ``model.safetensors`` and as a torch zip ``model.pt`` (same tensors).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+
+Layout = list[tuple[str, tuple[int, ...]]]
+
+
+def bert_layout(
+    layers: int, hidden: int, vocab: int, intermediate: int, positions: int = 512
+) -> Layout:
+    """Names and shapes of a Hugging Face ``BertModel`` state dict."""
+    h, i = hidden, intermediate
+    out: Layout = [
+        ("embeddings.word_embeddings.weight", (vocab, h)),
+        ("embeddings.position_embeddings.weight", (positions, h)),
+        ("embeddings.token_type_embeddings.weight", (2, h)),
+        ("embeddings.LayerNorm.weight", (h,)),
+        ("embeddings.LayerNorm.bias", (h,)),
+    ]
+    for n in range(layers):
+        p = f"encoder.layer.{n}."
+        for proj in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ):
+            out += [(p + proj + ".weight", (h, h)), (p + proj + ".bias", (h,))]
+        out += [
+            (p + "attention.output.LayerNorm.weight", (h,)),
+            (p + "attention.output.LayerNorm.bias", (h,)),
+            (p + "intermediate.dense.weight", (i, h)),
+            (p + "intermediate.dense.bias", (i,)),
+            (p + "output.dense.weight", (h, i)),
+            (p + "output.dense.bias", (h,)),
+            (p + "output.LayerNorm.weight", (h,)),
+            (p + "output.LayerNorm.bias", (h,)),
+        ]
+    out += [("pooler.dense.weight", (h, h)), ("pooler.dense.bias", (h,))]
+    return out
+
+
+def many_small_layout(layers: int, experts: int, shape: tuple[int, int] = (64, 32)) -> Layout:
+    return [
+        (f"layers.{n}.experts.{e}.{w}.weight", shape)
+        for n in range(layers)
+        for e in range(experts)
+        for w in ("w1", "w2", "w3")
+    ]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    layout: Layout
+
+    @property
+    def nbytes(self) -> int:
+        return sum(4 * _numel(s) for _, s in self.layout)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+SIZES: dict[str, list[Workload]] = {
+    "full": [
+        Workload("bert-large", bert_layout(24, 1024, 50_000, 4096)),
+        Workload("many-small", many_small_layout(40, 256)),
+    ],
+    "small": [
+        Workload("bert-small", bert_layout(4, 256, 8_000, 1024)),
+        Workload("many-small", many_small_layout(4, 48)),
+    ],
+}
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get("FASTCKPT_BENCH_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastckpt" / "bench"
+
+
+def _values(layout: Layout) -> Iterator[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1234)
+    for name, shape in layout:
+        yield name, torch.randn(shape, generator=g)
+
+
+def ensure_files(workload: Workload, cache: Path, size: str) -> dict[str, Path]:
+    """``{"safetensors": path, "torch": path}`` for the workload, writing them if missing."""
+    folder = cache / size / workload.name
+    folder.mkdir(parents=True, exist_ok=True)
+    st, pt = folder / "model.safetensors", folder / "model.pt"
+    if not st.is_file():
+        values = _values(workload.layout)
+        specs = [TensorSpec(n, torch.float32, s) for n, s in workload.layout]
+        write_safetensors(st, specs, lambda spec: next(values)[1], {"format": "pt"})
+    if not pt.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(st))  # once per cache: generation may hold the whole dict
+        fd, tmp = tempfile.mkstemp(prefix=".model.pt.", suffix=".partial", dir=folder)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, pt)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return {"safetensors": st, "torch": pt}

@@ -1,0 +1,389 @@
+"""Convert any readable checkpoint to safetensors: ``fastckpt convert``.
+
+The conversion streams one tensor at a time: each tensor is a zero-copy view of
+the mapped source (``Checkpoint.tensor``), cut to its selected rows and cast if
+asked, then written by ``write_safetensors``. Peak private memory is one tensor
+(only when it must be cast, gathered or made contiguous), never the checkpoint.
+
+Output layout:
+
+- ``DST`` ending in ``.safetensors``: one file, written atomically
+  (``fastckpt.atomic``). A ``max_shard_size`` that would split it is refused.
+- any other ``DST``: a folder holding ``model.safetensors``, or
+  ``model-00001-of-0000N.safetensors`` shards plus a standard
+  ``model.safetensors.index.json`` when ``max_shard_size`` splits the tensors.
+  When the source is a Hugging Face folder its other files (``config.json``,
+  tokenizer files, ...) are copied too, so ``from_pretrained(DST)`` works.
+  The folder is built under a temporary name beside ``DST`` (``.DST.*.partial``)
+  and renamed into place at the end: all shards and the index appear together
+  or not at all. An interrupted run leaves only that hidden temporary folder.
+
+Tied or shared tensors (one storage under two names) are written once per name:
+safetensors forbids shared storage, and writing each name keeps the file a
+complete state dict for ``load_state_dict(strict=True)``; the cost is the
+duplicate bytes. (transformers re-ties on load, so it accepts both layouts.)
+
+``--dtype`` casts floating-point tensors of 2 bytes or more (fp16, bf16, fp32,
+fp64); integer, bool and fp8 tensors keep their dtype. A rule's own ``dtype=``
+wins over ``--dtype``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import fastckpt
+from fastckpt.atomic import atomic_write
+from fastckpt.checkpoint import Checkpoint, PathLike
+from fastckpt.errors import CheckpointError
+from fastckpt.mapping import Assignment, MappingPlan
+from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+
+DTYPE_CHOICES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+_CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files of a Hugging Face folder that are weights (not copied) rather than config/tokenizer.
+_WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2*10**9, '500MiB' -> 500*2**20, '1024' -> 1024 (as transformers reads them)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"cannot read size {text!r} (examples: 2GB, 500MB, 1GiB, 1048576)")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    binary = "i" in unit
+    letter = unit[:1] if unit not in ("b", "") else ""
+    scale = 1024 ** " kmgt".index(letter) if binary else _UNITS[letter]
+    size = int(number * scale)
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    destination: str
+    files: list[str]  # written weight files (and index), relative to destination folder
+    tensors: int
+    total_bytes: int  # tensor bytes written
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (source, target)
+    sliced: list[str] = field(default_factory=list)  # targets with a row selection
+    cast: list[str] = field(default_factory=list)  # targets whose dtype changed
+    ignored: list[str] = field(default_factory=list)  # source keys the rules skipped
+    copied: list[str] = field(default_factory=list)  # non-weight files copied from a HF folder
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["renamed"] = [list(p) for p in self.renamed]
+        return d
+
+
+def _rules_object(rules: object):
+    """Turns rules (path, text, object) into something with ``.plan``; None stays None."""
+    if rules is None:
+        return None
+    try:
+        from fastckpt.rules import as_rules  # type: ignore[import-not-found,attr-defined]
+    except ImportError:
+        if hasattr(rules, "plan"):
+            return rules
+        raise ValueError(
+            "rules given as a file or text need fastckpt.rules, which this build lacks"
+        ) from None
+    return as_rules(rules)
+
+
+def rules_digest(rules: object, plan: MappingPlan) -> str:
+    """sha256 of the rules text (file bytes, or the string), else of the resulting mapping."""
+    if rules is None:
+        return ""
+    h = hashlib.sha256()
+    if isinstance(rules, os.PathLike) or (isinstance(rules, str) and "\n" not in rules):
+        p = Path(rules)  # type: ignore[arg-type]
+        if p.is_file():
+            h.update(p.read_bytes())
+            return h.hexdigest()
+    if isinstance(rules, str):
+        h.update(rules.encode())
+        return h.hexdigest()
+    for a in plan.assignments:
+        h.update(repr((a.target, a.source, a.rows, str(a.dtype))).encode())
+    return h.hexdigest()
+
+
+def build_plan(ckpt: Checkpoint, rules: object) -> MappingPlan:
+    """Identity without rules; otherwise the rules' plan over the checkpoint's keys.
+
+    There is no target model, so the rules engine is asked with ``target_keys=None``:
+    every source a rule maps (or identity for the rest) becomes a target.
+    """
+    keys = ckpt.keys()
+    rules_obj = _rules_object(rules)
+    if rules_obj is None:
+        return MappingPlan(assignments=[Assignment(k, k) for k in keys])
+    plan = rules_obj.plan(keys, None)
+    seen: dict[str, str] = {}
+    for a in plan.assignments:
+        if a.target in seen:
+            raise CheckpointError(
+                f"{ckpt.path}: target {a.target!r} would come from both "
+                f"{seen[a.target]!r} and {a.source!r}"
+            )
+        seen[a.target] = a.source
+    return plan
+
+
+def _spec(ckpt: Checkpoint, a: Assignment, cast_to: torch.dtype | None) -> TensorSpec:
+    info = ckpt.info(a.source)
+    shape = info.shape
+    if a.rows is not None:
+        if not shape:
+            raise CheckpointError(f"{ckpt.path}: rows selected from 0-d tensor {a.source!r}")
+        if a.rows.index is not None:
+            bad = [i for i in a.rows.index if not 0 <= i < shape[0]]
+            if bad:
+                raise CheckpointError(
+                    f"{ckpt.path}: row index {bad[0]} out of range for {a.source!r} "
+                    f"with {shape[0]} rows"
+                )
+        shape = (a.rows.rows(shape[0]),) + shape[1:]
+    dtype = info.dtype
+    if a.dtype is not None:
+        dtype = a.dtype
+    elif cast_to is not None and info.dtype in _CASTABLE:
+        dtype = cast_to
+    return TensorSpec(a.target, dtype, tuple(shape))
+
+
+def read_tensor(ckpt: Checkpoint, a: Assignment, spec: TensorSpec) -> torch.Tensor:
+    """The target tensor for one assignment: a view of the file where no change is needed."""
+    t = ckpt.tensor(a.source)
+    if a.rows is not None:
+        if a.rows.index is not None:
+            t = t.index_select(0, torch.tensor(a.rows.index, dtype=torch.long))
+        else:
+            t = t[a.rows.start : a.rows.stop]
+    if t.dtype != spec.dtype:
+        t = t.to(spec.dtype)
+    return t
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | None) -> list[list[TensorSpec]]:
+    """Greedy in order, as transformers shards; a tensor over the limit gets a shard of its own."""
+    if max_shard_size is None:
+        return [list(specs)]
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for s in specs:
+        if current and size + s.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(s)
+        size += s.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _hf_side_files(src: Path) -> list[Path]:
+    if not src.is_dir():
+        return []
+    return sorted(
+        p
+        for p in src.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
+        and not p.name.endswith(".index.json")
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    rules: object = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int | None = None,
+    key: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConvertReport:
+    """Write the checkpoint at ``src`` as safetensors at ``dst`` (see the module docstring)."""
+    start = time.perf_counter()
+    src_p, dst_p = Path(src), Path(dst)
+    if isinstance(dtype, str) and dtype not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {dtype!r}")
+    cast_to = DTYPE_CHOICES[dtype] if isinstance(dtype, str) else dtype
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    single_file = dst_p.name.endswith(".safetensors")
+    if dst_p.exists() and not overwrite:
+        if not (dst_p.is_dir() and not any(dst_p.iterdir())):
+            raise ValueError(f"{dst_p}: already exists (pass --overwrite to replace it)")
+    if single_file and dst_p.is_dir():
+        raise ValueError(f"{dst_p}: is a folder, not a .safetensors file")
+
+    with fastckpt.open(src_p, key=key) as ckpt:
+        plan = build_plan(ckpt, rules)
+        specs = [_spec(ckpt, a, cast_to) for a in plan.assignments]
+        by_target = {a.target: a for a in plan.assignments}
+        shards = plan_shards(specs, limit)
+        if single_file and len(shards) > 1:
+            raise ValueError(
+                f"{dst_p}: --max-shard-size splits the output into {len(shards)} shards; "
+                "give a folder as destination for sharded output"
+            )
+        metadata = {
+            "format": "pt",
+            "fastckpt_source": str(src_p.resolve()),
+            "fastckpt_version": fastckpt.__version__,
+            "fastckpt_rules_sha256": rules_digest(rules, plan),
+        }
+        if cast_to is not None:
+            metadata["fastckpt_dtype"] = str(cast_to).removeprefix("torch.")
+        if ckpt.format == "safetensors":
+            for k, v in ckpt.metadata.items():
+                metadata.setdefault(str(k), str(v))
+
+        total = sum(s.nbytes for s in specs)
+        bar = _progress_bar(progress, total)
+
+        def produce(spec: TensorSpec) -> torch.Tensor:
+            t = read_tensor(ckpt, by_target[spec.name], spec)
+            if bar is not None:
+                bar[0].advance(bar[1], spec.nbytes)
+            return t
+
+        with bar[0] if bar is not None else contextlib.nullcontext():
+            if single_file:
+                write_safetensors(dst_p, specs, produce, metadata)
+                files = [dst_p.name]
+                copied: list[Path] = []
+            else:
+                files, copied = _write_folder(src_p, dst_p, shards, produce, metadata, total)
+        source_dtypes = {a.target: ckpt.info(a.source).dtype for a in plan.assignments}
+
+    report = ConvertReport(
+        source=str(src_p),
+        destination=str(dst_p),
+        files=files,
+        tensors=len(specs),
+        total_bytes=total,
+        renamed=[(a.source, a.target) for a in plan.assignments if a.source != a.target],
+        sliced=[a.target for a in plan.assignments if a.rows is not None],
+        cast=[s.name for s in specs if s.dtype != source_dtypes[s.name]],
+        ignored=list(plan.ignored_sources),
+        copied=[p.name for p in copied],
+    )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        "converting",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    return bar, bar.add_task("convert", total=total)
+
+
+def _write_folder(
+    src: Path,
+    dst: Path,
+    shards: list[list[TensorSpec]],
+    produce,
+    metadata: dict[str, str],
+    total: int,
+) -> tuple[list[str], list[Path]]:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        files: list[str] = []
+        weight_map: dict[str, str] = {}
+        n = len(shards)
+        for i, shard in enumerate(shards):
+            name = SINGLE_FILE if n == 1 else shard_name(i, n)
+            write_safetensors(tmp / name, shard, produce, metadata)
+            files.append(name)
+            weight_map.update((s.name, name) for s in shard)
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with atomic_write(tmp / INDEX_FILE) as f:
+                f.write(json.dumps(index, indent=2).encode() + b"\n")
+            files.append(INDEX_FILE)
+        copied = _hf_side_files(src)
+        for p in copied:
+            shutil.copy2(p, tmp / p.name)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files, copied
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder to ``dst``; an existing ``dst`` is moved aside first."""
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)  # an empty folder at dst is replaced by rename(2)
+    _fsync_dir(dst.parent)

@@ -1,0 +1,192 @@
+"""The benchmark harness: workloads, layouts, eviction, summaries, the worker protocol."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastckpt.bench import (
+    ContenderResult,
+    TargetResult,
+    _summarize,
+    contenders_for,
+    evict,
+    read_layout,
+    resident_bytes,
+    warm,
+)
+from fastckpt.bench.worker import FlatModel, serve
+from fastckpt.bench.workloads import SIZES, bert_layout, ensure_files, many_small_layout
+from tests.conftest import assert_same_bytes
+
+
+def test_full_workloads_have_the_promised_shapes():
+    bert, small = SIZES["full"]
+    assert len(bert.layout) == 5 + 24 * 16 + 2
+    assert 1.35e9 < bert.nbytes < 1.45e9
+    assert len(small.layout) == 30_720
+    assert all(shape == (64, 32) for _, shape in small.layout)
+    assert small.nbytes == 30_720 * 64 * 32 * 4
+    assert sum(w.nbytes for w in SIZES["small"]) < 50e6
+
+
+def test_bert_layout_matches_transformers_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=20,
+    )
+    expected = {
+        k: tuple(v.shape)
+        for k, v in BertModel(config).state_dict().items()
+        if not k.endswith("position_ids") and "token_type_ids" not in k
+    }
+    assert dict(bert_layout(2, 16, 50, 24, positions=20)) == expected
+
+
+def test_many_small_names():
+    layout = many_small_layout(2, 2)
+    assert [n for n, _ in layout[:4]] == [
+        "layers.0.experts.0.w1.weight",
+        "layers.0.experts.0.w2.weight",
+        "layers.0.experts.0.w3.weight",
+        "layers.0.experts.1.w1.weight",
+    ]
+
+
+def test_ensure_files_writes_both_formats_once(tmp_path):
+    workload = SIZES["small"][1]
+    files = ensure_files(workload, tmp_path, "small")
+    st = load_file(str(files["safetensors"]))
+    pt = torch.load(files["torch"], weights_only=True)
+    assert list(st) == [n for n, _ in workload.layout] or set(st) == {n for n, _ in workload.layout}
+    for k in st:
+        assert_same_bytes(st[k], pt[k])
+    stamps = {p: p.stat().st_mtime_ns for p in files.values()}
+    assert ensure_files(workload, tmp_path, "small") == files
+    assert {p: p.stat().st_mtime_ns for p in files.values()} == stamps
+
+
+def test_read_layout_safetensors_and_nested_torch(tmp_path):
+    st = tmp_path / "a.safetensors"
+    save_file({"w": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}, str(st))
+    info = read_layout(st)
+    assert info["format"] == "safetensors" and info["prefix"] == []
+    assert sorted(info["layout"]) == [("b", [3], "bfloat16"), ("w", [2, 3], "float32")]
+    pt = tmp_path / "a.pt"
+    torch.save({"model": {"w": torch.zeros(2, 3)}, "optimizer": {"state": {0: torch.ones(1)}}}, pt)
+    info = read_layout(pt)
+    assert info["format"] == "torch" and info["prefix"] == ["model"]
+    assert info["layout"] == [("w", [2, 3], "float32")]
+
+
+def test_contenders_by_format_and_mode():
+    names, _ = contenders_for("torch", "cpu", cold=True)
+    assert names == [
+        "fastckpt",
+        "torch.load(mmap)+load_state_dict",
+        "ceiling:memcpy",
+        "ceiling:read",
+    ]
+    names, notes = contenders_for("safetensors", "cuda", cold=False)
+    assert names[:3] == ["fastckpt", "safetensors.load_file+load_state_dict", "safe_open+copy_"]
+    assert names[-1] == "ceiling:h2d"
+    for n in notes:
+        assert n.endswith("not installed, not run")
+
+
+def test_summary_ratios():
+    t = TargetResult("w", "safetensors", "p", ["p"], nbytes=2_000_000_000, tensors=1)
+    t.results = [
+        ContenderResult("fastckpt", times=[1.0, 1.2, 0.8]),
+        ContenderResult("safe_open+copy_", times=[3.0, 3.0, 3.0]),
+        ContenderResult("ceiling:memcpy", times=[0.5, 0.5, 0.5]),
+        ContenderResult("ceiling:read", times=[0.9, 0.9, 0.9]),
+        ContenderResult("fastsafetensors", status="skipped", note="x"),
+    ]
+    _summarize(t)
+    ours, peer, _, read, skipped = t.results
+    assert t.ceiling == "ceiling:read"  # the slowest ceiling bounds the load
+    assert ours.median == 1.0 and ours.gbps == pytest.approx(2.0)
+    assert ours.spread == pytest.approx(0.4)
+    assert ours.x_ceiling == pytest.approx(0.9)
+    assert peer.x_fastckpt == pytest.approx(3.0)
+    assert read.x_fastckpt is None and skipped.median is None
+
+
+def test_evict_leaves_the_file_out_of_the_page_cache(tmp_path):
+    f = tmp_path / "blob"
+    f.write_bytes(b"\1" * (8 << 20))
+    warm([str(f)])
+    before = resident_bytes([str(f)])
+    if before is None:
+        pytest.skip("fincore is not installed")
+    assert before == 8 << 20
+    evict([str(f)])
+    assert resident_bytes([str(f)]) == 0
+
+
+def test_flat_model_has_the_checkpoint_names():
+    layout = [
+        ("a.b.weight", (2, 3), torch.float32),
+        ("a.c", (4,), torch.int64),
+        ("top", (), torch.bfloat16),
+    ]
+    model = FlatModel(layout)
+    model.materialize("cpu")
+    assert {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()} == {
+        n: (s, d) for n, s, d in layout
+    }
+    model.release()
+    assert all(p.numel() == 0 for p in model.parameters())
+
+
+def test_worker_protocol(tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    save_file({"x.weight": torch.randn(4, 4)}, str(path))
+    spec = {
+        "contender": "safe_open+copy_",
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": 64,
+        "prefix": [],
+        "layout": [("x.weight", [4, 4], "float32")],
+    }
+    commands = "".join(json.dumps({"cmd": c}) + "\n" for c in ("prepare", "go", "quit", "go"))
+    serve(spec, io.StringIO(commands))
+    replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert replies[0] == {"ready": True}
+    assert replies[1]["verified"] is True and replies[1]["seconds"] > 0
+    assert len(replies) == 2  # nothing after quit
+
+
+def test_worker_reports_a_missing_contender_as_skipped(tmp_path, capsys, monkeypatch):
+    import fastckpt
+
+    monkeypatch.delattr(fastckpt, "load_into", raising=False)
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.randn(2)}, str(path))
+    spec = {
+        "contender": "fastckpt",
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": 8,
+        "prefix": [],
+        "layout": [("x", [2], "float32")],
+    }
+    serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n'))
+    replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert replies[1] == {
+        "skipped": "AttributeError: module 'fastckpt' has no attribute 'load_into'"
+    }
