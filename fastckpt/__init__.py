@@ -2,11 +2,17 @@
 
 from fastckpt.checkpoint import Checkpoint, TensorInfo, open
 from fastckpt.errors import CheckpointError, LimitError
+from fastckpt.load import StrictLoadError, UninitializedWarning, load_into
+from fastckpt.report import LoadReport
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
     "LimitError",
+    "LoadReport",
+    "StrictLoadError",
+    "UninitializedWarning",
+    "load_into",
     "TensorInfo",
     "open",
 ]
