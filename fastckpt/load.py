@@ -213,8 +213,9 @@ def load_into(
         per_target[a.target] = a
         used_sources.add(a.source)
     for target in groups:
-        # Tied names: the first name (state_dict order) that has a source is written.
-        for n in target.names:
+        # Tied names: the last name (state_dict order) with a source is written, so the
+        # result equals load_state_dict's, which copies each name in turn.
+        for n in reversed(target.names):
             if n in per_target:
                 target.assignment, target.via_name = per_target[n], n
                 break

@@ -96,9 +96,8 @@ def prefix_and_rename_candidates(sources: Shapes, targets: Shapes) -> Iterable[C
     renames = {a: b for a, b in SEGMENT_RENAMES.items() if a in last_segments}
     for strip in strips:
         for add in adds:
-            if strip == add:
-                continue
-            yield _prefix_candidate(strip, add, {})
+            if strip != add:
+                yield _prefix_candidate(strip, add, {})
             if renames:
                 yield _prefix_candidate(strip, add, renames)
 
