@@ -132,7 +132,7 @@ def suggest_rules(source_shapes: Shapes, target_shapes: Shapes) -> Suggestion:
             if score > best_score:
                 best, best_score, best_used = c, score, used
     ignores = _ignore_lines(sources, best_used, targets)
-    if best is identity and not ignores:
+    if best_score == 0 or (best is identity and not ignores):
         return Suggestion(total=len(targets))
     rules = [line for line, _ in ignores] + list(best.rules)
     lines = [f"{best.description}: matches {best_score}/{len(targets)} keys"] if best.rules else []
