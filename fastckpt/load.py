@@ -14,9 +14,9 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,9 +24,9 @@ from torch import nn
 from fastckpt import _core
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.checkpoint import open as open_checkpoint
-from fastckpt.dtypes import short_name, to_name
+from fastckpt.dtypes import short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, MappingPlan, plain_plan
+from fastckpt.mapping import MappingPlan, RowSelection
 from fastckpt.report import LoadReport, Mismatch, format_groups
 from fastckpt.suggest import suggest_rules
 
@@ -52,15 +52,28 @@ class UninitializedWarning(UserWarning):
 UninitializedWarning.__module__ = "fastckpt"
 
 
+class _Pick(NamedTuple):
+    """Where one model tensor comes from (an Assignment without its target)."""
+
+    source: str
+    rule: str | None
+    rows: RowSelection | None
+    dtype: torch.dtype | None
+
+
 @dataclass
 class _Target:
     """One tensor of the model, possibly under several names (tied)."""
 
     names: list[str]  # state_dict names, first is the one written through
     tensor: torch.Tensor
-    owners: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, attr, is_param)
-    assignment: Assignment | None = None
+    assignment: _Pick | None = None
     via_name: str | None = None  # the name whose assignment is used
+
+
+# Read same-dtype dense copies through the mapping instead of pread. Only the
+# benchmark flips it, to measure the two (see bench/RESULTS_load.md).
+_READ_THROUGH_MAPPING = False
 
 
 def _default_threads() -> int:
@@ -82,23 +95,28 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 
 def _targets(model: nn.Module) -> tuple[dict[str, _Target], list[_Target]]:
     """state_dict names -> targets; tied names (one tensor object) share a target."""
-    owners = _owners(model)
     by_name: dict[str, _Target] = {}
     by_id: dict[int, _Target] = {}
-    groups: list[_Target] = []
     for name, value in model.state_dict(keep_vars=True).items():
         if not isinstance(value, torch.Tensor):
             continue
         target = by_id.get(id(value))
         if target is None:
-            target = _Target([], value)
-            by_id[id(value)] = target
-            groups.append(target)
-        target.names.append(name)
-        if name in owners:
-            target.owners.append(owners[name])
+            target = by_id[id(value)] = _Target([name], value)
+        else:
+            target.names.append(name)
         by_name[name] = target
-    return by_name, groups
+    return by_name, list(by_id.values())
+
+
+def _source_table(ckpt: Checkpoint) -> dict[str, tuple[Any, int, str, tuple[int, ...]]]:
+    """checkpoint name -> (file index, tensor index, dtype name, shape), read in one batch per file."""
+    infos = [index.tensor_infos() for index in ckpt._indexes]
+    out = {}
+    for name, (fi, ti) in ckpt._entries.items():
+        info = infos[fi][ti]
+        out[name] = (ckpt._indexes[fi], ti, info[1], info[2])
+    return out
 
 
 def _resolve_rules(rules: Any) -> Any:
@@ -190,28 +208,33 @@ def load_into(
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
     want = torch.device(device) if device is not None else None
     by_name, groups = _targets(model)
-    source_keys = ckpt.keys()
+    sources = _source_table(ckpt)
     rules_obj = _resolve_rules(rules)
-    plan: MappingPlan = (
-        rules_obj.plan(source_keys, list(by_name)) if rules_obj is not None
-        else plain_plan(source_keys, list(by_name))
-    )
-
-    report = LoadReport(unused_rules=list(plan.unused_rules))
-    report.ignored = list(plan.ignored_sources) + list(plan.ignored_targets)
-    used_sources: set[str] = set()
-    per_target: dict[str, Assignment] = {}
-    for a in plan.assignments:
-        if a.target not in by_name:
-            raise CheckpointError(f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
-                                  "which the model does not have")
-        if a.source not in ckpt:
-            raise CheckpointError(f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks")
-        if a.target in per_target:
-            raise CheckpointError(f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
-                                  f"{per_target[a.target].source!r} and {a.source!r}")
-        per_target[a.target] = a
-        used_sources.add(a.source)
+    report = LoadReport()
+    ignored_sources: set[str] = set()
+    ignored_targets: set[str] = set()
+    per_target: dict[str, _Pick] = {}
+    if rules_obj is None:
+        # Exact names: the same result as mapping.plain_plan, without an object per tensor.
+        per_target = {n: _Pick(n, None, None, None) for n in by_name if n in sources}
+        used_sources = set(per_target)
+    else:
+        plan: MappingPlan = rules_obj.plan(list(sources), list(by_name))
+        report.unused_rules = list(plan.unused_rules)
+        report.ignored = list(plan.ignored_sources) + list(plan.ignored_targets)
+        ignored_sources, ignored_targets = set(plan.ignored_sources), set(plan.ignored_targets)
+        used_sources = set()
+        for a in plan.assignments:
+            if a.target not in by_name:
+                raise CheckpointError(f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
+                                      "which the model does not have")
+            if a.source not in sources:
+                raise CheckpointError(f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks")
+            if a.target in per_target:
+                raise CheckpointError(f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
+                                      f"{per_target[a.target].source!r} and {a.source!r}")
+            per_target[a.target] = _Pick(a.source, a.rule, a.rows, a.dtype)
+            used_sources.add(a.source)
     for target in groups:
         # Tied names: the last name (state_dict order) with a source is written, so the
         # result equals load_state_dict's, which copies each name in turn.
@@ -220,28 +243,23 @@ def load_into(
                 target.assignment, target.via_name = per_target[n], n
                 break
 
-    ignored_targets = set(plan.ignored_targets)
-    source_shapes = {k: ckpt.info(k).shape for k in source_keys}
     loadable: list[_Target] = []
     for target in groups:
         a = target.assignment
         if a is None:
             report.missing += [n for n in target.names if n not in ignored_targets]
             continue
-        info = ckpt.info(a.source)
-        shape = info.shape
+        src_shape = shape = sources[a.source][3]
         if a.rows is not None and shape:
             shape = (a.rows.rows(shape[0]), *shape[1:])
         if shape != tuple(target.tensor.shape):
-            report.mismatched.append(Mismatch(a.target, info.shape, tuple(target.tensor.shape)))
+            report.mismatched.append(Mismatch(target.via_name, src_shape, tuple(target.tensor.shape)))
             continue
         loadable.append(target)
-    report.unexpected = [
-        k for k in source_keys if k not in used_sources and k not in set(plan.ignored_sources)
-    ]
+    report.unexpected = [k for k in sources if k not in used_sources and k not in ignored_sources]
 
     if strict and (report.missing or report.unexpected or report.mismatched):
-        sug = suggest_rules(source_shapes, {n: tuple(t.tensor.shape) for n, t in by_name.items()})
+        sug = suggest_rules({k: v[3] for k, v in sources.items()}, {n: tuple(t.tensor.shape) for n, t in by_name.items()})
         raise StrictLoadError(_strict_message(str(ckpt.path), report, sug.lines, sug.rules_text), report)
 
     # Destinations: the model's own memory, or fresh tensors for meta / other-device targets.
@@ -264,26 +282,26 @@ def load_into(
         if any(s == 0 and d > 1 for s, d in zip(t.stride(), t.shape)):
             raise CheckpointError(f"{target.via_name!r} has overlapping memory (an expanded "
                                   "tensor); it cannot be loaded into")
-        fi, ti = ckpt._locate(a.source)
+        index, ti, src_dtype_name, src_shape = sources[a.source]
         rows: Any = None
         if a.rows is not None:
             if a.rows.index is not None:
                 rows = list(a.rows.index)
             else:
-                rows = (a.rows.start, a.rows.rows(ckpt.info(a.source).shape[0]))
+                rows = (a.rows.start, a.rows.rows(src_shape[0]))
         via = to_name(a.dtype) if a.dtype is not None else None
         on_device = t.device.type == "cuda"
         dev_key = ("cuda", t.device.index or 0) if on_device else ("cpu", 0)
         label = f"{a.source!r} -> {target.via_name!r}"
         jobs.setdefault(dev_key, []).append(
-            (ckpt._indexes[fi], ti, rows, via, t.data_ptr(), to_name(t.dtype), tuple(t.shape),
+            (index, ti, rows, via, t.data_ptr(), to_name(t.dtype), tuple(t.shape),
              tuple(t.stride()), on_device, label)
         )
-        src_dtype = ckpt.info(a.source).dtype
+        src_dtype = to_torch(src_dtype_name)
         report.loaded.append(target.via_name)
         report.tied += [(n, target.via_name) for n in target.names if n != target.via_name]
-        if a.source != a.target:
-            report.renamed.append((a.source, a.target))
+        if a.source != target.via_name:
+            report.renamed.append((a.source, target.via_name))
         if a.rows is not None:
             report.sliced.append(target.via_name)
         if src_dtype != t.dtype:
@@ -301,19 +319,21 @@ def load_into(
             torch.cuda.synchronize(index)  # memory torch just handed out may still be in use
             built.append(_core.CopyJob(specs, n_threads, max_host_bytes, "cuda", _find_cudart(), index))
         else:
-            built.append(_core.CopyJob(specs, n_threads, max_host_bytes))
+            built.append(_core.CopyJob(specs, n_threads, max_host_bytes,
+                                       read_through_mapping=_READ_THROUGH_MAPPING))
     # Everything is checked: from here on the model is written.
     for job in built:
         report.bytes += job.total_bytes
     _run_jobs(built, progress, str(ckpt.path))
 
+    owners = _owners(model) if want is not None else {}
     for target, t in fresh:
-        _assign(target, t)
+        _assign(target, t, owners)
     if want is not None:
         for target in groups:
             old = target.tensor
             if target.assignment is None and not old.is_meta and not _same_device(old.device, want):
-                _assign(target, old.detach().to(want))
+                _assign(target, old.detach().to(want), owners)
 
     report.seconds = time.perf_counter() - started
     uninitialised = report.missing + [m.name for m in report.mismatched]
@@ -328,7 +348,7 @@ def load_into(
     return report
 
 
-def _assign(target: _Target, tensor: torch.Tensor) -> None:
+def _assign(target: _Target, tensor: torch.Tensor, owners: dict[str, tuple[nn.Module, str, bool]]) -> None:
     """Put a new tensor under every name of a (possibly tied) target, like assign=True."""
     old = target.tensor
     value: torch.Tensor
@@ -336,7 +356,8 @@ def _assign(target: _Target, tensor: torch.Tensor) -> None:
         value = nn.Parameter(tensor, requires_grad=old.requires_grad)
     else:
         value = tensor
-    for module, attr, is_param in target.owners:
+    for name in target.names:
+        module, attr, is_param = owners[name]
         if is_param:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
