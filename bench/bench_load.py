@@ -125,8 +125,12 @@ def drop_cache(path: Path) -> None:
 def resident_fraction(path: Path) -> float | None:
     if shutil.which("fincore") is None:
         return None
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=False).stdout.strip()
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     try:
         return int(out) / path.stat().st_size
     except ValueError:
@@ -206,8 +210,20 @@ def spawn(name: str, workload: str, st: Path, pt: Path, cold: bool, max_host_byt
         res = {str(p.name): resident_fraction(p) for p in (st, pt)}
     else:
         res = None
-    cmd = [sys.executable, str(HERE), "--child", name, "--workload", workload, "--st", str(st),
-           "--pt", str(pt), "--max-host-bytes", str(max_host_bytes)]
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "--child",
+        name,
+        "--workload",
+        workload,
+        "--st",
+        str(st),
+        "--pt",
+        str(pt),
+        "--max-host-bytes",
+        str(max_host_bytes),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     r["resident_before"] = res
@@ -227,14 +243,25 @@ def main() -> None:
     ap.add_argument("--pt")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_contender(args.child, args.workload, Path(args.st), Path(args.pt),
-                                       args.max_host_bytes)))
+        print(
+            json.dumps(
+                run_contender(
+                    args.child, args.workload, Path(args.st), Path(args.pt), args.max_host_bytes
+                )
+            )
+        )
         return
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     plans = {
         "bert_large": {
-            "warm": ["fastckpt", "fastckpt_mmap", "memcpy", "torch_load_mmap", "safetensors_load_file"],
+            "warm": [
+                "fastckpt",
+                "fastckpt_mmap",
+                "memcpy",
+                "torch_load_mmap",
+                "safetensors_load_file",
+            ],
             "cold": ["fastckpt", "fastckpt_mmap", "sequential_read", "torch_load_mmap"],
         },
         "small_30720": {
@@ -255,7 +282,9 @@ def main() -> None:
                 for rep in range(args.repeat):
                     for name in names:  # interleaved: noise hits every contender alike
                         r = spawn(name, workload, st, pt, cache == "cold", args.max_host_bytes)
-                        results.setdefault(workload, {}).setdefault(cache, {}).setdefault(name, []).append(r)
+                        results.setdefault(workload, {}).setdefault(cache, {}).setdefault(
+                            name, []
+                        ).append(r)
                         print(workload, cache, rep, name, json.dumps(r), flush=True)
     finally:
         if not args.keep:

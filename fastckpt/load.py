@@ -110,7 +110,7 @@ def _targets(model: nn.Module) -> tuple[dict[str, _Target], list[_Target]]:
 
 
 def _source_table(ckpt: Checkpoint) -> dict[str, tuple[Any, int, str, tuple[int, ...]]]:
-    """checkpoint name -> (file index, tensor index, dtype name, shape), read in one batch per file."""
+    """checkpoint name -> (file index, tensor index, dtype name, shape); one batch per file."""
     infos = [index.tensor_infos() for index in ckpt._indexes]
     out = {}
     for name, (fi, ti) in ckpt._entries.items():
@@ -151,7 +151,9 @@ def _find_cudart() -> str:
     return found
 
 
-def _strict_message(path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str) -> str:
+def _strict_message(
+    path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
+) -> str:
     lines = [
         f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
         f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
@@ -164,7 +166,9 @@ def _strict_message(path: str, report: LoadReport, suggestion_lines: list[str], 
         lines.append(f"  unexpected in the checkpoint ({len(report.unexpected)}):")
         lines += format_groups(report.unexpected)
     if report.mismatched:
-        lines.append(f"  shape mismatches ({len(report.mismatched)}): model name, checkpoint, model")
+        lines.append(
+            f"  shape mismatches ({len(report.mismatched)}): model name, checkpoint, model"
+        )
         width = max(len(m.name) for m in report.mismatched[:10])
         for m in report.mismatched[:10]:
             lines.append(f"    {m.name:<{width}}  {list(m.source_shape)} vs {list(m.target_shape)}")
@@ -173,7 +177,9 @@ def _strict_message(path: str, report: LoadReport, suggestion_lines: list[str], 
     if rules_text:
         lines.append("  suggested rules (" + "; ".join(suggestion_lines) + "):")
         lines += ["    " + r for r in rules_text.splitlines()]
-        lines.append("  pass them as load_into(..., rules=...), or strict=False to load what matches")
+        lines.append(
+            "  pass them as load_into(..., rules=...), or strict=False to load what matches"
+        )
     else:
         lines.append("  pass rules=... to rename, or strict=False to load what matches")
     return "\n".join(lines)
@@ -226,13 +232,19 @@ def load_into(
         used_sources = set()
         for a in plan.assignments:
             if a.target not in by_name:
-                raise CheckpointError(f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
-                                      "which the model does not have")
+                raise CheckpointError(
+                    f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
+                    "which the model does not have"
+                )
             if a.source not in sources:
-                raise CheckpointError(f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks")
+                raise CheckpointError(
+                    f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks"
+                )
             if a.target in per_target:
-                raise CheckpointError(f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
-                                      f"{per_target[a.target].source!r} and {a.source!r}")
+                raise CheckpointError(
+                    f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
+                    f"{per_target[a.target].source!r} and {a.source!r}"
+                )
             per_target[a.target] = _Pick(a.source, a.rule, a.rows, a.dtype)
             used_sources.add(a.source)
     for target in groups:
@@ -253,14 +265,21 @@ def load_into(
         if a.rows is not None and shape:
             shape = (a.rows.rows(shape[0]), *shape[1:])
         if shape != tuple(target.tensor.shape):
-            report.mismatched.append(Mismatch(target.via_name, src_shape, tuple(target.tensor.shape)))
+            report.mismatched.append(
+                Mismatch(target.via_name, src_shape, tuple(target.tensor.shape))
+            )
             continue
         loadable.append(target)
     report.unexpected = [k for k in sources if k not in used_sources and k not in ignored_sources]
 
     if strict and (report.missing or report.unexpected or report.mismatched):
-        sug = suggest_rules({k: v[3] for k, v in sources.items()}, {n: tuple(t.tensor.shape) for n, t in by_name.items()})
-        raise StrictLoadError(_strict_message(str(ckpt.path), report, sug.lines, sug.rules_text), report)
+        sug = suggest_rules(
+            {k: v[3] for k, v in sources.items()},
+            {n: tuple(t.tensor.shape) for n, t in by_name.items()},
+        )
+        raise StrictLoadError(
+            _strict_message(str(ckpt.path), report, sug.lines, sug.rules_text), report
+        )
 
     # Destinations: the model's own memory, or fresh tensors for meta / other-device targets.
     jobs: dict[tuple[str, int], list[tuple]] = {}
@@ -271,17 +290,22 @@ def load_into(
         t = target.tensor.detach()
         if t.is_meta or (want is not None and not _same_device(t.device, want)):
             if want is None:
-                raise CheckpointError(f"{target.via_name!r} is on the meta device: pass device= "
-                                      "to say where to allocate it")
+                raise CheckpointError(
+                    f"{target.via_name!r} is on the meta device: pass device= "
+                    "to say where to allocate it"
+                )
             new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
             t = torch.empty(t.shape, dtype=new_dtype, device=want)
             fresh.append((target, t))
         if t.device.type not in ("cpu", "cuda"):
-            raise CheckpointError(f"{target.via_name!r} is on {t.device}; fastckpt loads into CPU "
-                                  "and CUDA tensors")
-        if any(s == 0 and d > 1 for s, d in zip(t.stride(), t.shape)):
-            raise CheckpointError(f"{target.via_name!r} has overlapping memory (an expanded "
-                                  "tensor); it cannot be loaded into")
+            raise CheckpointError(
+                f"{target.via_name!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
+            )
+        if any(s == 0 and d > 1 for s, d in zip(t.stride(), t.shape, strict=True)):
+            raise CheckpointError(
+                f"{target.via_name!r} has overlapping memory (an expanded "
+                "tensor); it cannot be loaded into"
+            )
         index, ti, src_dtype_name, src_shape = sources[a.source]
         rows: Any = None
         if a.rows is not None:
@@ -294,8 +318,18 @@ def load_into(
         dev_key = ("cuda", t.device.index or 0) if on_device else ("cpu", 0)
         label = f"{a.source!r} -> {target.via_name!r}"
         jobs.setdefault(dev_key, []).append(
-            (index, ti, rows, via, t.data_ptr(), to_name(t.dtype), tuple(t.shape),
-             tuple(t.stride()), on_device, label)
+            (
+                index,
+                ti,
+                rows,
+                via,
+                t.data_ptr(),
+                to_name(t.dtype),
+                tuple(t.shape),
+                tuple(t.stride()),
+                on_device,
+                label,
+            )
         )
         src_dtype = to_torch(src_dtype_name)
         report.loaded.append(target.via_name)
@@ -317,10 +351,15 @@ def load_into(
     for (kind, index), specs in jobs.items():
         if kind == "cuda":
             torch.cuda.synchronize(index)  # memory torch just handed out may still be in use
-            built.append(_core.CopyJob(specs, n_threads, max_host_bytes, "cuda", _find_cudart(), index))
+            built.append(
+                _core.CopyJob(specs, n_threads, max_host_bytes, "cuda", _find_cudart(), index)
+            )
         else:
-            built.append(_core.CopyJob(specs, n_threads, max_host_bytes,
-                                       read_through_mapping=_READ_THROUGH_MAPPING))
+            built.append(
+                _core.CopyJob(
+                    specs, n_threads, max_host_bytes, read_through_mapping=_READ_THROUGH_MAPPING
+                )
+            )
     # Everything is checked: from here on the model is written.
     for job in built:
         report.bytes += job.total_bytes
@@ -341,14 +380,17 @@ def load_into(
         warnings.warn(
             UninitializedWarning(
                 f"{ckpt.path}: {len(uninitialised)} tensors of the model were not loaded and keep "
-                "their previous (possibly random) values:\n" + "\n".join(format_groups(uninitialised))
+                "their previous (possibly random) values:\n"
+                + "\n".join(format_groups(uninitialised))
             ),
             stacklevel=2,
         )
     return report
 
 
-def _assign(target: _Target, tensor: torch.Tensor, owners: dict[str, tuple[nn.Module, str, bool]]) -> None:
+def _assign(
+    target: _Target, tensor: torch.Tensor, owners: dict[str, tuple[nn.Module, str, bool]]
+) -> None:
     """Put a new tensor under every name of a (possibly tied) target, like assign=True."""
     old = target.tensor
     value: torch.Tensor
@@ -374,7 +416,9 @@ def _run_jobs(jobs: list[Any], progress: bool, label: str) -> None:
 
     total = sum(j.total_bytes for j in jobs)
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
         TransferSpeedColumn(),
     ) as bar:
         task = bar.add_task(f"loading {Path(label).name}", total=total)

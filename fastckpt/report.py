@@ -27,7 +27,9 @@ class LoadReport:
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint name, model name)
     sliced: list[str] = field(default_factory=list)  # model names filled from selected rows
     cast: list[tuple[str, str, str]] = field(default_factory=list)  # (model name, from, to)
-    tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name it was written through)
+    tied: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (alias, name it was written through)
     missing: list[str] = field(default_factory=list)  # model names the checkpoint did not fill
     unexpected: list[str] = field(default_factory=list)  # checkpoint names nothing used
     mismatched: list[Mismatch] = field(default_factory=list)
@@ -53,7 +55,11 @@ class LoadReport:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mismatched"] = [
-            {"name": m.name, "source_shape": list(m.source_shape), "target_shape": list(m.target_shape)}
+            {
+                "name": m.name,
+                "source_shape": list(m.source_shape),
+                "target_shape": list(m.target_shape),
+            }
             for m in self.mismatched
         ]
         d["renamed"] = [list(p) for p in self.renamed]
@@ -78,7 +84,13 @@ class LoadReport:
             ("tied", [f"{a} = {b}" for a, b in self.tied]),
             ("missing", self.missing),
             ("unexpected", self.unexpected),
-            ("mismatched", [f"{m.name} {list(m.source_shape)} vs {list(m.target_shape)}" for m in self.mismatched]),
+            (
+                "mismatched",
+                [
+                    f"{m.name} {list(m.source_shape)} vs {list(m.target_shape)}"
+                    for m in self.mismatched
+                ],
+            ),
             ("ignored", self.ignored),
             ("unused rules", self.unused_rules),
         ]
@@ -112,7 +124,9 @@ def _group_at(split: list[list[str]], depth: int) -> list[tuple[str, int]]:
     groups: dict[tuple[str, ...], tuple[list[set[int]], int]] = {}
     for parts in split:
         head = parts[:depth]
-        key = tuple("#" if p.isdigit() else p for p in head) + (("**",) if len(parts) > depth else ())
+        key = tuple("#" if p.isdigit() else p for p in head) + (
+            ("**",) if len(parts) > depth else ()
+        )
         numbers, count = groups.get(key, ([set() for _ in head], 0))
         for i, p in enumerate(head):
             if p.isdigit():

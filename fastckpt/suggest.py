@@ -90,7 +90,9 @@ def _prefix_candidate(strip: str, add: str, renames: Mapping[str, str]) -> Candi
 def prefix_and_rename_candidates(sources: Shapes, targets: Shapes) -> Iterable[Candidate]:
     unexpected = [s for s in sources if s not in targets]
     missing = [t for t in targets if t not in sources]
-    strips = [""] + [p for p in _common_prefixes(unexpected) if any(s.startswith(p) for s in unexpected)]
+    strips = [""] + [
+        p for p in _common_prefixes(unexpected) if any(s.startswith(p) for s in unexpected)
+    ]
     adds = [""] + _common_prefixes(missing)
     last_segments = {s.rpartition(".")[2] for s in unexpected}
     renames = {a: b for a, b in SEGMENT_RENAMES.items() if a in last_segments}

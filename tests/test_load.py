@@ -55,8 +55,14 @@ def tiny_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=37, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     return BertModel(cfg)
 
 
@@ -64,8 +70,14 @@ def tiny_roberta_mlm():
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64)
+    cfg = RobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     return RobertaForMaskedLM(cfg)
 
 
@@ -124,8 +136,9 @@ def test_tied_alias_alone_fills_the_tensor(tmp_path):
     save_file(state, str(path))
     report = fastckpt.load_into(model, path)
     assert report.missing == []
-    assert_same_bytes(model.roberta.embeddings.word_embeddings.weight.detach(),
-                      state["lm_head.decoder.weight"])
+    assert_same_bytes(
+        model.roberta.embeddings.word_embeddings.weight.detach(), state["lm_head.decoder.weight"]
+    )
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -148,17 +161,40 @@ def test_sharded_checkpoint(tmp_path):
 def special_values(dtype: torch.dtype) -> torch.Tensor:
     """Random values plus NaN, infinities, signed zeros, subnormals, overflow and rounding ties."""
     g = torch.Generator().manual_seed(7)
-    rand = torch.randn(4096, generator=g, dtype=torch.float64) * torch.logspace(-12, 6, 4096, dtype=torch.float64)
-    f32_bits = torch.tensor(
-        [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001,  # bf16 ties and near-ties
-         0x3F801000, 0x3F803000, 0x3F800FFF,  # fp16 ties around 1.0
-         0x00000001, 0x00400000, 0x807FFFFF,  # fp32 subnormals
-         0x33800000, 0x33C00000, 0x38800000, 0x387FC000, 0x387FE000,  # fp16 subnormal range
-         0x477FEFFF, 0x477FF000, 0x47800000, 0x7F7FFFFF],  # fp16 overflow edge, fp32 max
-        dtype=torch.int64,
-    ).to(torch.int32).view(torch.float32)
-    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, 65504.0, 65520.0, 1e-45, 3.0e38],
-                            dtype=torch.float64)
+    rand = torch.randn(4096, generator=g, dtype=torch.float64) * torch.logspace(
+        -12, 6, 4096, dtype=torch.float64
+    )
+    f32_bits = (
+        torch.tensor(
+            [
+                0x3F808000,
+                0x3F818000,
+                0x3F807FFF,
+                0x3F808001,  # bf16 ties and near-ties
+                0x3F801000,
+                0x3F803000,
+                0x3F800FFF,  # fp16 ties around 1.0
+                0x00000001,
+                0x00400000,
+                0x807FFFFF,  # fp32 subnormals
+                0x33800000,
+                0x33C00000,
+                0x38800000,
+                0x387FC000,
+                0x387FE000,  # fp16 subnormal range
+                0x477FEFFF,
+                0x477FF000,
+                0x47800000,
+                0x7F7FFFFF,
+            ],  # fp16 overflow edge, fp32 max
+            dtype=torch.int64,
+        )
+        .to(torch.int32)
+        .view(torch.float32)
+    )
+    specials = torch.tensor(
+        [0.0, -0.0, math.inf, -math.inf, 65504.0, 65520.0, 1e-45, 3.0e38], dtype=torch.float64
+    )
     values = torch.cat([rand, f32_bits.double(), specials])
     return values.to(dtype)
 
@@ -169,8 +205,13 @@ FLOAT_PAIRS = [
     for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     if s != d
 ]
-INT_PAIRS = [(torch.int8, torch.int64), (torch.int16, torch.int32), (torch.int32, torch.int64),
-             (torch.uint8, torch.int64), (torch.uint8, torch.int16)]
+INT_PAIRS = [
+    (torch.int8, torch.int64),
+    (torch.int16, torch.int32),
+    (torch.int32, torch.int64),
+    (torch.uint8, torch.int64),
+    (torch.uint8, torch.int16),
+]
 
 
 class OneTensor(nn.Module):
@@ -198,11 +239,24 @@ def test_float_casts_match_torch_bit_for_bit(tmp_path, src, dst):
     assert_same_bytes(got[~nan], expected[~nan])
 
 
-@pytest.mark.parametrize("src,dst", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
-                                     (torch.float64, torch.bfloat16)], ids=lambda d: _name(d))
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.bfloat16),
+    ],
+    ids=lambda d: _name(d),
+)
 def test_nan_stays_nan(tmp_path, src, dst):
-    nans = torch.tensor([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0x7FA00000],
-                        dtype=torch.int64).to(torch.int32).view(torch.float32).to(src)
+    nans = (
+        torch.tensor(
+            [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0x7FA00000], dtype=torch.int64
+        )
+        .to(torch.int32)
+        .view(torch.float32)
+        .to(src)
+    )
     save_file({"x": nans}, str(tmp_path / "n.safetensors"))
     model = OneTensor(nans.shape, dst)
     fastckpt.load_into(model, tmp_path / "n.safetensors")
@@ -212,8 +266,12 @@ def test_nan_stays_nan(tmp_path, src, dst):
 @pytest.mark.parametrize("src,dst", INT_PAIRS, ids=lambda d: _name(d))
 def test_integer_widening_matches_torch(tmp_path, src, dst):
     info = torch.iinfo(src)
-    values = torch.cat([torch.tensor([info.min, info.max, 0, -1 if info.min < 0 else 1]),
-                        torch.randint(info.min, info.max, (1000,))]).to(src)
+    values = torch.cat(
+        [
+            torch.tensor([info.min, info.max, 0, -1 if info.min < 0 else 1]),
+            torch.randint(info.min, info.max, (1000,)),
+        ]
+    ).to(src)
     save_file({"x": values}, str(tmp_path / "i.safetensors"))
     model = OneTensor(values.shape, dst)
     fastckpt.load_into(model, tmp_path / "i.safetensors")
@@ -262,7 +320,9 @@ def test_strict_ddp_module_prefix_message(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(fastckpt.StrictLoadError) as err:
         fastckpt.load_into(model, path)
-    assert str(err.value) == f"""\
+    assert (
+        str(err.value)
+        == f"""\
 {path}: checkpoint does not match the model: 11 missing, 11 unexpected, 0 shape mismatches; nothing was loaded
   missing from the checkpoint (11):
     bert.embeddings.word_embeddings.weight          1
@@ -283,6 +343,7 @@ def test_strict_ddp_module_prefix_message(tmp_path):
   suggested rules (strip prefix 'module.': matches 11/11 keys):
     module.{{rest*}} -> {{rest*}}
   pass them as load_into(..., rules=...), or strict=False to load what matches"""
+    )
     assert isinstance(err.value, fastckpt.CheckpointError)
     assert sorted(err.value.report.missing) == sorted(model.state_dict())
     for k, v in model.state_dict().items():
@@ -292,14 +353,18 @@ def test_strict_ddp_module_prefix_message(tmp_path):
 def test_strict_tf_gamma_beta_message(tmp_path):
     model = MiniBert(layers=1)
     state = {
-        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
         for k, v in randomized_state(model).items()
     }
     path = tmp_path / "tf.safetensors"
     save_file(state, str(path))
     with pytest.raises(fastckpt.StrictLoadError) as err:
         fastckpt.load_into(model, path)
-    assert str(err.value) == f"""\
+    assert (
+        str(err.value)
+        == f"""\
 {path}: checkpoint does not match the model: 4 missing, 4 unexpected, 0 shape mismatches; nothing was loaded
   missing from the checkpoint (4):
     bert.embeddings.LayerNorm.weight           1
@@ -315,12 +380,16 @@ def test_strict_tf_gamma_beta_message(tmp_path):
     {{p*}}.gamma -> {{p*}}.weight
     {{p*}}.beta -> {{p*}}.bias
   pass them as load_into(..., rules=...), or strict=False to load what matches"""
+    )
 
 
 def test_strict_ddp_and_gamma_beta_together_suggests_both(tmp_path):
     model = MiniBert(layers=1)
     state = {
-        "module." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        "module."
+        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
         for k, v in randomized_state(model).items()
     }
     save_file(state, str(tmp_path / "both.safetensors"))
@@ -357,7 +426,10 @@ def test_strict_refuses_shape_mismatch_before_modifying_anything(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(fastckpt.StrictLoadError) as err:
         fastckpt.load_into(model, path)
-    assert "  shape mismatches (1): model name, checkpoint, model\n    embed.weight  [12, 6] vs [11, 6]" in str(err.value)
+    assert (
+        "  shape mismatches (1): model name, checkpoint, model\n    embed.weight  [12, 6] vs [11, 6]"
+        in str(err.value)
+    )
     for k, v in model.state_dict().items():
         assert_same_bytes(v, before[k])
 
@@ -452,7 +524,9 @@ def test_meta_model_without_device_is_refused(tmp_path):
     save_file(randomized_state(Zoo()), str(tmp_path / "z.safetensors"))
     with torch.device("meta"):
         model = Zoo()
-    with pytest.raises(fastckpt.CheckpointError, match="'embed.weight' is on the meta device: pass device="):
+    with pytest.raises(
+        fastckpt.CheckpointError, match="'embed.weight' is on the meta device: pass device="
+    ):
         fastckpt.load_into(model, tmp_path / "z.safetensors")
 
 
@@ -468,8 +542,15 @@ class RowRules:
 
     def plan(self, source_keys, target_keys):
         return MappingPlan(
-            assignments=[Assignment("emb.weight", "big.weight", "big.weight -> emb.weight rows[...]",
-                                    self.rows, self.dtype)],
+            assignments=[
+                Assignment(
+                    "emb.weight",
+                    "big.weight",
+                    "big.weight -> emb.weight rows[...]",
+                    self.rows,
+                    self.dtype,
+                )
+            ],
             ignored_sources=[k for k in source_keys if k != "big.weight"],
         )
 
@@ -485,7 +566,10 @@ class Emb(nn.Module):
     [
         (RowSelection(0, 40), list(range(40))),
         (RowSelection(7, 27), list(range(7, 27))),
-        (RowSelection(index=(3, 4, 5, 0, 49, 10, 11, 12, 13, 2)), [3, 4, 5, 0, 49, 10, 11, 12, 13, 2]),
+        (
+            RowSelection(index=(3, 4, 5, 0, 49, 10, 11, 12, 13, 2)),
+            [3, 4, 5, 0, 49, 10, 11, 12, 13, 2],
+        ),
     ],
     ids=["range-head", "range-middle", "index-list"],
 )
@@ -507,15 +591,21 @@ def test_cast_through_a_rule_dtype(tmp_path):
     big = torch.randn(50, 16)
     save_file({"big.weight": big}, str(tmp_path / "big.safetensors"))
     model = Emb(50)
-    fastckpt.load_into(model, tmp_path / "big.safetensors", RowRules(RowSelection(), torch.bfloat16))
+    fastckpt.load_into(
+        model, tmp_path / "big.safetensors", RowRules(RowSelection(), torch.bfloat16)
+    )
     assert_same_bytes(model.emb.weight.detach(), big.to(torch.bfloat16).float())
 
 
 def test_row_index_out_of_range_is_refused(tmp_path):
     save_file({"big.weight": torch.randn(50, 16)}, str(tmp_path / "big.safetensors"))
     model = Emb(2)
-    with pytest.raises(fastckpt.CheckpointError, match="row index 50 lies outside the source's 50 rows"):
-        fastckpt.load_into(model, tmp_path / "big.safetensors", RowRules(RowSelection(index=(1, 50))))
+    with pytest.raises(
+        fastckpt.CheckpointError, match="row index 50 lies outside the source's 50 rows"
+    ):
+        fastckpt.load_into(
+            model, tmp_path / "big.safetensors", RowRules(RowSelection(index=(1, 50)))
+        )
 
 
 # -- engine behaviour -----------------------------------------------------------------------
@@ -567,15 +657,20 @@ def test_file_truncated_after_open_gives_checkpoint_error(tmp_path):
     model.register_buffer("a", torch.zeros(256, 256))
     model.register_buffer("b", torch.zeros(256, 256))
     del model._buffers["x"]
-    with pytest.raises(fastckpt.CheckpointError, match=r"file ended at offset \d+ while reading; was it "
-                       r"truncated or rewritten during the load\? \(while copying 'b' -> 'b'\)"):
+    with pytest.raises(
+        fastckpt.CheckpointError,
+        match=r"file ended at offset \d+ while reading; was it "
+        r"truncated or rewritten during the load\? \(while copying 'b' -> 'b'\)",
+    ):
         fastckpt.load_into(model, ckpt)
 
 
 def test_staging_ring_through_the_device_path(tmp_path):
     """The device path (pinned ring + async copies) with host memory standing in for the device."""
     src = torch.randn(1000, 700)
-    save_file({"x": src, "y": src[:10].to(torch.float64).contiguous()}, str(tmp_path / "r.safetensors"))
+    save_file(
+        {"x": src, "y": src[:10].to(torch.float64).contiguous()}, str(tmp_path / "r.safetensors")
+    )
     ckpt = fastckpt.open(tmp_path / "r.safetensors")
     fi, xi = ckpt._locate("x")
     _, yi = ckpt._locate("y")
@@ -585,7 +680,18 @@ def test_staging_ring_through_the_device_path(tmp_path):
     dst_y = torch.zeros(10, 700, dtype=torch.float16)
     tasks = [
         (index, xi, None, None, dst_same.data_ptr(), "F32", (1000, 700), (700, 1), True, "x"),
-        (index, xi, (100, 400), None, dst_cast.data_ptr(), "BF16", (400, 700), (700, 1), True, "x2"),
+        (
+            index,
+            xi,
+            (100, 400),
+            None,
+            dst_cast.data_ptr(),
+            "BF16",
+            (400, 700),
+            (700, 1),
+            True,
+            "x2",
+        ),
         (index, yi, None, None, dst_y.data_ptr(), "F16", (10, 700), (700, 1), True, "y"),
     ]
     job = _core.CopyJob(tasks, 2, 1 << 20, "host_loopback")  # 128 KiB slots: the ring cycles
@@ -600,8 +706,21 @@ def test_device_destination_must_be_contiguous(tmp_path):
     save_file({"x": torch.randn(4, 6)}, str(tmp_path / "r.safetensors"))
     ckpt = fastckpt.open(tmp_path / "r.safetensors")
     dst = torch.zeros(6, 4).t()
-    task = (ckpt._indexes[0], 0, None, None, dst.data_ptr(), "F32", (4, 6), (1, 4), True, "'x' -> 'x'")
-    with pytest.raises(fastckpt.CheckpointError, match="the destination on the device is not contiguous"):
+    task = (
+        ckpt._indexes[0],
+        0,
+        None,
+        None,
+        dst.data_ptr(),
+        "F32",
+        (4, 6),
+        (1, 4),
+        True,
+        "'x' -> 'x'",
+    )
+    with pytest.raises(
+        fastckpt.CheckpointError, match="the destination on the device is not contiguous"
+    ):
         _core.CopyJob([task], 1, 1 << 20, "host_loopback")
 
 

@@ -82,5 +82,7 @@ def test_non_contiguous_cuda_destination_is_refused(tmp_path):
             super().__init__()
             self.w = nn.Parameter(torch.zeros(7, 5, device="cuda").t())
 
-    with pytest.raises(fastckpt.CheckpointError, match="the destination on the device is not contiguous"):
+    with pytest.raises(
+        fastckpt.CheckpointError, match="the destination on the device is not contiguous"
+    ):
         fastckpt.load_into(T(), tmp_path / "t.safetensors")

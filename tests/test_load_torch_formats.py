@@ -108,7 +108,10 @@ def test_sharded_torch_bin(tmp_path):
     half = len(names) // 2
     torch.save({k: state[k] for k in names[:half]}, tmp_path / "pytorch_model-1.bin")
     torch.save({k: state[k] for k in names[half:]}, tmp_path / "pytorch_model-2.bin")
-    weight_map = {k: ("pytorch_model-1.bin" if i < half else "pytorch_model-2.bin") for i, k in enumerate(names)}
+    weight_map = {
+        k: ("pytorch_model-1.bin" if i < half else "pytorch_model-2.bin")
+        for i, k in enumerate(names)
+    }
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ours, ref = Zoo(), Zoo()
     fastckpt.load_into(ours, tmp_path)

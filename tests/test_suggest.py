@@ -47,7 +47,10 @@ def test_replace_prefix():
 
 def test_gamma_beta_with_prefix_in_first_match_order():
     ckpt = {
-        "module." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        "module."
+        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
         for k, v in MODEL.items()
     }
     s = suggest_rules(ckpt, MODEL)
