@@ -4,6 +4,8 @@ from fastckpt.checkpoint import Checkpoint, TensorInfo, open
 from fastckpt.diff import DiffReport, diff
 from fastckpt.errors import CheckpointError, LimitError
 from fastckpt.freeze import FreezeSummary, freeze
+from fastckpt.load import StrictLoadError, UninitializedWarning, load_into
+from fastckpt.report import LoadReport
 from fastckpt.resume import ResumeReport, resume, save
 
 __all__ = [
@@ -12,10 +14,14 @@ __all__ = [
     "DiffReport",
     "FreezeSummary",
     "LimitError",
+    "LoadReport",
     "ResumeReport",
+    "StrictLoadError",
     "TensorInfo",
+    "UninitializedWarning",
     "diff",
     "freeze",
+    "load_into",
     "open",
     "resume",
     "save",

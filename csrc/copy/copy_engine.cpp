@@ -1,0 +1,265 @@
+#include "copy/copy_engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <set>
+
+#include "common/error.h"
+#include "copy/cast.h"
+#include "copy/staging_ring.h"
+#include "copy/strided_copy.h"
+#include "copy/thread_pool.h"
+
+namespace fastckpt {
+namespace {
+
+// Big dense copies are cut into pieces this size so every worker gets a share
+// of a large tensor; small enough to balance, large enough for long reads.
+constexpr uint64_t kChunkBytes = uint64_t{8} << 20;
+constexpr size_t kDeviceSlots = 4;
+constexpr uint64_t kMinHostBytes = uint64_t{1} << 20;
+
+}  // namespace
+
+struct CopyEngine::TaskInfo {
+  uint64_t row_elems = 1;  // elements per row of dim 0 (1 for a scalar)
+  uint64_t out_elems = 0;
+  size_t src_item = 0;
+  size_t mid_item = 0;
+  size_t dst_item = 0;
+  bool src_dense = false;
+  bool dst_dense = false;
+  bool same_dtype = false;   // no conversion at all
+  bool two_casts = false;    // src -> via -> dst
+  CastFn first_cast = nullptr;   // src -> (via or dst)
+  CastFn second_cast = nullptr;  // via -> dst
+};
+
+namespace {
+
+struct Buffer {
+  std::vector<uint8_t> bytes;
+  uint8_t* get(size_t n) {
+    if (bytes.size() < n) bytes.resize(n);
+    return bytes.data();
+  }
+};
+
+[[noreturn]] void rethrow_with_label(const CopyTask& t, const std::exception& e) {
+  throw CheckpointError(std::string(e.what()) + " (while copying " + t.label + ")");
+}
+
+}  // namespace
+
+class CopyEngine::Worker {
+ public:
+  Worker(CopyEngine& engine, StagingRing* ring) : e_(engine), ring_(ring) {}
+
+  void process(const Unit& u) {
+    const CopyTask& t = e_.tasks_[u.task];
+    const TaskInfo& info = e_.info_[u.task];
+    const uint64_t out_bytes = u.count * info.dst_item;
+    try {
+      if (t.dst_on_device) {
+        const size_t slot = ring_->acquire();
+        struct Release {
+          StagingRing* ring;
+          size_t slot;
+          ~Release() { ring->release(slot); }
+        } release{ring_, slot};
+        uint8_t* staged = ring_->slot(slot);
+        produce(t, info, u, staged);
+        e_.sink_->copy_async(t.dst + u.first * info.dst_item, staged, out_bytes, slot);
+      } else if (info.dst_dense) {
+        produce(t, info, u, t.dst + u.first * info.dst_item);
+      } else {
+        uint8_t* staged = out_.get(out_bytes);
+        produce(t, info, u, staged);
+        scatter(staged, u.first, u.count,
+                StridedView{t.dst, &t.dst_shape, &t.dst_strides, info.dst_item});
+      }
+    } catch (const CheckpointError& err) {
+      rethrow_with_label(t, err);
+    }
+    e_.bytes_done_.fetch_add(u.count * info.src_item, std::memory_order_relaxed);
+  }
+
+ private:
+  // Writes destination elements [u.first, +u.count), in the destination dtype, densely to out.
+  void produce(const CopyTask& t, const TaskInfo& info, const Unit& u, uint8_t* out) {
+    if (info.same_dtype) {
+      read_source(t, info, u, out);
+      return;
+    }
+    uint8_t* raw = src_.get(u.count * info.src_item);
+    read_source(t, info, u, raw);
+    if (info.two_casts) {
+      uint8_t* mid = mid_.get(u.count * info.mid_item);
+      info.first_cast(raw, mid, u.count);
+      info.second_cast(mid, out, u.count);
+    } else {
+      info.first_cast(raw, out, u.count);
+    }
+  }
+
+  // Source elements for destination elements [u.first, +u.count), densely, in the source dtype.
+  void read_source(const CopyTask& t, const TaskInfo& info, const Unit& u, uint8_t* out) {
+    const uint64_t end = u.first + u.count;
+    uint64_t pos = u.first;
+    while (pos < end) {
+      // Source flat position of `pos`, and how many following elements are
+      // consecutive in the source too (rows of an index list may be adjacent).
+      uint64_t src_first;
+      uint64_t run;
+      if (t.rows.kind == RowSelection::Kind::Index) {
+        uint64_t row = pos / info.row_elems;
+        const uint64_t in_row = pos % info.row_elems;
+        src_first = static_cast<uint64_t>(t.rows.index[row]) * info.row_elems + in_row;
+        run = std::min(end - pos, info.row_elems - in_row);
+        while (pos + run < end && t.rows.index[row + 1] == t.rows.index[row] + 1) {
+          ++row;
+          run += std::min(end - pos - run, info.row_elems);
+        }
+      } else {
+        const uint64_t start = t.rows.kind == RowSelection::Kind::Range
+                                   ? static_cast<uint64_t>(t.rows.start) * info.row_elems
+                                   : 0;
+        src_first = start + pos;
+        run = end - pos;
+      }
+      read_run(t, info, src_first, run, out + (pos - u.first) * info.src_item);
+      pos += run;
+    }
+  }
+
+  void read_run(const CopyTask& t, const TaskInfo& info, uint64_t src_first, uint64_t n,
+                uint8_t* out) {
+    const MappedFile& f = *t.file;
+    if (info.src_dense) {
+      const uint64_t offset = t.storage_file_offset + (t.src_offset + src_first) * info.src_item;
+      if (e_.options_.read_through_mapping) {
+        std::memcpy(out, f.data() + offset, n * info.src_item);
+      } else {
+        f.pread_exact(out, offset, n * info.src_item);
+      }
+      return;
+    }
+    // Strided sources (views in torch files) are gathered from the mapping:
+    // their elements are scattered over the storage, so one read cannot fetch them.
+    uint8_t* base = f.data() + t.storage_file_offset + t.src_offset * info.src_item;
+    gather(StridedView{base, &t.src_shape, &t.src_strides, info.src_item}, src_first, n, out);
+  }
+
+  CopyEngine& e_;
+  StagingRing* ring_;
+  Buffer src_;
+  Buffer mid_;
+  Buffer out_;
+};
+
+CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
+                       std::unique_ptr<DeviceSink> sink)
+    : tasks_(std::move(tasks)), options_(options), sink_(std::move(sink)) {
+  options_.threads = std::max<size_t>(options_.threads, 1);
+  if (options_.max_host_bytes < kMinHostBytes)
+    throw CheckpointError("max_host_bytes must be at least 1 MiB, got " +
+                          std::to_string(options_.max_host_bytes));
+  bool any_device = false;
+  for (const auto& t : tasks_) {
+    validate_task(t);
+    any_device = any_device || t.dst_on_device;
+  }
+  if (any_device && !sink_) throw CheckpointError("device destinations need a device sink");
+
+  const size_t threads = options_.threads;
+  // Device loads split the budget: half the pinned ring, half per-thread staging for casts.
+  const uint64_t staging_share = any_device ? options_.max_host_bytes / 2 : options_.max_host_bytes;
+  const uint64_t per_thread = std::max<uint64_t>(staging_share / threads, 1);
+  const uint64_t slot_bytes = options_.max_host_bytes / 2 / kDeviceSlots;
+
+  info_.resize(tasks_.size());
+  for (size_t i = 0; i < tasks_.size(); ++i) {
+    const CopyTask& t = tasks_[i];
+    TaskInfo& in = info_[i];
+    for (size_t d = 1; d < t.dst_shape.size(); ++d) in.row_elems *= static_cast<uint64_t>(t.dst_shape[d]);
+    in.out_elems = element_count(t.dst_shape);
+    in.src_item = dtype_itemsize(t.src_dtype);
+    in.dst_item = dtype_itemsize(t.dst_dtype);
+    const DType mid = t.via_dtype.value_or(t.src_dtype);
+    in.mid_item = dtype_itemsize(mid);
+    in.src_dense = is_dense(t.src_shape, t.src_strides);
+    in.dst_dense = is_dense(t.dst_shape, t.dst_strides);
+    in.same_dtype = t.src_dtype == t.dst_dtype && mid == t.src_dtype;
+    in.two_casts = mid != t.src_dtype && mid != t.dst_dtype;
+    in.first_cast = *find_cast(t.src_dtype, in.two_casts ? mid : t.dst_dtype);
+    if (in.two_casts) in.second_cast = *find_cast(mid, t.dst_dtype);
+    total_bytes_ += in.out_elems * in.src_item;
+  }
+
+  // Units in file order so that reading stays close to sequential.
+  std::vector<uint32_t> order(tasks_.size());
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(), [this](uint32_t a, uint32_t b) {
+    const CopyTask& x = tasks_[a];
+    const CopyTask& y = tasks_[b];
+    if (x.file != y.file) return x.file->path() < y.file->path();
+    return x.storage_file_offset + x.src_offset * info_[a].src_item <
+           y.storage_file_offset + y.src_offset * info_[b].src_item;
+  });
+  for (uint32_t i : order) {
+    const CopyTask& t = tasks_[i];
+    const TaskInfo& in = info_[i];
+    if (in.out_elems == 0) continue;
+    uint64_t unit;
+    if (t.dst_on_device) {
+      unit = slot_bytes / in.dst_item;
+      if (!in.same_dtype)
+        unit = std::min(unit, per_thread / (in.src_item + (in.two_casts ? in.mid_item : 0)));
+    } else if (in.same_dtype && in.dst_dense) {
+      unit = kChunkBytes / in.src_item;  // no staging: straight into the destination
+    } else {
+      uint64_t per_elem = (in.same_dtype ? 0 : in.src_item) + (in.two_casts ? in.mid_item : 0) +
+                          (in.dst_dense ? 0 : in.dst_item);
+      unit = std::min(per_thread / per_elem, kChunkBytes / in.src_item);
+    }
+    unit = std::max<uint64_t>(unit, 1);
+    for (uint64_t first = 0; first < in.out_elems; first += unit)
+      units_.push_back(Unit{i, first, std::min(unit, in.out_elems - first)});
+  }
+}
+
+CopyEngine::~CopyEngine() = default;
+
+void CopyEngine::run() {
+  if (ran_) throw CheckpointError("a copy job runs only once");
+  ran_ = true;
+  std::set<const MappedFile*> files;
+  for (const auto& t : tasks_)
+    if (files.insert(t.file.get()).second) t.file->advise_sequential(0, 0);
+
+  std::unique_ptr<StagingRing> ring;
+  if (sink_) ring = std::make_unique<StagingRing>(*sink_, kDeviceSlots,
+                                                  options_.max_host_bytes / 2 / kDeviceSlots);
+  const size_t threads = std::min<size_t>(options_.threads, std::max<size_t>(units_.size(), 1));
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  ThreadPool pool(threads);
+  pool.run_on_all([&](size_t) {
+    if (sink_) sink_->bind_thread();
+    Worker worker(*this, ring.get());
+    try {
+      for (size_t k; !failed.load(std::memory_order_relaxed) &&
+                     (k = next.fetch_add(1, std::memory_order_relaxed)) < units_.size();) {
+        worker.process(units_[k]);
+      }
+    } catch (...) {
+      failed = true;
+      throw;
+    }
+  });
+  // Only now is every byte on the device; the ring's destructor waits again on error paths.
+  if (sink_) sink_->synchronize();
+}
+
+}  // namespace fastckpt

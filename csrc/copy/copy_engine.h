@@ -1,0 +1,58 @@
+// Runs copy tasks on a thread pool. Work is split into units (ranges of the
+// destination's elements) ordered by file offset, so the file is read nearly
+// sequentially however many workers there are. Host memory beyond the
+// destinations is bounded by max_host_bytes (per-thread staging + device ring).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "copy/copy_plan.h"
+#include "copy/device_sink.h"
+
+namespace fastckpt {
+
+struct EngineOptions {
+  size_t threads = 2;
+  uint64_t max_host_bytes = uint64_t{256} << 20;
+  // Same-dtype dense copies read with pread by default; true reads them through
+  // the mapping instead. Only the benchmark sets it (to compare the two).
+  bool read_through_mapping = false;
+};
+
+class CopyEngine {
+ public:
+  // `sink` is required when any task has dst_on_device. Validates every task.
+  CopyEngine(std::vector<CopyTask> tasks, EngineOptions options, std::unique_ptr<DeviceSink> sink);
+  ~CopyEngine();
+  CopyEngine(const CopyEngine&) = delete;
+  CopyEngine& operator=(const CopyEngine&) = delete;
+
+  // Copies everything; returns when every byte is in place (on the device too).
+  void run();
+
+  uint64_t total_bytes() const { return total_bytes_; }  // source bytes to read
+  uint64_t bytes_done() const { return bytes_done_.load(std::memory_order_relaxed); }
+
+  struct Unit {
+    uint32_t task;
+    uint64_t first;  // destination elements [first, first + count)
+    uint64_t count;
+  };
+  struct TaskInfo;
+  class Worker;
+
+ private:
+  std::vector<CopyTask> tasks_;
+  std::vector<TaskInfo> info_;
+  std::vector<Unit> units_;
+  EngineOptions options_;
+  std::unique_ptr<DeviceSink> sink_;
+  uint64_t total_bytes_ = 0;
+  std::atomic<uint64_t> bytes_done_{0};
+  bool ran_ = false;
+};
+
+}  // namespace fastckpt
