@@ -30,14 +30,14 @@ const char* kind_name(rules::RuleKind k) {
 py::object rule_index(uint32_t r) { return r == kNoRule ? py::object(py::none()) : py::int_(r); }
 
 // (kind, source, targets, rows, dtype, wins, line, column, text); rows is None,
-// ("range", start, stop_or_None) or ("file", path).
+// ("range", start, stop_or_None) or ("file", path, column).
 py::tuple rule_tuple(const rules::Rule& r) {
   py::object rows = py::none();
   if (r.rows.kind == rules::RowSpec::Kind::Range)
     rows = py::make_tuple("range", r.rows.start,
                           r.rows.stop ? py::object(py::int_(*r.rows.stop)) : py::object(py::none()));
   else if (r.rows.kind == rules::RowSpec::Kind::File)
-    rows = py::make_tuple("file", r.rows.file);
+    rows = py::make_tuple("file", r.rows.file, r.rows.column);
   py::object dtype = r.dtype ? py::object(py::str(std::string(dtype_name(*r.dtype)))) : py::object(py::none());
   return py::make_tuple(kind_name(r.kind), r.source_text, py::tuple(py::cast(r.target_texts)), rows, dtype,
                         r.wins, r.line, r.column, r.text());

@@ -42,6 +42,7 @@ struct RowSpec {
   int64_t start = 0;
   std::optional<int64_t> stop;
   std::string file;  // as written, relative to the rules file
+  int column = 0;    // of `rows[`, for errors found when the file is read
 };
 
 struct Rule {

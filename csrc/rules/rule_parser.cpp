@@ -72,8 +72,10 @@ class LineParser {
       rule.source_text = std::string(read_until_space());
       rule.source = parse_segments(rule.source_text, p, nullptr);
       skip_spaces();
-      if (!at_end())
-        error(pos_, "unexpected '" + std::string(read_until_space()) + "' after the pattern");
+      if (!at_end()) {
+        const size_t extra = pos_;
+        error(extra, "unexpected '" + std::string(read_until_space()) + "' after the pattern");
+      }
       return true;
     }
 
@@ -87,8 +89,8 @@ class LineParser {
     skip_spaces();
     if (!starts_with_arrow(pos_)) {
       if (at_end()) error(pos_, "expected '->' after the source pattern");
-      error(pos_, "expected '->' after the source pattern, found '" +
-                      std::string(read_until_space()) + "'");
+      const size_t found = pos_;
+      error(found, "expected '->' after the source pattern, found '" + std::string(read_until_space()) + "'");
     }
     pos_ += 2;
 
@@ -216,7 +218,7 @@ class LineParser {
         for (size_t j = 0; j < source.size(); ++j)
           if (source[j].capture == elems[i].capture) found = j;
         if (found == source.size())
-          error(start + offset_of_elem(token, i) + 1,
+          error(start + offset_of_elem(token, i),
                 "unknown capture {" + elems[i].capture + "}: the source pattern does not define it");
         part.is_capture = true;
         part.elem = found;
@@ -231,6 +233,7 @@ class LineParser {
     if (attr.back() != ']') error(open, "unclosed '['");
     const std::string_view inner = attr.substr(5, attr.size() - 6);
     RowSpec r;
+    r.column = col(at);
     if (!inner.empty() && inner[0] == '@') {
       if (inner.size() == 1) error(at + 6, "expected a file name after '@'");
       r.kind = RowSpec::Kind::File;
