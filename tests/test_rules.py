@@ -484,3 +484,59 @@ def test_plan_agrees_with_matches(rule_lines, keys, extra_targets):
     plan = rules.plan(keys, target_keys)
     assert pairs(plan) == {t: next(iter(s)) for t, s in expected.items()}
     assert len(plan.assignments) == len(expected)
+
+
+# -- SCENARIOS.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
+
+
+def tiny_bert_keys() -> tuple[list[str], list[str]]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=20,
+    )
+    pretraining = list(transformers.BertForPreTraining(config).state_dict())
+    plain = list(transformers.BertModel(config).state_dict())
+    return pretraining, plain
+
+
+def tf_style(key: str) -> str:
+    """Old TF-converted naming: LayerNorm.gamma / LayerNorm.beta."""
+    if ".LayerNorm." in key:
+        return key.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+    return key
+
+
+STORY2_RULES = """\
+module.bert.{p*}.gamma -> {p*}.weight
+module.bert.{p*}.beta -> {p*}.bias
+module.bert.{rest*} -> {rest*}
+ignore module.cls.**
+"""
+
+
+def test_story2_ddp_gamma_beta_pretraining_into_bert_model():
+    pretraining, plain = tiny_bert_keys()
+    saved = ["module." + tf_style(k) for k in pretraining]  # DDP-wrapped, TF names
+    plan = Rules.parse(STORY2_RULES).plan(saved, plain)
+    expected = {t: "module." + tf_style("bert." + t) for t in plain}
+    assert pairs(plan) == expected
+    assert len(plan.assignments) == len(plain)
+    assert plan.ignored_sources == [k for k in saved if k.startswith("module.cls.")]
+    assert len(plan.ignored_sources) == 9
+    assert plan.unused_rules == [] and plan.ignored_targets == []
+    # The LayerNorm keys went through the gamma/beta rules, the rest through the prefix rule.
+    rule_of = {a.target: a.rule for a in plan.assignments}
+    assert rule_of["embeddings.LayerNorm.weight"] == "module.bert.{p*}.gamma -> {p*}.weight"
+    assert rule_of["encoder.layer.1.output.LayerNorm.bias"] == "module.bert.{p*}.beta -> {p*}.bias"
+    assert rule_of["pooler.dense.weight"] == "module.bert.{rest*} -> {rest*}"
+
+
+def test_story2_without_the_ignore_the_heads_are_left_over():
+    pretraining, plain = tiny_bert_keys()
+    saved = ["module." + k for k in pretraining]
+    plan = Rules().strip_prefix("module.bert.").plan(saved, plain)
+    assert pairs(plan) == {t: "module.bert." + t for t in plain}
+    # module.cls.* match no rule and name no target: the loader reports them unexpected.
+    used = {a.source for a in plan.assignments}
+    assert sorted(k for k in saved if k not in used) == sorted(k for k in saved if k.startswith("module.cls."))
