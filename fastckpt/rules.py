@@ -183,9 +183,14 @@ class Rules:
 
     def match(self, keys: Sequence[str]) -> list[RuleMatch | None]:
         """For each source key, the first rule that matches it (None: keeps its name)."""
+        rule_of, begin, targets = self._core.match_sources(keys)
+        rule_of, begin = _u32(rule_of), _u32(begin)
         out: list[RuleMatch | None] = []
-        for rule_i, targets in self._core.match_sources(list(keys)):
-            out.append(None if rule_i is None else RuleMatch(self._rules[rule_i], targets))
+        for i, r in enumerate(rule_of):
+            if r == NO_RULE:
+                out.append(None)
+            else:
+                out.append(RuleMatch(self._rules[r], tuple(targets[begin[i] : begin[i + 1]])))
         return out
 
     def plan(self, source_keys: Sequence[str], target_keys: Sequence[str]) -> MappingPlan:
@@ -200,21 +205,20 @@ class Rules:
         - ``ignored_targets``: targets without a source that ``ignore-target`` covers.
         - ``unused_rules``: rules that were the first match for no key (often a typo).
         """
-        sources = list(source_keys)
-        targets = list(target_keys)
-        pairs, ign_src, ign_tgt, unused = self._core.plan(sources, targets)
-        assignments = []
-        for target, src_i, rule_i in pairs:
-            if rule_i is None:
-                assignments.append(Assignment(target, sources[src_i]))
-            else:
-                r = self._rules[rule_i]
-                assignments.append(Assignment(target, sources[src_i], r.text, r.rows, r.dtype))
+        sources = tuple(source_keys)
+        targets = tuple(target_keys)
+        names, src_of, rule_of, ign_src, ign_tgt, unused = self._core.plan(sources, targets)
+        # One (text, rows, dtype) per rule, not per assignment; None for same-name pairs.
+        attrs = [(r.text, r.rows, r.dtype) for r in self._rules]
+        assignments = [
+            Assignment(t, sources[s]) if r == NO_RULE else Assignment(t, sources[s], *attrs[r])
+            for t, s, r in zip(names, _u32(src_of), _u32(rule_of))
+        ]
         return MappingPlan(
             assignments=assignments,
-            ignored_sources=[sources[i] for i in ign_src],
-            ignored_targets=[targets[i] for i in ign_tgt],
-            unused_rules=[self._rules[i].text for i in unused],
+            ignored_sources=[sources[i] for i in _u32(ign_src)],
+            ignored_targets=[targets[i] for i in _u32(ign_tgt)],
+            unused_rules=[self._rules[i].text for i in _u32(unused)],
         )
 
     # -- internals ---------------------------------------------------------
@@ -280,8 +284,15 @@ def as_rules(obj: object) -> Rules | None:
 
 def select(pattern: str, names: Sequence[str]) -> list[str]:
     """The names a rules pattern matches (``bert.**``, ``linear.*.weight``, ...)."""
-    names = list(names)
+    names = tuple(names)
     return [n for n, hit in zip(names, _core.match_pattern(pattern, names)) if hit]
+
+
+NO_RULE = 0xFFFFFFFF  # the core's "no rule matched"
+
+
+def _u32(b: bytes) -> memoryview:
+    return memoryview(b).cast("I")
 
 
 def _segments(prefix: str) -> str:

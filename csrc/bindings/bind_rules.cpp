@@ -27,8 +27,6 @@ const char* kind_name(rules::RuleKind k) {
   return "?";
 }
 
-py::object rule_index(uint32_t r) { return r == kNoRule ? py::object(py::none()) : py::int_(r); }
-
 // (kind, source, targets, rows, dtype, wins, line, column, text); rows is None,
 // ("range", start, stop_or_None) or ("file", path, column).
 py::tuple rule_tuple(const rules::Rule& r) {
@@ -43,9 +41,37 @@ py::tuple rule_tuple(const rules::Rule& r) {
                         r.wins, r.line, r.column, r.text());
 }
 
-py::list index_list(const std::vector<uint32_t>& v) {
+// A uint32 array as bytes (kNoRule stays 0xFFFFFFFF); Python reads it with memoryview.cast("I").
+py::bytes u32_bytes(const std::vector<uint32_t>& v) {
+  return py::bytes(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(uint32_t));
+}
+
+// The keys as UTF-8 views, without copying: a tuple owns the str objects (and
+// cannot change), and CPython keeps each str's UTF-8 form alive with the str.
+struct KeyViews {
+  py::tuple owner;
+  std::vector<std::string_view> views;
+};
+
+KeyViews key_views(const py::handle& keys) {
+  KeyViews k;
+  k.owner = py::reinterpret_steal<py::tuple>(PySequence_Tuple(keys.ptr()));
+  if (!k.owner) throw py::error_already_set();
+  k.views.reserve(k.owner.size());
+  for (const py::handle item : k.owner) {
+    if (!PyUnicode_Check(item.ptr()))
+      throw py::type_error("keys must be str, not " + std::string(Py_TYPE(item.ptr())->tp_name));
+    Py_ssize_t len = 0;
+    const char* data = PyUnicode_AsUTF8AndSize(item.ptr(), &len);
+    if (!data) throw py::error_already_set();
+    k.views.emplace_back(data, static_cast<size_t>(len));
+  }
+  return k;
+}
+
+py::list str_list(const std::vector<std::string_view>& v) {
   py::list out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = py::int_(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) out[i] = py::str(v[i].data(), v[i].size());
   return out;
 }
 
@@ -61,54 +87,54 @@ void register_rules(py::module_& m) {
              for (const auto& r : s.rules()) out.append(rule_tuple(r));
              return out;
            })
-      // -> [(rule index or None, (targets...)) per key]
+      // -> (rule per key: uint32 bytes, target_begin per key + 1: uint32 bytes, [target, ...])
       .def("match_sources",
-           [](const rules::RuleSet& s, const std::vector<std::string>& keys) {
+           [](const rules::RuleSet& s, const py::object& keys) {
+             const KeyViews k = key_views(keys);
              rules::SourceMatches res;
              {
-               // Matching reads only the compiled trie and the converted keys.
+               // Matching reads only the compiled trie and UTF-8 buffers the tuple keeps alive.
                py::gil_scoped_release release;
-               res = s.match_sources(keys);
+               res = s.match_sources(k.views);
              }
-             py::list out(keys.size());
-             for (size_t i = 0; i < keys.size(); ++i) {
-               py::tuple t(res.target_begin[i + 1] - res.target_begin[i]);
-               for (uint32_t k = res.target_begin[i]; k < res.target_begin[i + 1]; ++k)
-                 t[k - res.target_begin[i]] = py::str(res.targets[k]);
-               out[i] = py::make_tuple(rule_index(res.rule[i]), t);
-             }
-             return out;
+             std::vector<std::string_view> targets(res.target_end.size());
+             for (uint32_t t = 0; t < targets.size(); ++t) targets[t] = res.target(t);
+             return py::make_tuple(u32_bytes(res.rule), u32_bytes(res.target_begin), str_list(targets));
            })
+      // -> rule per key: uint32 bytes
       .def("match_targets",
-           [](const rules::RuleSet& s, const std::vector<std::string>& keys) {
+           [](const rules::RuleSet& s, const py::object& keys) {
+             const KeyViews k = key_views(keys);
              std::vector<uint32_t> res;
              {
-               // Matching reads only the compiled trie and the converted keys.
+               // Matching reads only the compiled trie and UTF-8 buffers the tuple keeps alive.
                py::gil_scoped_release release;
-               res = s.match_targets(keys);
+               res = s.match_targets(k.views);
              }
-             py::list out(res.size());
-             for (size_t i = 0; i < res.size(); ++i) out[i] = rule_index(res[i]);
-             return out;
+             return u32_bytes(res);
            })
-      // -> ([(target, source index, rule index or None)], ignored_sources,
-      //     ignored_targets, unused_rules), all indices.
+      // -> ([target, ...], source per target: uint32 bytes, rule per target: uint32 bytes,
+      //     ignored_sources, ignored_targets, unused_rules: uint32 bytes)
       .def("plan",
-           [](const rules::RuleSet& s, const std::vector<std::string>& sources,
-              const std::vector<std::string>& targets) {
+           [](const rules::RuleSet& s, const py::object& sources, const py::object& targets) {
+             const KeyViews src = key_views(sources);
+             const KeyViews dst = key_views(targets);
              rules::Plan p;
              {
-               // Planning touches only C++ data: the trie and the converted key lists.
+               // Planning touches only C++ data and UTF-8 buffers the tuples keep alive.
                py::gil_scoped_release release;
-               p = s.plan(sources, targets);
+               p = s.plan(src.views, dst.views);
              }
-             py::list assignments(p.assignments.size());
+             std::vector<std::string_view> names(p.assignments.size());
+             std::vector<uint32_t> source(p.assignments.size()), rule(p.assignments.size());
              for (size_t i = 0; i < p.assignments.size(); ++i) {
-               const auto& a = p.assignments[i];
-               assignments[i] = py::make_tuple(a.target, a.source, rule_index(a.rule));
+               names[i] = p.target_name(p.assignments[i], src.views);
+               source[i] = p.assignments[i].source;
+               rule[i] = p.assignments[i].rule;
              }
-             return py::make_tuple(assignments, index_list(p.ignored_sources),
-                                   index_list(p.ignored_targets), index_list(p.unused_rules));
+             return py::make_tuple(str_list(names), u32_bytes(source), u32_bytes(rule),
+                                   u32_bytes(p.ignored_sources), u32_bytes(p.ignored_targets),
+                                   u32_bytes(p.unused_rules));
            });
 
   m.def(
@@ -122,10 +148,12 @@ void register_rules(py::module_& m) {
 
   m.def(
       "match_pattern",
-      [](const std::string& pattern, const std::vector<std::string>& names) {
+      [](const std::string& pattern, const py::object& names_obj) {
+        const KeyViews k = key_views(names_obj);
+        const std::vector<std::string_view>& names = k.views;
         std::vector<bool> hit(names.size());
         {
-          // Pure C++ over converted strings.
+          // Pure C++ over UTF-8 buffers the tuple keeps alive.
           py::gil_scoped_release release;
           rules::RenameTrie trie;
           trie.add(rules::parse_pattern(pattern, "pattern"), 0);

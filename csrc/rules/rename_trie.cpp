@@ -18,9 +18,8 @@ void split_key(std::string_view key, std::vector<std::string_view>& out) {
   }
 }
 
-std::string render(const Template& tmpl, const std::vector<std::string_view>& segments,
-                   const std::vector<Span>& spans) {
-  std::string out;
+void render(const Template& tmpl, const std::vector<std::string_view>& segments,
+            const std::vector<Span>& spans, std::string& out) {
   // Dots go between segments, so an empty `{x*}` takes its neighbouring dot with it.
   bool first = true;
   auto put = [&](std::string_view seg) {
@@ -36,7 +35,6 @@ std::string render(const Template& tmpl, const std::vector<std::string_view>& se
     const Span s = spans[part.elem];
     for (uint32_t k = s.begin; k < s.end; ++k) put(segments[k]);
   }
-  return out;
 }
 
 uint32_t RenameTrie::child(uint32_t node, const PatternElem& e) {

@@ -25,9 +25,9 @@ struct Span {
 // Splits "a.b.c" into views of "a", "b", "c" (into `out`, reused between calls).
 void split_key(std::string_view key, std::vector<std::string_view>& out);
 
-// Fills a target template with the key segments its captures matched.
-std::string render(const Template& tmpl, const std::vector<std::string_view>& segments,
-                   const std::vector<Span>& spans);
+// Appends a target template, filled with the key segments its captures matched, to `out`.
+void render(const Template& tmpl, const std::vector<std::string_view>& segments,
+            const std::vector<Span>& spans, std::string& out);
 
 class RenameTrie {
  public:
@@ -39,6 +39,8 @@ class RenameTrie {
   // rule, `spans` gets one entry per pattern element; `{x*}` and `**` take as
   // many segments as they can (leftmost first), like a greedy regex.
   uint32_t match(const std::vector<std::string_view>& segments, std::vector<Span>& spans) const;
+
+  bool empty() const { return nodes_[0].min_rule == kNoRule; }
 
  private:
   struct Node {

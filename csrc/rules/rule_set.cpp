@@ -1,12 +1,10 @@
 #include "rules/rule_set.h"
 
 #include <algorithm>
-#include <string_view>
-#include <unordered_map>
-#include <unordered_set>
 #include <utility>
 
 #include "common/error.h"
+#include "rules/string_index.h"
 
 namespace fastckpt::rules {
 
@@ -24,61 +22,76 @@ RuleSet::RuleSet(std::vector<Rule> rules, std::string source_name)
   }
 }
 
-SourceMatches RuleSet::match_sources(const std::vector<std::string>& keys) const {
+SourceMatches RuleSet::match_sources(const std::vector<std::string_view>& keys) const {
   SourceMatches out;
   out.rule.reserve(keys.size());
   out.target_begin.reserve(keys.size() + 1);
   out.target_begin.push_back(0);
   std::vector<std::string_view> segments;
   std::vector<Span> spans;
-  for (const std::string& key : keys) {
+  for (const std::string_view key : keys) {
     split_key(key, segments);
     const uint32_t r = source_trie_.match(segments, spans);
     out.rule.push_back(r);
-    if (r != kNoRule)
-      for (const Template& t : rules_[r].targets) out.targets.push_back(render(t, segments, spans));
-    out.target_begin.push_back(static_cast<uint32_t>(out.targets.size()));
+    if (r != kNoRule) {
+      for (const Template& t : rules_[r].targets) {
+        render(t, segments, spans, out.chars);
+        out.target_end.push_back(out.chars.size());
+      }
+    }
+    out.target_begin.push_back(static_cast<uint32_t>(out.target_end.size()));
   }
   return out;
 }
 
-std::vector<uint32_t> RuleSet::match_targets(const std::vector<std::string>& keys) const {
-  std::vector<uint32_t> out;
-  out.reserve(keys.size());
+std::vector<uint32_t> RuleSet::match_targets(const std::vector<std::string_view>& keys) const {
+  std::vector<uint32_t> out(keys.size(), kNoRule);
+  if (target_trie_.empty()) return out;
   std::vector<std::string_view> segments;
   std::vector<Span> spans;
-  for (const std::string& key : keys) {
-    split_key(key, segments);
-    out.push_back(target_trie_.match(segments, spans));
+  for (size_t i = 0; i < keys.size(); ++i) {
+    split_key(keys[i], segments);
+    out[i] = target_trie_.match(segments, spans);
   }
   return out;
 }
 
 namespace {
 
-std::string describe(const std::vector<Rule>& rules, const std::string& source, uint32_t rule) {
-  if (rule == kNoRule) return "'" + source + "' (same name)";
-  return "'" + source + "' (line " + std::to_string(rules[rule].line) + ": " + rules[rule].text() + ")";
+std::string describe(const std::vector<Rule>& rules, std::string_view source, uint32_t rule) {
+  if (rule == kNoRule) return "'" + std::string(source) + "' (same name)";
+  return "'" + std::string(source) + "' (line " + std::to_string(rules[rule].line) + ": " +
+         rules[rule].text() + ")";
 }
+
+struct Candidate {
+  std::string_view target;  // into the SourceMatches buffer or a source key
+  uint32_t target_index;    // PlanEntry::target
+  uint32_t source;
+  uint32_t rule;
+  uint32_t next = kNoRule;  // next candidate for the same target
+};
 
 }  // namespace
 
-Plan RuleSet::plan(const std::vector<std::string>& sources,
-                   const std::vector<std::string>& targets) const {
-  std::unordered_map<std::string_view, uint32_t> target_pos;
-  target_pos.reserve(targets.size());
-  for (size_t j = 0; j < targets.size(); ++j)
-    target_pos.emplace(targets[j], static_cast<uint32_t>(j));
+Plan RuleSet::plan(const std::vector<std::string_view>& sources,
+                   const std::vector<std::string_view>& targets) const {
+  const auto no_pos = static_cast<uint32_t>(targets.size());
+  StringIndex target_pos(targets.size());
+  for (size_t j = 0; j < targets.size(); ++j) target_pos.insert(targets[j], static_cast<uint32_t>(j));
 
-  const SourceMatches m = match_sources(sources);
-  std::vector<bool> used(rules_.size(), false);
   Plan plan;
-  std::vector<PlanEntry> cands;
+  plan.matches = match_sources(sources);
+  const SourceMatches& m = plan.matches;
+  std::vector<bool> used(rules_.size(), false);
+  std::vector<Candidate> cands;
+  cands.reserve(sources.size());
   for (size_t i = 0; i < sources.size(); ++i) {
     const auto src = static_cast<uint32_t>(i);
     const uint32_t r = m.rule[i];
     if (r == kNoRule) {
-      if (target_pos.count(sources[i])) cands.push_back(PlanEntry{sources[i], src, kNoRule});
+      if (target_pos.find(sources[i]) != StringIndex::kAbsent)
+        cands.push_back(Candidate{sources[i], kNoRule, src, kNoRule});
       continue;
     }
     used[r] = true;
@@ -87,69 +100,77 @@ Plan RuleSet::plan(const std::vector<std::string>& sources,
       continue;
     }
     for (uint32_t k = m.target_begin[i]; k < m.target_begin[i + 1]; ++k) {
-      if (m.targets[k].empty())
+      if (m.target(k).empty())
         fail(source_name_, "line " + std::to_string(rules_[r].line) + ": " + rules_[r].text() +
-                               ": maps '" + sources[i] + "' to an empty name");
-      cands.push_back(PlanEntry{m.targets[k], src, r});
+                               ": maps '" + std::string(sources[i]) + "' to an empty name");
+      cands.push_back(Candidate{m.target(k), k, src, r});
     }
   }
 
-  // Group candidates by target; keep one source per target.
-  std::unordered_map<std::string_view, std::vector<size_t>> by_target;
-  by_target.reserve(cands.size());
-  std::vector<size_t> order;  // first candidate index of each target, in candidate order
+  // Chain the candidates of each target; `heads` keeps first-seen order.
+  StringIndex last(cands.size());
+  std::vector<uint32_t> heads;
+  heads.reserve(cands.size());
   for (size_t c = 0; c < cands.size(); ++c) {
-    auto [it, fresh] = by_target.try_emplace(cands[c].target);
-    if (fresh) order.push_back(c);
-    // The same source reached twice (a duplicate target in one rule) is no conflict.
-    bool dup = false;
-    for (size_t prev : it->second) dup = dup || sources[cands[prev].source] == sources[cands[c].source];
-    if (!dup) it->second.push_back(c);
-  }
-  std::vector<size_t> kept;
-  std::vector<uint32_t> losers;
-  kept.reserve(order.size());
-  for (size_t first : order) {
-    const std::vector<size_t>& group = by_target.at(cands[first].target);
-    if (group.size() == 1) {
-      kept.push_back(group[0]);
-      continue;
+    const auto ci = static_cast<uint32_t>(c);
+    const uint32_t prev = last.insert(cands[c].target, ci);
+    if (prev == ci) {
+      heads.push_back(ci);
+    } else {
+      cands[prev].next = ci;
+      last.set(cands[c].target, ci);
     }
-    std::vector<size_t> winners;
-    for (size_t c : group)
-      if (cands[c].rule != kNoRule && rules_[cands[c].rule].wins) winners.push_back(c);
-    if (winners.size() == 1) {
-      kept.push_back(winners[0]);
-      for (size_t c : group)
-        if (c != winners[0]) losers.push_back(cands[c].source);
-      continue;
-    }
-    const PlanEntry& a = winners.size() > 1 ? cands[winners[0]] : cands[group[0]];
-    const PlanEntry& b = winners.size() > 1 ? cands[winners[1]] : cands[group[1]];
-    fail(source_name_, "target '" + a.target + "' has two sources: " +
-                           describe(rules_, sources[a.source], a.rule) + " and " +
-                           describe(rules_, sources[b.source], b.rule) +
-                           (winners.size() > 1 ? "; both rules are marked 'wins'"
-                                               : "; mark the rule whose source should win with 'wins'"));
   }
 
-  // Targets of the model first, in the model's order; then names it lacks.
-  auto pos_of = [&](size_t c) {
-    auto it = target_pos.find(cands[c].target);
-    return it == target_pos.end() ? targets.size() : static_cast<size_t>(it->second);
-  };
-  std::stable_sort(kept.begin(), kept.end(), [&](size_t x, size_t y) { return pos_of(x) < pos_of(y); });
+  std::vector<std::pair<uint32_t, uint32_t>> kept;  // (target position, candidate)
+  kept.reserve(heads.size());
+  std::vector<uint32_t> losers;
+  std::vector<uint32_t> group;
+  for (uint32_t head : heads) {
+    uint32_t pick = head;
+    if (cands[head].next != kNoRule) {
+      // Distinct sources only: a rule naming one target twice is no conflict.
+      group.clear();
+      for (uint32_t c = head; c != kNoRule; c = cands[c].next) {
+        bool dup = false;
+        for (uint32_t g : group) dup = dup || sources[cands[g].source] == sources[cands[c].source];
+        if (!dup) group.push_back(c);
+      }
+      if (group.size() > 1) {
+        std::vector<uint32_t> winners;
+        for (uint32_t c : group)
+          if (cands[c].rule != kNoRule && rules_[cands[c].rule].wins) winners.push_back(c);
+        if (winners.size() != 1) {
+          const Candidate& a = cands[winners.size() > 1 ? winners[0] : group[0]];
+          const Candidate& b = cands[winners.size() > 1 ? winners[1] : group[1]];
+          fail(source_name_, "target '" + std::string(a.target) + "' has two sources: " +
+                                 describe(rules_, sources[a.source], a.rule) + " and " +
+                                 describe(rules_, sources[b.source], b.rule) +
+                                 (winners.size() > 1 ? "; both rules are marked 'wins'"
+                                                     : "; mark the rule whose source should win with 'wins'"));
+        }
+        pick = winners[0];
+        for (uint32_t c : group)
+          if (c != pick) losers.push_back(cands[c].source);
+      }
+    }
+    const uint32_t pos = target_pos.find(cands[pick].target);
+    kept.emplace_back(pos == StringIndex::kAbsent ? no_pos : pos, pick);
+  }
+
+  // Targets of the model first, in the model's order; then names it lacks, in source order.
+  std::stable_sort(kept.begin(), kept.end(),
+                   [](const auto& x, const auto& y) { return x.first < y.first; });
   std::vector<bool> assigned(targets.size(), false);
-  std::unordered_set<uint32_t> fed;
+  std::vector<bool> fed(sources.size(), false);
   plan.assignments.reserve(kept.size());
-  for (size_t c : kept) {
-    const size_t p = pos_of(c);
-    if (p < targets.size()) assigned[p] = true;
-    fed.insert(cands[c].source);
-    plan.assignments.push_back(std::move(cands[c]));
+  for (const auto& [pos, c] : kept) {
+    if (pos != no_pos) assigned[pos] = true;
+    fed[cands[c].source] = true;
+    plan.assignments.push_back(PlanEntry{cands[c].target_index, cands[c].source, cands[c].rule});
   }
   for (uint32_t s : losers)
-    if (!fed.count(s)) plan.ignored_sources.push_back(s);
+    if (!fed[s]) plan.ignored_sources.push_back(s);
   std::sort(plan.ignored_sources.begin(), plan.ignored_sources.end());
   plan.ignored_sources.erase(std::unique(plan.ignored_sources.begin(), plan.ignored_sources.end()),
                              plan.ignored_sources.end());
