@@ -14,6 +14,7 @@ import torch
 
 from fastckpt import Rules
 from fastckpt.mapping import MappingPlan, RowSelection
+from fastckpt.pairing import suggest_pairings
 
 HIDDEN, FFN, POSITIONS = 16, 64, 34
 VOCAB_FILE, VOCAB_MODEL = 1040, 1001
@@ -237,3 +238,27 @@ def test_a_typo_in_the_rules_shows_as_an_unused_rule_and_a_missing_target(rules_
         "decoder.layers.0.fc4.weight",
         "decoder.layers.0.fc4.bias",
     }
+
+
+def test_story1_via_suggestions_pairs_everything_but_the_tied_projection():
+    src, dst = pretrained_shapes(), model_shapes()
+    lines = suggest_pairings(src, dst)
+    # Layer numbers collapse into {i} because the pattern holds for every layer.
+    assert "encoder.layers.{i}.ffn.fc1.{p} -> encoder.layers.{i}.fc1.{p}" in lines
+    assert "decoder.layers.{i}.ffn_2.fc2.{p} -> decoder.layers.{i}.fc4.{p}" in lines
+    assert "src_embedding.embed_tokens.{p} -> encoder.embed_tokens.{p} rows[:1001]" in lines
+    assert lines[-3:] == [
+        "# no source found for encoder.version [1]",
+        "# no source found for decoder.output_projection.weight [1001, 16]",
+        "# no source found for decoder.version [1]",
+    ]
+    plan = Rules(lines).plan(list(src), list(dst))
+    got = {a.target: a for a in plan.assignments}
+    for t in dst:
+        exp = expected_source(t)
+        if exp is None or t == "decoder.output_projection.weight":
+            assert t not in got
+            continue
+        assert got[t].source == exp[0], t
+        assert (got[t].rows is not None) == exp[1], t
+    assert plan.unused_rules == []
