@@ -36,8 +36,10 @@ def make_keys(n_keys: int) -> list[str]:
 def make_rules(n_rules: int, layers: int) -> list[str]:
     """A realistic mix: per-module capture renames, exact renames of single
     tensors, a few wildcard ignores, and a catch-all prefix strip at the end."""
-    rules = [f"module.encoder.layers.{{i}}.mod{m}.{{p}} -> encoder.layers.{{i}}.block{m}.{{p}}"
-             for m in range(0, MODULES, 2)]
+    rules = [
+        f"module.encoder.layers.{{i}}.mod{m}.{{p}} -> encoder.layers.{{i}}.block{m}.{{p}}"
+        for m in range(0, MODULES, 2)
+    ]
     rules += ["ignore module.encoder.layers.*.mod49.**", "ignore **.optimizer_state"]
     k = 0
     while len(rules) < n_rules - 1:
@@ -104,7 +106,9 @@ def main() -> None:
     text = "\n".join(rules) + "\n"
 
     # Sanity: every key is matched by some rule, and the peers agree on which.
-    ours = [m.rule.line - 1 if m else None for m in Rules.parse(text).match(keys[: args.regex_keys])]
+    ours = [
+        m.rule.line - 1 if m else None for m in Rules.parse(text).match(keys[: args.regex_keys])
+    ]
     assert ours == regex_peer(rules)(keys[: args.regex_keys]), "peers disagree"
     assert all(r is not None for r in ours)
 

@@ -89,7 +89,7 @@ def suggest_pairings(
     keys = list(src)
     base_target = {
         s: (m.targets[0] if m and m.targets else (None if m else s))
-        for s, m in zip(keys, base_rules.match(keys))
+        for s, m in zip(keys, base_rules.match(keys), strict=True)
     }
     needed = {s: tp for s, tp in pairs.items() if base_target[s] != tp[0] or tp[1] is not None}
     position = {s: n for n, s in enumerate(keys)}
@@ -176,9 +176,9 @@ def _pair_by_position(src, dst, pairs, taken, pair) -> None:
         for ss, ts in groups.values():
             if not ss or len(ss) != len(ts):
                 continue
-            if cut and not all(src[s][0] > dst[t][0] for s, t in zip(ss, ts)):
+            if cut and not all(src[s][0] > dst[t][0] for s, t in zip(ss, ts, strict=True)):
                 continue
-            for s, t in zip(ss, ts):
+            for s, t in zip(ss, ts, strict=True):
                 pair(s, t, dst[t][0] if cut else None)
 
 
@@ -194,7 +194,11 @@ def _ignorable_groups(src, dst, pairs, strip: str) -> list[str]:
             continue
         parts = s.split(".")
         shared = 0
-        while shared < len(strip_parts) and shared < len(parts) - 1 and parts[shared] == strip_parts[shared]:
+        while (
+            shared < len(strip_parts)
+            and shared < len(parts) - 1
+            and parts[shared] == strip_parts[shared]
+        ):
             shared += 1
         if len(parts) <= shared + 1:
             continue
@@ -216,11 +220,13 @@ def _candidate_lines(s: str, t: str, rows: int | None) -> list[str]:
     s_nums = [i for i, p in enumerate(s_parts) if p.isdigit()]
     t_nums = [i for i, p in enumerate(t_parts) if p.isdigit()]
     numbered = None
-    if s_nums and len(s_nums) == len(t_nums) <= len(CAPTURES) and all(
-        s_parts[a] == t_parts[b] for a, b in zip(s_nums, t_nums)
+    if (
+        s_nums
+        and len(s_nums) == len(t_nums) <= len(CAPTURES)
+        and all(s_parts[a] == t_parts[b] for a, b in zip(s_nums, t_nums, strict=True))
     ):
         sp, tp = list(s_parts), list(t_parts)
-        for n, (a, b) in enumerate(zip(s_nums, t_nums)):
+        for n, (a, b) in enumerate(zip(s_nums, t_nums, strict=True)):
             sp[a] = tp[b] = f"{{{CAPTURES[n]}}}"
         numbered = (sp, tp)
     for sp, tp in ([numbered] if numbered else []) + [(s_parts, t_parts)]:
@@ -235,11 +241,10 @@ def _valid_cover(line: str, keys: list[str], pairs) -> set[str] | None:
     rows_m = re.search(r" rows\[:(\d+)\]$", line)
     rows = int(rows_m.group(1)) if rows_m else None
     hits = set()
-    for s, m in zip(keys, Rules([line]).match(keys)):
+    for s, m in zip(keys, Rules([line]).match(keys), strict=True):
         if m is None:
             continue
         if s not in pairs or pairs[s] != (m.targets[0], rows):
             return None
         hits.add(s)
     return hits
-

@@ -16,7 +16,6 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -212,7 +211,7 @@ class Rules:
         attrs = [(r.text, r.rows, r.dtype) for r in self._rules]
         assignments = [
             Assignment(t, sources[s]) if r == NO_RULE else Assignment(t, sources[s], *attrs[r])
-            for t, s, r in zip(names, _u32(src_of), _u32(rule_of))
+            for t, s, r in zip(names, _u32(src_of), _u32(rule_of), strict=True)
         ]
         return MappingPlan(
             assignments=assignments,
@@ -261,7 +260,7 @@ class Rules:
         return tuple(index)
 
 
-RulesLike = Union[Rules, str, os.PathLike, None]
+RulesLike = Rules | str | os.PathLike | None
 
 
 def as_rules(obj: object) -> Rules | None:
@@ -279,13 +278,16 @@ def as_rules(obj: object) -> Rules | None:
         return Rules.from_file(obj)
     if callable(getattr(obj, "plan", None)):
         return obj  # type: ignore[return-value]  # a duck-typed rules object
-    raise TypeError(f"rules must be None, a path, rules text or a Rules object, not {type(obj).__name__}")
+    raise TypeError(
+        f"rules must be None, a path, rules text or a Rules object, not {type(obj).__name__}"
+    )
 
 
 def select(pattern: str, names: Sequence[str]) -> list[str]:
     """The names a rules pattern matches (``bert.**``, ``linear.*.weight``, ...)."""
     names = tuple(names)
-    return [n for n, hit in zip(names, _core.match_pattern(pattern, names)) if hit]
+    hits = _core.match_pattern(pattern, names)
+    return [n for n, hit in zip(names, hits, strict=True) if hit]
 
 
 NO_RULE = 0xFFFFFFFF  # the core's "no rule matched"

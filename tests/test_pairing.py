@@ -41,12 +41,18 @@ def test_ambiguous_shapes_are_not_guessed():
 def test_story2_via_suggestions():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=20,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
     )
     saved = {}
     for k, v in transformers.BertForPreTraining(config).state_dict().items():
-        k = k.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+        k = k.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(
+            ".LayerNorm.bias", ".LayerNorm.beta"
+        )
         saved["module." + k] = tuple(v.shape)
     plain = {k: tuple(v.shape) for k, v in transformers.BertModel(config).state_dict().items()}
     lines = suggest_pairings(saved, plain)
@@ -59,21 +65,28 @@ def test_story2_via_suggestions():
     got = sources_by_target(lines, saved, plain)
     assert set(got) == set(plain)
     for t, s in got.items():
-        assert s.removeprefix("module.bert.").replace("gamma", "weight").replace("beta", "bias") == t
+        assert (
+            s.removeprefix("module.bert.").replace("gamma", "weight").replace("beta", "bias") == t
+        )
         assert saved[s] == plain[t]
 
 
 def test_a_pattern_is_only_collapsed_when_it_holds_for_every_layer():
     src = {
-        "l.0.ffn.w": (3, 2), "l.1.ffn.w": (3, 2),
-        "l.0.x": (5,), "l.1.x": (5,),
+        "l.0.ffn.w": (3, 2),
+        "l.1.ffn.w": (3, 2),
+        "l.0.x": (5,),
+        "l.1.x": (5,),
     }
     # Layer 1's ffn weight keeps another name in the target: no {i} rule for it.
     dst = {"l.0.w": (3, 2), "l.1.other": (3, 2), "l.0.x": (5,), "l.1.x": (5,)}
     lines = suggest_pairings(src, dst)
     assert lines == ["l.0.ffn.{p} -> l.0.{p}", "l.1.ffn.w -> l.1.other"]
     assert sources_by_target(lines, src, dst) == {
-        "l.0.w": "l.0.ffn.w", "l.1.other": "l.1.ffn.w", "l.0.x": "l.0.x", "l.1.x": "l.1.x",
+        "l.0.w": "l.0.ffn.w",
+        "l.1.other": "l.1.ffn.w",
+        "l.0.x": "l.0.x",
+        "l.1.x": "l.1.x",
     }
 
 
@@ -85,5 +98,6 @@ def test_pretraining_heads_next_to_a_stripped_prefix_are_ignored():
     plan = Rules(lines).plan(list(src), list(dst))
     assert plan.ignored_sources == ["cls.dense.weight"]
     assert {a.target: a.source for a in plan.assignments} == {
-        "emb.weight": "bert.emb.weight", "enc.weight": "bert.enc.weight",
+        "emb.weight": "bert.emb.weight",
+        "enc.weight": "bert.enc.weight",
     }

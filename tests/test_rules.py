@@ -33,7 +33,11 @@ def pairs(plan):
         ("{p*}.gamma -> {p*}.weight", "gamma", ("weight",)),  # empty capture drops its dot
         ("a.{x*}.b -> c.{x*}.d", "a.b", ("c.d",)),
         ("a.{x*}.b -> c.{x*}.d", "a.1.2.b", ("c.1.2.d",)),
-        ("enc.layers.{i}.ffn.{w}.{p} -> enc.layers.{i}.{w}.{p}", "enc.layers.7.ffn.fc1.bias", ("enc.layers.7.fc1.bias",)),
+        (
+            "enc.layers.{i}.ffn.{w}.{p} -> enc.layers.{i}.{w}.{p}",
+            "enc.layers.7.ffn.fc1.bias",
+            ("enc.layers.7.fc1.bias",),
+        ),
         ("x.* -> y", "x.anything", ("y",)),
         ("x.** -> y", "x", ("y",)),
         ("t.w -> a.w, b.w", "t.w", ("a.w", "b.w")),
@@ -170,7 +174,9 @@ def test_ignore_target_does_not_hide_a_loaded_target():
 def test_rule_mapping_to_an_empty_name_is_an_error():
     with pytest.raises(CheckpointError) as e:
         Rules.parse("module.{rest*} -> {rest*}", source="r.txt").plan(["module"], [])
-    assert str(e.value) == "r.txt: line 1: module.{rest*} -> {rest*}: maps 'module' to an empty name"
+    assert (
+        str(e.value) == "r.txt: line 1: module.{rest*} -> {rest*}: maps 'module' to an empty name"
+    )
 
 
 def test_rows_from_an_index_file_relative_to_the_rules_file(tmp_path: Path):
@@ -188,7 +194,9 @@ def test_rows_file_errors(tmp_path: Path):
     (tmp_path / "bad.txt").write_text("1\nx2\n")
     with pytest.raises(CheckpointError) as e:
         Rules.parse("a -> b rows[@bad.txt]", source="r.rules", base_dir=tmp_path)
-    assert str(e.value) == f"r.rules:1:8: rows file {tmp_path / 'bad.txt'}:2: 'x2' is not a row number"
+    assert (
+        str(e.value) == f"r.rules:1:8: rows file {tmp_path / 'bad.txt'}:2: 'x2' is not a row number"
+    )
     with pytest.raises(CheckpointError) as e:
         Rules.parse("a -> b rows[@nope.txt]", source="r.rules", base_dir=tmp_path)
     assert str(e.value) == (
@@ -213,9 +221,16 @@ def test_row_ranges(attr, selection, rows_of_40):
 
 @pytest.mark.parametrize(
     ("spelling", "dtype"),
-    [("bf16", torch.bfloat16), ("fp16", torch.float16), ("half", torch.float16),
-     ("fp32", torch.float32), ("F32", torch.float32), ("float64", torch.float64),
-     ("int8", torch.int8), ("float8_e4m3fn", torch.float8_e4m3fn)],
+    [
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("half", torch.float16),
+        ("fp32", torch.float32),
+        ("F32", torch.float32),
+        ("float64", torch.float64),
+        ("int8", torch.int8),
+        ("float8_e4m3fn", torch.float8_e4m3fn),
+    ],
 )
 def test_dtype_spellings(spelling, dtype):
     assert Rules.parse(f"a -> b dtype={spelling}").rules[0].dtype == dtype
@@ -261,7 +276,15 @@ def test_str_round_trips(tmp_path: Path):
     )
     again = Rules.parse(str(r), base_dir=tmp_path)
     assert again == r and str(again) == str(r)
-    assert [(x.line, x.column) for x in r.rules] == [(2, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (9, 1)]
+    assert [(x.line, x.column) for x in r.rules] == [
+        (2, 1),
+        (4, 1),
+        (5, 1),
+        (6, 1),
+        (7, 1),
+        (8, 1),
+        (9, 1),
+    ]
 
 
 def test_python_built_rules_equal_text_built(tmp_path: Path):
@@ -269,8 +292,13 @@ def test_python_built_rules_equal_text_built(tmp_path: Path):
     built = (
         Rules(base_dir=tmp_path)
         .strip_prefix("module.")
-        .rename("src.emb.weight", ["enc.emb.weight", "dec.emb.weight"], rows=slice(10, 1001),
-                dtype=torch.bfloat16, wins=True)
+        .rename(
+            "src.emb.weight",
+            ["enc.emb.weight", "dec.emb.weight"],
+            rows=slice(10, 1001),
+            dtype=torch.bfloat16,
+            wins=True,
+        )
         .rename("a.{i}.b", "c.{i}.b", rows="v.txt")
         .ignore("cls.**")
         .ignore_target("**.version")
@@ -312,7 +340,10 @@ def test_as_rules(tmp_path: Path):
 
 PARSE_ERRORS = [
     ("a.{b -> c", "rules.txt:1:3: unclosed '{'"),
-    ("ok -> fine\n\n  x.{i}.y -> z.{i}.{j}", "rules.txt:3:20: unknown capture {j}: the source pattern does not define it"),
+    (
+        "ok -> fine\n\n  x.{i}.y -> z.{i}.{j}",
+        "rules.txt:3:20: unknown capture {j}: the source pattern does not define it",
+    ),
     ("a..b -> c", "rules.txt:1:3: empty segment"),
     ("a. -> c", "rules.txt:1:3: empty segment"),
     (".a -> c", "rules.txt:1:1: empty segment"),
@@ -324,7 +355,11 @@ PARSE_ERRORS = [
     ("a.{1x} -> c", "rules.txt:1:4: bad capture name '1x'"),
     ("a.{} -> c", "rules.txt:1:4: bad capture name ''"),
     ("{x}.{x} -> c", "rules.txt:1:5: capture {x} appears twice"),
-    ("a.** -> b.**", "rules.txt:1:11: wildcards are not allowed in a target; name a capture in the source, like {name*}"),
+    (
+        "a.** -> b.**",
+        "rules.txt:1:11: wildcards are not allowed in a target; "
+        "name a capture in the source, like {name*}",
+    ),
     ("a b", "rules.txt:1:3: expected '->' after the source pattern, found 'b'"),
     ("a", "rules.txt:1:2: expected '->' after the source pattern"),
     ("a ->", "rules.txt:1:5: expected a target after '->'"),
@@ -365,7 +400,9 @@ def test_file_errors_name_the_file(tmp_path: Path):
 def test_python_built_errors_point_at_the_item():
     with pytest.raises(CheckpointError) as e:
         Rules([("a", "b"), ("c.{i}", "d.{j}")])
-    assert str(e.value) == "<python>:2:12: unknown capture {j}: the source pattern does not define it"
+    assert (
+        str(e.value) == "<python>:2:12: unknown capture {j}: the source pattern does not define it"
+    )
 
 
 def test_keyword_named_key_can_still_be_renamed():
@@ -388,7 +425,9 @@ def rule_sets(draw):
     for n in range(draw(st.integers(1, 6))):
         elems = draw(
             st.lists(
-                st.sampled_from(["lit", "lit", "one", "many", "star", "dstar"]), min_size=1, max_size=4
+                st.sampled_from(["lit", "lit", "one", "many", "star", "dstar"]),
+                min_size=1,
+                max_size=4,
             )
         )
         src, caps = [], []
@@ -431,7 +470,9 @@ def reference_match(rule_lines: list[str], key: str):
                 regex += "(?:[^/]+/)" if seg == "*" else "(?:[^/]+/)*"
             elif seg.startswith("{"):
                 name = seg.strip("{}*")
-                regex += f"(?P<{name}>[^/]+/)" if not seg.endswith("*}") else f"(?P<{name}>(?:[^/]+/)*)"
+                regex += (
+                    f"(?P<{name}>[^/]+/)" if not seg.endswith("*}") else f"(?P<{name}>(?:[^/]+/)*)"
+                )
             else:
                 regex += re.escape(seg + "/")
         m = re.fullmatch(regex, text)
@@ -492,8 +533,12 @@ def test_plan_agrees_with_matches(rule_lines, keys, extra_targets):
 def tiny_bert_keys() -> tuple[list[str], list[str]]:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=20,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
     )
     pretraining = list(transformers.BertForPreTraining(config).state_dict())
     plain = list(transformers.BertModel(config).state_dict())
@@ -503,7 +548,9 @@ def tiny_bert_keys() -> tuple[list[str], list[str]]:
 def tf_style(key: str) -> str:
     """Old TF-converted naming: LayerNorm.gamma / LayerNorm.beta."""
     if ".LayerNorm." in key:
-        return key.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(".LayerNorm.bias", ".LayerNorm.beta")
+        return key.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(
+            ".LayerNorm.bias", ".LayerNorm.beta"
+        )
     return key
 
 
@@ -539,4 +586,6 @@ def test_story2_without_the_ignore_the_heads_are_left_over():
     assert pairs(plan) == {t: "module.bert." + t for t in plain}
     # module.cls.* match no rule and name no target: the loader reports them unexpected.
     used = {a.source for a in plan.assignments}
-    assert sorted(k for k in saved if k not in used) == sorted(k for k in saved if k.startswith("module.cls."))
+    assert sorted(k for k in saved if k not in used) == sorted(
+        k for k in saved if k.startswith("module.cls.")
+    )

@@ -20,13 +20,14 @@ HIDDEN, FFN, POSITIONS = 16, 64, 34
 VOCAB_FILE, VOCAB_MODEL = 1040, 1001
 ENC_LAYERS, DEC_LAYERS = 2, 1
 
+TIED = "decoder.embed_tokens.weight, decoder.output_projection.weight"
 RULES_TEXT = f"""\
 # pretrained DeltaLM (deltalm-base.pt, "weights") -> fairseq DeltaLM ("model")
 src_embedding.embed_tokens.weight -> encoder.embed_tokens.weight rows[:{VOCAB_MODEL}]
 src_embedding.embed_positions.weight -> encoder.embed_positions.weight
 src_embedding.emb_layer_norm.{{p}} -> encoder.layernorm_embedding.{{p}}
 # the output projection is the target embedding again (tied)
-tgt_embedding.embed_tokens.weight -> decoder.embed_tokens.weight, decoder.output_projection.weight rows[:{VOCAB_MODEL}]
+tgt_embedding.embed_tokens.weight -> {TIED} rows[:{VOCAB_MODEL}]
 tgt_embedding.embed_positions.weight -> decoder.embed_positions.weight
 tgt_embedding.emb_layer_norm.{{p}} -> decoder.layernorm_embedding.{{p}}
 
@@ -196,7 +197,9 @@ def test_plan_applied_to_tensors_fills_the_model_with_the_right_values(plan: Map
     tgt_emb = src["tgt_embedding.embed_tokens.weight"]
     assert torch.equal(got["decoder.output_projection.weight"], tgt_emb[:VOCAB_MODEL])
     assert torch.equal(got["decoder.embed_tokens.weight"], tgt_emb[:VOCAB_MODEL])
-    assert torch.equal(got["encoder.embed_tokens.weight"], src["src_embedding.embed_tokens.weight"][:VOCAB_MODEL])
+    assert torch.equal(
+        got["encoder.embed_tokens.weight"], src["src_embedding.embed_tokens.weight"][:VOCAB_MODEL]
+    )
     assert torch.equal(got["decoder.layers.0.fc3.weight"], src["decoder.layers.0.ffn_2.fc1.weight"])
     assert torch.equal(got["decoder.layers.0.fc4.bias"], src["decoder.layers.0.ffn_2.fc2.bias"])
     assert torch.equal(got["encoder.layers.1.fc2.weight"], src["encoder.layers.1.ffn.fc2.weight"])
