@@ -589,3 +589,14 @@ def test_story2_without_the_ignore_the_heads_are_left_over():
     assert sorted(k for k in saved if k not in used) == sorted(
         k for k in saved if k.startswith("module.cls.")
     )
+
+
+def test_many_wildcards_over_a_long_key_stay_fast_and_greedy():
+    # Five `**` over 60 segments: ~5 million ways to split for a plain backtracking walk.
+    lines = ["**.**.**.**.**.x -> y", "{a*}.b.{c*}.b.{d*} -> {d*}.{c*}.{a*}"]
+    key = ".".join(["a", "b"] * 30)
+    (m,) = Rules(lines).match([key])
+    assert m is not None
+    assert (m.rule.line - 1, m.targets) == reference_match(lines, key)
+    (hit,) = Rules(lines).match([key + ".x"])
+    assert hit is not None and hit.targets == ("y",)

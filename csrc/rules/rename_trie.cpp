@@ -1,6 +1,7 @@
 #include "rules/rename_trie.h"
 
 #include <algorithm>
+#include <unordered_set>
 
 namespace fastckpt::rules {
 
@@ -77,16 +78,31 @@ void RenameTrie::add(const Pattern& pattern, uint32_t rule) {
   nodes_[node].rule = std::min(nodes_[node].rule, rule);
 }
 
+// Several `**` in one pattern over a long (hostile) key would make the plain
+// walk exponential. After this many steps the walk restarts and remembers
+// which (node, position) pairs it has been at: a second visit cannot find a
+// lower rule than the first did, so it is skipped and the walk stays polynomial.
+constexpr uint64_t kMemoAfterSteps = 4096;
+
 struct RenameTrie::Walk {
   const std::vector<std::string_view>& segments;
   std::vector<Span>& best_spans;
   std::vector<Span>& spans;  // spans of the path being walked
   uint32_t best = kNoRule;
+  uint64_t steps = 0;
+  bool gave_up = false;                    // step limit hit without memo
+  std::unordered_set<uint64_t>* seen = nullptr;  // memo, once enabled
 };
 
 void RenameTrie::walk(Walk& w, uint32_t node, uint32_t pos, size_t depth) const {
   const Node& n = nodes_[node];
-  if (n.min_rule >= w.best) return;
+  if (n.min_rule >= w.best || w.gave_up) return;
+  if (w.seen) {
+    if (!w.seen->insert((static_cast<uint64_t>(node) << 32) | pos).second) return;
+  } else if (++w.steps > kMemoAfterSteps) {
+    w.gave_up = true;
+    return;
+  }
   const auto nseg = static_cast<uint32_t>(w.segments.size());
   if (w.spans.size() <= depth) w.spans.resize(depth + 1);
   if (pos == nseg && n.rule < w.best) {
@@ -120,9 +136,14 @@ uint32_t RenameTrie::match(const std::vector<std::string_view>& segments,
                            std::vector<Span>& spans) const {
   // Scratch reused across calls; one per thread so matching may run in parallel.
   thread_local std::vector<Span> scratch;
-  Walk w{segments, spans, scratch, kNoRule};
+  Walk w{segments, spans, scratch};
   walk(w, 0, 0, 0);
-  return w.best;
+  if (!w.gave_up) return w.best;
+  std::unordered_set<uint64_t> seen;
+  Walk slow{segments, spans, scratch};
+  slow.seen = &seen;
+  walk(slow, 0, 0, 0);
+  return slow.best;
 }
 
 }  // namespace fastckpt::rules
