@@ -6,6 +6,7 @@ from fastckpt.errors import CheckpointError, LimitError
 from fastckpt.freeze import FreezeSummary, freeze
 from fastckpt.load import StrictLoadError, UninitializedWarning, load_into
 from fastckpt.report import LoadReport
+from fastckpt.rules import Rules, as_rules
 from fastckpt.resume import ResumeReport, resume, save
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "LimitError",
     "LoadReport",
     "ResumeReport",
+    "Rules",
     "StrictLoadError",
     "TensorInfo",
     "UninitializedWarning",
+    "as_rules",
     "diff",
     "freeze",
     "load_into",
