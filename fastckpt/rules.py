@@ -192,7 +192,9 @@ class Rules:
                 out.append(RuleMatch(self._rules[r], tuple(targets[begin[i] : begin[i + 1]])))
         return out
 
-    def plan(self, source_keys: Sequence[str], target_keys: Sequence[str]) -> MappingPlan:
+    def plan(
+        self, source_keys: Sequence[str], target_keys: Sequence[str] | None
+    ) -> MappingPlan:
         """Which source feeds which target.
 
         - A source key no rule matches feeds the target of the same name, if any.
@@ -203,9 +205,11 @@ class Rules:
           then listed in ``ignored_sources``.
         - ``ignored_targets``: targets without a source that ``ignore-target`` covers.
         - ``unused_rules``: rules that were the first match for no key (often a typo).
+        - ``target_keys=None`` (no model, e.g. ``convert``): every source maps, by its
+          rule or to itself.
         """
         sources = tuple(source_keys)
-        targets = tuple(target_keys)
+        targets = sources if target_keys is None else tuple(target_keys)
         names, src_of, rule_of, ign_src, ign_tgt, unused = self._core.plan(sources, targets)
         # One (text, rows, dtype) per rule, not per assignment; None for same-name pairs.
         attrs = [(r.text, r.rows, r.dtype) for r in self._rules]

@@ -36,7 +36,7 @@ def test_inspect_table_and_json(small_file):
     assert result.exit_code == 0
     assert "embed.weight" in result.output and "2 tensors" in result.output
     result = runner.invoke(app, ["inspect", str(path), "--json"])
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert doc["total_tensors"] == 2
     assert {t["name"]: t["shape"] for t in doc["tensors"]} == {
         "embed.weight": [10, 4],
@@ -57,7 +57,7 @@ def test_convert_json_report(small_file, tmp_path):
     dst = tmp_path / "out.safetensors"
     result = runner.invoke(app, ["convert", str(path), str(dst), "--dtype", "bf16", "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert doc["tensors"] == 2 and doc["files"] == ["out.safetensors"]
     assert doc["cast"] == ["embed.weight"]
     back = load_file(str(dst))
@@ -120,7 +120,7 @@ def test_bench_small_json(tmp_path):
     result = runner.invoke(
         app, ["bench", "--size", "small", "--repeat", "1", "--cache-dir", str(tmp_path), "--json"]
     )
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert result.exit_code == (
         1 if any(r["status"] == "error" for t in doc["targets"] for r in t["results"]) else 0
     )

@@ -107,7 +107,7 @@ def test_convert_with_a_rules_file(tmp_path):
         app, ["convert", str(tmp_path / "s.safetensors"), str(dst), "--rules", str(rules), "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["ignored"] == ["module.cls.bias"]
+    assert json.loads(result.stdout)["ignored"] == ["module.cls.bias"]
     back = load_file(str(dst))
     assert list(back) == ["embed.weight"]
     assert_same_bytes(back["embed.weight"], emb[:7])
@@ -118,7 +118,7 @@ def test_bench_fastckpt_row_runs_and_is_verified(tmp_path):
     result = runner.invoke(
         app, ["bench", "--size", "small", "--repeat", "1", "--cache-dir", str(tmp_path), "--json"]
     )
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     for t in doc["targets"]:
         ours = next(r for r in t["results"] if r["contender"] == "fastckpt")
         if t["format"] == "torch" and not _reads_torch_zip():
