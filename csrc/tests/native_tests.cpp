@@ -141,6 +141,9 @@ void test_unguarded_sigbus_still_kills() {
   const std::string path = temp_file(std::string(3 * 4096, 'a'));
   pid_t pid = ::fork();
   if (pid == 0) {
+    // A sanitizer build reports the (expected) fault; keep that report out of the log.
+    int devnull = ::open("/dev/null", O_WRONLY);
+    ::dup2(devnull, 2);
     int fd = ::open(path.c_str(), O_RDONLY);
     auto* p = static_cast<volatile char*>(::mmap(nullptr, 3 * 4096, PROT_READ, MAP_PRIVATE, fd, 0));
     truncate_file(path, 0);
