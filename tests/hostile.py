@@ -567,11 +567,29 @@ def write_corpus(root: Path, sentinel_dir: Path) -> dict[str, list[Path]]:
     return written
 
 
+RULES_SEEDS = {
+    "strip-prefix.rules": "module.{rest*} -> {rest*}\n",
+    "add-prefix.rules": "{rest*} -> bert.{rest*}\n",
+    "rename-anywhere.rules": "{p*}.gamma -> {p*}.weight\n{p*}.beta -> {p*}.bias\n",
+    "deltalm.rules": (
+        "# fairseq DeltaLM -> HF\n"
+        "encoder.layers.{i}.ffn.{w}.{p} -> encoder.layers.{i}.{w}.{p}\n"
+        "src_embedding.embed_tokens.weight -> encoder.embed_tokens.weight rows[:250001]\n"
+        "tgt_embedding.embed_tokens.weight -> decoder.embed_tokens.weight, "
+        "decoder.output_projection.weight rows[:250001] dtype=bf16\n"
+        "ignore cls.**\nignore-target **.version\nfreeze encoder.*\nunfreeze encoder.layers.11.*\n"
+        "a.* -> b.*\nx.** -> y.{rest*}\n"
+    ),
+}
+
+
 def write_seeds(root: Path) -> None:
     """Seed corpora per fuzz target: the valid fixtures of its format plus small hostile files."""
     fixtures = valid_fixtures()
-    for target in ("safetensors", "torch_zip", "torch_legacy"):
+    for target in ("safetensors", "torch_zip", "torch_legacy", "rules"):
         (root / target).mkdir(parents=True, exist_ok=True)
+    for name, text in RULES_SEEDS.items():
+        (root / "rules" / name).write_text(text)
     for name, blob in fixtures.items():
         (root / reader_of(name) / name).write_bytes(blob)
     for case in hostile_cases(root / "sentinels"):
