@@ -87,8 +87,16 @@ def _reduce_popen(s: Path) -> bytes:
 
 
 def _stack_global_os_system(s: Path) -> bytes:
-    return (PROTO4 + unicode("os") + unicode("system") + STACK_GLOBAL + unicode(touch_command(s))
-            + TUPLE1 + REDUCE + STOP)
+    return (
+        PROTO4
+        + unicode("os")
+        + unicode("system")
+        + STACK_GLOBAL
+        + unicode(touch_command(s))
+        + TUPLE1
+        + REDUCE
+        + STOP
+    )
 
 
 def _inst_os_system(s: Path) -> bytes:
@@ -102,9 +110,22 @@ def _obj_os_system(s: Path) -> bytes:
 def _newobj_build(callable_global: bytes, state: bytes) -> bytes:
     # NEWOBJ makes a plain object; the first BUILD sets its attribute __setstate__
     # to the callable, the second BUILD calls it with `state` (pickle's load_build).
-    return (PROTO2 + global_("argparse", "Namespace") + EMPTY_TUPLE + NEWOBJ
-            + NONE + EMPTY_DICT + unicode("__setstate__") + callable_global + SETITEM + TUPLE2
-            + BUILD + state + BUILD + STOP)
+    return (
+        PROTO2
+        + global_("argparse", "Namespace")
+        + EMPTY_TUPLE
+        + NEWOBJ
+        + NONE
+        + EMPTY_DICT
+        + unicode("__setstate__")
+        + callable_global
+        + SETITEM
+        + TUPLE2
+        + BUILD
+        + state
+        + BUILD
+        + STOP
+    )
 
 
 def _newobj_build_os_system(s: Path) -> bytes:
@@ -117,7 +138,9 @@ def _newobj_build_eval(s: Path) -> bytes:
 
 
 def _newobj_build_popen(s: Path) -> bytes:
-    return _newobj_build(global_("subprocess", "Popen"), unicode("touch") + unicode(str(s)) + TUPLE2)
+    return _newobj_build(
+        global_("subprocess", "Popen"), unicode("touch") + unicode(str(s)) + TUPLE2
+    )
 
 
 PAYLOADS: dict[str, Callable[[Path], bytes]] = {
@@ -142,8 +165,13 @@ RESOURCE_PICKLES: dict[str, bytes] = {
     "deep-mark-tuple": PROTO2 + MARK * DEPTH + TUPLE * DEPTH + STOP,
     # A memo slot at 2^32 - 1 (a VM that sizes a vector by it allocates 32 GiB), then
     # a read of an empty slot so the pickle is invalid whatever the memo's design.
-    "memo-huge-put": PROTO2 + EMPTY_LIST + LONG_BINPUT + struct.pack("<I", 0xFFFFFFFF)
-    + LONG_BINGET + struct.pack("<I", 0xFFFFFFFE) + STOP,
+    "memo-huge-put": PROTO2
+    + EMPTY_LIST
+    + LONG_BINPUT
+    + struct.pack("<I", 0xFFFFFFFF)
+    + LONG_BINGET
+    + struct.pack("<I", 0xFFFFFFFE)
+    + STOP,
     "memo-get-unset": PROTO2 + BINGET + b"\x05" + STOP,
     # Three million memo entries, then an opcode no pickle has.
     "memo-flood": PROTO4 + EMPTY_LIST + MEMOIZE * 3_000_000 + b"\xff" + STOP,
@@ -208,20 +236,46 @@ def write_zip(layout: ZipLayout) -> bytes:
         payload = e.data if e.method == 0 else _deflate(e.data)
         crc = zlib.crc32(e.data)
         name = e.name.encode()
-        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, e.method, 0, 0, crc,
-                           len(payload), len(e.data), len(name), 0)
+        out += struct.pack(
+            "<IHHHHHIIIHH",
+            0x04034B50,
+            20,
+            0,
+            e.method,
+            0,
+            0,
+            crc,
+            len(payload),
+            len(e.data),
+            len(name),
+            0,
+        )
         out += name + payload
     cd_start = len(out)
-    for e, off in zip(layout.entries, offsets):
+    for e, off in zip(layout.entries, offsets, strict=True):
         payload_len = len(e.data) if e.method == 0 else len(_deflate(e.data))
         name = e.name.encode()
         extra = e.zip64_extra or b""
-        out += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, e.method, 0, 0,
-                           zlib.crc32(e.data),
-                           payload_len if e.csize is None else e.csize,
-                           len(e.data) if e.usize is None else e.usize,
-                           len(name), len(extra), 0, 0, 0, 0,
-                           off if e.local_offset is None else e.local_offset)
+        out += struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            0x02014B50,
+            20,
+            20,
+            0,
+            e.method,
+            0,
+            0,
+            zlib.crc32(e.data),
+            payload_len if e.csize is None else e.csize,
+            len(e.data) if e.usize is None else e.usize,
+            len(name),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            off if e.local_offset is None else e.local_offset,
+        )
         out += name + extra
     cd_end = len(out)
     n = len(layout.entries) if layout.n_entries is None else layout.n_entries
@@ -233,9 +287,17 @@ def write_zip(layout: ZipLayout) -> bytes:
         out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, z64_cd)
         loc = z64_offset if layout.zip64_locator_offset is None else layout.zip64_locator_offset
         out += struct.pack("<IIQI", 0x07064B50, 0, loc, 1)
-    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                       min(cd_size, 0xFFFFFFFF), min(cd_offset, 0xFFFFFFFF),
-                       layout.comment_len or 0)
+    out += struct.pack(
+        "<IHHHHIIH",
+        0x06054B50,
+        0,
+        0,
+        min(n, 0xFFFF),
+        min(n, 0xFFFF),
+        min(cd_size, 0xFFFFFFFF),
+        min(cd_offset, 0xFFFFFFFF),
+        layout.comment_len or 0,
+    )
     return bytes(out) + layout.extra_tail
 
 
@@ -257,17 +319,26 @@ def torch_records(obj: object) -> list[tuple[str, bytes]]:
 
 
 def zip_with_pickle(records: list[tuple[str, bytes]], pkl: bytes) -> bytes:
-    return write_zip(ZipLayout([ZipEntry(n, pkl if n.endswith("/data.pkl") else d)
-                                for n, d in records], zip64=True))
+    return write_zip(
+        ZipLayout(
+            [ZipEntry(n, pkl if n.endswith("/data.pkl") else d) for n, d in records], zip64=True
+        )
+    )
 
 
 # -- legacy ---------------------------------------------------------------------------
 def legacy_prefix() -> bytes:
     """Magic number, protocol version and sys_info pickles, as torch writes them."""
-    sys_info = {"protocol_version": LEGACY_PROTOCOL, "little_endian": True,
-                "type_sizes": {"short": 2, "int": 4, "long": 4}}
-    return (pickle.dumps(LEGACY_MAGIC, protocol=2) + pickle.dumps(LEGACY_PROTOCOL, protocol=2)
-            + pickle.dumps(sys_info, protocol=2))
+    sys_info = {
+        "protocol_version": LEGACY_PROTOCOL,
+        "little_endian": True,
+        "type_sizes": {"short": 2, "int": 4, "long": 4},
+    }
+    return (
+        pickle.dumps(LEGACY_MAGIC, protocol=2)
+        + pickle.dumps(LEGACY_PROTOCOL, protocol=2)
+        + pickle.dumps(sys_info, protocol=2)
+    )
 
 
 def legacy_with_pickle(pkl: bytes) -> bytes:
@@ -284,7 +355,9 @@ def legacy_storage_start(blob: bytes) -> int:
 
 
 # -- safetensors ------------------------------------------------------------------------
-def safetensors_raw(header: dict | bytes, data: bytes = b"", header_len: int | None = None) -> bytes:
+def safetensors_raw(
+    header: dict | bytes, data: bytes = b"", header_len: int | None = None
+) -> bytes:
     hb = header if isinstance(header, bytes) else json.dumps(header).encode()
     return struct.pack("<Q", len(hb) if header_len is None else header_len) + hb + data
 
@@ -298,65 +371,120 @@ def safetensors_cases() -> dict[str, tuple[bytes, str]]:
     big = 100_000_001
     many = b"{" + b",".join(b'"t%d":0' % i for i in range(1_000_002)) + b"}"
     return {
-        "st-header-len-2^63": (safetensors_raw({}, b"", 2**63),
-                               "header length 9223372036854775808 exceeds the limit of 100000000 bytes"),
-        "st-header-100MB": (safetensors_raw(b"{" + b" " * (big - 2) + b"}"),
-                            "header length 100000001 exceeds the limit of 100000000 bytes"),
-        "st-header-len-past-end": (safetensors_raw({}, b"", 1000),
-                                   "safetensors header: bytes [8, +1000) lie outside the file"),
+        "st-header-len-2^63": (
+            safetensors_raw({}, b"", 2**63),
+            "header length 9223372036854775808 exceeds the limit of 100000000 bytes",
+        ),
+        "st-header-100MB": (
+            safetensors_raw(b"{" + b" " * (big - 2) + b"}"),
+            "header length 100000001 exceeds the limit of 100000000 bytes",
+        ),
+        "st-header-len-past-end": (
+            safetensors_raw({}, b"", 1000),
+            "safetensors header: bytes [8, +1000) lie outside the file",
+        ),
         "st-too-small": (b"\x01\x00", "too small to be a safetensors file (2 bytes)"),
         "st-invalid-json": (safetensors_raw(b'{"w": {"dtype": '), "header is not valid JSON"),
-        "st-invalid-utf8": (safetensors_raw(b'{"w\xff\xfe": {"dtype": "F32", "shape": [1], '
-                                            b'"data_offsets": [0, 4]}}', b"\0" * 4),
-                            "header is not valid JSON"),
+        "st-invalid-utf8": (
+            safetensors_raw(
+                b'{"w\xff\xfe": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4
+            ),
+            "header is not valid JSON",
+        ),
         "st-not-object": (safetensors_raw(b"[1, 2]"), "header is not a JSON object"),
-        "st-deep-nesting": (safetensors_raw(b"[" * 100_000 + b"]" * 100_000),
-                            "nests deeper than 8 levels"),
-        "st-too-many-tensors": (safetensors_raw(many),
-                                "lists more than the limit of 1000000 tensors"),
-        "st-too-many-dims": (safetensors_raw({"w": {"dtype": "U8", "shape": [1] * 65,
-                                                    "data_offsets": [0, 1]}}, b"\0"),
-                             "more than the limit of 64 dimensions"),
-        "st-offsets-past-end": (safetensors_raw({"w": _f32(2)}, b"\0" * 4), "lie past the end of the data"),
-        "st-offsets-huge": (safetensors_raw({"w": {"dtype": "U8", "shape": [1],
-                                                   "data_offsets": [2**64 - 2, 2**64 - 1]}}, b"\0"),
-                            "lie past the end of the data"),
-        "st-offsets-reversed": (safetensors_raw({"w": {"dtype": "U8", "shape": [0],
-                                                       "data_offsets": [4, 0]}}, b"\0" * 4),
-                                "data_offsets end before they begin"),
-        "st-offsets-negative": (safetensors_raw({"w": {"dtype": "U8", "shape": [1],
-                                                       "data_offsets": [-1, 0]}}, b"\0"),
-                                "data_offsets must be a non-negative integer"),
-        "st-offsets-float": (safetensors_raw({"w": {"dtype": "U8", "shape": [1],
-                                                    "data_offsets": [0.0, 1.0]}}, b"\0"),
-                             "data_offsets must be a non-negative integer"),
-        "st-overlap": (safetensors_raw({"a": _f32(2), "b": _f32(2, 4)}, b"\0" * 12),
-                       "overlaps the tensor before it"),
-        "st-hole": (safetensors_raw({"a": _f32(1, 4)}, b"\0" * 8), "hole in the data before tensor 'a'"),
-        "st-not-covering": (safetensors_raw({"a": _f32(1)}, b"\0" * 8),
-                            "data section is 8 bytes but tensors cover 4"),
-        "st-shape-overflow": (safetensors_raw({"w": {"dtype": "F32", "shape": [2**32, 2**32],
-                                                     "data_offsets": [0, 4]}}, b"\0" * 4),
-                              "element count overflows 64 bits"),
-        "st-bytes-overflow": (safetensors_raw({"w": {"dtype": "F64", "shape": [2**62],
-                                                     "data_offsets": [0, 8]}}, b"\0" * 8),
-                              "byte size overflows 64 bits"),
+        "st-deep-nesting": (
+            safetensors_raw(b"[" * 100_000 + b"]" * 100_000),
+            "nests deeper than 8 levels",
+        ),
+        "st-too-many-tensors": (
+            safetensors_raw(many),
+            "lists more than the limit of 1000000 tensors",
+        ),
+        "st-too-many-dims": (
+            safetensors_raw(
+                {"w": {"dtype": "U8", "shape": [1] * 65, "data_offsets": [0, 1]}}, b"\0"
+            ),
+            "more than the limit of 64 dimensions",
+        ),
+        "st-offsets-past-end": (
+            safetensors_raw({"w": _f32(2)}, b"\0" * 4),
+            "lie past the end of the data",
+        ),
+        "st-offsets-huge": (
+            safetensors_raw(
+                {"w": {"dtype": "U8", "shape": [1], "data_offsets": [2**64 - 2, 2**64 - 1]}}, b"\0"
+            ),
+            "lie past the end of the data",
+        ),
+        "st-offsets-reversed": (
+            safetensors_raw(
+                {"w": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}, b"\0" * 4
+            ),
+            "data_offsets end before they begin",
+        ),
+        "st-offsets-negative": (
+            safetensors_raw({"w": {"dtype": "U8", "shape": [1], "data_offsets": [-1, 0]}}, b"\0"),
+            "data_offsets must be a non-negative integer",
+        ),
+        "st-offsets-float": (
+            safetensors_raw(
+                {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0.0, 1.0]}}, b"\0"
+            ),
+            "data_offsets must be a non-negative integer",
+        ),
+        "st-overlap": (
+            safetensors_raw({"a": _f32(2), "b": _f32(2, 4)}, b"\0" * 12),
+            "overlaps the tensor before it",
+        ),
+        "st-hole": (
+            safetensors_raw({"a": _f32(1, 4)}, b"\0" * 8),
+            "hole in the data before tensor 'a'",
+        ),
+        "st-not-covering": (
+            safetensors_raw({"a": _f32(1)}, b"\0" * 8),
+            "data section is 8 bytes but tensors cover 4",
+        ),
+        "st-shape-overflow": (
+            safetensors_raw(
+                {"w": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            "element count overflows 64 bits",
+        ),
+        "st-bytes-overflow": (
+            safetensors_raw(
+                {"w": {"dtype": "F64", "shape": [2**62], "data_offsets": [0, 8]}}, b"\0" * 8
+            ),
+            "byte size overflows 64 bits",
+        ),
         # Found while hardening: an empty tensor's strides overflowed int64 (UB).
-        "st-empty-stride-overflow": (safetensors_raw({"w": {"dtype": "F32", "shape": [0, 2**62, 4],
-                                                            "data_offsets": [0, 0]}}),
-                                     "strides overflow 64 bits"),
-        "st-dim-too-large": (safetensors_raw({"w": {"dtype": "U8", "shape": [2**63],
-                                                    "data_offsets": [0, 0]}}),
-                             "dimension too large"),
-        "st-size-mismatch": (safetensors_raw({"w": {"dtype": "F32", "shape": [2],
-                                                    "data_offsets": [0, 16]}}, b"\0" * 16),
-                             "data_offsets span 16 bytes but F32 shape needs 8"),
-        "st-unknown-dtype": (safetensors_raw({"w": {"dtype": "Q7", "shape": [1],
-                                                    "data_offsets": [0, 1]}}, b"\0"),
-                             "unknown dtype 'Q7'"),
-        "st-missing-fields": (safetensors_raw({"w": {"dtype": "F32"}}), "entry needs dtype, shape and data_offsets"),
-        "st-metadata-not-strings": (safetensors_raw({"__metadata__": {"k": [1]}}),
-                                    "__metadata__ value for 'k' is not a string"),
+        "st-empty-stride-overflow": (
+            safetensors_raw(
+                {"w": {"dtype": "F32", "shape": [0, 2**62, 4], "data_offsets": [0, 0]}}
+            ),
+            "strides overflow 64 bits",
+        ),
+        "st-dim-too-large": (
+            safetensors_raw({"w": {"dtype": "U8", "shape": [2**63], "data_offsets": [0, 0]}}),
+            "dimension too large",
+        ),
+        "st-size-mismatch": (
+            safetensors_raw(
+                {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 16
+            ),
+            "data_offsets span 16 bytes but F32 shape needs 8",
+        ),
+        "st-unknown-dtype": (
+            safetensors_raw({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
+            "unknown dtype 'Q7'",
+        ),
+        "st-missing-fields": (
+            safetensors_raw({"w": {"dtype": "F32"}}),
+            "entry needs dtype, shape and data_offsets",
+        ),
+        "st-metadata-not-strings": (
+            safetensors_raw({"__metadata__": {"k": [1]}}),
+            "__metadata__ value for 'k' is not a string",
+        ),
     }
 
 
@@ -380,19 +508,31 @@ def hostile_cases(sentinel_dir: Path) -> list[Case]:
     records = torch_records({"w": torch.arange(6, dtype=torch.float32)})
     for name, make in PAYLOADS.items():
         pkl = make(sentinel_dir / f"zip-{name}.ran")
-        cases.append(Case(f"zip-{name}", f"zip-{name}.pt", zip_with_pickle(records, pkl), "torch_zip"))
+        cases.append(
+            Case(f"zip-{name}", f"zip-{name}.pt", zip_with_pickle(records, pkl), "torch_zip")
+        )
         pkl = make(sentinel_dir / f"legacy-{name}.ran")
-        cases.append(Case(f"legacy-{name}", f"legacy-{name}.pt", legacy_with_pickle(pkl), "torch_legacy"))
+        cases.append(
+            Case(f"legacy-{name}", f"legacy-{name}.pt", legacy_with_pickle(pkl), "torch_legacy")
+        )
     for name, pkl in RESOURCE_PICKLES.items():
-        cases.append(Case(f"zip-{name}", f"zip-{name}.pt", zip_with_pickle(records, pkl), "torch_zip"))
-        cases.append(Case(f"legacy-{name}", f"legacy-{name}.pt", legacy_with_pickle(pkl), "torch_legacy"))
+        cases.append(
+            Case(f"zip-{name}", f"zip-{name}.pt", zip_with_pickle(records, pkl), "torch_zip")
+        )
+        cases.append(
+            Case(f"legacy-{name}", f"legacy-{name}.pt", legacy_with_pickle(pkl), "torch_legacy")
+        )
     for kind in ("os-system", "eval", "popen"):
         for fmt, zipped in (("zip", True), ("legacy", False)):
             name = f"{fmt}-torch-save-{kind}-beside-tensors"
             evil = _evil_objects(sentinel_dir / f"{name}.ran")[kind]
             buf = io.BytesIO()
-            torch.save({"w": torch.ones(3), "hook": evil}, buf, _use_new_zipfile_serialization=zipped)
-            cases.append(Case(name, f"{name}.pt", buf.getvalue(), "torch_zip" if zipped else "torch_legacy"))
+            torch.save(
+                {"w": torch.ones(3), "hook": evil}, buf, _use_new_zipfile_serialization=zipped
+            )
+            cases.append(
+                Case(name, f"{name}.pt", buf.getvalue(), "torch_zip" if zipped else "torch_legacy")
+            )
     cases += zip_structure_cases()
     cases += legacy_structure_cases()
     return cases
@@ -401,7 +541,9 @@ def hostile_cases(sentinel_dir: Path) -> list[Case]:
 def _valid_zip_layout() -> ZipLayout:
     import torch
 
-    return ZipLayout([ZipEntry(n, d) for n, d in torch_records({"w": torch.arange(6.0)})], zip64=True)
+    return ZipLayout(
+        [ZipEntry(n, d) for n, d in torch_records({"w": torch.arange(6.0)})], zip64=True
+    )
 
 
 def zip_structure_cases() -> list[Case]:
@@ -470,18 +612,31 @@ def zip_structure_cases() -> list[Case]:
     def duplicate_pkl(layout: ZipLayout) -> None:
         layout.entries.append(ZipEntry(entry(layout, "/data.pkl").name, b"\x80\x02}."))
 
-    cases = [mutated(n, f) for n, f in [
-        ("overlapping-entries", overlap), ("overlapping-sizes", overlap_size),
-        ("deflated-storage", compressed_data), ("deflated-pickle", compressed_pkl),
-        ("entry-size-past-end", size_past_end), ("local-header-past-end", local_past_end),
-        ("central-directory-outside", cd_outside), ("central-directory-size-lie", cd_size_lie),
-        ("entry-count-lie", count_lie), ("zip64-cd-offset-lie", zip64_cd_lie),
-        ("zip64-locator-lie", zip64_locator_lie), ("zip64-extra-sizes-lie", zip64_extra_lie),
-        ("zip64-extra-short", zip64_extra_short), ("comment-length-lie", comment_lie),
-        ("missing-data-pkl", no_pkl), ("missing-storage-record", no_storage),
-        ("duplicate-data-pkl", duplicate_pkl),
-    ]]
-    cases.append(Case("zip-no-end-record", "zip-no-end-record.pt", b"PK\x03\x04" + b"\0" * 100, "torch_zip"))
+    cases = [
+        mutated(n, f)
+        for n, f in [
+            ("overlapping-entries", overlap),
+            ("overlapping-sizes", overlap_size),
+            ("deflated-storage", compressed_data),
+            ("deflated-pickle", compressed_pkl),
+            ("entry-size-past-end", size_past_end),
+            ("local-header-past-end", local_past_end),
+            ("central-directory-outside", cd_outside),
+            ("central-directory-size-lie", cd_size_lie),
+            ("entry-count-lie", count_lie),
+            ("zip64-cd-offset-lie", zip64_cd_lie),
+            ("zip64-locator-lie", zip64_locator_lie),
+            ("zip64-extra-sizes-lie", zip64_extra_lie),
+            ("zip64-extra-short", zip64_extra_short),
+            ("comment-length-lie", comment_lie),
+            ("missing-data-pkl", no_pkl),
+            ("missing-storage-record", no_storage),
+            ("duplicate-data-pkl", duplicate_pkl),
+        ]
+    ]
+    cases.append(
+        Case("zip-no-end-record", "zip-no-end-record.pt", b"PK\x03\x04" + b"\0" * 100, "torch_zip")
+    )
     return cases
 
 
@@ -492,20 +647,32 @@ def legacy_structure_cases() -> list[Case]:
     torch.save({"w": torch.arange(6.0)}, buf, _use_new_zipfile_serialization=False)
     good = buf.getvalue()
     start = legacy_storage_start(good)
-    bad_magic = pickle.dumps(LEGACY_MAGIC + 1, protocol=2) + good[len(pickle.dumps(LEGACY_MAGIC, protocol=2)):]
+    bad_magic = (
+        pickle.dumps(LEGACY_MAGIC + 1, protocol=2)
+        + good[len(pickle.dumps(LEGACY_MAGIC, protocol=2)) :]
+    )
     proto_at = len(pickle.dumps(LEGACY_MAGIC, protocol=2))
-    bad_proto = good[:proto_at] + pickle.dumps(999, protocol=2) + good[proto_at + len(
-        pickle.dumps(LEGACY_PROTOCOL, protocol=2)):]
-    huge_count = good[:start] + struct.pack("<q", 2**62) + good[start + 8:]
-    negative_count = good[:start] + struct.pack("<q", -1) + good[start + 8:]
+    bad_proto = (
+        good[:proto_at]
+        + pickle.dumps(999, protocol=2)
+        + good[proto_at + len(pickle.dumps(LEGACY_PROTOCOL, protocol=2)) :]
+    )
+    huge_count = good[:start] + struct.pack("<q", 2**62) + good[start + 8 :]
+    negative_count = good[:start] + struct.pack("<q", -1) + good[start + 8 :]
     return [
         Case("legacy-bad-magic", "legacy-bad-magic.pt", bad_magic, "torch_legacy"),
         Case("legacy-bad-protocol", "legacy-bad-protocol.pt", bad_proto, "torch_legacy"),
         Case("legacy-truncated-storage", "legacy-truncated-storage.pt", good[:-5], "torch_legacy"),
         Case("legacy-storages-missing", "legacy-storages-missing.pt", good[:start], "torch_legacy"),
-        Case("legacy-storage-count-huge", "legacy-storage-count-huge.pt", huge_count, "torch_legacy"),
-        Case("legacy-storage-count-negative", "legacy-storage-count-negative.pt", negative_count,
-             "torch_legacy"),
+        Case(
+            "legacy-storage-count-huge", "legacy-storage-count-huge.pt", huge_count, "torch_legacy"
+        ),
+        Case(
+            "legacy-storage-count-negative",
+            "legacy-storage-count-negative.pt",
+            negative_count,
+            "torch_legacy",
+        ),
         Case("legacy-magic-only", "legacy-magic-only.pt", good[:proto_at], "torch_legacy"),
     ]
 
@@ -516,8 +683,14 @@ def valid_fixtures() -> dict[str, bytes]:
     from safetensors.torch import save
 
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    state = {"a.weight": base, "a.t": base.t(), "a.row": base[1], "b.bias": torch.ones(3, dtype=torch.float16),
-             "b.idx": torch.arange(5), "scalar": torch.tensor(2.5)}
+    state = {
+        "a.weight": base,
+        "a.t": base.t(),
+        "a.row": base[1],
+        "b.bias": torch.ones(3, dtype=torch.float16),
+        "b.idx": torch.arange(5),
+        "scalar": torch.tensor(2.5),
+    }
     nested = {"model": state, "step": 7, "args": {"lr": 0.1}}
     out = {}
     for name, obj in (("state", state), ("nested", nested)):
@@ -609,8 +782,11 @@ def run_files(files: list[str]) -> None:
         try:
             with fastckpt.open(f) as ckpt:
                 # Touch every byte of every tensor: an index that lies would fault here.
-                total = sum(int(ckpt.tensor(k).reshape(-1).view(torch.uint8).sum())
-                            for k in ckpt.keys() if ckpt.info(k).nbytes)
+                total = sum(
+                    int(ckpt.tensor(k).reshape(-1).view(torch.uint8).sum())
+                    for k in ckpt.keys()
+                    if ckpt.info(k).nbytes
+                )
                 result.update(outcome="ok", tensors=len(ckpt), byte_sum=total)
         except fastckpt.CheckpointError as e:
             result.update(outcome="CheckpointError", type=type(e).__name__, message=str(e))

@@ -30,7 +30,10 @@ def run_isolated(files: list[Path]) -> dict[str, dict]:
     while pending:
         proc = subprocess.run(
             [sys.executable, "-m", "tests.hostile", "run", *pending],
-            capture_output=True, text=True, cwd=REPO, timeout=900,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=900,
         )
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         for r in lines:
@@ -38,9 +41,13 @@ def run_isolated(files: list[Path]) -> dict[str, dict]:
         if proc.returncode == 0 and len(lines) == len(pending):
             break
         culprit = pending[len(lines)]
-        results[culprit] = {"file": culprit, "outcome": "crashed", "returncode": proc.returncode,
-                            "stderr": proc.stderr[-4000:]}
-        pending = pending[len(lines) + 1:]
+        results[culprit] = {
+            "file": culprit,
+            "outcome": "crashed",
+            "returncode": proc.returncode,
+            "stderr": proc.stderr[-4000:],
+        }
+        pending = pending[len(lines) + 1 :]
     return results
 
 
@@ -84,8 +91,13 @@ def test_no_payload_ran(corpus):
     assert sorted(p.name for p in sentinels.iterdir()) == []
 
 
-LIMIT_CASES = ["st-header-len-2^63", "st-header-100MB", "st-deep-nesting", "st-too-many-tensors",
-               "st-too-many-dims"]
+LIMIT_CASES = [
+    "st-header-len-2^63",
+    "st-header-100MB",
+    "st-deep-nesting",
+    "st-too-many-tensors",
+    "st-too-many-dims",
+]
 
 
 @pytest.mark.parametrize("name", LIMIT_CASES)
@@ -111,8 +123,17 @@ def test_payload_runs_under_pickle_loads(tmp_path, name):
     sentinel = tmp_path / "ran"
     blob = tmp_path / "payload.pkl"
     blob.write_bytes(hostile.PAYLOADS[name](sentinel))
-    subprocess.run([sys.executable, "-c", "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read())",
-                    str(blob)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read())",
+            str(blob),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     assert _wait_for(sentinel), f"{name} did not run under pickle.loads: the case tests nothing"
 
 
@@ -121,11 +142,13 @@ def test_torch_save_payloads_run_under_torch_load(tmp_path):
     assert len(cases) == 6
     for c in cases:
         (tmp_path / c.filename).write_bytes(c.data)
-    script = ("import sys, torch\n"
-              "for f in sys.argv[1:]:\n"
-              "    torch.load(f, weights_only=False)\n")
-    subprocess.run([sys.executable, "-c", script, *(str(tmp_path / c.filename) for c in cases)],
-                   check=True, capture_output=True, timeout=300)
+    script = "import sys, torch\nfor f in sys.argv[1:]:\n    torch.load(f, weights_only=False)\n"
+    subprocess.run(
+        [sys.executable, "-c", script, *(str(tmp_path / c.filename) for c in cases)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     for c in cases:
         assert _wait_for(tmp_path / f"{c.name}.ran"), c.name
 
@@ -166,8 +189,11 @@ def test_valid_fixture_opens(truncations, name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_truncated_fixture_gives_checkpoint_error(truncations, name):
     _, files, results = truncations
-    bad = {p.name: results[str(p)] for p in files[name]
-           if results[str(p)]["outcome"] != "CheckpointError"}
+    bad = {
+        p.name: results[str(p)]
+        for p in files[name]
+        if results[str(p)]["outcome"] != "CheckpointError"
+    }
     assert not bad, _describe(bad)
     assert len(files[name]) >= 40
 
@@ -198,11 +224,19 @@ def test_file_truncated_by_another_thread_while_parsing(tmp_path):
     # A 48 MB header (padding inside __metadata__) keeps the parse busy for a while;
     # the GIL is released during it, so the cutter thread truncates mid-parse.
     pad = "x" * (48 << 20)
-    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"pad": pad}}
+    header = {
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "__metadata__": {"pad": pad},
+    }
     path = tmp_path / "big.safetensors"
     path.write_bytes(hostile.safetensors_raw(header, b"\0" * 8))
-    proc = subprocess.run([sys.executable, "-c", SHRINK_SCRIPT, str(path)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHRINK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]  # -7 would be SIGBUS
     outcomes = json.loads(proc.stdout)
     assert all(o == "ok" or o.startswith(f"{path}: ") for o in outcomes), outcomes
@@ -212,16 +246,26 @@ def test_file_truncated_by_another_thread_while_parsing(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="needs /proc")
 def test_file_truncated_by_another_process_while_parsing(tmp_path):
     pad = "x" * (48 << 20)
-    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"pad": pad}}
+    header = {
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "__metadata__": {"pad": pad},
+    }
     path = tmp_path / "big.safetensors"
     path.write_bytes(hostile.safetensors_raw(header, b"\0" * 8))
-    script = ("import sys, subprocess, fastckpt\n"
-              "subprocess.Popen([sys.executable, '-c', 'import os, sys, time; time.sleep(0.05); "
-              "os.truncate(sys.argv[1], 100)', sys.argv[1]])\n"
-              "try:\n    fastckpt.open(sys.argv[1]); print('ok')\n"
-              "except fastckpt.CheckpointError as e:\n    print(e)\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    script = (
+        "import sys, subprocess, fastckpt\n"
+        "subprocess.Popen([sys.executable, '-c', 'import os, sys, time; time.sleep(0.05); "
+        "os.truncate(sys.argv[1], 100)', sys.argv[1]])\n"
+        "try:\n    fastckpt.open(sys.argv[1]); print('ok')\n"
+        "except fastckpt.CheckpointError as e:\n    print(e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.strip()
     assert out == "ok" or out.startswith(f"{path}: "), out
