@@ -269,3 +269,39 @@ def test_file_truncated_by_another_process_while_parsing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.strip()
     assert out == "ok" or out.startswith(f"{path}: "), out
+
+
+USER_VIEW_SCRIPT = r"""
+import faulthandler, os, sys
+import fastckpt
+faulthandler.enable()  # installed before fastckpt's handler: fastckpt must chain to it
+path = sys.argv[1]
+with fastckpt.open(path) as ckpt:
+    t = ckpt.tensor("w")  # a zero-copy view of the mapping
+os.truncate(path, 100)
+print("sum", float(t.sum()), flush=True)  # touches pages that no longer exist
+"""
+
+
+def test_zero_copy_view_of_a_shrunk_file_is_still_fatal(tmp_path):
+    """What remains (docs/HARDENING.md): fastckpt's handler does not swallow foreign faults.
+
+    A user holding a zero-copy tensor of a file that shrinks gets SIGBUS, with
+    faulthandler's traceback, as with torch.load(mmap=True) - never a hang or zeros.
+    """
+    import signal
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(64 * 1024, dtype=torch.float32)}, str(path))  # aligned: a view
+    proc = subprocess.run(
+        [sys.executable, "-c", USER_VIEW_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr[-2000:])
+    assert "Fatal Python error: Bus error" in proc.stderr
+    assert "sum" not in proc.stdout

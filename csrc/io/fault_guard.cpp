@@ -22,22 +22,36 @@ std::mutex g_install_mutex;
 struct sigaction g_previous{};
 uintptr_t g_page_mask = 0;
 
-void chain_to_previous(int sig, siginfo_t* info, void* ctx) {
-  if ((g_previous.sa_flags & SA_SIGINFO) != 0 && g_previous.sa_sigaction != nullptr) {
-    g_previous.sa_sigaction(sig, info, ctx);
-    return;
-  }
-  if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN &&
-      g_previous.sa_handler != nullptr) {
-    g_previous.sa_handler(sig);
-    return;
-  }
-  // Default (or ignored, which cannot work for a fault): put it back and return;
-  // the load faults again and the process dies as it would have without us.
+// Set while a chained handler runs: a handler that re-raises into us (Python's
+// faulthandler does, once it has put its own predecessor back) must not start a cycle.
+volatile sig_atomic_t g_chaining = 0;
+
+void die_by_default(int sig, const siginfo_t* info) {
   struct sigaction dfl{};
   dfl.sa_handler = SIG_DFL;
   sigemptyset(&dfl.sa_mask);
-  ::sigaction(SIGBUS, &dfl, nullptr);
+  ::sigaction(sig, &dfl, nullptr);
+  // A fault repeats when the load restarts; a signal sent by kill/raise must be re-sent.
+  if (info == nullptr || info->si_code <= 0) ::raise(sig);
+}
+
+void chain_to_previous(int sig, siginfo_t* info, void* ctx) {
+  if (g_chaining != 0) {
+    die_by_default(sig, info);
+    return;
+  }
+  g_chaining = 1;
+  if ((g_previous.sa_flags & SA_SIGINFO) != 0 && g_previous.sa_sigaction != nullptr) {
+    g_previous.sa_sigaction(sig, info, ctx);
+  } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN &&
+             g_previous.sa_handler != nullptr) {
+    g_previous.sa_handler(sig);
+  } else {
+    // Default (or ignored, which cannot work for a fault): the process dies as it
+    // would have without us.
+    die_by_default(sig, info);
+  }
+  g_chaining = 0;
 }
 
 }  // namespace

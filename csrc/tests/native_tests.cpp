@@ -159,6 +159,19 @@ void test_unguarded_sigbus_still_kills() {
   expect(died && !survived,
          "SIGBUS outside a guard still terminates (status " + std::to_string(status) + ")");
   ::unlink(path.c_str());
+
+  // A SIGBUS sent by kill/raise (no faulting load to restart) is not swallowed either.
+  pid = ::fork();
+  if (pid == 0) {
+    int devnull = ::open("/dev/null", O_WRONLY);
+    ::dup2(devnull, 2);
+    ::raise(SIGBUS);
+    std::_Exit(3);
+  }
+  ::waitpid(pid, &status, 0);
+  const bool raised_died = WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 3 &&
+                                                   WEXITSTATUS(status) != 0);
+  expect(raised_died, "raise(SIGBUS) still terminates (status " + std::to_string(status) + ")");
 }
 
 }  // namespace
