@@ -17,6 +17,10 @@ uint64_t checked_numel(const std::string& path, const TensorRecord& t) {
 }
 
 bool is_contiguous(const TensorRecord& t) {
+  // As in torch, an empty tensor is contiguous; this also keeps `expected`
+  // bounded by the element count (its other dimensions may be huge).
+  for (int64_t d : t.shape)
+    if (d == 0) return true;
   int64_t expected = 1;
   for (size_t i = t.shape.size(); i-- > 0;) {
     if (t.shape[i] != 1 && t.strides[i] != expected) return false;

@@ -5,11 +5,14 @@
 #include "common/error.h"
 #include "formats/safetensors_reader.h"
 #include "formats/torch_reader.h"
+#include "io/fault_guard.h"
 
 namespace fastckpt {
 
-CheckpointIndex open_checkpoint_file(const std::string& path) {
-  auto file = MappedFile::open(path);
+namespace {
+
+CheckpointIndex read_by_content(const std::shared_ptr<MappedFile>& file) {
+  const std::string& path = file->path();
   const uint8_t* p = file->data();
   const uint64_t n = file->size();
   if (n >= 4 && std::memcmp(p, "PK\x03\x04", 4) == 0) return read_torch_zip(file);
@@ -19,6 +22,14 @@ CheckpointIndex open_checkpoint_file(const std::string& path) {
       path.size() >= 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0;
   if (named_safetensors || (n >= 9 && p[8] == '{')) return read_safetensors(file);
   fail(path, "not a checkpoint fastckpt can read (neither safetensors, torch zip nor legacy torch)");
+}
+
+}  // namespace
+
+CheckpointIndex open_checkpoint_file(const std::string& path) {
+  // Readers parse from the mapping; the guard turns a concurrent truncation into
+  // a CheckpointError instead of SIGBUS (see io/fault_guard.h).
+  return guarded_read(MappedFile::open(path), read_by_content);
 }
 
 }  // namespace fastckpt

@@ -16,9 +16,15 @@ using nlohmann::json;
 // is rejected before parsing so a hostile header cannot exhaust the stack.
 constexpr int kMaxJsonDepth = 8;
 
-void check_json_depth(const std::string& path, const char* p, size_t n) {
+// One pass over the raw header before it is parsed, so hostile input is refused
+// before it costs a deep stack or a large parsed tree: nesting depth, the number
+// of top-level entries (tensors) and the length of any list nested as deep as a
+// shape (its dimensions).
+void prescan_header(const std::string& path, const char* p, size_t n) {
   int depth = 0;
   bool in_string = false;
+  size_t entries = 0;
+  size_t list_items = 0;
   for (size_t i = 0; i < n; ++i) {
     char c = p[i];
     if (in_string) {
@@ -30,8 +36,17 @@ void check_json_depth(const std::string& path, const char* p, size_t n) {
       if (++depth > kMaxJsonDepth)
         throw LimitError(path + ": safetensors header nests deeper than " +
                          std::to_string(kMaxJsonDepth) + " levels");
+      list_items = c == '[' ? 1 : 0;  // objects at shape depth are refused by the parser
     } else if (c == '}' || c == ']') {
       --depth;
+    } else if (c == ':' && depth == 1) {
+      if (++entries > kMaxSafetensorsTensors + 1)  // + 1: __metadata__
+        throw LimitError(path + ": safetensors header lists more than the limit of " +
+                         std::to_string(kMaxSafetensorsTensors) + " tensors");
+    } else if (c == ',' && depth == 3 && list_items > 0) {
+      if (++list_items > kMaxTensorDims)
+        throw LimitError(path + ": a shape in the safetensors header has more than the limit of " +
+                         std::to_string(kMaxTensorDims) + " dimensions");
     }
   }
 }
@@ -62,7 +77,7 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
   const auto* header = reinterpret_cast<const char*>(file->span(8, header_len, "safetensors header"));
   const uint64_t data_start = 8 + header_len;
   const uint64_t data_size = file->size() - data_start;
-  check_json_depth(path, header, header_len);
+  prescan_header(path, header, header_len);
 
   json root = json::parse(header, header + header_len, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) fail(path, "safetensors header is not valid JSON");
@@ -93,6 +108,9 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
     auto dtype = dtype_from_name(dt->get<std::string>());
     if (!dtype) fail(path, where + ": unknown dtype '" + dt->get<std::string>() + "'");
     if (!sh->is_array()) fail(path, where + ": shape is not a list");
+    if (sh->size() > kMaxTensorDims)  // the prescan bounds lists at this depth already
+      throw LimitError(path + ": " + where + " has more than the limit of " +
+                       std::to_string(kMaxTensorDims) + " dimensions");
     if (!off->is_array() || off->size() != 2) fail(path, where + ": data_offsets is not [begin, end]");
 
     TensorRecord t;
@@ -116,9 +134,15 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
     if (!range_fits(begin, end - begin, data_size))
       fail(path, where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
                      ") lie past the end of the data (" + std::to_string(data_size) + " bytes)");
-    // Row-major strides.
+    // Row-major strides. An empty tensor's other dimensions are not bounded by
+    // the data size, so their product (a stride) can still overflow.
     t.strides.assign(t.shape.size(), 1);
-    for (size_t i = t.shape.size(); i-- > 1;) t.strides[i - 1] = t.strides[i] * t.shape[i];
+    for (size_t i = t.shape.size(); i-- > 1;) {
+      auto stride = checked_mul(static_cast<uint64_t>(t.strides[i]), static_cast<uint64_t>(t.shape[i]));
+      if (!stride || *stride > static_cast<uint64_t>(INT64_MAX))
+        fail(path, where + ": strides overflow 64 bits");
+      t.strides[i - 1] = static_cast<int64_t>(*stride);
+    }
     t.storage = static_cast<uint32_t>(index.storages.size());
     index.storages.push_back({name, data_start + begin, end - begin, t.dtype});
     ranges.push_back({begin, end, index.tensors.size()});
