@@ -1,6 +1,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "bindings/bindings.h"
@@ -50,6 +51,20 @@ void register_formats(py::module_& m) {
              py::list out(i.tensors.size());
              for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(i.tensors[k].path));
              return out;
+           })
+      // Storage index of every tensor: plain ints, cheap to build for 30k tensors.
+      .def("tensor_storages",
+           [](const CheckpointIndex& i) {
+             py::list out(i.tensors.size());
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::int_(i.tensors[k].storage);
+             return out;
+           })
+      // Longest container path: 1 for a flat state dict (no pick to make).
+      .def("max_path_length",
+           [](const CheckpointIndex& i) {
+             size_t longest = 0;
+             for (const auto& t : i.tensors) longest = std::max(longest, t.path.size());
+             return longest;
            })
       // (name, dtype, shape, strides, storage_offset_elems, storage_index)
       .def("tensor_info", [](const CheckpointIndex& i, size_t k) { return tensor_tuple(i.tensors.at(k)); })

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string_view>
 #include <unordered_set>
 
 #include "common/error.h"
@@ -10,7 +11,7 @@
 namespace fastckpt::pickle {
 namespace {
 
-void append_json_string(std::string& out, const std::string& s) {
+void append_json_string(std::string& out, std::string_view s) {
   out.push_back('"');
   for (char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
@@ -42,7 +43,7 @@ std::string float_text(double f) {
   return s;
 }
 
-std::string latin1_to_utf8(const std::string& s) {
+std::string latin1_to_utf8(std::string_view s) {
   std::string out;
   for (char ch : s) {
     const auto c = static_cast<unsigned char>(ch);
@@ -62,6 +63,7 @@ class TreeWalker {
       : vm_(vm), path_(path), limits_(limits) {}
 
   PickleTree walk(const Value& root) {
+    result_.tensors.reserve(vm_.tensors().size());
     if (root.kind == Kind::Dict) {
       enter(root, /*write=*/true, /*collect=*/true, /*module_state=*/false, /*is_root=*/true);
     } else {
@@ -71,6 +73,12 @@ class TreeWalker {
     }
     run();
     if (root.kind != Kind::Dict) out_ += truncated_ ? ",\"__truncated__\":true}" : "}";
+    // Names are final now (the vector no longer moves), so views into them are safe.
+    std::unordered_set<std::string_view> names;
+    names.reserve(result_.tensors.size());
+    for (const auto& t : result_.tensors)
+      if (!names.insert(t.name).second)
+        fail(path_, "two tensors have the dotted name '" + t.name + "' (keys containing dots collide)");
     result_.metadata_json = std::move(out_);
     return std::move(result_);
   }
@@ -101,13 +109,13 @@ class TreeWalker {
 
   std::string key_text(const Value& k) const {
     switch (k.kind) {
-      case Kind::String: return vm_.node(k).text;
+      case Kind::String: return std::string(vm_.node(k).text);
       case Kind::Int: return std::to_string(k.i);
       case Kind::Bool: return k.i ? "True" : "False";
       case Kind::None: return "None";
       case Kind::Float: return float_text(k.f);
       case Kind::Bytes: return latin1_to_utf8(vm_.node(k).text);
-      case Kind::Global: return vm_.node(k).text;
+      case Kind::Global: return std::string(vm_.node(k).text);
       default: return std::string("<") + (k.kind == Kind::Tuple ? "tuple" : "object") + ">";
     }
   }
@@ -123,8 +131,6 @@ class TreeWalker {
       if (i) t.name.push_back('.');
       t.name += components_[i];
     }
-    if (!names_.insert(t.name).second)
-      fail(path_, "two tensors have the dotted name '" + t.name + "' (keys containing dots collide)");
     t.dtype = pt.dtype;
     t.shape = pt.shape;
     t.strides = pt.strides;
@@ -293,7 +299,6 @@ class TreeWalker {
   std::vector<Frame> frames_;
   std::vector<std::string> components_;
   std::unordered_set<uint32_t> on_path_;
-  std::unordered_set<std::string> names_;
 };
 
 }  // namespace

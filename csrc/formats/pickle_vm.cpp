@@ -1,5 +1,6 @@
 #include "formats/pickle_vm.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstring>
@@ -155,12 +156,17 @@ std::optional<DType> dtype_from_torch_global(std::string_view name) {
 
 PickleVM::PickleVM(std::string path, PickleLimits limits) : path_(std::move(path)), limits_(limits) {}
 
-int64_t PickleVM::find_storage(const std::string& key) const {
+int64_t PickleVM::find_storage(std::string_view key) const {
   auto it = storage_by_key_.find(key);
   return it == storage_by_key_.end() ? -1 : static_cast<int64_t>(it->second);
 }
 
-Value PickleVM::make(Kind kind, std::string text) {
+Value PickleVM::make_owned(Kind kind, std::string text) {
+  owned_.push_back(std::move(text));
+  return make(kind, owned_.back());
+}
+
+Value PickleVM::make(Kind kind, std::string_view text) {
   if (arena_.size() >= limits_.max_nodes)
     throw LimitError(path_ + ": pickle builds more than " + std::to_string(limits_.max_nodes) +
                      " objects (the object limit)");
@@ -169,7 +175,7 @@ Value PickleVM::make(Kind kind, std::string text) {
   v.node = static_cast<uint32_t>(arena_.size());
   Node& n = arena_.emplace_back();
   n.kind = kind;
-  n.text = std::move(text);
+  n.text = text;
   return v;
 }
 
@@ -177,7 +183,10 @@ Value PickleVM::make(Kind kind, std::string text) {
 class PickleVM::Run {
  public:
   Run(PickleVM& vm, const uint8_t* data, size_t size, const std::string& what)
-      : vm_(vm), p_(data), n_(size), what_(what) {}
+      : vm_(vm), p_(data), n_(size), what_(what) {
+    // torch pickles build about one object per 8 bytes: reserve once instead of regrowing.
+    vm_.arena_.reserve(vm_.arena_.size() + std::min(size / 8, vm_.limits_.max_nodes));
+  }
 
   Value exec(size_t* consumed) {
     while (true) {
@@ -314,13 +323,13 @@ class PickleVM::Run {
         case GLOBAL: {
           std::string module = read_line();
           std::string name = read_line();
-          push(vm_.make(Kind::Global, module + "." + name));
+          push(vm_.make_owned(Kind::Global, module + "." + name));
           break;
         }
         case STACK_GLOBAL: {
           Value name = pop(), module = pop();
           if (name.kind != Kind::String || module.kind != Kind::String) bad("STACK_GLOBAL needs two strings");
-          push(vm_.make(Kind::Global, vm_.at(module).text + "." + vm_.at(name).text));
+          push(vm_.make_owned(Kind::Global, std::string(vm_.at(module).text) + "." + std::string(vm_.at(name).text)));
           break;
         }
         case REDUCE: {
@@ -430,7 +439,7 @@ class PickleVM::Run {
   void push_text(Kind kind, uint64_t len) {
     const uint8_t* b = read_bytes(len);
     if (kind == Kind::String && !valid_utf8(b, len)) bad("string is not valid UTF-8");
-    push(vm_.make(kind, std::string(reinterpret_cast<const char*>(b), len)));
+    push(vm_.make(kind, std::string_view(reinterpret_cast<const char*>(b), len)));
   }
   void push_long(uint64_t len) {
     const uint8_t* b = read_bytes(len);
@@ -440,7 +449,7 @@ class PickleVM::Run {
       if (len > 0 && len < 8 && (b[len - 1] & 0x80)) u |= ~uint64_t{0} << (8 * len);  // sign-extend
       push(scalar_int(static_cast<int64_t>(u)));
     } else {
-      push(vm_.make(Kind::BigInt, std::string(reinterpret_cast<const char*>(b), len)));
+      push(vm_.make(Kind::BigInt, std::string_view(reinterpret_cast<const char*>(b), len)));
     }
   }
 
@@ -482,18 +491,18 @@ class PickleVM::Run {
     push(memo_[idx]);
   }
 
-  const std::string& text_of(const Value& v) const { return vm_.arena_[v.node].text; }
+  std::string_view text_of(const Value& v) const { return vm_.arena_[v.node].text; }
 
-  Value placeholder(const std::string& cls, const Value& args) {
+  Value placeholder(std::string_view cls, const Value& args) {
     Value obj = vm_.make(Kind::Object, cls);
     vm_.at(obj).items = {args, Value{}};
     return obj;
   }
 
-  const std::vector<Value>& tuple_items(const Value& args, const std::string& fn, size_t min_len) {
-    if (args.kind != Kind::Tuple) bad(fn + " expects a tuple of arguments");
+  const std::vector<Value>& tuple_items(const Value& args, std::string_view fn, size_t min_len) {
+    if (args.kind != Kind::Tuple) bad(std::string(fn) + " expects a tuple of arguments");
     const auto& items = vm_.at(args).items;
-    if (items.size() < min_len) bad(fn + " expects at least " + std::to_string(min_len) + " arguments");
+    if (items.size() < min_len) bad(std::string(fn) + " expects at least " + std::to_string(min_len) + " arguments");
     return items;
   }
 
@@ -509,7 +518,7 @@ class PickleVM::Run {
   Value call_inner(const Value& callee, const Value& args) {
     if (callee.kind == Kind::Object) return placeholder(text_of(callee), args);
     if (callee.kind != Kind::Global) bad(std::string("REDUCE on a ") + kind_name(callee.kind) + " value");
-    const std::string name = text_of(callee);  // a copy: make() may move the arena
+    const std::string_view name = text_of(callee);
     if (name == "torch._utils._rebuild_tensor_v2") return rebuild_tensor(args, name, 6, false);
     if (name == "torch._utils._rebuild_tensor_v3") return rebuild_tensor(args, name, 7, true);
     if (name == "torch._utils._rebuild_tensor") return rebuild_tensor(args, name, 4, false);
@@ -545,9 +554,9 @@ class PickleVM::Run {
     if (name == "torch.device") {
       const auto items = tuple_items(args, name, 1);
       if (items[0].kind != Kind::String) bad("torch.device expects a string");
-      std::string dev = text_of(items[0]);
+      std::string dev(text_of(items[0]));
       if (items.size() > 1 && items[1].kind == Kind::Int) dev += ":" + std::to_string(items[1].i);
-      return vm_.make(Kind::String, dev);
+      return vm_.make_owned(Kind::String, std::move(dev));
     }
     if (name == "builtins.set" || name == "builtins.frozenset" || name == "__builtin__.set") {
       Value s = vm_.make(Kind::Set);
@@ -564,7 +573,7 @@ class PickleVM::Run {
       // Protocol 2 writes bytes as _codecs.encode(str, 'latin1'): decode the code points back.
       const auto items = tuple_items(args, name, 1);
       if (items[0].kind != Kind::String) return placeholder(name, args);
-      const std::string& s = text_of(items[0]);
+      const std::string_view s = text_of(items[0]);
       std::string out;
       out.reserve(s.size());
       for (size_t k = 0; k < s.size();) {
@@ -581,7 +590,7 @@ class PickleVM::Run {
           return placeholder(name, args);
         }
       }
-      return vm_.make(Kind::Bytes, std::move(out));
+      return vm_.make_owned(Kind::Bytes, std::move(out));
     }
     return placeholder(name, args);
   }
@@ -598,44 +607,58 @@ class PickleVM::Run {
     return static_cast<uint64_t>(v.i);
   }
 
-  std::string key_text(const Value& v, const std::string& what) {
+  std::string_view key_text(const Value& v, const std::string& what) {
     if (v.kind == Kind::String) return text_of(v);
-    if (v.kind == Kind::Int) return std::to_string(v.i);
+    if (v.kind == Kind::Int) return vm_.owned_.emplace_back(std::to_string(v.i));
     bad(what + " must be a string");
+  }
+
+  // The storage class named by a Global: its dtype, and whether it is untyped.
+  std::pair<DType, bool> storage_class(const Value& cls) {
+    const std::string_view full = text_of(cls);
+    const size_t dot = full.rfind('.');
+    const std::string_view module = dot == std::string_view::npos ? std::string_view() : full.substr(0, dot);
+    const std::string_view name = dot == std::string_view::npos ? full : full.substr(dot + 1);
+    if (name == "UntypedStorage" && (module == "torch" || module == "torch.storage")) return {DType::U8, true};
+    auto dt = (module == "torch" || module == "torch.cuda") ? dtype_from_storage_class(name) : std::nullopt;
+    if (!dt) bad("unknown storage class '" + std::string(full) + "'");
+    return {*dt, false};
   }
 
   Value persistent_load(const Value& pid) {
     if (pid.kind != Kind::Tuple) bad("persistent id is not a tuple");
-    const auto items = vm_.at(pid).items;  // copy: make() may grow the arena
-    if (items.empty() || items[0].kind != Kind::String) bad("persistent id has no type name");
-    const std::string type = text_of(items[0]);
-    if (type == "module" && items.size() >= 2) return items[1];  // legacy nn.Module class + source
-    if (type != "storage") bad("unknown persistent id type '" + type + "'");
-    if (items.size() != 5 && items.size() != 6)
-      bad("storage persistent id has " + std::to_string(items.size()) + " fields");
+    // Copies of the few Values: make() below may move the arena.
+    const std::vector<Value>& ref = vm_.at(pid).items;
+    const size_t count = ref.size();
+    Value items[6];
+    for (size_t k = 0; k < count && k < 6; ++k) items[k] = ref[k];
+    if (count == 0 || items[0].kind != Kind::String) bad("persistent id has no type name");
+    const std::string_view type = text_of(items[0]);
+    if (type == "module" && count >= 2) return items[1];  // legacy nn.Module class + source
+    if (type != "storage") bad("unknown persistent id type '" + std::string(type) + "'");
+    if (count != 5 && count != 6) bad("storage persistent id has " + std::to_string(count) + " fields");
     if (items[1].kind != Kind::Global) bad("storage persistent id has no storage class");
-    const std::string& cls_full = text_of(items[1]);
-    const size_t dot = cls_full.rfind('.');
-    const std::string module = dot == std::string::npos ? std::string() : cls_full.substr(0, dot);
-    const std::string cls = dot == std::string::npos ? cls_full : cls_full.substr(dot + 1);
-    PickledStorage s;
-    if (cls == "UntypedStorage" && (module == "torch" || module == "torch.storage")) {
-      s.dtype = DType::U8;
-      s.untyped = true;
-    } else {
-      auto dt = (module == "torch" || module == "torch.cuda") ? dtype_from_storage_class(cls) : std::nullopt;
-      if (!dt) bad("unknown storage class '" + cls_full + "'");
-      s.dtype = *dt;
-    }
-    s.key = key_text(items[2], "storage key");
-    s.numel = non_negative(items[4], "storage '" + s.key + "' size");
+    const auto [dtype, untyped] = storage_class(items[1]);
+    const std::string_view key = key_text(items[2], "storage key");
+    if (items[4].kind != Kind::Int || items[4].i < 0) bad("storage '" + std::string(key) + "' size must be a non-negative integer");
+    const auto numel = static_cast<uint64_t>(items[4].i);
     // items[3] is the location ('cpu', 'cuda:0'): ignored, data is read where the caller wants it.
-    if (items.size() == 6 && items[5].kind != Kind::None) {
+    const bool is_view = count == 6 && items[5].kind != Kind::None;
+    if (!is_view) {
+      auto it = vm_.storage_by_key_.find(key);
+      if (it != vm_.storage_by_key_.end()) return storage_value(it->second);
+    }
+    PickledStorage s;
+    s.key = std::string(key);
+    s.dtype = dtype;
+    s.untyped = untyped;
+    s.numel = numel;
+    if (is_view) {
       if (items[5].kind != Kind::Tuple || vm_.at(items[5]).items.size() != 3) bad("storage view metadata is malformed");
       const auto view = vm_.at(items[5]).items;
       PickledStorage v = s;
       v.view_root = s.key;
-      v.key = key_text(view[0], "storage view key");
+      v.key = std::string(key_text(view[0], "storage view key"));
       v.view_offset = non_negative(view[1], "storage view offset");
       v.numel = non_negative(view[2], "storage view size");
       register_storage(std::move(s));
@@ -648,7 +671,8 @@ class PickleVM::Run {
     auto it = vm_.storage_by_key_.find(s.key);
     if (it != vm_.storage_by_key_.end()) return it->second;
     const auto idx = static_cast<uint32_t>(vm_.storages_.size());
-    vm_.storage_by_key_.emplace(s.key, idx);
+    // The map needs a key that stays put while storages_ grows.
+    vm_.storage_by_key_.emplace(std::string_view(vm_.owned_.emplace_back(s.key)), idx);
     vm_.storages_.push_back(std::move(s));
     return idx;
   }
@@ -658,34 +682,40 @@ class PickleVM::Run {
     return v;
   }
 
-  std::vector<int64_t> int_tuple(const Value& v, const std::string& what) {
-    if (v.kind != Kind::Tuple && v.kind != Kind::List) bad(what + " is not a tuple");
+  // Messages name the rebuild function and the argument; they are built only on failure.
+  std::vector<int64_t> int_tuple(const Value& v, std::string_view fn, const char* what) {
+    if (v.kind != Kind::Tuple && v.kind != Kind::List) bad(std::string(fn) + ": " + what + " is not a tuple");
     const auto& items = vm_.at(v).items;
     if (items.size() > vm_.limits_.max_rank)
-      limit(what + " has " + std::to_string(items.size()) + " dimensions, more than the limit of " +
-            std::to_string(vm_.limits_.max_rank));
-    std::vector<int64_t> out;
-    out.reserve(items.size());
-    for (const auto& d : items) {
-      if (d.kind != Kind::Int || d.i < 0) bad(what + " holds a value that is not a non-negative integer");
-      out.push_back(d.i);
+      limit(std::string(fn) + ": " + what + " has " + std::to_string(items.size()) +
+            " dimensions, more than the limit of " + std::to_string(vm_.limits_.max_rank));
+    std::vector<int64_t> out(items.size());
+    for (size_t k = 0; k < items.size(); ++k) {
+      if (items[k].kind != Kind::Int || items[k].i < 0)
+        bad(std::string(fn) + ": " + what + " holds a value that is not a non-negative integer");
+      out[k] = items[k].i;
     }
     return out;
   }
 
-  Value rebuild_tensor(const Value& args, const std::string& fn, size_t min_args, bool v3) {
-    const auto items = tuple_items(args, fn, min_args);
-    if (items[0].kind != Kind::Storage) bad(fn + ": argument 0 is not a storage");
+  Value rebuild_tensor(const Value& args, std::string_view fn_name, size_t min_args, bool v3) {
+    const std::string_view fn = fn_name.substr(fn_name.rfind('.') + 1);
+    const auto& ref = tuple_items(args, fn, min_args);
+    Value items[7];
+    for (size_t k = 0; k < min_args; ++k) items[k] = ref[k];
+    if (items[0].kind != Kind::Storage) bad(std::string(fn) + ": argument 0 is not a storage");
     PickledTensor t;
     t.storage = vm_.at(items[0]).aux;
-    t.storage_offset = non_negative(items[1], fn + ": storage offset");
-    t.shape = int_tuple(items[2], fn + ": size");
-    t.strides = int_tuple(items[3], fn + ": stride");
-    if (t.shape.size() != t.strides.size()) bad(fn + ": size and stride differ in length");
+    if (items[1].kind != Kind::Int || items[1].i < 0)
+      bad(std::string(fn) + ": storage offset must be a non-negative integer");
+    t.storage_offset = static_cast<uint64_t>(items[1].i);
+    t.shape = int_tuple(items[2], fn, "size");
+    t.strides = int_tuple(items[3], fn, "stride");
+    if (t.shape.size() != t.strides.size()) bad(std::string(fn) + ": size and stride differ in length");
     if (v3) {
-      if (items[6].kind != Kind::Global) bad(fn + ": argument 6 is not a dtype");
+      if (items[6].kind != Kind::Global) bad(std::string(fn) + ": argument 6 is not a dtype");
       auto dt = dtype_from_torch_global(text_of(items[6]));
-      if (!dt) bad(fn + ": unknown dtype '" + text_of(items[6]) + "'");
+      if (!dt) bad(std::string(fn) + ": unknown dtype '" + std::string(text_of(items[6])) + "'");
       t.dtype = *dt;
     } else {
       t.dtype = vm_.storages_[t.storage].dtype;

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -50,7 +51,9 @@ struct Value {
 struct Node {
   Kind kind = Kind::None;
   uint32_t aux = 0;
-  std::string text;
+  // Views into the pickle's own bytes (strings are not copied) or into
+  // PickleVM's owned texts; both outlive the node.
+  std::string_view text;
   std::vector<Value> items;
 };
 
@@ -88,7 +91,7 @@ class PickleVM {
   explicit PickleVM(std::string path, PickleLimits limits = {});
 
   // Runs one pickle from data[0] to its STOP and returns the result; `*consumed`
-  // gets the bytes used. `what` names the pickle in errors ("data.pkl"). The
+  // gets the bytes used. The bytes must outlive the machine: strings view them. `what` names the pickle in errors ("data.pkl"). The
   // memo and stack start empty; storages and the arena persist across runs.
   Value run(const uint8_t* data, size_t size, size_t* consumed, const std::string& what);
 
@@ -97,20 +100,22 @@ class PickleVM {
   const std::vector<PickledStorage>& storages() const { return storages_; }
   const std::vector<PickledTensor>& tensors() const { return tensors_; }
   // Index of the storage with this key, or -1.
-  int64_t find_storage(const std::string& key) const;
+  int64_t find_storage(std::string_view key) const;
 
  private:
   class Run;
   friend class Run;
 
-  Value make(Kind kind, std::string text = {});
+  Value make(Kind kind, std::string_view text = {});
+  Value make_owned(Kind kind, std::string text);
   Node& at(const Value& v) { return arena_[v.node]; }
 
   std::string path_;
   PickleLimits limits_;
   std::vector<Node> arena_;
   std::vector<PickledStorage> storages_;
-  std::unordered_map<std::string, uint32_t> storage_by_key_;
+  std::unordered_map<std::string_view, uint32_t> storage_by_key_;  // views like Node::text
+  std::deque<std::string> owned_;  // texts made up by the machine; a deque never moves them
   std::vector<PickledTensor> tensors_;
 };
 

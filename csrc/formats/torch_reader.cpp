@@ -160,7 +160,7 @@ CheckpointIndex read_torch_legacy(std::shared_ptr<MappedFile> file) {
   // After the pickles: per key, an 8-byte little-endian element count, then the bytes.
   for (const pickle::Value& k : vm.node(keys).items) {
     if (k.kind != pickle::Kind::String) fail(path, "legacy storage key list holds a non-string");
-    const std::string& key = vm.node(k).text;
+    const std::string key(vm.node(k).text);
     const int64_t idx = vm.find_storage(key);
     if (idx < 0 || !vm.storages()[static_cast<size_t>(idx)].view_root.empty())
       fail(path, "legacy storage '" + key + "' is listed but no tensor refers to it");

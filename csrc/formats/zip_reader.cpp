@@ -91,16 +91,16 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
   dir.entries_.reserve(eocd.entries);
   uint64_t pos = 0;
   for (uint64_t i = 0; i < eocd.entries; ++i) {
-    const std::string where = "zip central directory entry " + num(i);
-    if (!range_fits(pos, kCentralSize, eocd.cd_size)) fail(path, where + " is truncated");
+    auto where = [i] { return "zip central directory entry " + num(i); };
+    if (!range_fits(pos, kCentralSize, eocd.cd_size)) fail(path, where() + " is truncated");
     const uint8_t* c = cd + pos;
-    if (u32(c) != kCentralSig) fail(path, where + " has a bad signature");
+    if (u32(c) != kCentralSig) fail(path, where() + " has a bad signature");
     const uint64_t name_len = u16(c + 28), extra_len = u16(c + 30), comment_len = u16(c + 32);
     if (name_len > kMaxZipNameLength)
-      throw LimitError(path + ": " + where + " has a name of " + num(name_len) + " bytes, more than the limit of " +
+      throw LimitError(path + ": " + where() + " has a name of " + num(name_len) + " bytes, more than the limit of " +
                        num(kMaxZipNameLength));
     const uint64_t var_len = name_len + extra_len + comment_len;
-    if (!range_fits(pos + kCentralSize, var_len, eocd.cd_size)) fail(path, where + " is truncated");
+    if (!range_fits(pos + kCentralSize, var_len, eocd.cd_size)) fail(path, where() + " is truncated");
     ZipEntry entry;
     entry.flags = u16(c + 8);
     entry.method = u16(c + 10);
@@ -151,23 +151,31 @@ const ZipEntry* ZipDirectory::find(std::string_view name) const {
 }
 
 uint64_t ZipDirectory::data_offset(const MappedFile& file, const ZipEntry& entry) const {
+  // Called once per storage: messages are only built on failure.
   const std::string& path = file.path();
-  const std::string where = "record '" + entry.name + "'";
-  if (entry.flags & 0x1) fail(path, where + " is encrypted");
+  auto where = [&] { return "record '" + entry.name + "'"; };
+  if (entry.flags & 0x1) fail(path, where() + " is encrypted");
   if (entry.method != 0)
-    fail(path, where + " is compressed (zip method " + num(entry.method) +
+    fail(path, where() + " is compressed (zip method " + num(entry.method) +
                    "); only stored records can be read in place");
   if (entry.compressed_size != entry.uncompressed_size)
-    fail(path, where + " is stored but its compressed and uncompressed sizes differ");
-  const uint8_t* l = file.span(entry.local_header_offset, kLocalSize, where + " local header");
-  if (u32(l) != kLocalSig) fail(path, where + " local header has a bad signature");
+    fail(path, where() + " is stored but its compressed and uncompressed sizes differ");
+  // One pread per header rather than a touch of the mapping: torch's records are
+  // spread over the whole file, and faulting one page per record in (and
+  // tearing the mappings down again) costs more than copying ~100 bytes.
+  // read() checked that the fixed part of the local header lies inside the file.
+  uint8_t buf[kLocalSize + kMaxZipNameLength];
+  const uint64_t want = std::min<uint64_t>(kLocalSize + entry.name.size(), file.size() - entry.local_header_offset);
+  file.pread_exact(buf, entry.local_header_offset, want);
+  const uint8_t* l = buf;
+  if (u32(l) != kLocalSig) fail(path, where() + " local header has a bad signature");
   const uint64_t name_len = u16(l + 26), extra_len = u16(l + 28);
   const uint64_t start = entry.local_header_offset + kLocalSize + name_len + extra_len;  // < 2^64: all terms small
-  const auto* local_name = file.span(entry.local_header_offset + kLocalSize, name_len, where + " local header");
-  if (name_len != entry.name.size() || std::memcmp(local_name, entry.name.data(), name_len) != 0)
-    fail(path, where + ": local header names a different record");
+  if (name_len != entry.name.size() || kLocalSize + name_len > want ||
+      std::memcmp(l + kLocalSize, entry.name.data(), name_len) != 0)
+    fail(path, where() + ": local header names a different record");
   if (!range_fits(start, entry.uncompressed_size, file.size()))
-    fail(path, where + " (" + num(entry.uncompressed_size) + " bytes at offset " + num(start) +
+    fail(path, where() + " (" + num(entry.uncompressed_size) + " bytes at offset " + num(start) +
                    ") lies past the end of the file (" + num(file.size()) + " bytes)");
   return start;
 }
