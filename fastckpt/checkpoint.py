@@ -284,8 +284,7 @@ class Checkpoint:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
         fi = v >> 32
         index = self._indexes[fi]
-        _, dtype, shape, strides, soff, sidx = index.tensor_info(v & 0xFFFFFFFF)
-        skey, foff, _, _ = index.storage_info(sidx)
+        dtype, shape, strides, soff, sidx, skey, foff = index.tensor_view(v & 0xFFFFFFFF)
         users = (self._shared or self._shared_users())[fi].get(sidx)
         return TensorInfo(
             name,

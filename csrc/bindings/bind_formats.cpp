@@ -66,6 +66,16 @@ void register_formats(py::module_& m) {
              for (const auto& t : i.tensors) longest = std::max(longest, t.path.size());
              return longest;
            })
+      // (dtype, shape, strides, storage_offset_elems, storage_index, storage_key,
+      // storage_file_offset): everything Checkpoint.info() needs in one call.
+      .def("tensor_view",
+           [](const CheckpointIndex& i, size_t k) {
+             const auto& t = i.tensors.at(k);
+             const auto& s = i.storages.at(t.storage);
+             return py::make_tuple(std::string(dtype_name(t.dtype)), py::tuple(py::cast(t.shape)),
+                                   py::tuple(py::cast(t.strides)), t.storage_offset, t.storage, s.key,
+                                   s.file_offset);
+           })
       // (name, dtype, shape, strides, storage_offset_elems, storage_index)
       .def("tensor_info", [](const CheckpointIndex& i, size_t k) { return tensor_tuple(i.tensors.at(k)); })
       .def("tensor_infos",
