@@ -95,6 +95,9 @@ class TensorInfo(NamedTuple):
         return True
 
 
+_new_tuple = tuple.__new__
+
+
 def resolve_files(path: PathLike) -> list[Path]:
     """The checkpoint files behind ``path``: itself, a folder's model file, or an index's shards."""
     p = Path(path)
@@ -286,16 +289,20 @@ class Checkpoint:
         index = self._indexes[fi]
         dtype, shape, strides, soff, sidx, skey, foff = index.tensor_view(v & 0xFFFFFFFF)
         users = (self._shared or self._shared_users())[fi].get(sidx)
-        return TensorInfo(
-            name,
-            shape,
-            TORCH_DTYPES[dtype],
-            strides,
-            soff,
-            self._file_names[fi],
-            skey,
-            foff,
-            tuple(u for u in users if u != name) if users else (),
+        # tuple.__new__ directly: the generated NamedTuple.__new__ is a Python-level call.
+        return _new_tuple(
+            TensorInfo,
+            (
+                name,
+                shape,
+                TORCH_DTYPES[dtype],
+                strides,
+                soff,
+                self._file_names[fi],
+                skey,
+                foff,
+                tuple(u for u in users if u != name) if users else (),
+            ),
         )
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -18,9 +18,17 @@ struct FileBuffer {
   std::shared_ptr<MappedFile> file;
 };
 
+// Straight to a tuple: py::cast of a vector builds a list first, and listing a
+// checkpoint converts two of these per tensor.
+py::tuple int_tuple(const std::vector<int64_t>& v) {
+  py::tuple out(v.size());
+  for (size_t k = 0; k < v.size(); ++k) out[k] = py::int_(v[k]);
+  return out;
+}
+
 py::tuple tensor_tuple(const TensorRecord& t) {
-  return py::make_tuple(t.name, std::string(dtype_name(t.dtype)), py::tuple(py::cast(t.shape)),
-                        py::tuple(py::cast(t.strides)), t.storage_offset, t.storage);
+  return py::make_tuple(t.name, std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides),
+                        t.storage_offset, t.storage);
 }
 
 }  // namespace
@@ -72,9 +80,8 @@ void register_formats(py::module_& m) {
            [](const CheckpointIndex& i, size_t k) {
              const auto& t = i.tensors.at(k);
              const auto& s = i.storages.at(t.storage);
-             return py::make_tuple(std::string(dtype_name(t.dtype)), py::tuple(py::cast(t.shape)),
-                                   py::tuple(py::cast(t.strides)), t.storage_offset, t.storage, s.key,
-                                   s.file_offset);
+             return py::make_tuple(std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides),
+                                   t.storage_offset, t.storage, s.key, s.file_offset);
            })
       // (name, dtype, shape, strides, storage_offset_elems, storage_index)
       .def("tensor_info", [](const CheckpointIndex& i, size_t k) { return tensor_tuple(i.tensors.at(k)); })
