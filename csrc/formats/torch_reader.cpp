@@ -29,10 +29,10 @@ std::string find_root(const std::string& path, const ZipDirectory& zip) {
   std::string found;
   size_t count = 0;
   for (const auto& e : zip.entries()) {
-    const std::string& n = e.name;
+    const std::string_view n = e.name;
     const size_t slash = n.find('/');
-    if (slash == std::string::npos || n.compare(slash, std::string::npos, "/data.pkl") != 0) continue;
-    if (count++ == 0) found = n.substr(0, slash);
+    if (slash == std::string_view::npos || n.substr(slash) != "/data.pkl") continue;
+    if (count++ == 0) found = std::string(n.substr(0, slash));
   }
   if (count == 0) fail(path, "zip archive has no '<root>/data.pkl' record: not a torch.save file");
   if (count > 1) fail(path, "zip archive has " + num(count) + " '<root>/data.pkl' records; expected one");
@@ -90,7 +90,7 @@ CheckpointIndex read_torch_zip(std::shared_ptr<MappedFile> file) {
   const uint8_t* pkl_data = zip.data(*file, *pkl);
   PickleVM vm(path);
   size_t consumed = 0;
-  const pickle::Value root = vm.run(pkl_data, pkl->uncompressed_size, &consumed, "record '" + pkl->name + "'");
+  const pickle::Value root = vm.run(pkl_data, pkl->uncompressed_size, &consumed, "record '" + std::string(pkl->name) + "'");
 
   std::vector<StorageRecord> storages;
   storages.reserve(vm.storages().size());

@@ -107,7 +107,7 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
     entry.compressed_size = u32(c + 20);
     entry.uncompressed_size = u32(c + 24);
     entry.local_header_offset = u32(c + 42);
-    entry.name.assign(reinterpret_cast<const char*>(c + kCentralSize), name_len);
+    entry.name = std::string_view(reinterpret_cast<const char*>(c + kCentralSize), name_len);
     const uint16_t disk = u16(c + 34);
 
     // zip64 extended information: only the fields saturated in the entry, in this order.
@@ -115,12 +115,12 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
     for (uint64_t e = 0; e + 4 <= extra_len;) {
       const uint16_t id = u16(extra + e);
       const uint64_t len = u16(extra + e + 2);
-      if (e + 4 + len > extra_len) fail(path, "record '" + entry.name + "': extra field overruns its entry");
+      if (e + 4 + len > extra_len) fail(path, "record '" + std::string(entry.name) + "': extra field overruns its entry");
       if (id == 0x0001) {
         const uint8_t* f = extra + e + 4;
         uint64_t used = 0;
         auto take = [&](uint64_t& field) {
-          if (used + 8 > len) fail(path, "record '" + entry.name + "': zip64 extra field is too short");
+          if (used + 8 > len) fail(path, "record '" + std::string(entry.name) + "': zip64 extra field is too short");
           field = u64(f + used);
           used += 8;
         };
@@ -130,9 +130,9 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
       }
       e += 4 + len;
     }
-    if (disk != 0 && disk != 0xFFFF) fail(path, "record '" + entry.name + "' lies on another disk");
+    if (disk != 0 && disk != 0xFFFF) fail(path, "record '" + std::string(entry.name) + "' lies on another disk");
     if (!range_fits(entry.local_header_offset, kLocalSize, file.size()))
-      fail(path, "record '" + entry.name + "': local header offset " + num(entry.local_header_offset) +
+      fail(path, "record '" + std::string(entry.name) + "': local header offset " + num(entry.local_header_offset) +
                      " lies past the end of the file (" + num(file.size()) + " bytes)");
     dir.entries_.push_back(std::move(entry));
     pos += kCentralSize + var_len;
@@ -140,7 +140,7 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
   dir.by_name_.reserve(dir.entries_.size());
   for (size_t i = 0; i < dir.entries_.size(); ++i) {
     // The first record of a name wins, as in torch's reader.
-    dir.by_name_.emplace(std::string_view(dir.entries_[i].name), i);
+    dir.by_name_.emplace(dir.entries_[i].name, i);
   }
   return dir;
 }
@@ -153,7 +153,7 @@ const ZipEntry* ZipDirectory::find(std::string_view name) const {
 uint64_t ZipDirectory::data_offset(const MappedFile& file, const ZipEntry& entry) const {
   // Called once per storage: messages are only built on failure.
   const std::string& path = file.path();
-  auto where = [&] { return "record '" + entry.name + "'"; };
+  auto where = [&] { return "record '" + std::string(entry.name) + "'"; };
   if (entry.flags & 0x1) fail(path, where() + " is encrypted");
   if (entry.method != 0)
     fail(path, where() + " is compressed (zip method " + num(entry.method) +

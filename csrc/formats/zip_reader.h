@@ -19,7 +19,7 @@ inline constexpr uint64_t kMaxZipEntries = 16'000'000;
 inline constexpr uint64_t kMaxZipNameLength = 4096;
 
 struct ZipEntry {
-  std::string name;
+  std::string_view name;  // views the mapped central directory: valid while the file is open
   uint64_t local_header_offset = 0;
   uint64_t compressed_size = 0;
   uint64_t uncompressed_size = 0;
@@ -30,15 +30,9 @@ struct ZipEntry {
 class ZipDirectory {
  public:
   // Reads the End Of Central Directory record (and its zip64 twin) and every
-  // central entry. CheckpointError / LimitError name the file and the problem.
+  // central entry. The directory views the file's mapping: keep the file open. CheckpointError / LimitError name the file and the problem.
   static ZipDirectory read(const MappedFile& file);
 
-  // by_name_ views the names inside entries_: moving keeps them valid, copying would not.
-  ZipDirectory() = default;
-  ZipDirectory(ZipDirectory&&) = default;
-  ZipDirectory& operator=(ZipDirectory&&) = default;
-  ZipDirectory(const ZipDirectory&) = delete;
-  ZipDirectory& operator=(const ZipDirectory&) = delete;
 
   const std::vector<ZipEntry>& entries() const { return entries_; }
   // nullptr when the archive has no record of that name.
@@ -53,7 +47,7 @@ class ZipDirectory {
 
  private:
   std::vector<ZipEntry> entries_;
-  std::unordered_map<std::string_view, size_t> by_name_;  // views into entries_ names
+  std::unordered_map<std::string_view, size_t> by_name_;
 };
 
 }  // namespace fastckpt
