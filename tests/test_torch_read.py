@@ -498,3 +498,25 @@ def test_random_trees_read_back_exactly(tmp_path, tree, fmt):
             info = ckpt.info(name)
             assert info.shape == tuple(ref.shape) and info.dtype == ref.dtype
             assert_same_bytes(ckpt.tensor(name), ref)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_corrupted_bytes_never_crash(tmp_path, fmt):
+    """Random byte flips: the reader either reads something or raises CheckpointError."""
+    import random
+
+    sd = {"model": {"a": torch.randn(8, 4), "b": torch.arange(10)}, "args": argparse.Namespace(x=1)}
+    data = bytearray(save(sd, tmp_path / "full.pt", fmt).read_bytes())
+    rng = random.Random(1234)
+    path = tmp_path / "bad.pt"
+    for _ in range(300):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        path.write_bytes(bytes(mutated))
+        try:
+            with fastckpt.open(path, key="") as ckpt:
+                for name in ckpt.keys():
+                    ckpt.tensor(name)
+        except CheckpointError as e:
+            assert str(e).startswith(f"{path}"), str(e)

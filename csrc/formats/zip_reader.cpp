@@ -5,6 +5,7 @@
 
 #include "common/checked_math.h"
 #include "common/error.h"
+#include "common/utf8.h"
 
 namespace fastckpt {
 namespace {
@@ -108,6 +109,7 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
     entry.uncompressed_size = u32(c + 24);
     entry.local_header_offset = u32(c + 42);
     entry.name = std::string_view(reinterpret_cast<const char*>(c + kCentralSize), name_len);
+    if (!valid_utf8(c + kCentralSize, name_len)) fail(path, where() + " has a name that is not valid UTF-8");
     const uint16_t disk = u16(c + 34);
 
     // zip64 extended information: only the fields saturated in the entry, in this order.
