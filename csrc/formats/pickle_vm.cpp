@@ -148,7 +148,7 @@ Value PickleVM::make(Kind kind, std::string_view text) {
   Value v;
   v.kind = kind;
   v.node = static_cast<uint32_t>(arena_.size());
-  Node& n = arena_.emplace_back();
+  Node& n = arena_.emplace_back(&pool_);
   n.kind = kind;
   n.text = text;
   return v;
@@ -474,7 +474,7 @@ class PickleVM::Run {
     return obj;
   }
 
-  const std::vector<Value>& tuple_items(const Value& args, std::string_view fn, size_t min_len) {
+  const std::pmr::vector<Value>& tuple_items(const Value& args, std::string_view fn, size_t min_len) {
     if (args.kind != Kind::Tuple) bad(std::string(fn) + " expects a tuple of arguments");
     const auto& items = vm_.at(args).items;
     if (items.size() < min_len) bad(std::string(fn) + " expects at least " + std::to_string(min_len) + " arguments");
@@ -603,7 +603,7 @@ class PickleVM::Run {
   Value persistent_load(const Value& pid) {
     if (pid.kind != Kind::Tuple) bad("persistent id is not a tuple");
     // Copies of the few Values: make() below may move the arena.
-    const std::vector<Value>& ref = vm_.at(pid).items;
+    const std::pmr::vector<Value>& ref = vm_.at(pid).items;
     const size_t count = ref.size();
     Value items[6];
     for (size_t k = 0; k < count && k < 6; ++k) items[k] = ref[k];

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <memory_resource>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -49,12 +50,13 @@ struct Value {
 };
 
 struct Node {
+  explicit Node(std::pmr::memory_resource* pool) : items(pool) {}
   Kind kind = Kind::None;
   uint32_t aux = 0;
   // Views into the pickle's own bytes (strings are not copied) or into
   // PickleVM's owned texts; both outlive the node.
   std::string_view text;
-  std::vector<Value> items;
+  std::pmr::vector<Value> items;  // from the machine's pool: freed all at once, not one by one
 };
 
 // A storage named by a persistent id ('storage', class, key, location, numel[, view]).
@@ -112,6 +114,7 @@ class PickleVM {
 
   std::string path_;
   PickleLimits limits_;
+  std::pmr::monotonic_buffer_resource pool_;  // declared before arena_: outlives the nodes
   std::vector<Node> arena_;
   std::vector<PickledStorage> storages_;
   std::unordered_map<std::string_view, uint32_t> storage_by_key_;  // views like Node::text
