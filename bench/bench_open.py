@@ -70,7 +70,9 @@ def timed(fn: Callable[[Path], int], path: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
@@ -111,9 +113,7 @@ def main() -> None:
     for name in peers:
         print(f"  {name:<22} {mw[name] * 1000:9.1f} {mc[name] * 1000:9.1f}")
     for slow, fast in (("torch.load zip", "fastckpt zip"), ("safetensors", "fastckpt safetensors")):
-        print(
-            f"  {slow} / {fast}: {mw[slow] / mw[fast]:.1f}x wall, {mc[slow] / mc[fast]:.1f}x cpu"
-        )
+        print(f"  {slow} / {fast}: {mw[slow] / mw[fast]:.1f}x wall, {mc[slow] / mc[fast]:.1f}x cpu")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ How the state dict is picked from a torch file (unless ``key=`` is given):
    child contains tensors at all, descend into it; else stop.
 3. ``keys()`` are the names below the container reached, without its prefix.
 
+A tensor saved on its own (``torch.save(tensor)``) has the name ``""``. A
+whole pickled ``nn.Module`` names its tensors as ``state_dict()`` would.
+Objects of other classes (an ``argparse.Namespace``, ...) are never called:
+they appear in ``metadata`` as ``{"__object__": class, "state": ...}``.
+
 safetensors files are flat: no pick is made. ``key="model"`` (or a dotted
 path of container keys, or a tuple of them) picks explicitly; ``key=""``
 exposes the whole tree.
@@ -27,7 +32,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -191,7 +195,10 @@ class Checkpoint:
         self._all: dict[str, int] = {}
         for fi, file_names in enumerate(names):
             before = len(self._all)
-            self._all.update(zip(file_names, range(fi << 32, (fi << 32) + len(file_names))))
+            start = fi << 32
+            self._all.update(
+                zip(file_names, range(start, start + len(file_names)), strict=True)
+            )
             if len(self._all) != before + len(file_names):
                 self._raise_duplicate(names, fi)
         if n == 0:
@@ -269,8 +276,11 @@ class Checkpoint:
             shared: list[dict[int, list[str]]] = [{} for _ in self._indexes]
             if self.format != "safetensors":  # safetensors tensors never share bytes
                 storages = [index.tensor_storages() for index in self._indexes]
-                picked = [storages[v >> 32][v & 0xFFFFFFFF] | (v >> 32) << 32 for v in self._entries.values()]
-                counts = Counter(picked)
+                # (file << 32 | storage) of every picked tensor: one int key per storage.
+                counts = Counter(
+                    storages[v >> 32][v & 0xFFFFFFFF] | (v >> 32) << 32
+                    for v in self._entries.values()
+                )
                 several = {s for s, c in counts.items() if c > 1}
                 if several:
                     for name, v in self._entries.items():

@@ -14,7 +14,9 @@ from fastckpt.errors import CheckpointError
 from tests.conftest import assert_same_bytes
 
 
-def write_sharded_bin(folder: Path, shards: list[dict[str, torch.Tensor]], legacy: bool = False) -> Path:
+def write_sharded_bin(
+    folder: Path, shards: list[dict[str, torch.Tensor]], legacy: bool = False
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for i, shard in enumerate(shards):

@@ -43,7 +43,13 @@ def flatten(obj, prefix: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The dotted names fastckpt gives the tensors of a nested container tree."""
     if isinstance(obj, torch.Tensor):
         return {".".join(prefix) if prefix else "": obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    items = (
+        obj.items()
+        if isinstance(obj, dict)
+        else enumerate(obj)
+        if isinstance(obj, (list, tuple))
+        else ()
+    )
     out: dict[str, torch.Tensor] = {}
     for k, v in items:
         out.update(flatten(v, (*prefix, str(k))))
@@ -106,7 +112,12 @@ def test_views_and_shared_storages(tmp_path, fmt):
             same_tensor(ckpt.tensor(name), ref[name])
             assert ckpt.info(name).storage_offset == ref[name].storage_offset()
         assert ckpt.info("embed.weight").shares_storage_with == ("head.weight",)
-        assert set(ckpt.info("base").shares_storage_with) == {"rows", "cols", "transposed", "element"}
+        assert set(ckpt.info("base").shares_storage_with) == {
+            "rows",
+            "cols",
+            "transposed",
+            "element",
+        }
         assert ckpt.info("alone").shares_storage_with == ()
         assert not ckpt.info("transposed").is_contiguous
         assert ckpt.info("rows").storage_offset == 20
@@ -117,10 +128,18 @@ def test_views_and_shared_storages(tmp_path, fmt):
 def test_nested_containers_get_dotted_names(tmp_path, fmt):
     tree = {
         "model": {
-            "encoder": {"layers": [{"fc1": {"weight": torch.randn(3, 2)}}, {"fc1": {"weight": torch.randn(3, 2)}}]},
+            "encoder": {
+                "layers": [
+                    {"fc1": {"weight": torch.randn(3, 2)}},
+                    {"fc1": {"weight": torch.randn(3, 2)}},
+                ]
+            },
             "decoder.out": torch.randn(4),  # a key that holds a dot itself
         },
-        "optimizer": {"state": {3: {"exp_avg": torch.randn(3, 2), "step": torch.tensor(7.0)}}, "param_groups": [{"lr": 0.1}]},
+        "optimizer": {
+            "state": {3: {"exp_avg": torch.randn(3, 2), "step": torch.tensor(7.0)}},
+            "param_groups": [{"lr": 0.1}],
+        },
         "pair": (torch.zeros(2), [torch.ones(1)]),
         "epoch": 4,
     }
@@ -133,7 +152,7 @@ def test_nested_containers_get_dotted_names(tmp_path, fmt):
         assert "pair.1.0" in ckpt
         for name, ref in expected.items():
             same_tensor(ckpt.tensor(name), ref)
-        paths = dict(zip(ckpt._indexes[0].names(), ckpt._indexes[0].paths()))
+        paths = dict(zip(ckpt._indexes[0].names(), ckpt._indexes[0].paths(), strict=True))
         assert paths["model.decoder.out"] == ("model", "decoder.out")
         assert paths["optimizer.state.3.step"] == ("optimizer", "state", "3", "step")
         assert ckpt.metadata["epoch"] == 4
@@ -142,7 +161,9 @@ def test_nested_containers_get_dotted_names(tmp_path, fmt):
     # Default pick: the state dict under "model"; key= picks explicitly.
     with fastckpt.open(path) as ckpt:
         assert ckpt.prefix == ("model",)
-        assert sorted(ckpt.keys()) == sorted(k.removeprefix("model.") for k in expected if k.startswith("model."))
+        assert sorted(ckpt.keys()) == sorted(
+            k.removeprefix("model.") for k in expected if k.startswith("model.")
+        )
         assert sorted(ckpt.all_keys()) == sorted(expected)
     with fastckpt.open(path, key="optimizer.state") as ckpt:
         assert sorted(ckpt.keys()) == ["3.exp_avg", "3.step"]
@@ -162,7 +183,9 @@ def test_parameter_and_bare_tensor_saved_directly(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_module_state_dict_with_metadata(tmp_path, fmt):
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)
+    )
     sd = model.state_dict()  # an OrderedDict with a _metadata attribute (BUILD)
     path = save({"state_dict": sd, "step": 10}, tmp_path / "m.pt", fmt)
     with fastckpt.open(path) as ckpt:
@@ -188,7 +211,9 @@ def test_whole_module_pickle_names_tensors_like_state_dict(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fairseq_style_checkpoint_with_namespace(tmp_path, fmt):
-    args = argparse.Namespace(arch="transformer", lr=[0.0005], dropout=0.1, share_all_embeddings=True)
+    args = argparse.Namespace(
+        arch="transformer", lr=[0.0005], dropout=0.1, share_all_embeddings=True
+    )
     model = {"encoder.embed_tokens.weight": torch.randn(10, 4), "decoder.fc.bias": torch.randn(4)}
     ckpt_obj = {
         "args": args,
@@ -212,7 +237,9 @@ def test_fairseq_style_checkpoint_with_namespace(tmp_path, fmt):
         "dropout": 0.1,
         "share_all_embeddings": True,
     }
-    assert meta["optimizer_history"] == [{"criterion_name": "CrossEntropyCriterion", "num_updates": 12}]
+    assert meta["optimizer_history"] == [
+        {"criterion_name": "CrossEntropyCriterion", "num_updates": 12}
+    ]
     assert meta["extra_state"] == {"epoch": 3, "val_loss": 1.5}
 
 
@@ -227,7 +254,7 @@ class _RunsShell:
 
 
 class _CallsTheResult:
-    """A REDUCE whose callable is itself built by REDUCEs: getattr(import_module('os'), 'system')."""
+    """A REDUCE whose callable is built by REDUCEs: getattr(import_module('os'), 'system')."""
 
     def __init__(self, command: str):
         self.command = command
@@ -322,9 +349,16 @@ def test_root_folder_keys_and_locations_come_from_the_file(tmp_path):
     b = torch.arange(6, dtype=torch.int16)
     sa = _Storage(torch.FloatStorage, "w17", "cuda:0", 12)
     sb = _Storage(torch.ShortStorage, "x", "cuda:1", 6)
-    obj = {"a": _TensorRef(sa, 2, (2, 5), (5, 1)), "b": _TensorRef(sb, 0, (6,), (1,)), "a2": _TensorRef(sa, 0, (3,), (4,))}
+    obj = {
+        "a": _TensorRef(sa, 2, (2, 5), (5, 1)),
+        "b": _TensorRef(sb, 0, (6,), (1,)),
+        "a2": _TensorRef(sa, 0, (3,), (4,)),
+    }
     path = write_torch_like_zip(
-        tmp_path / "m.pt", obj, {"w17": a.numpy().tobytes(), "x": b.numpy().tobytes()}, byteorder=None
+        tmp_path / "m.pt",
+        obj,
+        {"w17": a.numpy().tobytes(), "x": b.numpy().tobytes()},
+        byteorder=None,
     )
     ref = torch.load(path, weights_only=True, map_location="cpu")
     with fastckpt.open(path) as ckpt:
@@ -343,7 +377,8 @@ def test_big_endian_files_are_refused(tmp_path):
     with pytest.raises(CheckpointError) as e:
         fastckpt.open(path)
     assert str(e.value) == (
-        f"{path}: checkpoint was saved on a big-endian machine; only little-endian data is supported"
+        f"{path}: checkpoint was saved on a big-endian machine; "
+        "only little-endian data is supported"
     )
 
 
@@ -366,7 +401,10 @@ def test_missing_and_short_storage_records(tmp_path):
     path = write_torch_like_zip(tmp_path / "missing.pt", obj, {})
     with pytest.raises(CheckpointError) as e:
         fastckpt.open(path)
-    assert str(e.value) == f"{path}: record 'my_model/data/0' (storage '0') is missing from the archive"
+    assert (
+        str(e.value)
+        == f"{path}: record 'my_model/data/0' (storage '0') is missing from the archive"
+    )
     path = write_torch_like_zip(tmp_path / "short.pt", obj, {"0": bytes(12)})
     with pytest.raises(CheckpointError) as e:
         fastckpt.open(path)
@@ -377,7 +415,9 @@ def test_missing_and_short_storage_records(tmp_path):
 
 def test_view_past_the_end_of_its_storage(tmp_path):
     s = _Storage(torch.FloatStorage, "0", "cpu", 4)
-    path = write_torch_like_zip(tmp_path / "m.pt", {"a": _TensorRef(s, 2, (3,), (1,))}, {"0": bytes(16)})
+    path = write_torch_like_zip(
+        tmp_path / "m.pt", {"a": _TensorRef(s, 2, (3,), (1,))}, {"0": bytes(16)}
+    )
     with pytest.raises(CheckpointError) as e:
         fastckpt.open(path)
     assert str(e.value) == f"{path}: tensor 'a' reaches past the end of its storage '0' (16 bytes)"
@@ -396,7 +436,10 @@ def test_deep_nesting_is_a_limit_error_not_a_crash(tmp_path):
     with pytest.raises(fastckpt.CheckpointError) as e:
         fastckpt.open(path, key="")
     assert type(e.value).__name__ == "LimitError"
-    assert str(e.value) == f"{path}: pickle containers nest deeper than 1000 levels (the nesting limit)"
+    assert (
+        str(e.value)
+        == f"{path}: pickle containers nest deeper than 1000 levels (the nesting limit)"
+    )
 
 
 def test_cycles_are_shown_once(tmp_path):
@@ -410,11 +453,17 @@ def test_cycles_are_shown_once(tmp_path):
 @pytest.mark.parametrize(
     ("pkl", "message"),
     [
-        (b"\x80\x02K\x01", "record 'archive/data.pkl' is truncated (ends inside the pickle, at byte 4)"),
+        (
+            b"\x80\x02K\x01",
+            "record 'archive/data.pkl' is truncated (ends inside the pickle, at byte 4)",
+        ),
         (b"\x80\x02I1\n.", "record 'archive/data.pkl' at byte 2: unsupported pickle opcode 0x49"),
         (b"\x80\x02h\x05.", "record 'archive/data.pkl' at byte 2: memo index 5 was never stored"),
         (b"\x80\x020.", "record 'archive/data.pkl' at byte 2: pop from an empty stack"),
-        (b"\x80\x02X\x02\x00\x00\x00\xff\xfe.", "record 'archive/data.pkl' at byte 2: string is not valid UTF-8"),
+        (
+            b"\x80\x02X\x02\x00\x00\x00\xff\xfe.",
+            "record 'archive/data.pkl' at byte 2: string is not valid UTF-8",
+        ),
         (
             b"\x80\x02(X\x07\x00\x00\x00storageq\x00tQ.",
             "record 'archive/data.pkl' at byte 18: storage persistent id has 1 fields",
@@ -471,7 +520,12 @@ _keys = st.text(alphabet="abcxyz_", min_size=1, max_size=6)
 
 
 def _tensors():
-    return st.builds(lambda shape, dtype, seed: random_tensor(shape, dtype, seed), _shapes, _dtypes, st.integers(0, 99))
+    return st.builds(
+        lambda shape, dtype, seed: random_tensor(shape, dtype, seed),
+        _shapes,
+        _dtypes,
+        st.integers(0, 99),
+    )
 
 
 def _trees():
@@ -487,7 +541,9 @@ def _trees():
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(tree=st.dictionaries(_keys, _trees(), min_size=1, max_size=4), fmt=st.sampled_from(FORMATS))
 def test_random_trees_read_back_exactly(tmp_path, tree, fmt):
     path = save(tree, tmp_path / "h.pt", fmt)
