@@ -15,6 +15,11 @@ How the state dict is picked from a torch file (unless ``key=`` is given):
    child contains tensors at all, descend into it; else stop.
 3. ``keys()`` are the names below the container reached, without its prefix.
 
+A tensor saved on its own (``torch.save(tensor)``) has the name ``""``. A
+whole pickled ``nn.Module`` names its tensors as ``state_dict()`` would.
+Objects of other classes (an ``argparse.Namespace``, ...) are never called:
+they appear in ``metadata`` as ``{"__object__": class, "state": ...}``.
+
 safetensors files are flat: no pick is made. ``key="model"`` (or a dotted
 path of container keys, or a tuple of them) picks explicitly; ``key=""``
 exposes the whole tree.
@@ -25,14 +30,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from fastckpt import _core
-from fastckpt.dtypes import to_torch
+from fastckpt.dtypes import TORCH_DTYPES, to_torch
 from fastckpt.errors import CheckpointError
 
 STATE_DICT_KEYS = (
@@ -58,9 +64,12 @@ FOLDER_CANDIDATES = (
 PathLike = str | os.PathLike
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """Metadata of one tensor, without reading its bytes."""
+class TensorInfo(NamedTuple):
+    """Metadata of one tensor, without reading its bytes.
+
+    A named tuple rather than a dataclass: ``info()`` is called once per tensor
+    when listing a checkpoint, and building a tuple is several times cheaper.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -88,6 +97,9 @@ class TensorInfo:
                 return False
             expected *= dim
         return True
+
+
+_new_tuple = tuple.__new__
 
 
 def resolve_files(path: PathLike) -> list[Path]:
@@ -165,29 +177,56 @@ class Checkpoint:
         self._indexes = [_core.open_file(str(f)) for f in self.files]
         self._buffers: dict[int, torch.Tensor] = {}
         self.format = self._indexes[0].format
-        # (file index, tensor index, path) of every tensor in the tree.
-        entries: list[tuple[int, int, tuple[str, ...]]] = []
-        for fi, index in enumerate(self._indexes):
-            entries.extend((fi, ti, p) for ti, p in enumerate(index.paths()))
+        self._file_names = [str(f) for f in self.files]
+        names = [index.names() for index in self._indexes]
+        flat = all(index.max_path_length() <= 1 for index in self._indexes)
+        paths: list[list[tuple[str, ...]]] = []
         if key is not None:
             self.prefix = _split_key(key)
-        elif self.format == "safetensors":
-            self.prefix = ()
+        elif self.format == "safetensors" or flat:
+            self.prefix = ()  # nothing nested: nothing to pick
         else:
-            self.prefix = pick_state_dict([e[2] for e in entries])
+            paths = [index.paths() for index in self._indexes]
+            self.prefix = pick_state_dict([p for file_paths in paths for p in file_paths])
         n = len(self.prefix)
-        self._all: dict[str, tuple[int, int]] = {}
-        self._entries: dict[str, tuple[int, int]] = {}
-        for fi, ti, p in entries:
-            full = ".".join(p)
-            if full in self._all:
-                raise CheckpointError(f"{self.path}: tensor {full!r} appears in more than one file")
-            self._all[full] = (fi, ti)
-            if p[:n] == self.prefix and len(p) > n:
-                self._entries[".".join(p[n:])] = (fi, ti)
-        if n and not self._entries:
-            raise CheckpointError(f"{self.path}: no tensors under key {'.'.join(self.prefix)!r}")
-        self._sharing: dict[tuple[int, int], list[str]] | None = None
+        # name -> file index << 32 | tensor index. Plain ints and C-level zips: a
+        # listing of 30k tensors should cost milliseconds and leave the cyclic
+        # garbage collector nothing to scan.
+        self._all: dict[str, int] = {}
+        for fi, file_names in enumerate(names):
+            before = len(self._all)
+            start = fi << 32
+            self._all.update(
+                zip(file_names, range(start, start + len(file_names)), strict=True)
+            )
+            if len(self._all) != before + len(file_names):
+                self._raise_duplicate(names, fi)
+        if n == 0:
+            # Every tensor has a non-empty path (a bare tensor's is ("",)): nothing to strip.
+            self._entries = self._all
+        else:
+            if not paths:
+                paths = [index.paths() for index in self._indexes]
+            self._entries = {}
+            for fi, file_paths in enumerate(paths):
+                for ti, p in enumerate(file_paths):
+                    if p[:n] == self.prefix and len(p) > n:
+                        self._entries[".".join(p[n:])] = fi << 32 | ti
+            if not self._entries:
+                raise CheckpointError(
+                    f"{self.path}: no tensors under key {'.'.join(self.prefix)!r}"
+                )
+        self._shared: list[dict[int, list[str]]] | None = None
+
+    def _raise_duplicate(self, names: list[list[str]], upto: int) -> None:
+        seen: set[str] = set()
+        for file_names in names[: upto + 1]:
+            for name in file_names:
+                if name in seen:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} appears in more than one file"
+                    )
+                seen.add(name)
 
     # -- mapping-like surface -------------------------------------------------
     def keys(self) -> list[str]:
@@ -224,39 +263,56 @@ class Checkpoint:
         return sum(self.info(k).nbytes for k in self._entries)
 
     def _locate(self, name: str) -> tuple[int, int]:
+        """(file index, tensor index) of a picked tensor."""
         try:
-            return self._entries[name]
+            v = self._entries[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        return v >> 32, v & 0xFFFFFFFF
 
-    def _sharing_map(self) -> dict[tuple[int, int], list[str]]:
-        if self._sharing is None:
-            sharing: dict[tuple[int, int], list[str]] = {}
-            for name, (fi, ti) in self._entries.items():
-                sidx = self._indexes[fi].tensor_info(ti)[5]
-                sharing.setdefault((fi, sidx), []).append(name)
-            self._sharing = sharing
-        return self._sharing
+    def _shared_users(self) -> list[dict[int, list[str]]]:
+        """Per file: storage index -> the picked tensors viewing it, for storages with several."""
+        if self._shared is None:
+            shared: list[dict[int, list[str]]] = [{} for _ in self._indexes]
+            if self.format != "safetensors":  # safetensors tensors never share bytes
+                storages = [index.tensor_storages() for index in self._indexes]
+                # (file << 32 | storage) of every picked tensor: one int key per storage.
+                counts = Counter(
+                    storages[v >> 32][v & 0xFFFFFFFF] | (v >> 32) << 32
+                    for v in self._entries.values()
+                )
+                several = {s for s, c in counts.items() if c > 1}
+                if several:
+                    for name, v in self._entries.items():
+                        s = storages[v >> 32][v & 0xFFFFFFFF] | (v >> 32) << 32
+                        if s in several:
+                            shared[v >> 32].setdefault(s & 0xFFFFFFFF, []).append(name)
+            self._shared = shared
+        return self._shared
 
     def info(self, name: str) -> TensorInfo:
-        fi, ti = self._locate(name)
+        try:
+            v = self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        fi = v >> 32
         index = self._indexes[fi]
-        _, dtype, shape, strides, soff, sidx = index.tensor_info(ti)
-        skey, foff, _, _ = index.storage_info(sidx)
-        if self.format == "safetensors":
-            shared: tuple[str, ...] = ()
-        else:
-            shared = tuple(n for n in self._sharing_map()[(fi, sidx)] if n != name)
-        return TensorInfo(
-            name=name,
-            shape=shape,
-            dtype=to_torch(dtype),
-            strides=strides,
-            storage_offset=soff,
-            file=str(self.files[fi]),
-            storage=skey,
-            file_offset=foff,
-            shares_storage_with=shared,
+        dtype, shape, strides, soff, sidx, skey, foff = index.tensor_view(v & 0xFFFFFFFF)
+        users = (self._shared or self._shared_users())[fi].get(sidx)
+        # tuple.__new__ directly: the generated NamedTuple.__new__ is a Python-level call.
+        return _new_tuple(
+            TensorInfo,
+            (
+                name,
+                shape,
+                TORCH_DTYPES[dtype],
+                strides,
+                soff,
+                self._file_names[fi],
+                skey,
+                foff,
+                tuple(u for u in users if u != name) if users else (),
+            ),
         )
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "bindings/bindings.h"
@@ -17,9 +18,17 @@ struct FileBuffer {
   std::shared_ptr<MappedFile> file;
 };
 
+// Straight to a tuple: py::cast of a vector builds a list first, and listing a
+// checkpoint converts two of these per tensor.
+py::tuple int_tuple(const std::vector<int64_t>& v) {
+  py::tuple out(v.size());
+  for (size_t k = 0; k < v.size(); ++k) out[k] = py::int_(v[k]);
+  return out;
+}
+
 py::tuple tensor_tuple(const TensorRecord& t) {
-  return py::make_tuple(t.name, std::string(dtype_name(t.dtype)), py::tuple(py::cast(t.shape)),
-                        py::tuple(py::cast(t.strides)), t.storage_offset, t.storage);
+  return py::make_tuple(t.name, std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides),
+                        t.storage_offset, t.storage);
 }
 
 }  // namespace
@@ -50,6 +59,29 @@ void register_formats(py::module_& m) {
              py::list out(i.tensors.size());
              for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(i.tensors[k].path));
              return out;
+           })
+      // Storage index of every tensor: plain ints, cheap to build for 30k tensors.
+      .def("tensor_storages",
+           [](const CheckpointIndex& i) {
+             py::list out(i.tensors.size());
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::int_(i.tensors[k].storage);
+             return out;
+           })
+      // Longest container path: 1 for a flat state dict (no pick to make).
+      .def("max_path_length",
+           [](const CheckpointIndex& i) {
+             size_t longest = 0;
+             for (const auto& t : i.tensors) longest = std::max(longest, t.path.size());
+             return longest;
+           })
+      // (dtype, shape, strides, storage_offset_elems, storage_index, storage_key,
+      // storage_file_offset): everything Checkpoint.info() needs in one call.
+      .def("tensor_view",
+           [](const CheckpointIndex& i, size_t k) {
+             const auto& t = i.tensors.at(k);
+             const auto& s = i.storages.at(t.storage);
+             return py::make_tuple(std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides),
+                                   t.storage_offset, t.storage, s.key, s.file_offset);
            })
       // (name, dtype, shape, strides, storage_offset_elems, storage_index)
       .def("tensor_info", [](const CheckpointIndex& i, size_t k) { return tensor_tuple(i.tensors.at(k)); })

@@ -1,0 +1,53 @@
+// The central directory of a zip archive (zip64 included), as torch.save writes
+// it: stored (uncompressed) records only. Every offset and size is checked
+// against the file before it is used.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "io/mapped_file.h"
+
+namespace fastckpt {
+
+// Bounds on what a central directory may declare, so a hostile file cannot make
+// us allocate without limit. torch writes one record per storage (plus ~6).
+inline constexpr uint64_t kMaxZipEntries = 16'000'000;
+inline constexpr uint64_t kMaxZipNameLength = 4096;
+
+struct ZipEntry {
+  std::string_view name;  // views the mapped central directory: valid while the file is open
+  uint64_t local_header_offset = 0;
+  uint64_t compressed_size = 0;
+  uint64_t uncompressed_size = 0;
+  uint16_t method = 0;  // 0: stored
+  uint16_t flags = 0;
+};
+
+class ZipDirectory {
+ public:
+  // Reads the End Of Central Directory record (and its zip64 twin) and every
+  // central entry. The directory views the file's mapping: keep the file open. CheckpointError / LimitError name the file and the problem.
+  static ZipDirectory read(const MappedFile& file);
+
+
+  const std::vector<ZipEntry>& entries() const { return entries_; }
+  // nullptr when the archive has no record of that name.
+  const ZipEntry* find(std::string_view name) const;
+
+  // Absolute file offset of a stored record's data, from its LOCAL header (whose
+  // name and extra-field lengths may differ from the central entry's). Checks
+  // the method, the local header and that the data lies inside the file.
+  uint64_t data_offset(const MappedFile& file, const ZipEntry& entry) const;
+  // The record's bytes (stored records only).
+  const uint8_t* data(const MappedFile& file, const ZipEntry& entry) const;
+
+ private:
+  std::vector<ZipEntry> entries_;
+  std::unordered_map<std::string_view, size_t> by_name_;
+};
+
+}  // namespace fastckpt

@@ -1,0 +1,127 @@
+"""Sharded checkpoints and Hugging Face model folders opened as folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fastckpt
+from fastckpt.errors import CheckpointError
+from tests.conftest import assert_same_bytes
+
+
+def write_sharded_bin(
+    folder: Path, shards: list[dict[str, torch.Tensor]], legacy: bool = False
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, folder / name, _use_new_zipfile_serialization=not legacy)
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_sharded_pytorch_model_bin_folder(tmp_path, legacy):
+    shards = [
+        {"embed.weight": torch.randn(10, 4), "layers.0.w": torch.randn(4, 4)},
+        {"layers.1.w": torch.randn(4, 4).t(), "head.bias": torch.arange(3, dtype=torch.int64)},
+    ]
+    folder = write_sharded_bin(tmp_path / "model", shards, legacy)
+    with fastckpt.open(folder) as ckpt:
+        assert len(ckpt.files) == 2
+        expected = {k: v for shard in shards for k, v in shard.items()}
+        assert sorted(ckpt.keys()) == sorted(expected)
+        for name, ref in expected.items():
+            assert_same_bytes(ckpt.tensor(name), ref)
+            assert ckpt.info(name).file.endswith(
+                "00001-of-00002.bin" if name in shards[0] else "00002-of-00002.bin"
+            )
+    # The index file itself opens the same way.
+    with fastckpt.open(folder / "pytorch_model.bin.index.json") as ckpt:
+        assert sorted(ckpt.keys()) == sorted(expected)
+
+
+def test_sharded_folder_with_a_tensor_in_two_shards(tmp_path):
+    folder = write_sharded_bin(
+        tmp_path / "m", [{"w": torch.ones(2), "a": torch.ones(1)}, {"w": torch.zeros(2)}]
+    )
+    with pytest.raises(CheckpointError) as e:
+        fastckpt.open(folder)
+    assert str(e.value) == f"{folder}: tensor 'w' appears in more than one file"
+
+
+def test_folder_prefers_safetensors_then_bin(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    torch.save({"w": torch.ones(3)}, folder / "pytorch_model.bin")
+    with fastckpt.open(folder) as ckpt:
+        assert ckpt.format == "torch_zip"
+    save_file({"w": torch.zeros(3)}, str(folder / "model.safetensors"))
+    with fastckpt.open(folder) as ckpt:
+        assert ckpt.format == "safetensors"
+        assert_same_bytes(ckpt.tensor("w"), torch.zeros(3))
+
+
+# -- transformers save_pretrained ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def save_pretrained_bin(model: torch.nn.Module, folder: Path, max_shard_size: str | None) -> None:
+    """What ``save_pretrained(..., safe_serialization=False)`` wrote before transformers 5
+    (which only writes safetensors): ``pytorch_model.bin``, or shards planned by
+    huggingface_hub plus ``pytorch_model.bin.index.json``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    folder.mkdir(parents=True)
+    sd = model.state_dict()
+    plan = split_torch_state_dict_into_shards(
+        sd, filename_pattern="pytorch_model{suffix}.bin", max_shard_size=max_shard_size or "5GB"
+    )
+    for filename, names in plan.filename_to_tensors.items():
+        torch.save({n: sd[n] for n in names}, folder / filename)
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    ("safe", "shard_size"),
+    [(True, None), (False, None), (True, "20KB"), (False, "20KB")],
+    ids=["safetensors", "bin", "safetensors-sharded", "bin-sharded"],
+)
+def test_save_pretrained_folder_matches_state_dict(tmp_path, tiny_bert, safe, shard_size):
+    folder = tmp_path / "bert"
+    if safe:
+        kwargs = {"max_shard_size": shard_size} if shard_size else {}
+        tiny_bert.save_pretrained(folder, **kwargs)
+    else:
+        save_pretrained_bin(tiny_bert, folder, shard_size)
+    sd = tiny_bert.state_dict()
+    with fastckpt.open(folder) as ckpt:
+        assert ckpt.format == ("safetensors" if safe else "torch_zip")
+        assert (len(ckpt.files) > 1) == (shard_size is not None)
+        assert set(ckpt.keys()) == set(sd)
+        for name, ref in sd.items():
+            assert_same_bytes(ckpt.tensor(name), ref)
