@@ -262,6 +262,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(self.info(k).nbytes for k in self._entries)
 
+    def _locations(self) -> Iterator[tuple[str, int, int]]:
+        """(name, file index, tensor index) of every picked tensor."""
+        for name, v in self._entries.items():
+            yield name, v >> 32, v & 0xFFFFFFFF
+
     def _locate(self, name: str) -> tuple[int, int]:
         """(file index, tensor index) of a picked tensor."""
         try:

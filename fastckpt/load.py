@@ -113,7 +113,7 @@ def _source_table(ckpt: Checkpoint) -> dict[str, tuple[Any, int, str, tuple[int,
     """checkpoint name -> (file index, tensor index, dtype name, shape); one batch per file."""
     infos = [index.tensor_infos() for index in ckpt._indexes]
     out = {}
-    for name, (fi, ti) in ckpt._entries.items():
+    for name, fi, ti in ckpt._locations():
         info = infos[fi][ti]
         out[name] = (ckpt._indexes[fi], ti, info[1], info[2])
     return out
