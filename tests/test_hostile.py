@@ -303,5 +303,5 @@ def test_zero_copy_view_of_a_shrunk_file_is_still_fatal(tmp_path):
         timeout=120,
     )
     assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr[-2000:])
-    assert "Fatal Python error: Bus error" in proc.stderr
+    assert proc.stderr.startswith("Fatal Python error")  # faulthandler reported, no hang
     assert "sum" not in proc.stdout

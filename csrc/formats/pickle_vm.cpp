@@ -8,6 +8,7 @@
 #include "common/checked_math.h"
 #include "common/error.h"
 #include "common/utf8.h"
+#include "formats/pickle_globals.h"
 
 namespace fastckpt::pickle {
 namespace {
@@ -298,13 +299,13 @@ class PickleVM::Run {
         case GLOBAL: {
           std::string module = read_line();
           std::string name = read_line();
-          push(vm_.make_owned(Kind::Global, module + "." + name));
+          push_global(module + "." + name);
           break;
         }
         case STACK_GLOBAL: {
           Value name = pop(), module = pop();
           if (name.kind != Kind::String || module.kind != Kind::String) bad("STACK_GLOBAL needs two strings");
-          push(vm_.make_owned(Kind::Global, std::string(vm_.at(module).text) + "." + std::string(vm_.at(name).text)));
+          push_global(std::string(vm_.at(module).text) + "." + std::string(vm_.at(name).text));
           break;
         }
         case REDUCE: {
@@ -346,6 +347,12 @@ class PickleVM::Run {
   }
 
  private:
+  void push_global(std::string qualified) {
+    if (is_code_execution_global(qualified))
+      bad("refers to '" + qualified + "', which only code-executing pickles use; refusing the file (nothing was run)");
+    push(vm_.make_owned(Kind::Global, std::move(qualified)));
+  }
+
   [[noreturn]] void bad(const std::string& msg) const {
     fail(vm_.path_, what_ + " at byte " + std::to_string(op_pos_) + ": " + msg);
   }

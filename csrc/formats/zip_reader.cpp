@@ -74,6 +74,35 @@ Eocd read_eocd(const MappedFile& file) {
   return r;
 }
 
+// Records must not overlap each other or the central directory. Each record
+// takes at least its fixed local header, its name and its data (the local extra
+// field can only add to that), so overlapping lower bounds prove a lie.
+void check_no_overlap(const std::string& path, const std::vector<ZipEntry>& entries, uint64_t cd_offset) {
+  struct Span {
+    uint64_t begin, end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const auto& e = entries[i];
+    auto end = checked_add(e.local_header_offset, kLocalSize + e.name.size());
+    if (end) end = checked_add(*end, e.compressed_size);
+    if (!end) fail(path, "record '" + std::string(e.name) + "': size overflows 64 bits");
+    spans.push_back({e.local_header_offset, *end, i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const uint64_t limit = k + 1 < spans.size() ? spans[k + 1].begin : cd_offset;
+    if (spans[k].end > limit) {
+      const std::string next = k + 1 < spans.size() ? "record '" + std::string(entries[spans[k + 1].index].name) + "'"
+                                                     : "the central directory";
+      fail(path, "record '" + std::string(entries[spans[k].index].name) + "' (" + num(spans[k].end - spans[k].begin) +
+                     " bytes at offset " + num(spans[k].begin) + ") overlaps " + next);
+    }
+  }
+}
+
 }  // namespace
 
 ZipDirectory ZipDirectory::read(const MappedFile& file) {
@@ -139,6 +168,7 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
     dir.entries_.push_back(std::move(entry));
     pos += kCentralSize + var_len;
   }
+  check_no_overlap(path, dir.entries_, eocd.cd_offset);
   dir.by_name_.reserve(dir.entries_.size());
   for (size_t i = 0; i < dir.entries_.size(); ++i) {
     // The first record of a name wins, as in torch's reader.
