@@ -125,7 +125,7 @@ class Walkthrough:
         self.console.print(Panel(DELTALM_RULES.rstrip(), title=str(rules_path.name)))
         model = TinyDeltaLM()
         report = fastckpt.load_into(model, path, rules=rules_path)  # type: ignore[attr-defined]
-        self.console.print(report)
+        self.console.print(str(report), highlight=False, markup=False)
         cut = weights["tgt_embedding.embed_tokens.weight"][:MODEL_VOCAB]
         same = torch.equal(model.decoder.output_projection.weight.detach(), cut) and torch.equal(
             model.decoder.embed_tokens.weight.detach(), cut
@@ -158,7 +158,7 @@ class Walkthrough:
             markup=False,
         )
         report = fastckpt.load_into(model, path, rules="module.{rest*} -> {rest*}\n")  # type: ignore[attr-defined]
-        self.console.print(report)
+        self.console.print(str(report), highlight=False, markup=False)
 
     # -- story 3 -------------------------------------------------------------------
     def diff(self) -> None:
