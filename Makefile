@@ -68,7 +68,8 @@ FUZZ_TARGETS = $(patsubst csrc/tests/fuzz/%.cpp,%,$(wildcard csrc/tests/fuzz/fuz
 
 fuzz: env
 	@command -v clang++ >/dev/null || { echo "installing clang (libFuzzer)"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q clang libclang-rt-dev >/dev/null; }
+	  export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q clang libclang-rt-dev >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q clang libclang-rt-dev >/dev/null; }; }
 	$(VENV)/bin/cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ -DPython_EXECUTABLE=$(abspath $(PY)) \
 	  -DFASTCKPT_PYTHON=OFF -DFASTCKPT_SANITIZE=ON -DFASTCKPT_NATIVE_TESTS=ON -DFASTCKPT_FUZZ=ON >/dev/null
