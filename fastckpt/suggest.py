@@ -14,13 +14,14 @@ strict-mode error of ``load_into`` and ``fastckpt diff A B --suggest`` print it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fastckpt.pairing import Pairs, pair_by_position, pattern_lines
 from fastckpt.rules import Rules
 
 Shapes = Mapping[str, tuple[int, ...]]
+ShapesIn = Mapping[str, Sequence[int]]  # what callers pass: tuples, lists, torch.Size
 
 # Segment names that mean the same parameter in other code bases (TF-converted
 # LayerNorm: gamma/beta).
@@ -147,7 +148,9 @@ def _ignore_lines(sources: Shapes, used: set[str], targets: Shapes) -> list[tupl
         if s in used or s in targets:
             parts = s.split(".")
             live.update(".".join(parts[:d]) + "." for d in range(1, len(parts)))
-    target_heads = {".".join(t.split(".")[:d]) + "." for t in targets for d in range(1, t.count(".") + 1)}
+    target_heads = {
+        ".".join(t.split(".")[:d]) + "." for t in targets for d in range(1, t.count(".") + 1)
+    }
     groups: dict[str, int] = {}
     for s in sources:
         if s in used or s in targets:
@@ -171,7 +174,7 @@ class _Assembled:
     pairs: Pairs  # source -> (target, rows), every source the rules feed a target from
 
 
-def suggest_rules(source_shapes: Shapes, target_shapes: Shapes) -> Suggestion:
+def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestion:
     """The rules that fill the most model names (shapes must agree), if any beat no rules.
 
     In order of trust: a prefix change and known segment renames (scored over
@@ -212,7 +215,11 @@ def suggest_rules(source_shapes: Shapes, target_shapes: Shapes) -> Suggestion:
 
     filled = {t for t, _ in pairs.values()}
     total = len(targets)
-    notes = [f"# no source found for {t} {list(shape)}" for t, shape in targets.items() if t not in filled]
+    notes = [
+        f"# no source found for {t} {list(shape)}"
+        for t, shape in targets.items()
+        if t not in filled
+    ]
     if not filled or (best is identity and not ignores and not specific):
         return Suggestion(total=total, notes=notes)
     lines = [f"{best.description}: matches {best_score}/{total} keys"] if best.rules else []

@@ -209,7 +209,9 @@ def _ddp_pair(tmp_path):
     }
     ddp = {
         "module."
-        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
         for k, v in plain.items()
     }
     ddp["module.head.weight"] = torch.randn(2, 4, generator=g)  # the model has no head
