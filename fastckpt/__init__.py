@@ -6,8 +6,8 @@ from fastckpt.errors import CheckpointError, LimitError
 from fastckpt.freeze import FreezeSummary, freeze
 from fastckpt.load import StrictLoadError, UninitializedWarning, load_into
 from fastckpt.report import LoadReport
-from fastckpt.rules import Rules, as_rules
 from fastckpt.resume import ResumeReport, resume, save
+from fastckpt.rules import Rules, as_rules
 
 __all__ = [
     "Checkpoint",

@@ -225,16 +225,21 @@ def demo_command(
 
 
 # -- diff (fastckpt.diff; owned by the diff/freeze/resume work) -----------------------
-def _suggestions(a: Path, b: Path) -> str:
-    """Suggested rules for loading A into B, from the suggestion helpers when they are installed."""
-    try:
-        from fastckpt.suggest import suggest_rules
-    except ImportError:
-        suggest_rules = None
-    if suggest_rules is None:
-        return "# suggestions need fastckpt.suggest, which this build does not have"
+def _suggested_rules_file(a: Path, b: Path) -> str:
+    """The rules for loading A into B (fastckpt.suggest, the strict-mode error's
+    engine) as a file to save and edit."""
+    from fastckpt.suggest import suggest_rules
+
     with fastckpt.open(a) as ca, fastckpt.open(b) as cb:
-        return str(suggest_rules(ca, cb))
+        sa = {k: tuple(ca.info(k).shape) for k in ca.keys()}
+        sb = {k: tuple(cb.info(k).shape) for k in cb.keys()}
+    s = suggest_rules(sa, sb)
+    header = f"fastckpt diff --suggest: rules loading {a} into {b}"
+    if not s and not s.notes:
+        return f"# {header}\n# the names already match: no rules needed\n"
+    if not s:
+        return s.as_file(header + "\n# no rule found that fills more model names than none")
+    return s.as_file(header)
 
 
 @app.command()
@@ -243,17 +248,27 @@ def diff(
     b: Path = typer.Argument(..., help="checkpoint to compare against"),
     rules: Path = typer.Option(None, "--rules", help="rules file mapping A's names onto B's"),
     values: bool = typer.Option(False, "--values", help="compare values too (streamed)"),
-    atol: float = typer.Option(0.0, "--atol", help="with --values: tensors within atol count as equal"),
-    suggest: bool = typer.Option(False, "--suggest", help="print suggested rules for A -> B"),
+    atol: float = typer.Option(
+        0.0, "--atol", help="with --values: tensors within atol count as equal"
+    ),
+    suggest: bool = typer.Option(
+        False,
+        "--suggest",
+        help="print rules that load A into B as a rules file on stdout (the table goes to stderr)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Names, shapes, dtypes (and with --values, values) that differ. Exit 0 equal, 1 different, 2 error.
+    """Names, shapes, dtypes (and with --values, values) that differ.
+
+    Exit 0 equal, 1 different, 2 error.
 
     Example: fastckpt diff before/model.safetensors after/model.safetensors --values
+
+    Example: fastckpt diff pretrained.pt finetuned.pt --suggest > port.rules
     """
     try:
         report = fastckpt.diff(a, b, rules=rules, values=values, atol=atol)
-        suggestion = _suggestions(a, b) if suggest else None
+        suggestion = _suggested_rules_file(a, b) if suggest else None
     except (fastckpt.CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -261,11 +276,12 @@ def diff(
         if suggestion is not None:
             doc["suggested_rules"] = suggestion
         typer.echo(json.dumps(doc, indent=2))
+    elif suggestion is not None:
+        # stdout is the rules file alone, so `--suggest > port.rules` saves it.
+        Console(stderr=True).print(report)
+        typer.echo(suggestion, nl=False)
     else:
         console.print(report)
-        if suggestion is not None:
-            console.print("[bold]suggested rules[/bold]")
-            console.print(suggestion, highlight=False, markup=False)
     raise typer.Exit(0 if report.equal else 1)
 
 

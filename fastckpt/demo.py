@@ -38,7 +38,7 @@ decoder.layers.{i}.ffn_1.{w}.{p} -> decoder.layers.{i}.{w}.{p}
 decoder.layers.{i}.ffn_2.fc1.{p} -> decoder.layers.{i}.fc3.{p}
 decoder.layers.{i}.ffn_2.fc2.{p} -> decoder.layers.{i}.fc4.{p}
 ignore-target **.version
-"""
+"""  # noqa: E501 - rules lines are one line each, whatever their length
 
 HIDDEN, FILE_VOCAB, MODEL_VOCAB = 16, 104, 101
 

@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from fastckpt.mapping import Assignment, MappingPlan, RowSelection, plain_plan
 # arithmetic holds about ten such temporaries (~80 MB), whatever the file size.
 CHUNK_ELEMENTS = 1 << 20
 
-Side = nn.Module | Checkpoint | Mapping[str, torch.Tensor] | str | os.PathLike
+Side: TypeAlias = nn.Module | Checkpoint | Mapping[str, torch.Tensor] | str | os.PathLike
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,10 @@ current ``requires_grad``. ``unfreeze`` patterns apply after the freeze ones.
 
 A pattern that matches no parameter is an error: it is nearly always a typo,
 and a silent no-op would train (or freeze) what the user meant not to.
+
+The ``freeze`` / ``unfreeze`` lines of a rules file (docs/RULES.md) are these
+same globs, not the rules' key patterns (where ``*`` is one segment):
+``fastckpt.freeze(model, rules)`` applies them exactly as if passed here.
 """
 
 from __future__ import annotations

@@ -1,97 +1,105 @@
-"""Suggest a rule set that maps one key set onto another, from names and shapes.
+"""Pairing by shape and position: the part of the suggestion engine
+(``fastckpt.suggest``) that explains keys no prefix change or known rename does.
 
-``suggest_pairings(source_shapes, target_shapes)`` returns rules-format lines
-(docs/RULES.md) a user can save, read and edit. In order of trust:
+``pair_by_position`` pairs the keys still unmatched whose shapes and relative
+positions match: keys are grouped by their layer numbers and shape (and, first,
+their last segments); a group with as many sources as targets is paired in
+order, so the dict order of both inputs matters (checkpoint order, model
+order). A first dimension larger in the source than in the target (a
+vocabulary cut) pairs the same way with ``rows[:N]``.
 
-1. a prefix change (strip ``module.``/``bert.``..., add ``roberta.``...) that
-   makes the most names meet with equal shapes;
-2. known segment renames (``gamma`` -> ``weight``, ``beta`` -> ``bias``);
-3. pairs of the keys still unmatched whose shapes and relative positions match:
-   keys are grouped by their layer numbers and shape (and, first, their last
-   segment); a group with as many sources as targets is paired in order, so
-   the dict order of both inputs matters (checkpoint order, model order);
-   a first dimension larger in the source than in the target (a vocabulary
-   cut) pairs the same way with ``rows[:N]``;
-4. ``ignore`` for siblings of a stripped prefix of which nothing pairs
-   (``cls.**`` next to ``bert.``).
+``pattern_lines`` writes such pairs as rules: layer numbers become ``{i}``
+(``{j}``, ...) and a shared last segment ``{p}`` when the pattern holds for
+every key it matches; otherwise the keys are written out.
 
-Pairs are written as patterns: layer numbers become ``{i}`` (``{j}``, ...) and a
-shared last segment ``{p}`` when the pattern holds for every key it matches;
-otherwise the keys are written out. Targets left without a source are listed
-as comments at the end.
+``suggest_pairings`` is ``suggest_rules`` as plain lines (rules, then a comment
+per target left without a source), kept for callers that want a list.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
 from fastckpt.rules import Rules
 
-__all__ = ["suggest_pairings"]
+__all__ = ["pair_by_position", "pattern_lines", "suggest_pairings"]
 
-KNOWN_RENAMES = {"gamma": "weight", "beta": "bias"}  # last segment, TF/old names -> torch
 CAPTURES = ("i", "j", "k", "l")
 Shape = tuple[int, ...]
+# source -> (target, rows stop for a vocabulary cut, or None)
+Pairs = dict[str, tuple[str, int | None]]
 
 
 def suggest_pairings(
     source_shapes: Mapping[str, Sequence[int]], target_shapes: Mapping[str, Sequence[int]]
 ) -> list[str]:
-    src = {k: tuple(v) for k, v in source_shapes.items()}
-    dst = {k: tuple(v) for k, v in target_shapes.items()}
-    strip, add = _best_prefix(src, dst)
+    """The suggestion of ``fastckpt.suggest.suggest_rules`` as lines: rules, then notes."""
+    from fastckpt.suggest import suggest_rules
 
-    def renamed(key: str) -> str | None:
-        if not key.startswith(strip):
-            return None
-        return add + key[len(strip) :]
+    s = suggest_rules(source_shapes, target_shapes)
+    return s.rules_text.splitlines() + s.notes
 
-    # Pairs found so far: source -> (target, rows stop or None).
-    pairs: dict[str, tuple[str, int | None]] = {}
-    taken: set[str] = set()
 
-    def pair(s: str, t: str, rows: int | None = None) -> None:
-        pairs[s] = (t, rows)
-        taken.add(t)
+def _numbers(key: str) -> tuple[str, ...]:
+    return tuple(seg for seg in key.split(".") if seg.isdigit())
 
-    for s, shape in src.items():
-        t = renamed(s) if s.startswith(strip) else s
-        if t is not None and dst.get(t) == shape and t not in taken:
-            pair(s, t)
-    renames_used: set[str] = set()
-    for s, shape in src.items():
-        t = renamed(s)
-        if s in pairs or t is None:
-            continue
-        head, _, last = t.rpartition(".")
-        if last in KNOWN_RENAMES:
-            t2 = f"{head}.{KNOWN_RENAMES[last]}" if head else KNOWN_RENAMES[last]
-            if dst.get(t2) == shape and t2 not in taken:
-                pair(s, t2)
-                renames_used.add(last)
 
-    _pair_by_position(src, dst, pairs, taken, pair)
+def _tail(key: str, n: int) -> tuple[str, ...]:
+    return tuple(key.split(".")[-n:])
 
-    # The base rules: renames, then ignores, then the prefix change as a catch-all.
-    base: list[str] = []
-    p_pat = f"{strip.rstrip('.')}." if strip else ""
-    a_pat = f"{add.rstrip('.')}." if add else ""
-    for old in sorted(renames_used):
-        base.append(f"{p_pat}{{x*}}.{old} -> {a_pat}{{x*}}.{KNOWN_RENAMES[old]}")
-    base += [f"ignore {g}.**" for g in _ignorable_groups(src, dst, pairs, strip)]
-    if strip or add:
-        base.append(f"{p_pat}{{rest*}} -> {a_pat}{{rest*}}")
 
-    # Pairs the base rules get wrong need rules of their own, placed first.
-    base_rules = Rules(base)
-    keys = list(src)
-    base_target = {
-        s: (m.targets[0] if m and m.targets else (None if m else s))
-        for s, m in zip(keys, base_rules.match(keys), strict=True)
-    }
-    needed = {s: tp for s, tp in pairs.items() if base_target[s] != tp[0] or tp[1] is not None}
+GroupKey = Callable[[str, Shape], tuple]
+
+# Most specific grouping first: layer numbers, shape and the last two, one or no
+# name segments. Then a vocabulary cut: equal trailing dimensions, more rows in
+# the source than in the target.
+_PASSES: list[tuple[GroupKey, bool]] = [
+    (lambda k, shape: (_numbers(k), shape, _tail(k, 2)), False),
+    (lambda k, shape: (_numbers(k), shape, _tail(k, 1)), False),
+    (lambda k, shape: (_numbers(k), shape), False),
+    (lambda k, shape: (_numbers(k), shape[1:], _tail(k, 2)), True),
+    (lambda k, shape: (_numbers(k), shape[1:]), True),
+]
+
+
+def pair_by_position(
+    sources: Mapping[str, Shape],
+    targets: Mapping[str, Shape],
+    used: set[str],
+    taken: set[str],
+) -> Pairs:
+    """Pairs among sources not in ``used`` and targets not in ``taken`` (neither is changed)."""
+    pairs: Pairs = {}
+    for key_of, cut in _PASSES:
+        s_left = [s for s in sources if s not in used and s not in pairs]
+        paired = {t for t, _ in pairs.values()}
+        t_left = [t for t in targets if t not in taken and t not in paired]
+        groups: dict[tuple, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        for s in s_left:
+            if sources[s] or not cut:
+                groups[key_of(s, sources[s])][0].append(s)
+        for t in t_left:
+            if targets[t] or not cut:
+                groups[key_of(t, targets[t])][1].append(t)
+        for ss, ts in groups.values():
+            if not ss or len(ss) != len(ts):
+                continue
+            if cut and not all(sources[s][0] > targets[t][0] for s, t in zip(ss, ts, strict=True)):
+                continue
+            for s, t in zip(ss, ts, strict=True):
+                pairs[s] = (t, targets[t][0] if cut else None)
+    return pairs
+
+
+def pattern_lines(needed: Pairs, all_pairs: Pairs, keys: Sequence[str]) -> list[str]:
+    """Rules for the ``needed`` pairs, as general as stays correct.
+
+    A line is kept only if every key of ``keys`` it matches is a pair of
+    ``all_pairs`` it maps exactly (target and rows). Lines come in the order of
+    the first source they match, so that first-match-wins keeps them apart.
+    """
     position = {s: n for n, s in enumerate(keys)}
     specific: list[tuple[int, str]] = []
     covered: set[str] = set()
@@ -99,118 +107,12 @@ def suggest_pairings(
         if s in covered:
             continue
         for line in _candidate_lines(s, t, rows):
-            hits = _valid_cover(line, keys, pairs)
+            hits = _valid_cover(line, keys, all_pairs)
             if hits is not None:
                 specific.append((min(position[h] for h in hits), line))
                 covered |= hits
                 break
-
-    missing = [t for t in dst if t not in taken]
-    notes = [f"# no source found for {t} {list(dst[t])}" for t in missing]
-    return [line for _, line in sorted(specific)] + base + notes
-
-
-def _best_prefix(src: dict[str, Shape], dst: dict[str, Shape]) -> tuple[str, str]:
-    """The (strip, add) prefix change under which the most names meet with equal shapes."""
-
-    def prefixes(keys: Sequence[str]) -> list[str]:
-        counts: Counter[str] = Counter()
-        for k in keys:
-            parts = k.split(".")
-            for n in (1, 2):
-                if len(parts) > n:
-                    counts[".".join(parts[:n]) + "."] += 1
-        return [""] + [p for p, _ in counts.most_common(6)]
-
-    def score(strip: str, add: str) -> int:
-        return sum(
-            1
-            for s, shape in src.items()
-            if s.startswith(strip) and dst.get(add + s[len(strip) :]) == shape
-        )
-
-    best = ("", "")
-    best_score = score("", "")
-    for strip in prefixes(list(src)):
-        for add in prefixes(list(dst)):
-            if (strip, add) == ("", ""):
-                continue
-            sc = score(strip, add)
-            if sc > best_score:
-                best, best_score = (strip, add), sc
-    return best
-
-
-def _numbers(key: str) -> tuple[str, ...]:
-    return tuple(seg for seg in key.split(".") if seg.isdigit())
-
-
-def _pair_by_position(src, dst, pairs, taken, pair) -> None:
-    def leftovers():
-        s_left = [s for s in src if s not in pairs]
-        t_left = [t for t in dst if t not in taken]
-        return s_left, t_left
-
-    def tail(k: str, n: int) -> tuple[str, ...]:
-        return tuple(k.split(".")[-n:])
-
-    # Most specific grouping first: layer numbers, shape and the last two, one
-    # or no name segments. Then a vocabulary cut: equal trailing dimensions,
-    # more rows in the source than in the target.
-    passes = [
-        (lambda k, shape: (_numbers(k), shape, tail(k, 2)), False),
-        (lambda k, shape: (_numbers(k), shape, tail(k, 1)), False),
-        (lambda k, shape: (_numbers(k), shape), False),
-        (lambda k, shape: (_numbers(k), shape[1:], tail(k, 2)), True),
-        (lambda k, shape: (_numbers(k), shape[1:]), True),
-    ]
-    for key_of, cut in passes:
-        s_left, t_left = leftovers()
-        groups: dict[tuple, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
-        for s in s_left:
-            if src[s] or not cut:
-                groups[key_of(s, src[s])][0].append(s)
-        for t in t_left:
-            if dst[t] or not cut:
-                groups[key_of(t, dst[t])][1].append(t)
-        for ss, ts in groups.values():
-            if not ss or len(ss) != len(ts):
-                continue
-            if cut and not all(src[s][0] > dst[t][0] for s, t in zip(ss, ts, strict=True)):
-                continue
-            for s, t in zip(ss, ts, strict=True):
-                pair(s, t, dst[t][0] if cut else None)
-
-
-def _ignorable_groups(src, dst, pairs, strip: str) -> list[str]:
-    """Siblings of a stripped prefix (``cls`` next to ``bert.``) of which nothing
-    pairs and no target name starts the same way: heads the target lacks."""
-    if not strip:
-        return []
-    strip_parts = strip.rstrip(".").split(".")
-    groups: dict[str, list[str]] = {}
-    for s in src:
-        if s.startswith(strip):
-            continue
-        parts = s.split(".")
-        shared = 0
-        while (
-            shared < len(strip_parts)
-            and shared < len(parts) - 1
-            and parts[shared] == strip_parts[shared]
-        ):
-            shared += 1
-        if len(parts) <= shared + 1:
-            continue
-        groups.setdefault(".".join(parts[: shared + 1]), []).append(s)
-    out = []
-    for g, members in groups.items():
-        if any(m in pairs for m in members):
-            continue
-        if any(t == g or t.startswith(g + ".") for t in dst):
-            continue
-        out.append(g)
-    return out
+    return [line for _, line in sorted(specific)]
 
 
 def _candidate_lines(s: str, t: str, rows: int | None) -> list[str]:
@@ -231,13 +133,14 @@ def _candidate_lines(s: str, t: str, rows: int | None) -> list[str]:
         numbered = (sp, tp)
     for sp, tp in ([numbered] if numbered else []) + [(s_parts, t_parts)]:
         if len(sp) > 1 and len(tp) > 1 and sp[-1] == tp[-1] and not sp[-1].startswith("{"):
-            lines.append(".".join(sp[:-1] + ["{p}"]) + " -> " + ".".join(tp[:-1] + ["{p}"]) + attr)
+            head_s, head_t = ".".join(sp[:-1]), ".".join(tp[:-1])
+            lines.append(f"{head_s}.{{p}} -> {head_t}.{{p}}{attr}")
         lines.append(".".join(sp) + " -> " + ".".join(tp) + attr)
     return list(dict.fromkeys(lines))
 
 
-def _valid_cover(line: str, keys: list[str], pairs) -> set[str] | None:
-    """The source keys `line` maps, if it maps every key it matches to its pair."""
+def _valid_cover(line: str, keys: Sequence[str], pairs: Pairs) -> set[str] | None:
+    """The source keys ``line`` maps, if it maps every key it matches to its pair."""
     rows_m = re.search(r" rows\[:(\d+)\]$", line)
     rows = int(rows_m.group(1)) if rows_m else None
     hits = set()

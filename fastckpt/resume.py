@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from torch import nn
 
 from fastckpt.atomic import atomic_write
 from fastckpt.errors import CheckpointError
+from fastckpt.mapping import Assignment, MappingPlan
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
 FORMAT = "fastckpt.train/1"
@@ -335,21 +336,41 @@ def _check_model_keys(
     return missing, unexpected, mismatched, plan
 
 
+@dataclass(frozen=True)
+class _ExactPlan:
+    """The rules object ``load_into`` takes, for a mapping ``resume`` already checked:
+    each target from its planned source; every other file key and every model name
+    the plan leaves out is declared ignored (tied aliases are ``load_into``'s job)."""
+
+    plan_map: Mapping[str, str]  # model name -> checkpoint name
+
+    def plan(self, source_keys: Sequence[str], target_keys: Sequence[str] | None) -> MappingPlan:
+        used = set(self.plan_map.values())
+        planned = set(self.plan_map)
+        return MappingPlan(
+            assignments=[Assignment(t, s) for t, s in self.plan_map.items()],
+            ignored_sources=[k for k in source_keys if k not in used],
+            ignored_targets=[k for k in (target_keys or ()) if k not in planned],
+        )
+
+
 def restore_model_weights(model: nn.Module, path: PathLike, plan: Mapping[str, str]) -> int:
     """Copy ``plan`` (model name -> checkpoint name) into ``model``. Returns tensors loaded.
 
-    The one place that decides how weights get into the model: tensors from
-    ``fastckpt.open`` (zero-copy views of the mapped file) through
-    ``load_state_dict``; the lead may switch this to ``fastckpt.load_into``.
+    Through ``fastckpt.load_into`` (the one way weights get into a model): the plan
+    holds one name per tied group, and ``load_into`` writes the group once.
     """
     import fastckpt
 
-    with fastckpt.open(path) as ckpt:
-        state = {target: ckpt.tensor(source) for target, source in plan.items()}
-        result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{path}: internal error: unexpected {result.unexpected_keys}")
-    return len(state)
+    ties = _tie_sets(model)
+    # A tied alias the plan does not name is filled through the name it does.
+    covered = {n for key in plan for n in ties.get(key, [key])}
+    exact = _ExactPlan(dict(plan))
+    report = fastckpt.load_into(model, path, exact, strict=True)
+    not_loaded = covered - set(report.loaded) - {a for a, _ in report.tied}
+    if not_loaded:
+        raise CheckpointError(f"{path}: internal error: not restored {sorted(not_loaded)}")
+    return len(plan)
 
 
 # -- optimizer state ----------------------------------------------------------------

@@ -64,5 +64,6 @@ def write_safetensors(
                 )
             if s.nbytes:
                 data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                f.write(memoryview(data.numpy()))
+                # numpy arrays are buffers; its stubs only say so from Python 3.12 (PEP 688)
+                f.write(memoryview(data.numpy()))  # type: ignore[arg-type]
     return 8 + len(blob) + offset

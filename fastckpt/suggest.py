@@ -5,17 +5,23 @@ same renaming as a Python function, so it can be scored without the rules
 engine: a candidate "matches" a model name when some checkpoint name is mapped
 onto it and the shapes agree. The best candidate that beats doing nothing wins.
 
-New kinds of candidates (shape/position pairing, ...) are added by appending a
-generator to ``CANDIDATE_SOURCES``.
+New kinds of prefix/rename candidates are added by appending a generator to
+``CANDIDATE_SOURCES``. Keys no candidate explains are then paired by shape and
+position (``fastckpt.pairing``): this module is the one suggestion engine; the
+strict-mode error of ``load_into`` and ``fastckpt diff A B --suggest`` print it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fastckpt.pairing import Pairs, pair_by_position, pattern_lines
+from fastckpt.rules import Rules
+
 Shapes = Mapping[str, tuple[int, ...]]
+ShapesIn = Mapping[str, Sequence[int]]  # what callers pass: tuples, lists, torch.Size
 
 # Segment names that mean the same parameter in other code bases (TF-converted
 # LayerNorm: gamma/beta).
@@ -35,19 +41,40 @@ class Suggestion:
     lines: list[str] = field(default_factory=list)  # human-readable, one per change
     matches: int = 0  # model names the rules would fill
     total: int = 0  # model names
+    notes: list[str] = field(default_factory=list)  # "# no source found for ..." comments
+
+    def as_file(self, header: str = "") -> str:
+        """A rules file to save and edit: what each part does as comments, the rules,
+        then the model names still without a source."""
+        out = [f"# {header}"] if header else []
+        out += [f"# {line}" for line in self.lines]
+        return "\n".join(out) + ("\n" if out else "") + self.rules_text + "".join(
+            n + "\n" for n in self.notes
+        )
 
     def __bool__(self) -> bool:
         return bool(self.rules_text)
 
 
 def _score(c: Candidate, sources: Shapes, targets: Shapes) -> tuple[int, set[str]]:
+    """(model names filled, checkpoint names used); (-1, ...) for a candidate that
+    renames mostly onto nothing: a prefix that fits a few keys by chance
+    (``tgt_embedding.`` -> ``encoder.`` for one position table) is a wrong guess."""
     hit: set[str] = set()
     used: set[str] = set()
+    rewritten = rewritten_hits = 0
     for name, shape in sources.items():
         t = c.transform(name)
-        if t is not None and t in targets and targets[t] == shape:
+        ok = t is not None and t in targets and targets[t] == shape
+        if t != name:
+            rewritten += 1
+            rewritten_hits += ok
+        if ok:
+            assert t is not None
             hit.add(t)
             used.add(name)
+    if 2 * rewritten_hits < rewritten:
+        return -1, used
     return len(hit), used
 
 
@@ -110,20 +137,51 @@ CANDIDATE_SOURCES: list[Callable[[Shapes, Shapes], Iterable[Candidate]]] = [
 
 
 def _ignore_lines(sources: Shapes, used: set[str], targets: Shapes) -> list[tuple[str, int]]:
-    """`ignore FIRST.**` for top-level groups of the checkpoint that feed nothing."""
-    by_head: dict[str, list[str]] = {}
+    """`ignore G.**` for the shortest groups of checkpoint keys of which nothing is used.
+
+    ``cls.**`` next to a stripped ``bert.``; ``module.cls.**`` next to a stripped
+    ``module.bert.``. A group whose name the model also has (``G.x`` targets)
+    is left out: its keys are more likely misnamed than unwanted.
+    """
+    live: set[str] = set()  # prefixes (with a trailing dot) of a used or same-name key
     for s in sources:
-        if "." in s:
-            by_head.setdefault(s.split(".", 1)[0], []).append(s)
-    out = []
-    for head, names in by_head.items():
-        if not any(n in used or n in targets for n in names):
-            out.append((f"ignore {head}.**", len(names)))
-    return out
+        if s in used or s in targets:
+            parts = s.split(".")
+            live.update(".".join(parts[:d]) + "." for d in range(1, len(parts)))
+    target_heads = {
+        ".".join(t.split(".")[:d]) + "." for t in targets for d in range(1, t.count(".") + 1)
+    }
+    groups: dict[str, int] = {}
+    for s in sources:
+        if s in used or s in targets:
+            continue
+        parts = s.split(".")
+        for d in range(1, len(parts)):
+            g = ".".join(parts[:d]) + "."
+            if g not in live:
+                if g not in target_heads:
+                    groups[g] = groups.get(g, 0) + 1
+                break
+    if not live:
+        return []  # nothing is used: ignoring would hide the whole checkpoint
+    return [(f"ignore {g}**", n) for g, n in groups.items()]
 
 
-def suggest_rules(source_shapes: Shapes, target_shapes: Shapes) -> Suggestion:
-    """The rules that fill the most model names (shapes must agree), if any beat no rules."""
+@dataclass(frozen=True)
+class _Assembled:
+    rules: list[str]
+    hits: set[str]  # targets filled
+    pairs: Pairs  # source -> (target, rows), every source the rules feed a target from
+
+
+def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestion:
+    """The rules that fill the most model names (shapes must agree), if any beat no rules.
+
+    In order of trust: a prefix change and known segment renames (scored over
+    every key), then pairs of the keys still unexplained by shape and position
+    (``fastckpt.pairing``), then ``ignore`` lines for checkpoint groups nothing
+    uses. Targets left without a source are listed in ``notes``.
+    """
     sources = {k: tuple(v) for k, v in source_shapes.items()}
     targets = {k: tuple(v) for k, v in target_shapes.items()}
     identity = Candidate("", (), lambda n: n)
@@ -133,10 +191,45 @@ def suggest_rules(source_shapes: Shapes, target_shapes: Shapes) -> Suggestion:
             score, used = _score(c, sources, targets)
             if score > best_score:
                 best, best_score, best_used = c, score, used
-    ignores = _ignore_lines(sources, best_used, targets)
-    if best_score == 0 or (best is identity and not ignores):
-        return Suggestion(total=len(targets))
-    rules = [line for line, _ in ignores] + list(best.rules)
-    lines = [f"{best.description}: matches {best_score}/{len(targets)} keys"] if best.rules else []
+
+    pairs: Pairs = {}
+    for s in best_used:
+        t = best.transform(s)
+        assert t is not None
+        pairs[s] = (t, None)
+    taken = {t for t, _ in pairs.values()}
+    extra = pair_by_position(sources, targets, set(pairs), taken)
+    pairs |= extra
+    used = set(pairs)
+    ignores = _ignore_lines(sources, used, targets)
+    base = [line for line, _ in ignores] + list(best.rules)
+    # Pairs the prefix / rename rules get wrong need rules of their own, placed first.
+    keys = list(sources)
+    base_rules = Rules(base)
+    base_target = {
+        s: (m.targets[0] if m.targets else None) if m is not None else s
+        for s, m in zip(keys, base_rules.match(keys), strict=True)
+    }
+    needed = {s: p for s, p in extra.items() if base_target[s] != p[0] or p[1] is not None}
+    specific = pattern_lines(needed, pairs, keys)
+
+    filled = {t for t, _ in pairs.values()}
+    total = len(targets)
+    notes = [
+        f"# no source found for {t} {list(shape)}"
+        for t, shape in targets.items()
+        if t not in filled
+    ]
+    if not filled or (best is identity and not ignores and not specific):
+        return Suggestion(total=total, notes=notes)
+    lines = [f"{best.description}: matches {best_score}/{total} keys"] if best.rules else []
+    if extra:
+        cuts = sum(1 for _, rows in extra.values() if rows is not None)
+        how = f" ({cuts} with a vocabulary cut)" if cuts else ""
+        lines.append(
+            f"pair {len(extra)}{' more' if best.rules else ''} keys by shape and position{how}: "
+            f"matches {len(filled)}/{total} keys"
+        )
     lines += [f"{line}: skips {n} checkpoint keys nothing uses" for line, n in ignores]
-    return Suggestion("\n".join(rules) + "\n", lines, best_score, len(targets))
+    rules = specific + base
+    return Suggestion("\n".join(rules) + "\n", lines, len(filled), total, notes)

@@ -25,7 +25,8 @@ ALL_DTYPES = [
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Random bytes reinterpreted as `dtype` (so every bit pattern is exercised), NaN-free floats."""
+    """Random bytes reinterpreted as `dtype` (so every bit pattern is exercised),
+    NaN-free floats."""
     g = torch.Generator().manual_seed(seed)
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=g).bool()

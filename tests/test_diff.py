@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
 import fastckpt
 from fastckpt.cli import app
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection
+from fastckpt.suggest import suggest_rules
 
 diff_mod = importlib.import_module("fastckpt.diff")
 
@@ -191,3 +192,94 @@ def test_cli_errors_exit_2(tmp_path):
     res = runner.invoke(app, ["diff", str(tmp_path / "nope.safetensors"), str(tmp_path)])
     assert res.exit_code == 2
     assert "no such checkpoint file or folder" in res.output
+
+
+# -- diff --suggest: the strict-mode suggestion as a rules file ----------------------
+
+
+def _ddp_pair(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    plain = {
+        "enc.layers.0.LayerNorm.weight": torch.randn(4, generator=g),
+        "enc.layers.0.LayerNorm.bias": torch.randn(4, generator=g),
+        "enc.layers.0.fc.weight": torch.randn(4, 4, generator=g),
+        "enc.layers.1.LayerNorm.weight": torch.randn(4, generator=g),
+        "enc.layers.1.LayerNorm.bias": torch.randn(4, generator=g),
+        "enc.layers.1.fc.weight": torch.randn(4, 4, generator=g),
+    }
+    ddp = {
+        "module."
+        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in plain.items()
+    }
+    ddp["module.head.weight"] = torch.randn(2, 4, generator=g)  # the model has no head
+    save_file(ddp, tmp_path / "ddp.safetensors")
+    save_file(plain, tmp_path / "plain.safetensors")
+    return tmp_path / "ddp.safetensors", tmp_path / "plain.safetensors", ddp, plain
+
+
+SUGGESTED = """\
+# fastckpt diff --suggest: rules loading {a} into {b}
+# strip prefix 'module.' and rename 'gamma' -> 'weight', 'beta' -> 'bias': matches 6/6 keys
+# ignore module.head.**: skips 1 checkpoint keys nothing uses
+ignore module.head.**
+module.{{p*}}.gamma -> {{p*}}.weight
+module.{{p*}}.beta -> {{p*}}.bias
+module.{{rest*}} -> {{rest*}}
+"""
+
+
+def test_cli_suggest_prints_a_rules_file_that_makes_the_checkpoints_equal(tmp_path):
+    pa, pb, _, _ = _ddp_pair(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["diff", str(pa), str(pb), "--suggest"])
+    assert res.exit_code == 1, res.output  # they differ (by name) without the rules
+    assert res.stdout == SUGGESTED.format(a=pa, b=pb)
+    assert "only in a" in res.stderr  # the table goes to stderr, stdout stays a rules file
+    # The same text the strict-mode error suggests.
+    sug = suggest_rules(
+        {k: tuple(v.shape) for k, v in load_file(pa).items()},
+        {k: tuple(v.shape) for k, v in load_file(pb).items()},
+    )
+    assert res.stdout.endswith(sug.rules_text)
+    # Saved and passed back with --rules, A equals B bit for bit.
+    rules_file = tmp_path / "port.rules"
+    rules_file.write_text(res.stdout)
+    res2 = runner.invoke(app, ["diff", str(pa), str(pb), "--rules", str(rules_file), "--values"])
+    assert res2.exit_code == 0, res2.output
+    assert "EQUAL" in res2.stdout
+
+
+def test_cli_suggest_json_and_nothing_to_suggest(tmp_path):
+    pa, pb, _, _ = _ddp_pair(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["diff", str(pa), str(pb), "--suggest", "--json"])
+    assert res.exit_code == 1
+    assert json.loads(res.stdout)["suggested_rules"] == SUGGESTED.format(a=pa, b=pb)
+    res = runner.invoke(app, ["diff", str(pb), str(pb), "--suggest"])
+    assert res.exit_code == 0
+    assert res.stdout == (
+        f"# fastckpt diff --suggest: rules loading {pb} into {pb}\n"
+        "# the names already match: no rules needed\n"
+    )
+
+
+def test_cli_suggest_lists_targets_without_a_source(tmp_path):
+    save_file({"x.a": torch.zeros(4), "x.b": torch.ones(4)}, tmp_path / "a.safetensors")
+    save_file({"y.c": torch.zeros(4)}, tmp_path / "b.safetensors")
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    res = CliRunner().invoke(app, ["diff", str(pa), str(pb), "--suggest"])
+    assert res.exit_code == 1
+    assert res.stdout == (
+        f"# fastckpt diff --suggest: rules loading {pa} into {pb}\n"
+        "# no rule found that fills more model names than none\n"
+        "# no source found for y.c [4]\n"
+    )
+
+
+def test_cli_suggest_error_exit_2(tmp_path):
+    res = CliRunner().invoke(app, ["diff", str(tmp_path / "nope.pt"), str(tmp_path), "--suggest"])
+    assert res.exit_code == 2
+    assert "no such checkpoint file or folder" in res.stderr

@@ -86,3 +86,61 @@ def test_bert_story3_freeze_body():
     assert summary.by_module["bert"].trainable_params == 0
     assert summary.trainable == ["classifier.weight", "classifier.bias"]
     assert torch.is_grad_enabled()
+
+
+class Deep(nn.Module):
+    """Parameters several segments below a prefix: bert.encoder.layer.{0..11}.dense.*."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList(
+            nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)) for _ in range(12)
+        )
+        self.classifier = nn.Linear(2, 3)
+
+
+def test_rules_file_freeze_lines_are_globs(tmp_path):
+    """A rules file's freeze/unfreeze lines drive fastckpt.freeze, with glob meaning:
+    `*` crosses dots (here `bert.*` reaches 4 segments down), `[01]` is a class."""
+    rules_file = tmp_path / "finetune.rules"
+    rules_file.write_text(
+        "module.{rest*} -> {rest*}\n"
+        "freeze bert.*\n"
+        "unfreeze bert.encoder.layer.1[01].*\n"
+        "freeze classifier.b?as   # unfreeze lines apply after all freeze lines\n"
+    )
+    rules = fastckpt.Rules.from_file(rules_file)
+    assert rules.freeze_patterns == ["bert.*", "classifier.b?as"]
+    assert rules.unfreeze_patterns == ["bert.encoder.layer.1[01].*"]
+    model = Deep()
+    summary = fastckpt.freeze(model, rules)
+    assert summary.trainable == [
+        "bert.encoder.layer.10.0.weight",
+        "bert.encoder.layer.10.0.bias",
+        "bert.encoder.layer.10.1.weight",
+        "bert.encoder.layer.10.1.bias",
+        "bert.encoder.layer.11.0.weight",
+        "bert.encoder.layer.11.0.bias",
+        "bert.encoder.layer.11.1.weight",
+        "bert.encoder.layer.11.1.bias",
+        "classifier.weight",
+    ]
+    assert summary.by_module["bert"].frozen_params == 10 * 4
+
+
+def test_rules_file_freeze_typo_is_an_error(tmp_path):
+    rules = fastckpt.Rules.parse("freeze bret.*\n")
+    model = Deep()
+    with pytest.raises(ValueError, match=r"^freeze pattern 'bret\.\*' matches no parameter"):
+        fastckpt.freeze(model, rules)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_captures_are_refused_in_freeze_lines():
+    with pytest.raises(fastckpt.CheckpointError) as e:
+        fastckpt.Rules.parse("freeze bert.{x}.weight", source="r.rules")
+    assert str(e.value) == (
+        "r.rules:1:13: a freeze pattern is a glob: captures like {name} have no meaning there"
+    )

@@ -342,7 +342,7 @@ def test_strict_ddp_module_prefix_message(tmp_path):
     module.bert.encoder.layer.{{0..1}}.attention.weight      2
   suggested rules (strip prefix 'module.': matches 11/11 keys):
     module.{{rest*}} -> {{rest*}}
-  pass them as load_into(..., rules=...), or strict=False to load what matches"""
+  pass them as load_into(..., rules=...), or strict=False to load what matches"""  # noqa: E501
     )
     assert isinstance(err.value, fastckpt.CheckpointError)
     assert sorted(err.value.report.missing) == sorted(model.state_dict())
@@ -379,7 +379,7 @@ def test_strict_tf_gamma_beta_message(tmp_path):
   suggested rules (rename 'gamma' -> 'weight', 'beta' -> 'bias': matches 7/7 keys):
     {{p*}}.gamma -> {{p*}}.weight
     {{p*}}.beta -> {{p*}}.bias
-  pass them as load_into(..., rules=...), or strict=False to load what matches"""
+  pass them as load_into(..., rules=...), or strict=False to load what matches"""  # noqa: E501
     )
 
 
@@ -397,8 +397,8 @@ def test_strict_ddp_and_gamma_beta_together_suggests_both(tmp_path):
         fastckpt.load_into(model, tmp_path / "both.safetensors")
     text = str(err.value)
     assert (
-        "  suggested rules (strip prefix 'module.' and rename 'gamma' -> 'weight', 'beta' -> 'bias':"
-        " matches 7/7 keys):\n"
+        "  suggested rules (strip prefix 'module.' and rename 'gamma' -> 'weight', "
+        "'beta' -> 'bias': matches 7/7 keys):\n"
         "    module.{p*}.gamma -> {p*}.weight\n"
         "    module.{p*}.beta -> {p*}.bias\n"
         "    module.{rest*} -> {rest*}\n"
@@ -427,7 +427,8 @@ def test_strict_refuses_shape_mismatch_before_modifying_anything(tmp_path):
     with pytest.raises(fastckpt.StrictLoadError) as err:
         fastckpt.load_into(model, path)
     assert (
-        "  shape mismatches (1): model name, checkpoint, model\n    embed.weight  [12, 6] vs [11, 6]"
+        "  shape mismatches (1): model name, checkpoint, model\n"
+        "    embed.weight  [12, 6] vs [11, 6]"
         in str(err.value)
     )
     for k, v in model.state_dict().items():

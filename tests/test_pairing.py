@@ -1,4 +1,5 @@
-"""Rule suggestions from names and shapes (fastckpt.pairing)."""
+"""Rule suggestions from names and shapes: pairing by shape and position
+(fastckpt.pairing), through the one engine, fastckpt.suggest.suggest_rules."""
 
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def test_story2_via_suggestions():
     plain = {k: tuple(v.shape) for k, v in transformers.BertModel(config).state_dict().items()}
     lines = suggest_pairings(saved, plain)
     assert lines == [
-        "module.bert.{x*}.beta -> {x*}.bias",
-        "module.bert.{x*}.gamma -> {x*}.weight",
         "ignore module.cls.**",
+        "module.bert.{p*}.gamma -> {p*}.weight",
+        "module.bert.{p*}.beta -> {p*}.bias",
         "module.bert.{rest*} -> {rest*}",
     ]
     got = sources_by_target(lines, saved, plain)
@@ -81,7 +82,8 @@ def test_a_pattern_is_only_collapsed_when_it_holds_for_every_layer():
     # Layer 1's ffn weight keeps another name in the target: no {i} rule for it.
     dst = {"l.0.w": (3, 2), "l.1.other": (3, 2), "l.0.x": (5,), "l.1.x": (5,)}
     lines = suggest_pairings(src, dst)
-    assert lines == ["l.0.ffn.{p} -> l.0.{p}", "l.1.ffn.w -> l.1.other"]
+    # 'l.0.ffn.' -> 'l.0.' is a prefix change that fits; layer 1 is paired by position.
+    assert lines == ["l.1.ffn.w -> l.1.other", "l.0.ffn.{rest*} -> l.0.{rest*}"]
     assert sources_by_target(lines, src, dst) == {
         "l.0.w": "l.0.ffn.w",
         "l.1.other": "l.1.ffn.w",

@@ -327,3 +327,25 @@ def test_vanished_parameter_and_shape_checks(tmp_path):
         "model [5, 3]), 0.bias (file [4], model [5])" in str(err.value)
     )
     assert "0.weight (exp_avg has shape [4, 3], parameter has [5, 3])" in str(err.value)
+
+
+def test_trainer_bin_holding_both_tied_names_resumes_through_load_into(tmp_path):
+    """A torch.save'd state dict of a tied model holds the tensor under both names:
+    neither is unexpected, the model gets the values once, and the report is clean."""
+    model = build_roberta(tie=True, seed=7)
+    opt = trainer_optimizer(model)
+    train_step(model, opt, 0)
+    state = model.state_dict()
+    assert "lm_head.decoder.weight" in state  # both names in the file
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    model2 = build_roberta(tie=True, seed=8)
+    opt2 = trainer_optimizer(model2)
+    report = fastckpt.resume(tmp_path, model2, opt2)
+    assert report.problems == []
+    assert report.model_unexpected == [] and report.model_missing == []
+    assert report.model_loaded == len(state) - 1  # the tied alias is written through its owner
+    for name, t in model2.state_dict().items():
+        assert_same_bytes(t, state[name])
+    assert model2.lm_head.decoder.weight is model2.roberta.embeddings.word_embeddings.weight
+    train_step(model2, opt2, 1)

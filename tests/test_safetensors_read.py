@@ -116,7 +116,9 @@ shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.dictionaries(names, st.tuples(shapes, st.sampled_from(ALL_DTYPES)), min_size=1, max_size=6))
+@given(
+    st.dictionaries(names, st.tuples(shapes, st.sampled_from(ALL_DTYPES)), min_size=1, max_size=6)
+)
 def test_random_files_match_safetensors(tmp_path_factory, spec):
     path = tmp_path_factory.mktemp("h") / "r.safetensors"
     tensors = {n: random_tensor(s, d, i) for i, (n, (s, d)) in enumerate(spec.items())}

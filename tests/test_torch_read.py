@@ -6,9 +6,9 @@ import argparse
 import importlib
 import io
 import json
-import re
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path

@@ -43,5 +43,7 @@ def test_failure_mid_write_keeps_the_old_file(tmp_path):
 def test_wrong_shape_from_producer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="expected torch.float32 \\(3,\\)"):
         write_safetensors(
-            tmp_path / "x.safetensors", [TensorSpec("a", torch.float32, (3,))], lambda s: torch.ones(2)
+            tmp_path / "x.safetensors",
+            [TensorSpec("a", torch.float32, (3,))],
+            lambda s: torch.ones(2),
         )

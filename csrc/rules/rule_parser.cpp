@@ -70,7 +70,10 @@ class LineParser {
       if (at_end()) error(pos_, "expected a pattern after '" + std::string(word) + "'");
       const size_t p = pos_;
       rule.source_text = std::string(read_until_space());
-      rule.source = parse_segments(rule.source_text, p, nullptr);
+      if (rule.kind == RuleKind::Freeze || rule.kind == RuleKind::Unfreeze)
+        check_glob(rule.source_text, p);  // fastckpt.freeze matches these as shell globs
+      else
+        rule.source = parse_segments(rule.source_text, p, nullptr);
       skip_spaces();
       if (!at_end()) {
         const size_t extra = pos_;
@@ -165,6 +168,18 @@ class LineParser {
     if (w == "freeze") return RuleKind::Freeze;
     if (w == "unfreeze") return RuleKind::Unfreeze;
     return std::nullopt;
+  }
+
+  // freeze/unfreeze patterns are globs (`*` crosses dots); only `{...}` is refused,
+  // since a capture there would mean nothing.
+  void check_glob(std::string_view token, size_t start) {
+    const size_t open = token.find('{');
+    if (open != std::string_view::npos) {
+      if (token.find('}', open) == std::string_view::npos) error(start + open, "unclosed '{'");
+      error(start + open, "a freeze pattern is a glob: captures like {name} have no meaning there");
+    }
+    const size_t close = token.find('}');
+    if (close != std::string_view::npos) error(start + close, "unexpected '}'");
   }
 
   static size_t offset_of_elem(std::string_view token, size_t elem) {

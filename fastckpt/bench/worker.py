@@ -205,7 +205,7 @@ class Contender:
     def _load_fastckpt(self) -> None:
         import fastckpt
 
-        fastckpt.load_into(self.model, self.path, strict=True)  # type: ignore[attr-defined]
+        fastckpt.load_into(self.model, self.path, strict=True)  # type: ignore[attr-defined, arg-type]
 
     def _load_torch_load(self) -> None:
         assert self.model is not None
@@ -267,7 +267,7 @@ class Contender:
         buf = self.buffers["buf"].numpy()
         for f in self.files:
             with open(f, "rb", buffering=0) as fh:
-                while fh.readinto(buf):
+                while fh.readinto(buf):  # type: ignore[arg-type]  # ndarray: a buffer (PEP 688)
                     pass
 
 
