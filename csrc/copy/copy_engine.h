@@ -33,6 +33,7 @@ class CopyEngine {
   // Copies everything; returns when every byte is in place (on the device too).
   void run();
 
+  const std::vector<CopyTask>& tasks() const { return tasks_; }
   uint64_t total_bytes() const { return total_bytes_; }  // source bytes to read
   uint64_t bytes_done() const { return bytes_done_.load(std::memory_order_relaxed); }
 
