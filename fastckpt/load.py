@@ -61,10 +61,6 @@ class _Pick(NamedTuple):
     dtype: torch.dtype | None
 
 
-# Read same-dtype dense copies through the mapping instead of pread. Only the
-# benchmark flips it, to measure the two (see bench/RESULTS_load.md).
-_READ_THROUGH_MAPPING = False
-
 _LOW = 0xFFFFFFFF  # Checkpoint._entries values: file index << 32 | tensor index
 
 
@@ -395,7 +391,6 @@ def _load(
             sink,
             cudart,
             dev_index,
-            _READ_THROUGH_MAPPING,
         )
         built.append((job, ks))
 

@@ -158,11 +158,10 @@ std::unique_ptr<DeviceSink> make_sink(const std::string& device_sink, const std:
   return nullptr;
 }
 
-EngineOptions engine_options(size_t threads, uint64_t max_host_bytes, bool read_through_mapping) {
+EngineOptions engine_options(size_t threads, uint64_t max_host_bytes) {
   EngineOptions opt;
   opt.threads = threads;
   opt.max_host_bytes = max_host_bytes;
-  opt.read_through_mapping = read_through_mapping;
   return opt;
 }
 
@@ -172,35 +171,33 @@ void register_copy(py::module_& m) {
   py::class_<CopyEngine>(m, "CopyJob")
       .def(py::init([](const py::list& specs, size_t threads, uint64_t max_host_bytes,
                        const std::string& device_sink, const std::string& cudart_path,
-                       int device_index, bool read_through_mapping) {
+                       int device_index) {
              std::vector<CopyTask> tasks;
              tasks.reserve(specs.size());
              for (const auto& s : specs) tasks.push_back(task_from_tuple(s.cast<py::tuple>()));
              return std::make_unique<CopyEngine>(
-                 std::move(tasks), engine_options(threads, max_host_bytes, read_through_mapping),
+                 std::move(tasks), engine_options(threads, max_host_bytes),
                  make_sink(device_sink, cudart_path, device_index));
            }),
            py::arg("tasks"), py::arg("threads"), py::arg("max_host_bytes"),
-           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0,
-           py::arg("read_through_mapping") = false)
+           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0)
       .def_static(
           "from_tensors",
           [](const py::list& indexes, const py::list& sources, const py::list& tensors,
              const py::list& names, const py::object& source_names, const py::object& rows,
              const py::object& vias, const py::dict& dtype_names, size_t threads,
              uint64_t max_host_bytes, const std::string& device_sink,
-             const std::string& cudart_path, int device_index, bool read_through_mapping) {
+             const std::string& cudart_path, int device_index) {
             auto tasks = tasks_from_tensors(indexes, sources, tensors, names, source_names, rows,
                                             vias, dtype_names, !device_sink.empty());
             return std::make_unique<CopyEngine>(
-                std::move(tasks), engine_options(threads, max_host_bytes, read_through_mapping),
+                std::move(tasks), engine_options(threads, max_host_bytes),
                 make_sink(device_sink, cudart_path, device_index));
           },
           py::arg("indexes"), py::arg("sources"), py::arg("tensors"), py::arg("names"),
           py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("dtype_names"),
           py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
           py::arg("cudart_path") = "", py::arg("device_index") = 0,
-          py::arg("read_through_mapping") = false,
           "Tasks straight from destination tensors (see tasks_from_tensors).")
       // (task index, source dtype, destination dtype) of every task that converts.
       .def("casts",

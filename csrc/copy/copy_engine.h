@@ -17,9 +17,6 @@ namespace fastckpt {
 struct EngineOptions {
   size_t threads = 2;
   uint64_t max_host_bytes = uint64_t{256} << 20;
-  // Same-dtype dense copies read with pread by default; true reads them through
-  // the mapping instead. Only the benchmark sets it (to compare the two).
-  bool read_through_mapping = false;
 };
 
 class CopyEngine {
