@@ -9,12 +9,12 @@ pinned ring for CUDA destinations) on its own threads with the GIL released.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +24,7 @@ from torch import nn
 from fastckpt import _core
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.checkpoint import open as open_checkpoint
-from fastckpt.dtypes import short_name, to_name, to_torch
+from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection
 from fastckpt.report import LoadReport, Mismatch, format_groups
@@ -53,7 +53,7 @@ UninitializedWarning.__module__ = "fastckpt"
 
 
 class _Pick(NamedTuple):
-    """Where one model tensor comes from (an Assignment without its target)."""
+    """Where one model tensor comes from under rules (an Assignment without its target)."""
 
     source: str
     rule: str | None
@@ -61,19 +61,7 @@ class _Pick(NamedTuple):
     dtype: torch.dtype | None
 
 
-@dataclass
-class _Target:
-    """One tensor of the model, possibly under several names (tied)."""
-
-    names: list[str]  # state_dict names, first is the one written through
-    tensor: torch.Tensor
-    assignment: _Pick | None = None
-    via_name: str | None = None  # the name whose assignment is used
-
-
-# Read same-dtype dense copies through the mapping instead of pread. Only the
-# benchmark flips it, to measure the two (see bench/RESULTS_load.md).
-_READ_THROUGH_MAPPING = False
+_LOW = 0xFFFFFFFF  # Checkpoint._entries values: file index << 32 | tensor index
 
 
 def _default_threads() -> int:
@@ -90,32 +78,6 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
         for name, b in module._buffers.items():
             if b is not None and name not in module._non_persistent_buffers_set:
                 out[dot + name] = (module, name, False)
-    return out
-
-
-def _targets(model: nn.Module) -> tuple[dict[str, _Target], list[_Target]]:
-    """state_dict names -> targets; tied names (one tensor object) share a target."""
-    by_name: dict[str, _Target] = {}
-    by_id: dict[int, _Target] = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        target = by_id.get(id(value))
-        if target is None:
-            target = by_id[id(value)] = _Target([name], value)
-        else:
-            target.names.append(name)
-        by_name[name] = target
-    return by_name, list(by_id.values())
-
-
-def _source_table(ckpt: Checkpoint) -> dict[str, tuple[Any, int, str, tuple[int, ...]]]:
-    """checkpoint name -> (file index, tensor index, dtype name, shape); one batch per file."""
-    infos = [index.tensor_infos() for index in ckpt._indexes]
-    out = {}
-    for name, fi, ti in ckpt._locations():
-        info = infos[fi][ti]
-        out[name] = (ckpt._indexes[fi], ti, info[1], info[2])
     return out
 
 
@@ -211,175 +173,24 @@ def load_into(
     - ``max_host_bytes``: host staging budget beyond the destinations.
     """
     started = time.perf_counter()
-    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
-    want = torch.device(device) if device is not None else None
-    by_name, groups = _targets(model)
-    sources = _source_table(ckpt)
-    rules_obj = _resolve_rules(rules)
-    report = LoadReport()
-    ignored_sources: set[str] = set()
-    ignored_targets: set[str] = set()
-    per_target: dict[str, _Pick] = {}
-    if rules_obj is None:
-        # Exact names: the same result as mapping.plain_plan, without an object per tensor.
-        per_target = {n: _Pick(n, None, None, None) for n in by_name if n in sources}
-        used_sources = set(per_target)
-    else:
-        plan: MappingPlan = rules_obj.plan(list(sources), list(by_name))
-        report.unused_rules = list(plan.unused_rules)
-        report.ignored = list(plan.ignored_sources) + list(plan.ignored_targets)
-        ignored_sources, ignored_targets = set(plan.ignored_sources), set(plan.ignored_targets)
-        used_sources = set()
-        for a in plan.assignments:
-            if a.target not in by_name:
-                raise CheckpointError(
-                    f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
-                    "which the model does not have"
-                )
-            if a.source not in sources:
-                raise CheckpointError(
-                    f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks"
-                )
-            if a.target in per_target:
-                raise CheckpointError(
-                    f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
-                    f"{per_target[a.target].source!r} and {a.source!r}"
-                )
-            per_target[a.target] = _Pick(a.source, a.rule, a.rows, a.dtype)
-            used_sources.add(a.source)
-    for target in groups:
-        # Tied names: the last name (state_dict order) with a source is written, so the
-        # result equals load_state_dict's, which copies each name in turn.
-        for n in reversed(target.names):
-            if n in per_target:
-                target.assignment, target.via_name = per_target[n], n
-                break
-
-    loadable: list[_Target] = []
-    for target in groups:
-        a = target.assignment
-        if a is None:
-            report.missing += [n for n in target.names if n not in ignored_targets]
-            continue
-        src_shape = shape = sources[a.source][3]
-        if a.rows is not None and shape:
-            shape = (a.rows.rows(shape[0]), *shape[1:])
-        if shape != tuple(target.tensor.shape):
-            report.mismatched.append(
-                Mismatch(target.via_name, src_shape, tuple(target.tensor.shape))
-            )
-            continue
-        loadable.append(target)
-    report.unexpected = [k for k in sources if k not in used_sources and k not in ignored_sources]
-
-    if strict and (report.missing or report.unexpected or report.mismatched):
-        sug = suggest_rules(
-            {k: v[3] for k, v in sources.items()},
-            {n: tuple(t.tensor.shape) for n, t in by_name.items()},
+    # Planning makes a few small objects per tensor and none of them cyclic; with
+    # 30k tensors the collector's passes (over every object torch ever made) cost
+    # more than the plan itself. Collection resumes, unchanged, when we return.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        report, ckpt_path = _load(
+            model, path, rules, strict, device, dtype, max_host_bytes, threads, progress, key
         )
-        raise StrictLoadError(
-            _strict_message(str(ckpt.path), report, sug.lines, sug.rules_text), report
-        )
-
-    # Destinations: the model's own memory, or fresh tensors for meta / other-device targets.
-    jobs: dict[tuple[str, int], list[tuple]] = {}
-    fresh: list[tuple[_Target, torch.Tensor]] = []
-    for target in loadable:
-        a = target.assignment
-        assert a is not None and target.via_name is not None
-        t = target.tensor.detach()
-        if t.is_meta or (want is not None and not _same_device(t.device, want)):
-            if want is None:
-                raise CheckpointError(
-                    f"{target.via_name!r} is on the meta device: pass device= "
-                    "to say where to allocate it"
-                )
-            new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-            t = torch.empty(t.shape, dtype=new_dtype, device=want)
-            fresh.append((target, t))
-        if t.device.type not in ("cpu", "cuda"):
-            raise CheckpointError(
-                f"{target.via_name!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
-            )
-        if any(s == 0 and d > 1 for s, d in zip(t.stride(), t.shape, strict=True)):
-            raise CheckpointError(
-                f"{target.via_name!r} has overlapping memory (an expanded "
-                "tensor); it cannot be loaded into"
-            )
-        index, ti, src_dtype_name, src_shape = sources[a.source]
-        rows: Any = None
-        if a.rows is not None:
-            if a.rows.index is not None:
-                rows = list(a.rows.index)
-            else:
-                rows = (a.rows.start, a.rows.rows(src_shape[0]))
-        via = to_name(a.dtype) if a.dtype is not None else None
-        on_device = t.device.type == "cuda"
-        dev_key = ("cuda", t.device.index or 0) if on_device else ("cpu", 0)
-        label = f"{a.source!r} -> {target.via_name!r}"
-        jobs.setdefault(dev_key, []).append(
-            (
-                index,
-                ti,
-                rows,
-                via,
-                t.data_ptr(),
-                to_name(t.dtype),
-                tuple(t.shape),
-                tuple(t.stride()),
-                on_device,
-                label,
-            )
-        )
-        src_dtype = to_torch(src_dtype_name)
-        report.loaded.append(target.via_name)
-        report.tied += [(n, target.via_name) for n in target.names if n != target.via_name]
-        if a.source != target.via_name:
-            report.renamed.append((a.source, target.via_name))
-        if a.rows is not None:
-            report.sliced.append(target.via_name)
-        if src_dtype != t.dtype:
-            report.cast.append((target.via_name, short_name(src_dtype), short_name(t.dtype)))
-        if a.rule is not None:
-            report.rule_for[target.via_name] = a.rule
-    for target in groups:
-        if target.assignment is None and len(target.names) > 1:
-            report.tied += [(n, target.names[0]) for n in target.names[1:]]
-
-    n_threads = threads if threads is not None else _default_threads()
-    built = []
-    for (kind, index), specs in jobs.items():
-        if kind == "cuda":
-            torch.cuda.synchronize(index)  # memory torch just handed out may still be in use
-            built.append(
-                _core.CopyJob(specs, n_threads, max_host_bytes, "cuda", _find_cudart(), index)
-            )
-        else:
-            built.append(
-                _core.CopyJob(
-                    specs, n_threads, max_host_bytes, read_through_mapping=_READ_THROUGH_MAPPING
-                )
-            )
-    # Everything is checked: from here on the model is written.
-    for job in built:
-        report.bytes += job.total_bytes
-    _run_jobs(built, progress, str(ckpt.path))
-
-    owners = _owners(model) if want is not None else {}
-    for target, t in fresh:
-        _assign(target, t, owners)
-    if want is not None:
-        for target in groups:
-            old = target.tensor
-            if target.assignment is None and not old.is_meta and not _same_device(old.device, want):
-                _assign(target, old.detach().to(want), owners)
-
+    finally:
+        if collecting:
+            gc.enable()
     report.seconds = time.perf_counter() - started
     uninitialised = report.missing + [m.name for m in report.mismatched]
     if uninitialised:
         warnings.warn(
             UninitializedWarning(
-                f"{ckpt.path}: {len(uninitialised)} tensors of the model were not loaded and keep "
+                f"{ckpt_path}: {len(uninitialised)} tensors of the model were not loaded and keep "
                 "their previous (possibly random) values:\n"
                 + "\n".join(format_groups(uninitialised))
             ),
@@ -388,23 +199,266 @@ def load_into(
     return report
 
 
+def _load(
+    model: nn.Module,
+    path: str | os.PathLike | Checkpoint,
+    rules: Any,
+    strict: bool,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    max_host_bytes: int,
+    threads: int | None,
+    progress: bool,
+    key: str | Sequence[str] | None,
+) -> tuple[LoadReport, Path]:
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
+    want = torch.device(device) if device is not None else None
+    entries = ckpt._entries  # checkpoint name -> file index << 32 | tensor index
+    shapes = [index.shapes() for index in ckpt._indexes]
+
+    # The model's tensors by state_dict name. Tied names (one tensor object) form
+    # a group; groups[g] lists its names when any tie exists, else None (g = name).
+    state = model.state_dict(keep_vars=True)
+    names = list(state)
+    tensors = list(state.values())
+    if not all(isinstance(v, torch.Tensor) for v in tensors):
+        names = [n for n, v in state.items() if isinstance(v, torch.Tensor)]
+        tensors = [state[n] for n in names]
+    groups: list[list[str]] | None = None
+    if len(set(map(id, tensors))) != len(tensors):
+        first: dict[int, int] = {}
+        groups = []
+        unique: list[torch.Tensor] = []
+        for n, v in zip(names, tensors, strict=True):
+            g = first.setdefault(id(v), len(unique))
+            if g == len(unique):
+                groups.append([n])
+                unique.append(v)
+            else:
+                groups[g].append(n)
+        tensors = unique
+
+    rules_obj = _resolve_rules(rules)
+    report = LoadReport()
+    ignored_sources: set[str] = set()
+    ignored_targets: set[str] = set()
+    picks: dict[str, _Pick] | None = None  # rules only; exact names need no pick objects
+    if rules_obj is None:
+        wanted: Any = entries
+        name_set = set(names if groups is None else [n for g in groups for n in g])
+        used_sources: Any = name_set  # a target name present in the file uses that source
+    else:
+        target_names = names if groups is None else [n for g in groups for n in g]
+        target_set = set(target_names)
+        plan: MappingPlan = rules_obj.plan(list(entries), target_names)
+        report.unused_rules = list(plan.unused_rules)
+        report.ignored = list(plan.ignored_sources) + list(plan.ignored_targets)
+        ignored_sources, ignored_targets = set(plan.ignored_sources), set(plan.ignored_targets)
+        picks = {}
+        used_sources = set()
+        for a in plan.assignments:
+            if a.target not in target_set:
+                raise CheckpointError(
+                    f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
+                    "which the model does not have"
+                )
+            if a.source not in entries:
+                raise CheckpointError(
+                    f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks"
+                )
+            if a.target in picks:
+                raise CheckpointError(
+                    f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
+                    f"{picks[a.target].source!r} and {a.source!r}"
+                )
+            picks[a.target] = _Pick(a.source, a.rule, a.rows, a.dtype)
+            used_sources.add(a.source)
+        wanted = picks
+
+    # Per group, the name written through: for tied names the last one (state_dict
+    # order) with a source, so the result equals load_state_dict's, which copies
+    # each name in turn.
+    if groups is None:
+        vias: list[str | None] = [n if n in wanted else None for n in names]
+    else:
+        vias = [next((n for n in reversed(g) if n in wanted), None) for g in groups]
+
+    loadable: list[int] = []  # group indices
+    sources: list[int] = []  # their checkpoint locations
+    for g, via in enumerate(vias):
+        if via is None:
+            group = [names[g]] if groups is None else groups[g]
+            report.missing += [n for n in group if n not in ignored_targets]
+            continue
+        if picks is None:
+            loc = entries[via]
+            shape = src_shape = shapes[loc >> 32][loc & _LOW]
+        else:
+            pick = picks[via]
+            loc = entries[pick.source]
+            shape = src_shape = shapes[loc >> 32][loc & _LOW]
+            if pick.rows is not None and shape:
+                shape = (pick.rows.rows(shape[0]), *shape[1:])
+        if shape != tensors[g].shape:
+            report.mismatched.append(Mismatch(via, src_shape, tuple(tensors[g].shape)))
+            continue
+        loadable.append(g)
+        sources.append(loc)
+    report.unexpected = [k for k in entries if k not in used_sources and k not in ignored_sources]
+
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        sug = suggest_rules(
+            {k: shapes[v >> 32][v & _LOW] for k, v in entries.items()},
+            {n: tuple(state[n].shape) for n in state if isinstance(state[n], torch.Tensor)},
+        )
+        raise StrictLoadError(
+            _strict_message(str(ckpt.path), report, sug.lines, sug.rules_text), report
+        )
+
+    via_names: list[str] = [vias[g] for g in loadable]  # type: ignore[misc]
+    dsts = [tensors[g] for g in loadable]
+    # Destinations: the model's own memory, or fresh tensors for meta / other-device targets.
+    fresh: list[tuple[int, torch.Tensor]] = []  # (group, new tensor)
+    devices = {t.device for t in dsts}
+    if want is not None or any(d.type != "cpu" for d in devices):
+        for k, g in enumerate(loadable):
+            t = dsts[k]
+            if t.is_meta or (want is not None and not _same_device(t.device, want)):
+                if want is None:
+                    raise CheckpointError(
+                        f"{via_names[k]!r} is on the meta device: pass device= "
+                        "to say where to allocate it"
+                    )
+                new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+                t = dsts[k] = torch.empty(t.shape, dtype=new_dtype, device=want)
+                fresh.append((g, t))
+            if t.device.type not in ("cpu", "cuda"):
+                raise CheckpointError(
+                    f"{via_names[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
+                )
+        devices = {t.device for t in dsts}
+
+    rows: list[Any] | None = None
+    via_dtypes: list[str | None] | None = None
+    src_names: list[str] = via_names
+    if picks is not None:
+        chosen = [picks[n] for n in via_names]
+        src_names = [p.source for p in chosen]
+        rows = []
+        for p, loc in zip(chosen, sources, strict=True):
+            if p.rows is None:
+                rows.append(None)
+            elif p.rows.index is not None:
+                rows.append(list(p.rows.index))
+            else:
+                rows.append((p.rows.start, p.rows.rows(shapes[loc >> 32][loc & _LOW][0])))
+        via_dtypes = [to_name(p.dtype) if p.dtype is not None else None for p in chosen]
+
+    # One copy job per device; positions keep the report in model order.
+    by_device: dict[tuple[str, int], list[int]] = {}
+    if len(devices) <= 1:
+        d = next(iter(devices), torch.device("cpu"))
+        by_device[(d.type, (d.index or 0) if d.type == "cuda" else 0)] = list(range(len(dsts)))
+    else:
+        for k, t in enumerate(dsts):
+            on_cuda = t.device.type == "cuda"
+            dev_key = ("cuda", t.device.index or 0) if on_cuda else ("cpu", 0)
+            by_device.setdefault(dev_key, []).append(k)
+    n_threads = threads if threads is not None else _default_threads()
+    built: list[tuple[Any, list[int]]] = []
+    for (kind, dev_index), ks in by_device.items():
+        whole = len(ks) == len(dsts)
+
+        def part(values: list[Any] | None, ks: list[int] = ks, whole: bool = whole) -> Any:
+            return values if values is None or whole else [values[k] for k in ks]
+
+        sink = ""
+        cudart = ""
+        if kind == "cuda":
+            torch.cuda.synchronize(dev_index)  # memory torch just handed out may still be in use
+            sink, cudart = "cuda", _find_cudart()
+        job = _core.CopyJob.from_tensors(
+            ckpt._indexes,
+            part(sources),
+            part(dsts),
+            part(via_names),
+            None if picks is None else part(src_names),
+            part(rows),
+            part(via_dtypes),
+            DTYPE_NAMES,
+            n_threads,
+            max_host_bytes,
+            sink,
+            cudart,
+            dev_index,
+        )
+        built.append((job, ks))
+
+    report.loaded = via_names
+    casts: list[tuple[int, str, str, str]] = []
+    for job, ks in built:
+        for i, src_dtype, dst_dtype in job.casts():
+            k = ks[i]
+            casts.append(
+                (k, via_names[k], short_name(to_torch(src_dtype)), short_name(to_torch(dst_dtype)))
+            )
+    report.cast = [c[1:] for c in sorted(casts)]
+    if groups is not None:
+        # Loaded groups first, then unloaded ones, as the report always listed them.
+        loaded_set = set(loadable)
+        report.tied = [
+            (n, vias[g]) for g in loadable for n in groups[g] if n != vias[g]
+        ] + [
+            (n, groups[g][0])
+            for g in range(len(groups))
+            if g not in loaded_set and vias[g] is None
+            for n in groups[g][1:]
+        ]
+    if picks is not None:
+        for name, src, p in zip(via_names, src_names, chosen, strict=True):
+            if src != name:
+                report.renamed.append((src, name))
+            if p.rows is not None:
+                report.sliced.append(name)
+            if p.rule is not None:
+                report.rule_for[name] = p.rule
+
+    # Everything is checked: from here on the model is written.
+    for job, _ in built:
+        report.bytes += job.total_bytes
+    _run_jobs([job for job, _ in built], progress, str(ckpt.path))
+
+    if want is not None:
+        owners = _owners(model)
+        for g, t in fresh:
+            _assign([names[g]] if groups is None else groups[g], tensors[g], t, owners)
+        for g, via in enumerate(vias):
+            old = tensors[g]
+            if via is None and not old.is_meta and not _same_device(old.device, want):
+                _assign(
+                    [names[g]] if groups is None else groups[g], old, old.detach().to(want), owners
+                )
+    return report, ckpt.path
+
+
 def _assign(
-    target: _Target, tensor: torch.Tensor, owners: dict[str, tuple[nn.Module, str, bool]]
+    names: list[str],
+    old: torch.Tensor,
+    tensor: torch.Tensor,
+    owners: dict[str, tuple[nn.Module, str, bool]],
 ) -> None:
     """Put a new tensor under every name of a (possibly tied) target, like assign=True."""
-    old = target.tensor
     value: torch.Tensor
     if isinstance(old, nn.Parameter):
         value = nn.Parameter(tensor, requires_grad=old.requires_grad)
     else:
         value = tensor
-    for name in target.names:
+    for name in names:
         module, attr, is_param = owners[name]
         if is_param:
             module._parameters[attr] = value  # type: ignore[assignment]
         else:
             module._buffers[attr] = value
-    target.tensor = value
 
 
 def _run_jobs(jobs: list[Any], progress: bool, label: str) -> None:

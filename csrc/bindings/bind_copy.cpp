@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <unordered_map>
 
 #include "bindings/bindings.h"
 #include "common/error.h"
@@ -55,33 +56,160 @@ CopyTask task_from_tuple(const py::tuple& spec) {
   return t;
 }
 
+// Python's repr() of a name, as the labels built in Python used to read; the
+// plain case (printable ASCII, no quote or backslash) without a Python call.
+std::string quoted(const std::string& s) {
+  for (unsigned char c : s)
+    if (c < 0x20 || c > 0x7e || c == '\'' || c == '\\') return py::repr(py::str(s)).cast<std::string>();
+  return "'" + s + "'";
+}
+
+std::vector<int64_t> int_list(const py::handle& seq) {
+  // torch.Size and the tuple stride() returns: tuples of ints.
+  const auto t = py::reinterpret_borrow<py::tuple>(seq);
+  std::vector<int64_t> out(t.size());
+  for (size_t k = 0; k < out.size(); ++k) out[k] = t[k].cast<int64_t>();
+  return out;
+}
+
+void set_rows(CopyTask& t, const py::handle& rows) {
+  if (rows.is_none()) return;
+  if (py::isinstance<py::tuple>(rows)) {
+    auto range = rows.cast<std::pair<int64_t, int64_t>>();
+    t.rows.kind = RowSelection::Kind::Range;
+    t.rows.start = range.first;
+    t.rows.count = range.second;
+  } else {
+    t.rows.kind = RowSelection::Kind::Index;
+    t.rows.index = rows.cast<std::vector<int64_t>>();
+  }
+}
+
+// Tasks for a whole model in one call, reading each destination tensor's
+// address, shape, strides and dtype here: one Python tuple per tensor cost more
+// than the copy itself for 30k small tensors. sources[i] is
+// file_index << 32 | tensor_index; rows / vias are None or per-task lists.
+std::vector<CopyTask> tasks_from_tensors(const py::list& indexes, const py::list& sources,
+                                         const py::list& tensors, const py::list& names,
+                                         const py::object& source_names, const py::object& rows,
+                                         const py::object& vias, const py::dict& dtype_names,
+                                         bool on_device) {
+  const size_t n = tensors.size();
+  if (sources.size() != n || names.size() != n)
+    throw py::value_error("sources, tensors and names differ in length");
+  std::vector<const CheckpointIndex*> files;
+  for (const auto& i : indexes) files.push_back(&i.cast<const CheckpointIndex&>());
+  const py::list src_names = source_names.is_none() ? names : source_names.cast<py::list>();
+  const py::list row_list = rows.is_none() ? py::list() : rows.cast<py::list>();
+  const py::list via_list = vias.is_none() ? py::list() : vias.cast<py::list>();
+  if (src_names.size() != n || (!rows.is_none() && row_list.size() != n) ||
+      (!vias.is_none() && via_list.size() != n))
+    throw py::value_error("per-task lists differ in length");
+  std::unordered_map<PyObject*, DType> dtypes;  // torch dtypes are singletons
+  const py::str data_ptr("data_ptr"), shape("shape"), stride("stride"), dtype("dtype");
+  std::vector<CopyTask> tasks(n);
+  for (size_t i = 0; i < n; ++i) {
+    CopyTask& t = tasks[i];
+    const auto loc = sources[i].cast<uint64_t>();
+    const size_t fi = static_cast<size_t>(loc >> 32);
+    if (fi >= files.size()) throw py::index_error("source file index out of range");
+    const CheckpointIndex& index = *files[fi];
+    const auto& rec = index.tensors.at(static_cast<size_t>(loc & 0xFFFFFFFFu));
+    const auto& storage = index.storages.at(rec.storage);
+    const py::handle tensor = tensors[i];
+    const std::string dst_name = names[i].cast<std::string>();
+    t.label = quoted(src_names[i].cast<std::string>()) + " -> " + quoted(dst_name);
+    t.file = index.file;
+    t.storage_file_offset = storage.file_offset;
+    t.storage_nbytes = storage.nbytes;
+    t.src_dtype = rec.dtype;
+    t.src_shape = rec.shape;
+    t.src_strides = rec.strides;
+    t.src_offset = rec.storage_offset;
+    if (!rows.is_none()) set_rows(t, row_list[i]);
+    if (!vias.is_none() && !via_list[i].is_none()) t.via_dtype = dtype_arg(via_list[i].cast<std::string>());
+    t.dst = reinterpret_cast<uint8_t*>(tensor.attr(data_ptr)().cast<uintptr_t>());
+    t.dst_shape = int_list(tensor.attr(shape));
+    t.dst_strides = int_list(tensor.attr(stride)());
+    const py::object dt = tensor.attr(dtype);
+    auto found = dtypes.find(dt.ptr());
+    if (found == dtypes.end()) {
+      PyObject* dname = PyDict_GetItem(dtype_names.ptr(), dt.ptr());  // borrowed
+      if (dname == nullptr)
+        throw CheckpointError(quoted(dst_name) + " has dtype " + py::str(dt).cast<std::string>() +
+                              ", which fastckpt cannot load into");
+      found = dtypes.emplace(dt.ptr(), dtype_arg(py::handle(dname).cast<std::string>())).first;
+    }
+    t.dst_dtype = found->second;
+    t.dst_on_device = on_device;
+    for (size_t d = 0; d < t.dst_shape.size(); ++d)
+      if (t.dst_strides[d] == 0 && t.dst_shape[d] > 1)
+        throw CheckpointError(quoted(dst_name) +
+                              " has overlapping memory (an expanded tensor); it cannot be loaded into");
+  }
+  return tasks;
+}
+
+std::unique_ptr<DeviceSink> make_sink(const std::string& device_sink, const std::string& cudart_path,
+                                      int device_index) {
+  if (device_sink == "cuda") return make_cuda_sink(cudart_path, device_index, 4);
+  if (device_sink == "host_loopback") return make_host_loopback_sink();
+  if (!device_sink.empty()) throw py::value_error("unknown device sink '" + device_sink + "'");
+  return nullptr;
+}
+
+EngineOptions engine_options(size_t threads, uint64_t max_host_bytes) {
+  EngineOptions opt;
+  opt.threads = threads;
+  opt.max_host_bytes = max_host_bytes;
+  return opt;
+}
+
 }  // namespace
 
 void register_copy(py::module_& m) {
   py::class_<CopyEngine>(m, "CopyJob")
       .def(py::init([](const py::list& specs, size_t threads, uint64_t max_host_bytes,
                        const std::string& device_sink, const std::string& cudart_path,
-                       int device_index, bool read_through_mapping) {
+                       int device_index) {
              std::vector<CopyTask> tasks;
              tasks.reserve(specs.size());
              for (const auto& s : specs) tasks.push_back(task_from_tuple(s.cast<py::tuple>()));
-             std::unique_ptr<DeviceSink> sink;
-             if (device_sink == "cuda") {
-               sink = make_cuda_sink(cudart_path, device_index, 4);
-             } else if (device_sink == "host_loopback") {
-               sink = make_host_loopback_sink();
-             } else if (!device_sink.empty()) {
-               throw py::value_error("unknown device sink '" + device_sink + "'");
-             }
-             EngineOptions opt;
-             opt.threads = threads;
-             opt.max_host_bytes = max_host_bytes;
-             opt.read_through_mapping = read_through_mapping;
-             return std::make_unique<CopyEngine>(std::move(tasks), opt, std::move(sink));
+             return std::make_unique<CopyEngine>(
+                 std::move(tasks), engine_options(threads, max_host_bytes),
+                 make_sink(device_sink, cudart_path, device_index));
            }),
            py::arg("tasks"), py::arg("threads"), py::arg("max_host_bytes"),
-           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0,
-           py::arg("read_through_mapping") = false)
+           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0)
+      .def_static(
+          "from_tensors",
+          [](const py::list& indexes, const py::list& sources, const py::list& tensors,
+             const py::list& names, const py::object& source_names, const py::object& rows,
+             const py::object& vias, const py::dict& dtype_names, size_t threads,
+             uint64_t max_host_bytes, const std::string& device_sink,
+             const std::string& cudart_path, int device_index) {
+            auto tasks = tasks_from_tensors(indexes, sources, tensors, names, source_names, rows,
+                                            vias, dtype_names, !device_sink.empty());
+            return std::make_unique<CopyEngine>(
+                std::move(tasks), engine_options(threads, max_host_bytes),
+                make_sink(device_sink, cudart_path, device_index));
+          },
+          py::arg("indexes"), py::arg("sources"), py::arg("tensors"), py::arg("names"),
+          py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("dtype_names"),
+          py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
+          py::arg("cudart_path") = "", py::arg("device_index") = 0,
+          "Tasks straight from destination tensors (see tasks_from_tensors).")
+      // (task index, source dtype, destination dtype) of every task that converts.
+      .def("casts",
+           [](const CopyEngine& e) {
+             py::list out;
+             const auto& tasks = e.tasks();
+             for (size_t i = 0; i < tasks.size(); ++i)
+               if (tasks[i].src_dtype != tasks[i].dst_dtype)
+                 out.append(py::make_tuple(i, std::string(dtype_name(tasks[i].src_dtype)),
+                                           std::string(dtype_name(tasks[i].dst_dtype))));
+             return out;
+           })
       .def(
           "run",
           [](CopyEngine& e) {

@@ -67,6 +67,13 @@ void register_formats(py::module_& m) {
              for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::int_(i.tensors[k].storage);
              return out;
            })
+      // Shape of every tensor, for checking a whole model's shapes in one call.
+      .def("shapes",
+           [](const CheckpointIndex& i) {
+             py::list out(i.tensors.size());
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = int_tuple(i.tensors[k].shape);
+             return out;
+           })
       // Longest container path: 1 for a flat state dict (no pick to make).
       .def("max_path_length",
            [](const CheckpointIndex& i) {

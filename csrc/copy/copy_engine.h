@@ -17,9 +17,6 @@ namespace fastckpt {
 struct EngineOptions {
   size_t threads = 2;
   uint64_t max_host_bytes = uint64_t{256} << 20;
-  // Same-dtype dense copies read with pread by default; true reads them through
-  // the mapping instead. Only the benchmark sets it (to compare the two).
-  bool read_through_mapping = false;
 };
 
 class CopyEngine {
@@ -33,6 +30,7 @@ class CopyEngine {
   // Copies everything; returns when every byte is in place (on the device too).
   void run();
 
+  const std::vector<CopyTask>& tasks() const { return tasks_; }
   uint64_t total_bytes() const { return total_bytes_; }  // source bytes to read
   uint64_t bytes_done() const { return bytes_done_.load(std::memory_order_relaxed); }
 

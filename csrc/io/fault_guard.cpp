@@ -14,6 +14,8 @@
 namespace fastckpt {
 namespace {
 
+static_assert(std::atomic<bool>::is_always_lock_free, "the SIGBUS handler sets an atomic<bool>");
+
 // The innermost guard of this thread. SIGBUS from a memory access is delivered
 // to the faulting thread, so the handler sees the guards of the thread that faulted.
 thread_local FaultGuard* t_innermost = nullptr;
@@ -68,6 +70,8 @@ struct FaultGuardAccess {
         if (begin == 0 || addr < begin || addr - begin >= size) continue;
         // Replace the lost pages, from the faulting one to the end of the mapping,
         // with zeros; the faulting load is restarted and reads them.
+        // Flag first: a thread that reads the zeros below then already sees it set.
+        g->file_.pages_lost_.store(true, std::memory_order_seq_cst);
         const uintptr_t page = addr & g_page_mask;
         void* p = ::mmap(reinterpret_cast<void*>(page), static_cast<size_t>(begin + size - page),
                          PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);

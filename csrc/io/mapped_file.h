@@ -2,6 +2,7 @@
 // its descriptor kept open for pread. Every byte range is checked before use.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,17 +31,24 @@ class MappedFile {
   // shrinks under us: a short read becomes a CheckpointError).
   void pread_exact(void* dst, uint64_t offset, uint64_t length) const;
 
+  // True once a FaultGuard replaced part of this mapping with zeros because the
+  // file shrank under it: from then on only pread tells the truth about the file.
+  bool pages_lost() const { return pages_lost_.load(std::memory_order_acquire); }
+
   // Page-cache hints; failures are ignored (they are only hints).
   void advise_sequential(uint64_t offset, uint64_t length) const;
   void advise_willneed(uint64_t offset, uint64_t length) const;
   void drop_from_page_cache() const;
 
  private:
+  friend struct FaultGuardAccess;
   MappedFile(std::string path, int fd, uint64_t size, uint8_t* data);
   std::string path_;
   int fd_ = -1;
   uint64_t size_ = 0;
   uint8_t* data_ = nullptr;
+  // Set by the SIGBUS handler (lock-free, so async-signal-safe).
+  mutable std::atomic<bool> pages_lost_{false};
 };
 
 }  // namespace fastckpt
