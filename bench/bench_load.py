@@ -182,7 +182,8 @@ def run_contender(name: str, workload: str, st: Path, pt: Path, max_host_bytes: 
     t0 = time.perf_counter()
     c0 = time.process_time()
     if name.startswith("fastckpt"):
-        fastckpt.load_into(model, pt if name == "fastckpt_pt" else st, max_host_bytes=max_host_bytes)
+        src = pt if name == "fastckpt_pt" else st
+        fastckpt.load_into(model, src, max_host_bytes=max_host_bytes)
     elif name == "torch_load_mmap":
         sd = torch.load(pt, mmap=True, weights_only=True)
         model.load_state_dict(sd)

@@ -92,7 +92,7 @@ class TensorInfo(NamedTuple):
     @property
     def is_contiguous(self) -> bool:
         expected = 1
-        for dim, stride in zip(reversed(self.shape), reversed(self.strides)):
+        for dim, stride in zip(reversed(self.shape), reversed(self.strides), strict=True):
             if dim != 1 and stride != expected:
                 return False
             expected *= dim
@@ -247,12 +247,13 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         picked = f", key={'.'.join(self.prefix)!r}" if self.prefix else ""
-        return f"<fastckpt.Checkpoint {str(self.path)!r} {self.format}, {len(self)} tensors{picked}>"
+        where = f"{str(self.path)!r} {self.format}"
+        return f"<fastckpt.Checkpoint {where}, {len(self)} tensors{picked}>"
 
     # -- metadata ---------------------------------------------------------------
     @property
     def metadata(self) -> dict:
-        """safetensors ``__metadata__`` (merged over shards), or the plain values of a torch file."""
+        """safetensors ``__metadata__`` (merged over shards), or a torch file's plain values."""
         merged: dict = {}
         for index in self._indexes:
             merged.update(json.loads(index.metadata_json))
@@ -321,7 +322,7 @@ class Checkpoint:
         )
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A CPU tensor: a zero-copy view of the mapped file where the alignment allows, else a copy.
+        """A CPU tensor: a zero-copy view of the mapped file where alignment allows, else a copy.
 
         The mapping is private: writing to the returned tensor never changes the file.
         """

@@ -136,6 +136,9 @@ def _strict_message(
             lines.append(f"    {m.name:<{width}}  {list(m.source_shape)} vs {list(m.target_shape)}")
         if len(report.mismatched) > 10:
             lines.append(f"    ... {len(report.mismatched) - 10} more")
+    if report.unused_rules:
+        lines.append(f"  rules that matched nothing (a typo?) ({len(report.unused_rules)}):")
+        lines += ["    " + r for r in report.unused_rules]
     if rules_text:
         lines.append("  suggested rules (" + "; ".join(suggestion_lines) + "):")
         lines += ["    " + r for r in rules_text.splitlines()]
@@ -407,7 +410,11 @@ def _load(
         # Loaded groups first, then unloaded ones, as the report always listed them.
         loaded_set = set(loadable)
         report.tied = [
-            (n, vias[g]) for g in loadable for n in groups[g] if n != vias[g]
+            (n, via)
+            for g in loadable
+            if (via := vias[g]) is not None  # always set for loadable groups
+            for n in groups[g]
+            if n != via
         ] + [
             (n, groups[g][0])
             for g in range(len(groups))

@@ -1,4 +1,4 @@
-"""A strided source read through the mapping while its file shrinks: a CheckpointError, no SIGBUS."""
+"""A strided source read through the mapping while its file shrinks: CheckpointError, no SIGBUS."""
 
 import os
 

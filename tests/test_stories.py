@@ -142,6 +142,10 @@ def test_story1_a_typo_in_the_rules_is_refused_naming_what_stays_uninitialised(d
         "  missing from the checkpoint (2):\n"
     )
     assert "decoder.layers.0.fc4.weight" in text and "decoder.layers.0.fc4.bias" in text
+    assert (
+        "  rules that matched nothing (a typo?) (1):\n"
+        "    decoder.layers.{i}.ffn2.fc2.{p} -> decoder.layers.{i}.fc4.{p}\n"
+    ) in text
     for k, v in model.state_dict().items():  # nothing was modified
         assert_same_bytes(v, before[k])
 
