@@ -113,6 +113,40 @@ def _find_cudart() -> str:
     return found
 
 
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=True)``, built without its per-module call chain.
+
+    The fast walk reads ``_parameters`` and persistent ``_buffers`` directly, in
+    state_dict's order (a module's own tensors, then its children, shared
+    submodules visited each time). It is only taken when no module could make
+    state_dict differ: a custom ``_save_to_state_dict``, extra state or a
+    state_dict hook sends the whole model through ``state_dict()`` instead.
+    Deep trees (tens of thousands of modules) load ~2x faster this way.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        cls = type(mod)
+        if (
+            cls._save_to_state_dict is not _BASE_SAVE
+            or cls.get_extra_state is not _BASE_EXTRA_STATE
+            or mod._state_dict_hooks
+            or mod._state_dict_pre_hooks
+        ):
+            return model.state_dict(keep_vars=True)
+        head = prefix + "." if prefix else ""
+        for name, t in mod._parameters.items():
+            if t is not None:
+                out[head + name] = t
+        for name, t in mod._buffers.items():
+            if t is not None and name not in mod._non_persistent_buffers_set:
+                out[head + name] = t
+    return out
+
+
+_BASE_SAVE = nn.Module._save_to_state_dict
+_BASE_EXTRA_STATE = nn.Module.get_extra_state
+
+
 def _strict_message(
     path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
 ) -> str:
@@ -221,7 +255,7 @@ def _load(
 
     # The model's tensors by state_dict name. Tied names (one tensor object) form
     # a group; groups[g] lists its names when any tie exists, else None (g = name).
-    state = model.state_dict(keep_vars=True)
+    state = _state_tensors(model)
     names = list(state)
     tensors = list(state.values())
     if not all(isinstance(v, torch.Tensor) for v in tensors):

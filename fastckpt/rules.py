@@ -182,8 +182,8 @@ class Rules:
 
     def match(self, keys: Sequence[str]) -> list[RuleMatch | None]:
         """For each source key, the first rule that matches it (None: keeps its name)."""
-        rule_of, begin, targets = self._core.match_sources(keys)
-        rule_of, begin = _u32(rule_of), _u32(begin)
+        rule_bytes, begin_bytes, targets = self._core.match_sources(keys)
+        rule_of, begin = _u32(rule_bytes), _u32(begin_bytes)
         out: list[RuleMatch | None] = []
         for i, r in enumerate(rule_of):
             if r == NO_RULE:

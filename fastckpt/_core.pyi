@@ -1,0 +1,108 @@
+"""fastckpt compiled core (private): readers, rules, copy engine.
+
+Type stub for the pybind11 module: generated with pybind11-stubgen, then edited
+(the exception classes). Regenerate after changing csrc/bindings/.
+"""
+
+from __future__ import annotations
+
+import typing
+
+class CheckpointError(ValueError): ...
+class LimitError(CheckpointError): ...
+
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'RuleSet', 'match_pattern', 'open_file', 'parse_rules']
+class FileBuffer:
+    @property
+    def size(self) -> int:
+        ...
+class FileIndex:
+    def __len__(self) -> int:
+        ...
+    def buffer(self) -> FileBuffer:
+        ...
+    def drop_from_page_cache(self) -> None:
+        ...
+    def max_path_length(self) -> int:
+        ...
+    def names(self) -> list:
+        ...
+    def paths(self) -> list:
+        ...
+    def shapes(self) -> list:
+        ...
+    def storage_info(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> tuple[str, int, int, str]:
+        ...
+    def tensor_info(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+        ...
+    def tensor_infos(self) -> list:
+        ...
+    def tensor_storages(self) -> list:
+        ...
+    def tensor_view(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> tuple[str, tuple, tuple, int, int, str, int]:
+        ...
+    @property
+    def file_size(self) -> int:
+        ...
+    @property
+    def format(self) -> str:
+        ...
+    @property
+    def metadata_json(self) -> str:
+        ...
+    @property
+    def num_storages(self) -> int:
+        ...
+    @property
+    def path(self) -> str:
+        ...
+class RuleSet:
+    def __len__(self) -> int:
+        ...
+    def match_sources(self, arg0: typing.Any) -> tuple[bytes, bytes, list]:
+        ...
+    def match_targets(self, arg0: typing.Any) -> bytes:
+        ...
+    def plan(self, arg0: typing.Any, arg1: typing.Any) -> tuple[list, bytes, bytes, bytes, bytes, bytes]:
+        ...
+    def rules(self) -> list:
+        ...
+    @property
+    def source_name(self) -> str:
+        ...
+class CopyJob:
+    @staticmethod
+    def from_tensors(indexes: list, sources: list, tensors: list, names: list, source_names: typing.Any, rows: typing.Any, vias: typing.Any, dtype_names: dict, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> CopyJob:
+        """
+        Tasks straight from destination tensors (see tasks_from_tensors).
+        """
+    def __init__(self, tasks: list, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        ...
+    def casts(self) -> list:
+        ...
+    def run(self) -> None:
+        """
+        Copy everything; returns when all bytes are in place.
+        """
+    @property
+    def bytes_done(self) -> int:
+        ...
+    @property
+    def total_bytes(self) -> int:
+        ...
+def _float_to_bf16(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
+    ...
+def _float_to_half(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
+    ...
+def match_pattern(pattern: str, names: typing.Any) -> list[bool]:
+    """
+    For each name: does the pattern match it.
+    """
+def open_file(path: str) -> FileIndex:
+    """
+    Read one checkpoint file's index (safetensors, torch zip or legacy torch).
+    """
+def parse_rules(text: str, source_name: str) -> RuleSet:
+    """
+    Parse and compile a rules text.
+    """

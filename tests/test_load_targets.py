@@ -1,0 +1,61 @@
+"""load_into's destinations are exactly model.state_dict(keep_vars=True), whatever the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastckpt.load import _state_tensors
+
+
+class WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("kept", torch.ones(2))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        self.register_buffer("empty", None)
+        self.register_parameter("absent", None)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.b = self.a  # one submodule under two names: state_dict lists both
+
+
+class ExtraState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def get_extra_state(self):
+        return {"step": 1}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def hooked() -> nn.Module:
+    m = nn.Sequential(nn.Linear(2, 2))
+    def drop_bias(module, state_dict, prefix, local_metadata):
+        del state_dict[prefix + "0.bias"]
+
+    m._register_state_dict_hook(drop_bias)
+    return m
+
+
+@pytest.mark.parametrize(
+    "make",
+    [WithBuffers, Shared, ExtraState, hooked, lambda: nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))],  # noqa: E501
+    ids=["buffers", "shared-submodule", "extra-state", "state-dict-hook", "batchnorm"],
+)
+def test_destinations_equal_state_dict(make):
+    model = make()
+    expected = model.state_dict(keep_vars=True)
+    got = _state_tensors(model)
+    assert list(got) == list(expected)
+    for k, v in expected.items():  # the very tensor objects; extra state compares by value
+        assert got[k] is v if isinstance(v, torch.Tensor) else got[k] == v
