@@ -21,15 +21,10 @@ DType dtype_arg(const std::string& name) {
   return *d;
 }
 
-// One task from Python: (index, tensor_i, rows, via, dst_ptr, dst_dtype, dst_shape,
-// dst_strides, on_device, label). rows: None | (start, count) | list of row indices.
-CopyTask task_from_tuple(const py::tuple& spec) {
-  if (spec.size() != 10) throw py::value_error("a copy task is a 10-tuple");
-  const auto& index = spec[0].cast<const CheckpointIndex&>();
-  const auto& rec = index.tensors.at(spec[1].cast<size_t>());
+// The source side of a task: the tensor's storage bytes and view within its file.
+void set_source(CopyTask& t, const CheckpointIndex& index, size_t tensor_index) {
+  const auto& rec = index.tensors.at(tensor_index);
   const auto& storage = index.storages.at(rec.storage);
-  CopyTask t;
-  t.label = spec[9].cast<std::string>();
   t.file = index.file;
   t.storage_file_offset = storage.file_offset;
   t.storage_nbytes = storage.nbytes;
@@ -37,16 +32,29 @@ CopyTask task_from_tuple(const py::tuple& spec) {
   t.src_shape = rec.shape;
   t.src_strides = rec.strides;
   t.src_offset = rec.storage_offset;
-  py::object rows = spec[2];
+}
+
+void set_rows(CopyTask& t, const py::handle& rows) {
+  if (rows.is_none()) return;
   if (py::isinstance<py::tuple>(rows)) {
     auto range = rows.cast<std::pair<int64_t, int64_t>>();
     t.rows.kind = RowSelection::Kind::Range;
     t.rows.start = range.first;
     t.rows.count = range.second;
-  } else if (!rows.is_none()) {
+  } else {
     t.rows.kind = RowSelection::Kind::Index;
     t.rows.index = rows.cast<std::vector<int64_t>>();
   }
+}
+
+// One task from Python: (index, tensor_i, rows, via, dst_ptr, dst_dtype, dst_shape,
+// dst_strides, on_device, label). rows: None | (start, count) | list of row indices.
+CopyTask task_from_tuple(const py::tuple& spec) {
+  if (spec.size() != 10) throw py::value_error("a copy task is a 10-tuple");
+  CopyTask t;
+  t.label = spec[9].cast<std::string>();
+  set_source(t, spec[0].cast<const CheckpointIndex&>(), spec[1].cast<size_t>());
+  set_rows(t, spec[2]);
   if (!spec[3].is_none()) t.via_dtype = dtype_arg(spec[3].cast<std::string>());
   t.dst = reinterpret_cast<uint8_t*>(spec[4].cast<uintptr_t>());
   t.dst_dtype = dtype_arg(spec[5].cast<std::string>());
@@ -70,19 +78,6 @@ std::vector<int64_t> int_list(const py::handle& seq) {
   std::vector<int64_t> out(t.size());
   for (size_t k = 0; k < out.size(); ++k) out[k] = t[k].cast<int64_t>();
   return out;
-}
-
-void set_rows(CopyTask& t, const py::handle& rows) {
-  if (rows.is_none()) return;
-  if (py::isinstance<py::tuple>(rows)) {
-    auto range = rows.cast<std::pair<int64_t, int64_t>>();
-    t.rows.kind = RowSelection::Kind::Range;
-    t.rows.start = range.first;
-    t.rows.count = range.second;
-  } else {
-    t.rows.kind = RowSelection::Kind::Index;
-    t.rows.index = rows.cast<std::vector<int64_t>>();
-  }
 }
 
 // Tasks for a whole model in one call, reading each destination tensor's
@@ -113,19 +108,10 @@ std::vector<CopyTask> tasks_from_tensors(const py::list& indexes, const py::list
     const auto loc = sources[i].cast<uint64_t>();
     const size_t fi = static_cast<size_t>(loc >> 32);
     if (fi >= files.size()) throw py::index_error("source file index out of range");
-    const CheckpointIndex& index = *files[fi];
-    const auto& rec = index.tensors.at(static_cast<size_t>(loc & 0xFFFFFFFFu));
-    const auto& storage = index.storages.at(rec.storage);
     const py::handle tensor = tensors[i];
     const std::string dst_name = names[i].cast<std::string>();
     t.label = quoted(src_names[i].cast<std::string>()) + " -> " + quoted(dst_name);
-    t.file = index.file;
-    t.storage_file_offset = storage.file_offset;
-    t.storage_nbytes = storage.nbytes;
-    t.src_dtype = rec.dtype;
-    t.src_shape = rec.shape;
-    t.src_strides = rec.strides;
-    t.src_offset = rec.storage_offset;
+    set_source(t, *files[fi], static_cast<size_t>(loc & 0xFFFFFFFFu));
     if (!rows.is_none()) set_rows(t, row_list[i]);
     if (!vias.is_none() && !via_list[i].is_none()) t.via_dtype = dtype_arg(via_list[i].cast<std::string>());
     t.dst = reinterpret_cast<uint8_t*>(tensor.attr(data_ptr)().cast<uintptr_t>());
