@@ -213,18 +213,14 @@ def demo_command(
 ) -> None:
     """Show what fastckpt does: a small benchmark, then the stories of SCENARIOS.md.
 
-    Steps whose piece is missing from this build print a note instead of failing.
-
     Example: fastckpt demo --no-bench
     """
     from fastckpt.demo import run_demo
 
-    skipped = run_demo(console, bench=bench, repeat=repeat, cache_dir=cache_dir)
-    if skipped:
-        console.print(f"[yellow]{len(skipped)} step(s) skipped:[/yellow] {', '.join(skipped)}")
+    run_demo(console, bench=bench, repeat=repeat, cache_dir=cache_dir)
 
 
-# -- diff (fastckpt.diff; owned by the diff/freeze/resume work) -----------------------
+# -- diff -----------------------
 def _suggested_rules_file(a: Path, b: Path) -> str:
     """The rules for loading A into B (fastckpt.suggest, the strict-mode error's
     engine) as a file to save and edit."""

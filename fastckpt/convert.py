@@ -172,7 +172,7 @@ def _spec(ckpt: Checkpoint, a: Assignment, cast_to: torch.dtype | None) -> Tenso
                     f"{ckpt.path}: row index {bad[0]} out of range for {a.source!r} "
                     f"with {shape[0]} rows"
                 )
-        shape = (a.rows.rows(shape[0]),) + shape[1:]
+        shape = a.rows.shape(shape)
     dtype = info.dtype
     if a.dtype is not None:
         dtype = a.dtype

@@ -17,13 +17,6 @@ from torch import nn
 
 import fastckpt
 
-# What each step needs; a step is skipped with a note when one is missing.
-STEP_NEEDS = {
-    "rename + slice": "fastckpt.load_into, fastckpt.rules, the torch zip reader",
-    "strict error": "fastckpt.load_into (suggestions come with the rules engine)",
-    "diff": "fastckpt.diff",
-}
-
 # Story 1, scaled down: DeltaLM's pretrained names -> the fairseq model's names.
 DELTALM_RULES = """\
 # DeltaLM pretrained file -> fairseq DeltaLM model (SCENARIOS.md story 1)
@@ -93,27 +86,11 @@ class Walkthrough:
     def __init__(self, console: Console, folder: Path):
         self.console = console
         self.folder = folder
-        self.skipped: list[str] = []
 
     def step(self, title: str, story: str, body: Callable[[], None]) -> None:
         self.console.rule(f"[bold]{title}[/bold]")
         self.console.print(story, style="dim")
-        try:
-            body()
-        except (ImportError, AttributeError, NotImplementedError) as e:
-            self._skip(title, e)
-        except fastckpt.CheckpointError as e:
-            if "not supported" not in str(e):
-                raise
-            self._skip(title, e)
-
-    def _skip(self, title: str, e: BaseException) -> None:
-        self.skipped.append(title)
-        self.console.print(
-            f"[yellow]note:[/yellow] this step needs {STEP_NEEDS[title]}; "
-            f"not in this build ({type(e).__name__}: {e})",
-            highlight=False,
-        )
+        body()
 
     # -- story 1 -------------------------------------------------------------------
     def rename_and_slice(self) -> None:
@@ -184,8 +161,8 @@ class Walkthrough:
 
 def run_demo(
     console: Console, *, bench: bool = True, repeat: int = 3, cache_dir: Path | None = None
-) -> list[str]:
-    """Runs the demo; returns the titles of steps skipped for missing pieces."""
+) -> None:
+    """Runs the demo: the small bench, then the scripted stories."""
     if bench:
         from fastckpt.bench import run_bench
         from fastckpt.bench.report import print_tables
@@ -219,4 +196,3 @@ def run_demo(
             "head changed.",
             walk.diff,
         )
-    return walk.skipped

@@ -326,7 +326,7 @@ class _Side:
 def _selected_shape(shape: tuple[int, ...], rows: RowSelection | None) -> tuple[int, ...]:
     if rows is None or not shape:
         return shape
-    return (rows.rows(shape[0]),) + shape[1:]
+    return rows.shape(shape)
 
 
 def _select(t: torch.Tensor, rows: RowSelection | None) -> torch.Tensor:

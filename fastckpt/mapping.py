@@ -31,6 +31,10 @@ class RowSelection:
         stop = source_rows if self.stop is None else min(self.stop, source_rows)
         return max(0, stop - self.start)
 
+    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The selected tensor's shape (rows are the first dimension)."""
+        return (self.rows(source_shape[0]),) + tuple(source_shape[1:])
+
 
 @dataclass(frozen=True, slots=True)
 class Assignment:

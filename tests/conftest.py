@@ -50,3 +50,20 @@ def assert_same_bytes(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.fixture
 def tmp_ckpt_dir(tmp_path):
     return tmp_path
+
+
+def tiny_hf_config(cls_name: str = "BertConfig", **overrides):
+    """A tiny transformers config (hidden 16, 2 layers of 2 heads, vocab 50); tests override
+    what their story needs. One factory so the tiny models of the suite stay comparable."""
+    import transformers
+
+    fields = {
+        "vocab_size": 50,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 20,
+    }
+    fields.update(overrides)
+    return getattr(transformers, cls_name)(**fields)

@@ -21,7 +21,7 @@ from fastckpt.bench import (
 )
 from fastckpt.bench.worker import FlatModel, serve
 from fastckpt.bench.workloads import SIZES, bert_layout, ensure_files, many_small_layout
-from tests.conftest import assert_same_bytes
+from tests.conftest import assert_same_bytes, tiny_hf_config
 
 
 def test_full_workloads_have_the_promised_shapes():
@@ -35,16 +35,9 @@ def test_full_workloads_have_the_promised_shapes():
 
 
 def test_bert_layout_matches_transformers_bert():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=20,
-    )
+    config = tiny_hf_config(intermediate_size=24)
     expected = {
         k: tuple(v.shape)
         for k, v in BertModel(config).state_dict().items()

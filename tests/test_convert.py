@@ -20,7 +20,7 @@ import fastckpt
 from fastckpt.convert import convert, parse_size, plan_shards
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
-from tests.conftest import ALL_DTYPES, assert_same_bytes, random_tensor
+from tests.conftest import ALL_DTYPES, assert_same_bytes, random_tensor, tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -372,13 +372,12 @@ def test_killed_convert_leaves_no_destination(tmp_path, sig, dst_name, shard):
 
 
 def tiny_bert():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(
+    config = tiny_hf_config(
         vocab_size=99,
         hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=37,
         max_position_embeddings=64,

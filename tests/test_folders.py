@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import fastckpt
 from fastckpt.errors import CheckpointError
-from tests.conftest import assert_same_bytes
+from tests.conftest import assert_same_bytes, tiny_hf_config
 
 
 def write_sharded_bin(
@@ -76,14 +76,7 @@ def test_folder_prefers_safetensors_then_bin(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_bert():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=99,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-    )
+    config = tiny_hf_config(vocab_size=99, intermediate_size=24, max_position_embeddings=32)
     torch.manual_seed(0)
     return transformers.BertModel(config).eval()
 

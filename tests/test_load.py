@@ -19,7 +19,7 @@ import fastckpt
 import fastckpt.load as load_module
 from fastckpt import _core
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection
-from tests.conftest import assert_same_bytes
+from tests.conftest import assert_same_bytes, tiny_hf_config
 
 
 class Zoo(nn.Module):
@@ -51,34 +51,22 @@ def assert_models_equal(a: nn.Module, b: nn.Module) -> None:
         assert_same_bytes(sa[k], sb[k])
 
 
+# Odd sizes (99, 37) so no two tensors share a shape by accident.
+_ODD = {"vocab_size": 99, "hidden_size": 32, "intermediate_size": 37, "max_position_embeddings": 64}
+
+
 def tiny_bert():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    return BertModel(cfg)
+    return BertModel(tiny_hf_config("BertConfig", **_ODD))
 
 
 def tiny_roberta_mlm():
-    from transformers import RobertaConfig, RobertaForMaskedLM
+    from transformers import RobertaForMaskedLM
 
     torch.manual_seed(0)
-    cfg = RobertaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    return RobertaForMaskedLM(cfg)
+    return RobertaForMaskedLM(tiny_hf_config("RobertaConfig", **_ODD))
 
 
 # -- plain loads, bit for bit against load_state_dict ---------------------------------------

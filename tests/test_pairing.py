@@ -7,6 +7,7 @@ import pytest
 
 from fastckpt import Rules
 from fastckpt.pairing import suggest_pairings
+from tests.conftest import tiny_hf_config
 
 
 def sources_by_target(lines: list[str], src: dict, dst: dict) -> dict[str, str]:
@@ -41,14 +42,7 @@ def test_ambiguous_shapes_are_not_guessed():
 
 def test_story2_via_suggestions():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=20,
-    )
+    config = tiny_hf_config()
     saved = {}
     for k, v in transformers.BertForPreTraining(config).state_dict().items():
         k = k.replace(".LayerNorm.weight", ".LayerNorm.gamma").replace(

@@ -15,6 +15,7 @@ import fastckpt
 from fastckpt import CheckpointError, Rules, as_rules
 from fastckpt.mapping import Assignment, RowSelection
 from fastckpt.rules import select
+from tests.conftest import tiny_hf_config
 
 
 def pairs(plan):
@@ -532,14 +533,7 @@ def test_plan_agrees_with_matches(rule_lines, keys, extra_targets):
 
 def tiny_bert_keys() -> tuple[list[str], list[str]]:
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=20,
-    )
+    config = tiny_hf_config()
     pretraining = list(transformers.BertForPreTraining(config).state_dict())
     plain = list(transformers.BertModel(config).state_dict())
     return pretraining, plain

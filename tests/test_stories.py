@@ -18,7 +18,7 @@ from torch import nn
 
 import fastckpt
 from fastckpt.suggest import suggest_rules
-from tests.conftest import assert_same_bytes
+from tests.conftest import assert_same_bytes, tiny_hf_config
 from tests.test_rules_deltalm import (
     VOCAB_MODEL,
     expected_source,
@@ -155,14 +155,7 @@ def test_story1_a_typo_in_the_rules_is_refused_naming_what_stays_uninitialised(d
 
 def tiny_bert_config():
     transformers = pytest.importorskip("transformers")
-    return transformers, transformers.BertConfig(
-        vocab_size=60,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=24,
-    )
+    return transformers, tiny_hf_config(vocab_size=60, max_position_embeddings=24)
 
 
 def tf_ddp_name(k: str) -> str:

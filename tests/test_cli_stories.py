@@ -1,50 +1,21 @@
-"""CLI checks that need pieces built in other branches (torch zip reader, load_into,
-rules, diff). Each test skips, saying what is missing, until that piece is merged."""
+"""CLI checks across the pieces: torch zip -> safetensors, a HF folder to shards, a rules
+file, the fastckpt bench row, and the demo's walk-through."""
 
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import fastckpt
 from fastckpt.cli import app
 from tests.conftest import assert_same_bytes
+from tests.test_convert import tiny_bert
 
 runner = CliRunner()
 
 
-def _reads_torch_zip() -> bool:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.pt"
-        torch.save({"a": torch.ones(2)}, path)
-        try:
-            with fastckpt.open(path) as ck:
-                return ck.keys() == ["a"]
-        except fastckpt.CheckpointError:
-            return False
-
-
-def _has_rules() -> bool:
-    try:
-        from fastckpt.rules import as_rules  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_torch_reader = pytest.mark.skipif(not _reads_torch_zip(), reason="needs the torch zip reader")
-needs_load_into = pytest.mark.skipif(not hasattr(fastckpt, "load_into"), reason="needs load_into")
-needs_rules = pytest.mark.skipif(not _has_rules(), reason="needs fastckpt.rules")
-needs_diff = pytest.mark.skipif(not hasattr(fastckpt, "diff"), reason="needs fastckpt.diff")
-
-
-@needs_torch_reader
 def test_torch_zip_to_safetensors_bit_identical_with_tied_and_views(tmp_path):
     emb = torch.randn(20, 8)
     state = {
@@ -67,20 +38,10 @@ def test_torch_zip_to_safetensors_bit_identical_with_tied_and_views(tmp_path):
     assert back["embed.weight"].data_ptr() != back["head.weight"].data_ptr()
 
 
-@needs_torch_reader
 def test_torch_zip_bert_folder_to_sharded_safetensors_loads_with_transformers(tmp_path):
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    model = BertModel(config).eval()
+    model = tiny_bert()
     src = tmp_path / "hf"
     model.save_pretrained(src, safe_serialization=False)  # pytorch_model.bin
     dst = tmp_path / "out"
@@ -91,7 +52,6 @@ def test_torch_zip_bert_folder_to_sharded_safetensors_loads_with_transformers(tm
         assert_same_bytes(back.state_dict()[k], v)
 
 
-@needs_rules
 def test_convert_with_a_rules_file(tmp_path):
     from safetensors.torch import save_file
 
@@ -113,7 +73,6 @@ def test_convert_with_a_rules_file(tmp_path):
     assert_same_bytes(back["embed.weight"], emb[:7])
 
 
-@needs_load_into
 def test_bench_fastckpt_row_runs_and_is_verified(tmp_path):
     result = runner.invoke(
         app, ["bench", "--size", "small", "--repeat", "1", "--cache-dir", str(tmp_path), "--json"]
@@ -121,17 +80,11 @@ def test_bench_fastckpt_row_runs_and_is_verified(tmp_path):
     doc = json.loads(result.stdout)
     for t in doc["targets"]:
         ours = next(r for r in t["results"] if r["contender"] == "fastckpt")
-        if t["format"] == "torch" and not _reads_torch_zip():
-            continue
         assert ours["status"] == "ok", ours
         assert ours["verified"] is True
         assert ours["x_fastckpt"] == 1.0
 
 
-@needs_load_into
-@needs_rules
-@needs_diff
-@needs_torch_reader
 def test_demo_walkthrough_runs_every_step():
     result = runner.invoke(app, ["demo", "--no-bench"])
     assert result.exit_code == 0, result.output
