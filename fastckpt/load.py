@@ -320,27 +320,39 @@ def _load(
     else:
         vias = [next((n for n in reversed(g) if n in wanted), None) for g in groups]
 
-    loadable: list[int] = []  # group indices
-    sources: list[int] = []  # their checkpoint locations
-    for g, via in enumerate(vias):
-        if via is None:
-            group = [names[g]] if groups is None else groups[g]
-            report.missing += [n for n in group if n not in ignored_targets]
-            continue
-        if picks is None:
-            loc = entries[via]
-            shape = src_shape = shapes[loc >> 32][loc & _LOW]
-        else:
-            pick = picks[via]
-            loc = entries[pick.source]
-            shape = src_shape = shapes[loc >> 32][loc & _LOW]
-            if pick.rows is not None and shape:
-                shape = (pick.rows.rows(shape[0]), *shape[1:])
-        if shape != tensors[g].shape:
-            report.mismatched.append(Mismatch(via, src_shape, tuple(tensors[g].shape)))
-            continue
-        loadable.append(g)
-        sources.append(loc)
+    # Candidates: groups with a source. Their tensors are read once, in C++
+    # (address, shape, strides, dtype, device), for the shape check and the tasks.
+    cand = [g for g, via in enumerate(vias) if via is not None]
+    missing_groups = [g for g, via in enumerate(vias) if via is None]
+    for g in missing_groups:
+        group = [names[g]] if groups is None else groups[g]
+        report.missing += [n for n in group if n not in ignored_targets]
+    if picks is None:
+        cand_sources = [entries[vias[g]] for g in cand]  # type: ignore[index]
+        dim0 = None
+    else:
+        cand_picks = [picks[vias[g]] for g in cand]  # type: ignore[index]
+        cand_sources = [entries[p.source] for p in cand_picks]
+        dim0 = [
+            None
+            if p.rows is None or not (shape := shapes[loc >> 32][loc & _LOW])
+            else p.rows.rows(shape[0])
+            for p, loc in zip(cand_picks, cand_sources, strict=True)
+        ]
+    targets = _core.Targets([tensors[g] for g in cand], DTYPE_NAMES)
+    bad = targets.mismatched(ckpt._indexes, cand_sources, dim0)
+    if bad:
+        for k in bad:
+            g, loc = cand[k], cand_sources[k]
+            src_shape = shapes[loc >> 32][loc & _LOW]
+            report.mismatched.append(Mismatch(vias[g], src_shape, tuple(tensors[g].shape)))  # type: ignore[arg-type]
+        bad_set = set(bad)
+        keep = [k for k in range(len(cand)) if k not in bad_set]
+        targets = targets.subset(keep)
+        loadable = [cand[k] for k in keep]
+        sources = [cand_sources[k] for k in keep]
+    else:
+        loadable, sources = cand, cand_sources
     report.unexpected = [k for k in entries if k not in used_sources and k not in ignored_sources]
 
     if strict and (report.missing or report.unexpected or report.mismatched):
@@ -353,11 +365,12 @@ def _load(
         )
 
     via_names: list[str] = [vias[g] for g in loadable]  # type: ignore[misc]
-    dsts = [tensors[g] for g in loadable]
     # Destinations: the model's own memory, or fresh tensors for meta / other-device targets.
     fresh: list[tuple[int, torch.Tensor]] = []  # (group, new tensor)
-    devices = {t.device for t in dsts}
-    if want is not None or any(d.type != "cpu" for d in devices):
+    dsts: list[torch.Tensor] | None = None  # only read off the model when not all on the CPU
+    devices = {torch.device("cpu")}
+    if want is not None or not targets.all_cpu:
+        dsts = [tensors[g] for g in loadable]
         for k, g in enumerate(loadable):
             t = dsts[k]
             if t.is_meta or (want is not None and not _same_device(t.device, want)):
@@ -374,6 +387,8 @@ def _load(
                     f"{via_names[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
                 )
         devices = {t.device for t in dsts}
+        if fresh:
+            targets = _core.Targets(dsts, DTYPE_NAMES)
 
     rows: list[Any] | None = None
     via_dtypes: list[str | None] | None = None
@@ -395,8 +410,9 @@ def _load(
     by_device: dict[tuple[str, int], list[int]] = {}
     if len(devices) <= 1:
         d = next(iter(devices), torch.device("cpu"))
-        by_device[(d.type, (d.index or 0) if d.type == "cuda" else 0)] = list(range(len(dsts)))
+        by_device[(d.type, (d.index or 0) if d.type == "cuda" else 0)] = list(range(len(loadable)))
     else:
+        assert dsts is not None  # several devices: read above
         for k, t in enumerate(dsts):
             on_cuda = t.device.type == "cuda"
             dev_key = ("cuda", t.device.index or 0) if on_cuda else ("cpu", 0)
@@ -404,7 +420,7 @@ def _load(
     n_threads = threads if threads is not None else _default_threads()
     built: list[tuple[Any, list[int]]] = []
     for (kind, dev_index), ks in by_device.items():
-        whole = len(ks) == len(dsts)
+        whole = len(ks) == len(loadable)
 
         def part(values: list[Any] | None, ks: list[int] = ks, whole: bool = whole) -> Any:
             return values if values is None or whole else [values[k] for k in ks]
@@ -414,15 +430,14 @@ def _load(
         if kind == "cuda":
             torch.cuda.synchronize(dev_index)  # memory torch just handed out may still be in use
             sink, cudart = "cuda", _find_cudart()
-        job = _core.CopyJob.from_tensors(
+        job = _core.CopyJob.from_targets(
             ckpt._indexes,
             part(sources),
-            part(dsts),
+            targets if whole else targets.subset(ks),
             part(via_names),
             None if picks is None else part(src_names),
             part(rows),
             part(via_dtypes),
-            DTYPE_NAMES,
             n_threads,
             max_host_bytes,
             sink,

@@ -392,6 +392,32 @@ def safetensors_cases() -> dict[str, tuple[bytes, str]]:
             "header is not valid JSON",
         ),
         "st-not-object": (safetensors_raw(b"[1, 2]"), "header is not a JSON object"),
+        "st-list-of-objects": (
+            safetensors_raw(b'[{"w": {"dtype": "F32"}}, {"shape": [1]}]'),
+            "header is not a JSON object",
+        ),
+        "st-duplicate-name": (
+            safetensors_raw(
+                b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},'
+                b' "w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}',
+                b"\0\0",
+            ),
+            "tensor 'w' appears twice in the header",
+        ),
+        "st-nested-shape": (
+            safetensors_raw(
+                b'{"w": {"dtype": "U8", "shape": [[1]], "data_offsets": [0, 1]}}', b"\0"
+            ),
+            "shape entry must be a non-negative integer",
+        ),
+        "st-entry-is-list": (
+            safetensors_raw(b'{"w": [{"dtype": "U8"}, 1]}'),
+            "tensor 'w': entry is not an object",
+        ),
+        "st-metadata-nested": (
+            safetensors_raw(b'{"__metadata__": {"a": "x", "k": {"n": "y"}}}'),
+            "__metadata__ value for 'k' is not a string",
+        ),
         "st-deep-nesting": (
             safetensors_raw(b"[" * 100_000 + b"]" * 100_000),
             "nests deeper than 8 levels",

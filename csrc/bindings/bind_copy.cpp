@@ -2,9 +2,9 @@
 #include <pybind11/stl.h>
 
 #include <memory>
-#include <unordered_map>
 
 #include "bindings/bindings.h"
+#include "bindings/targets.h"
 #include "common/error.h"
 #include "copy/cast.h"
 #include "copy/copy_engine.h"
@@ -72,26 +72,17 @@ std::string quoted(const std::string& s) {
   return "'" + s + "'";
 }
 
-std::vector<int64_t> int_list(const py::handle& seq) {
-  // torch.Size and the tuple stride() returns: tuples of ints.
-  const auto t = py::reinterpret_borrow<py::tuple>(seq);
-  std::vector<int64_t> out(t.size());
-  for (size_t k = 0; k < out.size(); ++k) out[k] = t[k].cast<int64_t>();
-  return out;
-}
-
-// Tasks for a whole model in one call, reading each destination tensor's
-// address, shape, strides and dtype here: one Python tuple per tensor cost more
-// than the copy itself for 30k small tensors. sources[i] is
-// file_index << 32 | tensor_index; rows / vias are None or per-task lists.
-std::vector<CopyTask> tasks_from_tensors(const py::list& indexes, const py::list& sources,
-                                         const py::list& tensors, const py::list& names,
+// Tasks for a whole model in one call, from the destinations read once into
+// `targets` (one Python tuple per tensor cost more than the copy itself for 30k
+// small tensors). sources[i] is file_index << 32 | tensor_index; rows / vias are
+// None or per-task lists.
+std::vector<CopyTask> tasks_from_targets(const py::list& indexes, const py::list& sources,
+                                         const Targets& targets, const py::list& names,
                                          const py::object& source_names, const py::object& rows,
-                                         const py::object& vias, const py::dict& dtype_names,
-                                         bool on_device) {
-  const size_t n = tensors.size();
+                                         const py::object& vias, bool on_device) {
+  const size_t n = targets.items.size();
   if (sources.size() != n || names.size() != n)
-    throw py::value_error("sources, tensors and names differ in length");
+    throw py::value_error("sources, targets and names differ in length");
   std::vector<const CheckpointIndex*> files;
   for (const auto& i : indexes) files.push_back(&i.cast<const CheckpointIndex&>());
   const py::list src_names = source_names.is_none() ? names : source_names.cast<py::list>();
@@ -100,33 +91,26 @@ std::vector<CopyTask> tasks_from_tensors(const py::list& indexes, const py::list
   if (src_names.size() != n || (!rows.is_none() && row_list.size() != n) ||
       (!vias.is_none() && via_list.size() != n))
     throw py::value_error("per-task lists differ in length");
-  std::unordered_map<PyObject*, DType> dtypes;  // torch dtypes are singletons
-  const py::str data_ptr("data_ptr"), shape("shape"), stride("stride"), dtype("dtype");
   std::vector<CopyTask> tasks(n);
   for (size_t i = 0; i < n; ++i) {
     CopyTask& t = tasks[i];
+    const Target& dst = targets.items[i];
     const auto loc = sources[i].cast<uint64_t>();
     const size_t fi = static_cast<size_t>(loc >> 32);
     if (fi >= files.size()) throw py::index_error("source file index out of range");
-    const py::handle tensor = tensors[i];
     const std::string dst_name = names[i].cast<std::string>();
     t.label = quoted(src_names[i].cast<std::string>()) + " -> " + quoted(dst_name);
     set_source(t, *files[fi], static_cast<size_t>(loc & 0xFFFFFFFFu));
     if (!rows.is_none()) set_rows(t, row_list[i]);
     if (!vias.is_none() && !via_list[i].is_none()) t.via_dtype = dtype_arg(via_list[i].cast<std::string>());
-    t.dst = reinterpret_cast<uint8_t*>(tensor.attr(data_ptr)().cast<uintptr_t>());
-    t.dst_shape = int_list(tensor.attr(shape));
-    t.dst_strides = int_list(tensor.attr(stride)());
-    const py::object dt = tensor.attr(dtype);
-    auto found = dtypes.find(dt.ptr());
-    if (found == dtypes.end()) {
-      PyObject* dname = PyDict_GetItem(dtype_names.ptr(), dt.ptr());  // borrowed
-      if (dname == nullptr)
-        throw CheckpointError(quoted(dst_name) + " has dtype " + py::str(dt).cast<std::string>() +
-                              ", which fastckpt cannot load into");
-      found = dtypes.emplace(dt.ptr(), dtype_arg(py::handle(dname).cast<std::string>())).first;
-    }
-    t.dst_dtype = found->second;
+    if (!dst.dtype)
+      throw CheckpointError(quoted(dst_name) + " has dtype " +
+                            py::str(targets.dtype_objects[i]).cast<std::string>() +
+                            ", which fastckpt cannot load into");
+    t.dst = dst.ptr;
+    t.dst_shape = dst.shape;
+    t.dst_strides = dst.strides;
+    t.dst_dtype = *dst.dtype;
     t.dst_on_device = on_device;
     for (size_t d = 0; d < t.dst_shape.size(); ++d)
       if (t.dst_strides[d] == 0 && t.dst_shape[d] > 1)
@@ -168,23 +152,21 @@ void register_copy(py::module_& m) {
            py::arg("tasks"), py::arg("threads"), py::arg("max_host_bytes"),
            py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0)
       .def_static(
-          "from_tensors",
-          [](const py::list& indexes, const py::list& sources, const py::list& tensors,
+          "from_targets",
+          [](const py::list& indexes, const py::list& sources, const Targets& targets,
              const py::list& names, const py::object& source_names, const py::object& rows,
-             const py::object& vias, const py::dict& dtype_names, size_t threads,
-             uint64_t max_host_bytes, const std::string& device_sink,
-             const std::string& cudart_path, int device_index) {
-            auto tasks = tasks_from_tensors(indexes, sources, tensors, names, source_names, rows,
-                                            vias, dtype_names, !device_sink.empty());
+             const py::object& vias, size_t threads, uint64_t max_host_bytes,
+             const std::string& device_sink, const std::string& cudart_path, int device_index) {
+            auto tasks = tasks_from_targets(indexes, sources, targets, names, source_names, rows,
+                                            vias, !device_sink.empty());
             return std::make_unique<CopyEngine>(
                 std::move(tasks), engine_options(threads, max_host_bytes),
                 make_sink(device_sink, cudart_path, device_index));
           },
-          py::arg("indexes"), py::arg("sources"), py::arg("tensors"), py::arg("names"),
-          py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("dtype_names"),
-          py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
+          py::arg("indexes"), py::arg("sources"), py::arg("targets"), py::arg("names"),
+          py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
           py::arg("cudart_path") = "", py::arg("device_index") = 0,
-          "Tasks straight from destination tensors (see tasks_from_tensors).")
+          "Tasks straight from destination tensors read into Targets (see tasks_from_targets).")
       // (task index, source dtype, destination dtype) of every task that converts.
       .def("casts",
            [](const CopyEngine& e) {

@@ -8,6 +8,7 @@ namespace fastckpt::bindings {
 void register_errors(pybind11::module_& m);
 void register_formats(pybind11::module_& m);
 void register_rules(pybind11::module_& m);
+void register_targets(pybind11::module_& m);
 void register_copy(pybind11::module_& m);
 
 }  // namespace fastckpt::bindings

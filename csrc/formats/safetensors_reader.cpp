@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <string_view>
+#include <unordered_set>
 
 #include "common/checked_math.h"
 #include "common/error.h"
+#include "formats/safetensors_header.h"
 
 namespace fastckpt {
 namespace {
@@ -19,8 +22,8 @@ constexpr int kMaxJsonDepth = 8;
 // One pass over the raw header before it is parsed, so hostile input is refused
 // before it costs a deep stack or a large parsed tree: nesting depth, the number
 // of top-level entries (tensors) and the length of any list nested as deep as a
-// shape (its dimensions).
-void prescan_header(const std::string& path, const char* p, size_t n) {
+// shape (its dimensions). Returns the number of top-level entries.
+size_t prescan_header(const std::string& path, const char* p, size_t n) {
   int depth = 0;
   bool in_string = false;
   size_t entries = 0;
@@ -49,6 +52,7 @@ void prescan_header(const std::string& path, const char* p, size_t n) {
                          std::to_string(kMaxTensorDims) + " dimensions");
     }
   }
+  return entries;
 }
 
 uint64_t read_u64_le(const uint8_t* p) {
@@ -57,9 +61,9 @@ uint64_t read_u64_le(const uint8_t* p) {
   return v;
 }
 
-uint64_t as_u64(const std::string& path, const json& v, const std::string& what) {
-  if (!v.is_number_unsigned()) fail(path, what + " must be a non-negative integer");
-  return v.get<uint64_t>();
+uint64_t element(const std::string& path, const HeaderList& list, size_t i, const std::string& what) {
+  if (i >= list.first_bad) fail(path, what + " must be a non-negative integer");
+  return list.values[i];
 }
 
 }  // namespace
@@ -77,56 +81,63 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
   const auto* header = reinterpret_cast<const char*>(file->span(8, header_len, "safetensors header"));
   const uint64_t data_start = 8 + header_len;
   const uint64_t data_size = file->size() - data_start;
-  prescan_header(path, header, header_len);
+  const size_t expected = prescan_header(path, header, header_len);
 
-  json root = json::parse(header, header + header_len, nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) fail(path, "safetensors header is not valid JSON");
-  if (!root.is_object()) fail(path, "safetensors header is not a JSON object");
+  SafetensorsHeader parsed = parse_safetensors_header(header, header_len, expected);
+  if (!parsed.valid_json) fail(path, "safetensors header is not valid JSON");
+  if (!parsed.root_is_object) fail(path, "safetensors header is not a JSON object");
+  if (parsed.has_metadata) {
+    if (!parsed.metadata_is_object) fail(path, "__metadata__ must be an object of strings");
+    if (parsed.metadata_bad_key)
+      fail(path, "__metadata__ value for '" + *parsed.metadata_bad_key + "' is not a string");
+    json meta = json::object();
+    for (auto& [k, v] : parsed.metadata) meta[k] = std::move(v);
+    index.metadata_json = meta.dump();
+  }
 
   struct Pending {
     uint64_t begin, end;
     size_t tensor;
   };
   std::vector<Pending> ranges;
-  ranges.reserve(root.size());
-  for (auto& [name, entry] : root.items()) {
-    if (name == "__metadata__") {
-      if (!entry.is_object()) fail(path, "__metadata__ must be an object of strings");
-      for (auto& [k, v] : entry.items())
-        if (!v.is_string()) fail(path, "__metadata__ value for '" + k + "' is not a string");
-      index.metadata_json = entry.dump();
-      continue;
-    }
+  ranges.reserve(parsed.entries.size());
+  index.tensors.reserve(parsed.entries.size());
+  index.storages.reserve(parsed.entries.size());
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(parsed.entries.size());
+  for (HeaderEntry& entry : parsed.entries) {
+    const std::string& name = entry.name;
+    if (!seen.insert(name).second) fail(path, "tensor '" + name + "' appears twice in the header");
     const std::string where = "tensor '" + name + "'";
-    if (!entry.is_object()) fail(path, where + ": entry is not an object");
-    auto dt = entry.find("dtype");
-    auto sh = entry.find("shape");
-    auto off = entry.find("data_offsets");
-    if (dt == entry.end() || sh == entry.end() || off == entry.end())
+    if (!entry.is_object) fail(path, where + ": entry is not an object");
+    if (!entry.has_dtype || !entry.shape.present || !entry.offsets.present)
       fail(path, where + ": entry needs dtype, shape and data_offsets");
-    if (!dt->is_string()) fail(path, where + ": dtype is not a string");
-    auto dtype = dtype_from_name(dt->get<std::string>());
-    if (!dtype) fail(path, where + ": unknown dtype '" + dt->get<std::string>() + "'");
-    if (!sh->is_array()) fail(path, where + ": shape is not a list");
-    if (sh->size() > kMaxTensorDims)  // the prescan bounds lists at this depth already
+    if (!entry.dtype_is_string) fail(path, where + ": dtype is not a string");
+    auto dtype = dtype_from_name(entry.dtype);
+    if (!dtype) fail(path, where + ": unknown dtype '" + entry.dtype + "'");
+    const HeaderList& sh = entry.shape;
+    const HeaderList& off = entry.offsets;
+    if (!sh.is_list) fail(path, where + ": shape is not a list");
+    if (sh.values.size() > kMaxTensorDims)  // the prescan bounds lists at this depth already
       throw LimitError(path + ": " + where + " has more than the limit of " +
                        std::to_string(kMaxTensorDims) + " dimensions");
-    if (!off->is_array() || off->size() != 2) fail(path, where + ": data_offsets is not [begin, end]");
+    if (!off.is_list || off.values.size() != 2) fail(path, where + ": data_offsets is not [begin, end]");
 
     TensorRecord t;
     t.name = name;
     t.path = {name};
     t.dtype = *dtype;
-    for (auto& d : *sh) {
-      uint64_t v = as_u64(path, d, where + " shape entry");
+    t.shape.reserve(sh.values.size());
+    for (size_t i = 0; i < sh.values.size(); ++i) {
+      uint64_t v = element(path, sh, i, where + " shape entry");
       if (v > static_cast<uint64_t>(INT64_MAX)) fail(path, where + ": dimension too large");
       t.shape.push_back(static_cast<int64_t>(v));
     }
     const uint64_t numel = checked_numel(path, t);
     const auto nbytes = checked_mul(numel, dtype_itemsize(t.dtype));
     if (!nbytes) fail(path, where + ": byte size overflows 64 bits");
-    const uint64_t begin = as_u64(path, (*off)[0], where + " data_offsets");
-    const uint64_t end = as_u64(path, (*off)[1], where + " data_offsets");
+    const uint64_t begin = element(path, off, 0, where + " data_offsets");
+    const uint64_t end = element(path, off, 1, where + " data_offsets");
     if (end < begin) fail(path, where + ": data_offsets end before they begin");
     if (end - begin != *nbytes)
       fail(path, where + ": data_offsets span " + std::to_string(end - begin) + " bytes but " +

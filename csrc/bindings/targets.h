@@ -1,0 +1,35 @@
+// Destination tensors as the copy engine needs them: address, shape, strides,
+// dtype and whether they live in host memory, read from each torch tensor once.
+// Reading these through torch's Python API is most of a load's planning time
+// for a model of 30k small tensors, so every consumer (the shape check, the
+// device check, the copy tasks) shares this one read.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common/dtype.h"
+
+namespace fastckpt::bindings {
+
+struct Target {
+  uint8_t* ptr = nullptr;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // elements
+  std::optional<DType> dtype;    // nullopt: a torch dtype fastckpt cannot load into
+  bool on_cpu = true;
+};
+
+struct Targets {
+  std::vector<Target> items;
+  std::vector<pybind11::object> dtype_objects;  // the torch dtype of each item (for messages)
+  bool all_cpu = true;
+};
+
+// dtype_names maps torch dtypes to fastckpt dtype names (fastckpt.dtypes.DTYPE_NAMES).
+Targets read_targets(const pybind11::list& tensors, const pybind11::dict& dtype_names);
+
+}  // namespace fastckpt::bindings
