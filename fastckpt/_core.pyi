@@ -6,12 +6,13 @@ Type stub for the pybind11 module: generated with pybind11-stubgen, then edited
 
 from __future__ import annotations
 
+import collections.abc
 import typing
 
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'RuleSet', 'match_pattern', 'open_file', 'parse_rules']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'RuleSet', 'Targets', 'match_pattern', 'open_file', 'parse_rules']
 class FileBuffer:
     @property
     def size(self) -> int:
@@ -70,11 +71,27 @@ class RuleSet:
     @property
     def source_name(self) -> str:
         ...
+class Targets:
+    def __init__(self, tensors: list, dtype_names: dict) -> None:
+        """
+        Read every destination tensor's address, shape, strides, dtype and device once.
+        """
+    def __len__(self) -> int:
+        ...
+    def mismatched(self, indexes: list, sources: list, dim0: typing.Any = None) -> list:
+        ...
+    def subset(self, keep: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> Targets:
+        """
+        The targets at these positions, in this order.
+        """
+    @property
+    def all_cpu(self) -> bool:
+        ...
 class CopyJob:
     @staticmethod
-    def from_tensors(indexes: list, sources: list, tensors: list, names: list, source_names: typing.Any, rows: typing.Any, vias: typing.Any, dtype_names: dict, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> CopyJob:
+    def from_targets(indexes: list, sources: list, targets: Targets, names: list, source_names: typing.Any, rows: typing.Any, vias: typing.Any, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> CopyJob:
         """
-        Tasks straight from destination tensors (see tasks_from_tensors).
+        Tasks straight from destination tensors read into Targets (see tasks_from_targets).
         """
     def __init__(self, tasks: list, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
