@@ -654,6 +654,42 @@ def test_file_truncated_after_open_gives_checkpoint_error(tmp_path):
         fastckpt.load_into(model, ckpt)
 
 
+class Flat(nn.Module):
+    """One buffer per name, any shapes and dtypes."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        super().__init__()
+        for name, (shape, dtype) in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+
+def test_runs_of_small_tensors_match_load_state_dict(tmp_path):
+    # Back-to-back small tensors are read in runs (one preadv for up to 1024 of them
+    # or 4 MiB): runs must break at casts, non-contiguous destinations, empty tensors
+    # and the caps, and every byte still land where load_state_dict puts it.
+    g = torch.Generator().manual_seed(3)
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.float16]
+    state, shapes = {}, {}
+    for i in range(2600):
+        n = int(torch.randint(0, 700, (1,), generator=g))
+        dtype = dtypes[i % 5] if i % 97 else torch.float32
+        if i == 1500:
+            n = 1 << 20  # one tensor bigger than a run's byte cap
+        shape = (4, 50) if i == 777 else (n,)
+        state[f"t{i:04d}"] = torch.randint(0, 100, shape, generator=g).to(dtype)
+        shapes[f"t{i:04d}"] = (shape, torch.bfloat16 if i % 211 == 0 and dtype.is_floating_point else dtype)
+    path = tmp_path / "many.safetensors"
+    save_file(state, str(path))
+    model = Flat(shapes)
+    # A transposed (non-contiguous) destination in the middle of a run.
+    model.t0777 = torch.zeros(50, 4, dtype=shapes["t0777"][1]).t()
+    assert not model.t0777.is_contiguous()
+    twin = Flat(shapes)
+    fastckpt.load_into(model, path)
+    twin.load_state_dict({k: v.to(shapes[k][1]) for k, v in state.items()})
+    assert_models_equal(model, twin)
+
+
 def test_staging_ring_through_the_device_path(tmp_path):
     """The device path (pinned ring + async copies) with host memory standing in for the device."""
     src = torch.randn(1000, 700)

@@ -5,6 +5,8 @@
 #include <numeric>
 #include <set>
 
+#include <sys/uio.h>
+
 #include "common/error.h"
 #include "copy/cast.h"
 #include "copy/staging_ring.h"
@@ -20,6 +22,9 @@ namespace {
 constexpr uint64_t kChunkBytes = uint64_t{8} << 20;
 constexpr size_t kDeviceSlots = 4;
 constexpr uint64_t kMinHostBytes = uint64_t{1} << 20;
+// A vectored read gathers at most this many units (Linux's preadv limit) or bytes.
+constexpr uint32_t kMaxVectoredUnits = 1024;
+constexpr uint64_t kMaxVectoredBytes = uint64_t{4} << 20;
 
 }  // namespace
 
@@ -57,6 +62,19 @@ class CopyEngine::Worker {
  public:
   Worker(CopyEngine& engine, StagingRing* ring) : e_(engine), ring_(ring) {}
 
+  void process(const Work& w) {
+    if (w.vectored && w.n_units > 1) {
+      try {
+        read_vectored(w);
+        e_.bytes_done_.fetch_add(w.src_bytes, std::memory_order_relaxed);
+        return;
+      } catch (const CheckpointError&) {
+        // Unit by unit below: the failing unit's error then names its tensors.
+      }
+    }
+    for (uint32_t k = 0; k < w.n_units; ++k) process(e_.units_[w.first_unit + k]);
+  }
+
   void process(const Unit& u) {
     const CopyTask& t = e_.tasks_[u.task];
     const TaskInfo& info = e_.info_[u.task];
@@ -87,6 +105,20 @@ class CopyEngine::Worker {
   }
 
  private:
+  // Whole tensors, back to back in one file, same dtype, dense on both sides.
+  void read_vectored(const Work& w) {
+    iov_.resize(w.n_units);
+    const Unit& first = e_.units_[w.first_unit];
+    const CopyTask& t0 = e_.tasks_[first.task];
+    const uint64_t offset = t0.storage_file_offset + t0.src_offset * e_.info_[first.task].src_item;
+    for (uint32_t k = 0; k < w.n_units; ++k) {
+      const Unit& u = e_.units_[w.first_unit + k];
+      iov_[k].iov_base = e_.tasks_[u.task].dst;
+      iov_[k].iov_len = u.count * e_.info_[u.task].src_item;
+    }
+    t0.file->preadv_exact(iov_.data(), static_cast<int>(w.n_units), offset);
+  }
+
   // Writes destination elements [u.first, +u.count), in the destination dtype, densely to out.
   void produce(const CopyTask& t, const TaskInfo& info, const Unit& u, uint8_t* out) {
     if (info.same_dtype) {
@@ -158,6 +190,7 @@ class CopyEngine::Worker {
 
   CopyEngine& e_;
   StagingRing* ring_;
+  std::vector<struct iovec> iov_;
   Buffer src_;
   Buffer mid_;
   Buffer out_;
@@ -232,6 +265,34 @@ CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
     for (uint64_t first = 0; first < in.out_elems; first += unit)
       units_.push_back(Unit{i, first, std::min(unit, in.out_elems - first)});
   }
+  plan_work();
+}
+
+// Groups units into work items: a unit that is a whole tensor read as it is
+// (same dtype, all rows, dense source and host destination) joins the previous
+// such item when its bytes start where that item's end in the same file.
+void CopyEngine::plan_work() {
+  uint64_t next_offset = 0;
+  const MappedFile* file = nullptr;
+  for (size_t k = 0; k < units_.size(); ++k) {
+    const Unit& u = units_[k];
+    const CopyTask& t = tasks_[u.task];
+    const TaskInfo& in = info_[u.task];
+    const uint64_t bytes = u.count * in.src_item;
+    const bool plain = u.first == 0 && u.count == in.out_elems && in.same_dtype && in.src_dense &&
+                       in.dst_dense && !t.dst_on_device && t.rows.kind == RowSelection::Kind::All;
+    const uint64_t offset = t.storage_file_offset + t.src_offset * in.src_item;
+    if (plain && !work_.empty() && work_.back().vectored && t.file.get() == file &&
+        offset == next_offset && work_.back().n_units < kMaxVectoredUnits &&
+        work_.back().src_bytes + bytes <= kMaxVectoredBytes) {
+      ++work_.back().n_units;
+      work_.back().src_bytes += bytes;
+    } else {
+      work_.push_back(Work{static_cast<uint32_t>(k), 1, plain, bytes});
+    }
+    file = t.file.get();
+    next_offset = offset + bytes;
+  }
 }
 
 CopyEngine::~CopyEngine() = default;
@@ -246,7 +307,7 @@ void CopyEngine::run() {
   std::unique_ptr<StagingRing> ring;
   if (sink_) ring = std::make_unique<StagingRing>(*sink_, kDeviceSlots,
                                                   options_.max_host_bytes / 2 / kDeviceSlots);
-  const size_t threads = std::min<size_t>(options_.threads, std::max<size_t>(units_.size(), 1));
+  const size_t threads = std::min<size_t>(options_.threads, std::max<size_t>(work_.size(), 1));
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   ThreadPool pool(threads);
@@ -264,8 +325,8 @@ void CopyEngine::run() {
     Worker worker(*this, ring.get());
     try {
       for (size_t k; !failed.load(std::memory_order_relaxed) &&
-                     (k = next.fetch_add(1, std::memory_order_relaxed)) < units_.size();) {
-        worker.process(units_[k]);
+                     (k = next.fetch_add(1, std::memory_order_relaxed)) < work_.size();) {
+        worker.process(work_[k]);
       }
     } catch (...) {
       failed = true;

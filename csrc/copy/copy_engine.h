@@ -1,6 +1,7 @@
 // Runs copy tasks on a thread pool. Work is split into units (ranges of the
 // destination's elements) ordered by file offset, so the file is read nearly
-// sequentially however many workers there are. Host memory beyond the
+// sequentially however many workers there are; runs of small tensors that lie
+// back to back in the file are read together, one system call per run. Host memory beyond the
 // destinations is bounded by max_host_bytes (per-thread staging + device ring).
 #pragma once
 
@@ -39,13 +40,25 @@ class CopyEngine {
     uint64_t first;  // destination elements [first, first + count)
     uint64_t count;
   };
+  // What one worker claims at a time: units [first_unit, +n_units). A run of
+  // small whole-tensor units whose bytes follow each other in the file, copied
+  // as they are into dense host memory, is read with one preadv ("vectored").
+  struct Work {
+    uint32_t first_unit;
+    uint32_t n_units;
+    bool vectored;
+    uint64_t src_bytes;
+  };
   struct TaskInfo;
   class Worker;
 
  private:
+  void plan_work();
+
   std::vector<CopyTask> tasks_;
   std::vector<TaskInfo> info_;
   std::vector<Unit> units_;
+  std::vector<Work> work_;
   EngineOptions options_;
   std::unique_ptr<DeviceSink> sink_;
   uint64_t total_bytes_ = 0;

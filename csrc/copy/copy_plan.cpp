@@ -51,7 +51,7 @@ void validate_task(const CopyTask& t) {
   for (size_t i = 0; i < t.dst_shape.size(); ++i)
     if (t.dst_shape[i] < 0 || t.dst_strides[i] < 0) bad("negative destination dimension or stride");
 
-  std::vector<int64_t> out_shape = t.src_shape;
+  int64_t out_rows = t.src_shape.empty() ? 0 : t.src_shape[0];  // dim 0 after the row selection
   if (t.rows.kind != RowSelection::Kind::All) {
     if (t.src_shape.empty()) bad("a row selection needs a source with at least one dimension");
     const int64_t n_rows = t.src_shape[0];
@@ -62,18 +62,24 @@ void validate_task(const CopyTask& t) {
             std::to_string(t.rows.start + t.rows.count) + "] lie outside the source's " +
             std::to_string(n_rows) + " rows");
       }
-      out_shape[0] = t.rows.count;
+      out_rows = t.rows.count;
     } else {
       for (int64_t r : t.rows.index)
         if (r < 0 || r >= n_rows)
           bad("row index " + std::to_string(r) + " lies outside the source's " +
               std::to_string(n_rows) + " rows");
-      out_shape[0] = static_cast<int64_t>(t.rows.index.size());
+      out_rows = static_cast<int64_t>(t.rows.index.size());
     }
   }
-  if (out_shape != t.dst_shape)
+  bool same_shape = t.src_shape.size() == t.dst_shape.size();
+  for (size_t i = 0; same_shape && i < t.src_shape.size(); ++i)
+    same_shape = (i == 0 ? out_rows : t.src_shape[i]) == t.dst_shape[i];
+  if (!same_shape) {
+    std::vector<int64_t> out_shape = t.src_shape;
+    if (!out_shape.empty()) out_shape[0] = out_rows;
     bad("source shape " + shape_text(out_shape) + " does not match destination shape " +
         shape_text(t.dst_shape));
+  }
 
   DType mid = t.via_dtype.value_or(t.src_dtype);
   if (!find_cast(t.src_dtype, mid)) bad(unsupported_cast_text(t.src_dtype, mid));

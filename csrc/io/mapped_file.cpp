@@ -3,8 +3,10 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -15,6 +17,8 @@ namespace fastckpt {
 namespace {
 
 std::string errno_text(int err) { return std::strerror(err); }
+
+constexpr int kMaxIov = 1024;  // Linux's UIO_MAXIOV: buffers one preadv may take
 
 }  // namespace
 
@@ -78,6 +82,31 @@ void MappedFile::pread_exact(void* dst, uint64_t offset, uint64_t length) const 
                       " while reading; was it truncated or rewritten during the load?");
     }
     done += static_cast<uint64_t>(n);
+  }
+}
+
+void MappedFile::preadv_exact(struct iovec* iov, int count, uint64_t offset) const {
+  while (count > 0) {
+    ssize_t n = ::preadv(fd_, iov, std::min(count, kMaxIov), static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail(path_, "read failed at offset " + std::to_string(offset) + ": " + errno_text(errno));
+    }
+    if (n == 0) {
+      fail(path_, "file ended at offset " + std::to_string(offset) +
+                      " while reading; was it truncated or rewritten during the load?");
+    }
+    offset += static_cast<uint64_t>(n);
+    auto left = static_cast<size_t>(n);
+    while (count > 0 && left >= iov->iov_len) {  // drop the buffers filled completely
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (count > 0) {  // a partly filled buffer: go on where it stopped
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
   }
 }
 

@@ -7,6 +7,8 @@
 #include <memory>
 #include <string>
 
+struct iovec;
+
 namespace fastckpt {
 
 class MappedFile {
@@ -30,6 +32,11 @@ class MappedFile {
   // Reads exactly `length` bytes at `offset` with pread (no SIGBUS if the file
   // shrinks under us: a short read becomes a CheckpointError).
   void pread_exact(void* dst, uint64_t offset, uint64_t length) const;
+
+  // One contiguous file range [offset, +sum of lengths) read into several
+  // buffers in order, in as few system calls as the kernel allows (preadv).
+  // `iov` is consumed (advanced past what was read). Same errors as pread_exact.
+  void preadv_exact(struct iovec* iov, int count, uint64_t offset) const;
 
   // True once a FaultGuard replaced part of this mapping with zeros because the
   // file shrank under it: from then on only pread tells the truth about the file.
