@@ -677,7 +677,8 @@ def test_runs_of_small_tensors_match_load_state_dict(tmp_path):
             n = 1 << 20  # one tensor bigger than a run's byte cap
         shape = (4, 50) if i == 777 else (n,)
         state[f"t{i:04d}"] = torch.randint(0, 100, shape, generator=g).to(dtype)
-        shapes[f"t{i:04d}"] = (shape, torch.bfloat16 if i % 211 == 0 and dtype.is_floating_point else dtype)
+        cast = i % 211 == 0 and dtype.is_floating_point
+        shapes[f"t{i:04d}"] = (shape, torch.bfloat16 if cast else dtype)
     path = tmp_path / "many.safetensors"
     save_file(state, str(path))
     model = Flat(shapes)
