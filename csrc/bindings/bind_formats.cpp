@@ -57,7 +57,7 @@ void register_formats(py::module_& m) {
       .def("paths",
            [](const CheckpointIndex& i) {
              py::list out(i.tensors.size());
-             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(i.tensors[k].path));
+             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(path_of(i.tensors[k])));
              return out;
            })
       // Storage index of every tensor: plain ints, cheap to build for 30k tensors.
@@ -78,7 +78,7 @@ void register_formats(py::module_& m) {
       .def("max_path_length",
            [](const CheckpointIndex& i) {
              size_t longest = 0;
-             for (const auto& t : i.tensors) longest = std::max(longest, t.path.size());
+             for (const auto& t : i.tensors) longest = std::max<size_t>(longest, t.path.empty() ? 1 : t.path.size());
              return longest;
            })
       // (dtype, shape, strides, storage_offset_elems, storage_index, storage_key,

@@ -23,7 +23,9 @@ struct StorageRecord {
 
 struct TensorRecord {
   std::string name;               // dotted path, e.g. "model.encoder.layers.0.fc1.weight"
-  std::vector<std::string> path;  // the same path as container keys (keys may contain dots)
+  // The same path as container keys (keys may contain dots); empty when it is
+  // just {name} (safetensors, where names are flat): see path_of().
+  std::vector<std::string> path;
   DType dtype;
   std::vector<int64_t> shape;
   std::vector<int64_t> strides;  // in elements
@@ -42,6 +44,11 @@ struct CheckpointIndex {
 
   const std::string& path() const { return file->path(); }
 };
+
+// A tensor's container path: its path, or {name} when that is left empty.
+inline std::vector<std::string> path_of(const TensorRecord& t) {
+  return t.path.empty() ? std::vector<std::string>{t.name} : t.path;
+}
 
 // Number of elements, or CheckpointError on negative dims / overflow.
 uint64_t checked_numel(const std::string& path, const TensorRecord& t);

@@ -46,7 +46,7 @@ class HeaderSax {
                : k == "shape" ? Field::Shape
                : k == "data_offsets" ? Field::Offsets
                                      : Field::Other;
-        if (HeaderList* list = current_list()) *list = HeaderList{true, false, {}, SIZE_MAX};
+        if (HeaderList* list = current_list()) *list = HeaderList{true, false, 0, 0, SIZE_MAX};
         if (field_ == Field::Dtype) {
           entry().has_dtype = true;
           entry().dtype_is_string = false;
@@ -71,9 +71,10 @@ class HeaderSax {
     return nullptr;
   }
 
-  void bad_element(HeaderList& list) {
-    if (list.first_bad == SIZE_MAX) list.first_bad = list.values.size();
-    list.values.push_back(0);
+  void element(HeaderList& list, const uint64_t* v) {
+    if (v == nullptr && list.first_bad == SIZE_MAX) list.first_bad = list.count;
+    out_.values.push_back(v != nullptr ? *v : 0);
+    ++list.count;
   }
 
   // A value starts at the current depth: what it means depends on where it is.
@@ -99,14 +100,13 @@ class HeaderSax {
           if (str != nullptr) entry().dtype = *str;
         } else if (HeaderList* list = current_list()) {
           list->is_list = is_container && !is_object;
+          list->begin = out_.values.size();
+          list->count = 0;
         }
         break;
       case 3:
         if (live_ && !in_metadata_) {
-          if (HeaderList* list = current_list(); list != nullptr && list->is_list) {
-            if (u64 != nullptr) list->values.push_back(*u64);
-            else bad_element(*list);
-          }
+          if (HeaderList* list = current_list(); list != nullptr && list->is_list) element(*list, u64);
         }
         break;
       default:
@@ -143,6 +143,7 @@ class HeaderSax {
 SafetensorsHeader parse_safetensors_header(const char* text, size_t n, size_t expected_entries) {
   SafetensorsHeader out;
   out.entries.reserve(expected_entries);
+  out.values.reserve(expected_entries * 4);
   HeaderSax sax(out);
   out.valid_json = json::sax_parse(text, text + n, &sax, nlohmann::json::input_format_t::json,
                                    /*strict=*/true);

@@ -14,12 +14,15 @@
 
 namespace fastckpt {
 
-// A field holding a list of non-negative integers (shape, data_offsets).
+// A field holding a list of non-negative integers (shape, data_offsets). Its
+// elements are SafetensorsHeader::values[begin, begin + count): one array for
+// the whole header instead of two small allocations per tensor.
 struct HeaderList {
   bool present = false;
   bool is_list = false;
-  std::vector<uint64_t> values;   // elements; a non-integer element is stored as 0
-  size_t first_bad = SIZE_MAX;    // index of the first element that is not a u64
+  size_t begin = 0;
+  size_t count = 0;
+  size_t first_bad = SIZE_MAX;  // index (within the list) of the first element that is not a u64
 };
 
 struct HeaderEntry {
@@ -36,6 +39,7 @@ struct SafetensorsHeader {
   bool valid_json = false;
   bool root_is_object = false;
   std::vector<HeaderEntry> entries;  // in header order; may repeat a name
+  std::vector<uint64_t> values;       // list elements; a non-integer element is stored as 0
   bool has_metadata = false;
   bool metadata_is_object = false;
   std::vector<std::pair<std::string, std::string>> metadata;  // string values, in order

@@ -61,10 +61,6 @@ uint64_t read_u64_le(const uint8_t* p) {
   return v;
 }
 
-uint64_t element(const std::string& path, const HeaderList& list, size_t i, const std::string& what) {
-  if (i >= list.first_bad) fail(path, what + " must be a non-negative integer");
-  return list.values[i];
-}
 
 }  // namespace
 
@@ -95,100 +91,105 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
     index.metadata_json = meta.dump();
   }
 
-  struct Pending {
+  // Check every entry in header order (the first bad one is reported), keeping
+  // only what the records need; error texts are built only when failing.
+  struct Checked {
     uint64_t begin, end;
-    size_t tensor;
+    size_t entry;
+    DType dtype;
   };
-  std::vector<Pending> ranges;
-  ranges.reserve(parsed.entries.size());
-  index.tensors.reserve(parsed.entries.size());
-  index.storages.reserve(parsed.entries.size());
+  std::vector<Checked> checked;
+  checked.reserve(parsed.entries.size());
   std::unordered_set<std::string_view> seen;
   seen.reserve(parsed.entries.size());
-  for (HeaderEntry& entry : parsed.entries) {
+  for (size_t e = 0; e < parsed.entries.size(); ++e) {
+    const HeaderEntry& entry = parsed.entries[e];
     const std::string& name = entry.name;
+    auto bad = [&](const std::string& what) { fail(path, "tensor '" + name + "'" + what); };
     if (!seen.insert(name).second) fail(path, "tensor '" + name + "' appears twice in the header");
-    const std::string where = "tensor '" + name + "'";
-    if (!entry.is_object) fail(path, where + ": entry is not an object");
+    if (!entry.is_object) bad(": entry is not an object");
     if (!entry.has_dtype || !entry.shape.present || !entry.offsets.present)
-      fail(path, where + ": entry needs dtype, shape and data_offsets");
-    if (!entry.dtype_is_string) fail(path, where + ": dtype is not a string");
+      bad(": entry needs dtype, shape and data_offsets");
+    if (!entry.dtype_is_string) bad(": dtype is not a string");
     auto dtype = dtype_from_name(entry.dtype);
-    if (!dtype) fail(path, where + ": unknown dtype '" + entry.dtype + "'");
+    if (!dtype) bad(": unknown dtype '" + entry.dtype + "'");
     const HeaderList& sh = entry.shape;
     const HeaderList& off = entry.offsets;
-    if (!sh.is_list) fail(path, where + ": shape is not a list");
-    if (sh.values.size() > kMaxTensorDims)  // the prescan bounds lists at this depth already
-      throw LimitError(path + ": " + where + " has more than the limit of " +
+    if (!sh.is_list) bad(": shape is not a list");
+    if (sh.count > kMaxTensorDims)  // the prescan bounds lists at this depth already
+      throw LimitError(path + ": tensor '" + name + "' has more than the limit of " +
                        std::to_string(kMaxTensorDims) + " dimensions");
-    if (!off.is_list || off.values.size() != 2) fail(path, where + ": data_offsets is not [begin, end]");
-
-    TensorRecord t;
-    t.name = name;
-    t.path = {name};
-    t.dtype = *dtype;
-    t.shape.reserve(sh.values.size());
-    for (size_t i = 0; i < sh.values.size(); ++i) {
-      uint64_t v = element(path, sh, i, where + " shape entry");
-      if (v > static_cast<uint64_t>(INT64_MAX)) fail(path, where + ": dimension too large");
-      t.shape.push_back(static_cast<int64_t>(v));
+    if (!off.is_list || off.count != 2) bad(": data_offsets is not [begin, end]");
+    // Element count, overflow-checked, and each dimension within int64.
+    for (size_t i = 0; i < sh.count; ++i) {
+      if (i >= sh.first_bad) bad(" shape entry must be a non-negative integer");
+      if (parsed.values[sh.begin + i] > static_cast<uint64_t>(INT64_MAX)) bad(": dimension too large");
     }
-    const uint64_t numel = checked_numel(path, t);
-    const auto nbytes = checked_mul(numel, dtype_itemsize(t.dtype));
-    if (!nbytes) fail(path, where + ": byte size overflows 64 bits");
-    const uint64_t begin = element(path, off, 0, where + " data_offsets");
-    const uint64_t end = element(path, off, 1, where + " data_offsets");
-    if (end < begin) fail(path, where + ": data_offsets end before they begin");
+    uint64_t numel = 1;
+    for (size_t i = 0; i < sh.count; ++i) {
+      const auto next = checked_mul(numel, parsed.values[sh.begin + i]);
+      if (!next) bad(": element count overflows 64 bits");
+      numel = *next;
+    }
+    const auto nbytes = checked_mul(numel, dtype_itemsize(*dtype));
+    if (!nbytes) bad(": byte size overflows 64 bits");
+    if (off.first_bad < 2) bad(" data_offsets must be a non-negative integer");
+    const uint64_t begin = parsed.values[off.begin];
+    const uint64_t end = parsed.values[off.begin + 1];
+    if (end < begin) bad(": data_offsets end before they begin");
     if (end - begin != *nbytes)
-      fail(path, where + ": data_offsets span " + std::to_string(end - begin) + " bytes but " +
-                     std::string(dtype_name(t.dtype)) + " shape needs " + std::to_string(*nbytes));
+      bad(": data_offsets span " + std::to_string(end - begin) + " bytes but " +
+          std::string(dtype_name(*dtype)) + " shape needs " + std::to_string(*nbytes));
     if (!range_fits(begin, end - begin, data_size))
-      fail(path, where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                     ") lie past the end of the data (" + std::to_string(data_size) + " bytes)");
+      bad(": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+          ") lie past the end of the data (" + std::to_string(data_size) + " bytes)");
     // Row-major strides. An empty tensor's other dimensions are not bounded by
     // the data size, so their product (a stride) can still overflow.
-    t.strides.assign(t.shape.size(), 1);
-    for (size_t i = t.shape.size(); i-- > 1;) {
-      auto stride = checked_mul(static_cast<uint64_t>(t.strides[i]), static_cast<uint64_t>(t.shape[i]));
-      if (!stride || *stride > static_cast<uint64_t>(INT64_MAX))
-        fail(path, where + ": strides overflow 64 bits");
-      t.strides[i - 1] = static_cast<int64_t>(*stride);
+    uint64_t stride = 1;
+    for (size_t i = sh.count; i-- > 1;) {
+      auto next = checked_mul(stride, parsed.values[sh.begin + i]);
+      if (!next || *next > static_cast<uint64_t>(INT64_MAX)) bad(": strides overflow 64 bits");
+      stride = *next;
     }
-    t.storage = static_cast<uint32_t>(index.storages.size());
-    index.storages.push_back({name, data_start + begin, end - begin, t.dtype});
-    ranges.push_back({begin, end, index.tensors.size()});
-    index.tensors.push_back(std::move(t));
+    checked.push_back({begin, end, e, *dtype});
   }
 
   // Tensors in file order; their byte ranges must tile the data exactly, as the
   // safetensors specification requires (no overlaps, no holes).
-  std::sort(ranges.begin(), ranges.end(), [](const Pending& a, const Pending& b) {
+  std::sort(checked.begin(), checked.end(), [](const Checked& a, const Checked& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
   uint64_t cursor = 0;
-  for (const auto& r : ranges) {
-    if (r.begin != cursor) {
-      const auto& name = index.tensors[r.tensor].name;
-      fail(path, r.begin < cursor ? "tensor '" + name + "' overlaps the tensor before it"
+  for (const auto& c : checked) {
+    if (c.begin != cursor) {
+      const auto& name = parsed.entries[c.entry].name;
+      fail(path, c.begin < cursor ? "tensor '" + name + "' overlaps the tensor before it"
                                   : "hole in the data before tensor '" + name + "'");
     }
-    cursor = r.end;
+    cursor = c.end;
   }
   if (cursor != data_size)
     fail(path, "data section is " + std::to_string(data_size) + " bytes but tensors cover " +
                    std::to_string(cursor));
-  std::vector<TensorRecord> ordered;
-  std::vector<StorageRecord> storages;
-  ordered.reserve(ranges.size());
-  storages.reserve(ranges.size());
-  for (const auto& r : ranges) {
-    TensorRecord t = std::move(index.tensors[r.tensor]);
-    storages.push_back(std::move(index.storages[t.storage]));
-    t.storage = static_cast<uint32_t>(storages.size() - 1);
-    ordered.push_back(std::move(t));
+
+  // Records in file order. A safetensors tensor's path is just its name, left
+  // empty here (see TensorRecord::path); the storage key is the name too.
+  index.tensors.resize(checked.size());
+  index.storages.reserve(checked.size());
+  seen.clear();  // its views point into the names moved below
+  for (size_t k = 0; k < checked.size(); ++k) {
+    const Checked& c = checked[k];
+    HeaderEntry& entry = parsed.entries[c.entry];
+    TensorRecord& t = index.tensors[k];
+    t.dtype = c.dtype;
+    const auto dims = parsed.values.begin() + static_cast<std::ptrdiff_t>(entry.shape.begin);
+    t.shape.assign(dims, dims + static_cast<std::ptrdiff_t>(entry.shape.count));
+    t.strides.assign(t.shape.size(), 1);
+    for (size_t i = t.shape.size(); i-- > 1;) t.strides[i - 1] = t.strides[i] * t.shape[i];
+    t.storage = static_cast<uint32_t>(k);
+    index.storages.push_back({entry.name, data_start + c.begin, c.end - c.begin, c.dtype});
+    t.name = std::move(entry.name);
   }
-  index.tensors = std::move(ordered);
-  index.storages = std::move(storages);
   validate_index(index);
   return index;
 }
