@@ -2,6 +2,8 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <string_view>
+#include <utility>
 
 #include "bindings/bindings.h"
 #include "bindings/targets.h"
@@ -47,12 +49,29 @@ void set_rows(CopyTask& t, const py::handle& rows) {
   }
 }
 
+// Tasks and the one block of text their labels view.
+struct LabeledTasks {
+  std::vector<CopyTask> tasks;
+  std::shared_ptr<std::string> text = std::make_shared<std::string>();
+  std::vector<std::pair<size_t, size_t>> spans;  // per task: offset and length in text
+
+  void end_label(size_t start) { spans.emplace_back(start, text->size() - start); }
+  // Points every label into the finished text (it must not grow after this).
+  std::unique_ptr<CopyEngine> engine(EngineOptions options, std::unique_ptr<DeviceSink> sink) && {
+    const std::string_view all(*text);
+    for (size_t i = 0; i < tasks.size(); ++i) tasks[i].label = all.substr(spans[i].first, spans[i].second);
+    return std::make_unique<CopyEngine>(std::move(tasks), options, std::move(sink), std::move(text));
+  }
+};
+
 // One task from Python: (index, tensor_i, rows, via, dst_ptr, dst_dtype, dst_shape,
 // dst_strides, on_device, label). rows: None | (start, count) | list of row indices.
-CopyTask task_from_tuple(const py::tuple& spec) {
+CopyTask task_from_tuple(const py::tuple& spec, LabeledTasks& out) {
   if (spec.size() != 10) throw py::value_error("a copy task is a 10-tuple");
   CopyTask t;
-  t.label = spec[9].cast<std::string>();
+  const size_t start = out.text->size();
+  *out.text += spec[9].cast<std::string>();
+  out.end_label(start);
   set_source(t, spec[0].cast<const CheckpointIndex&>(), spec[1].cast<size_t>());
   set_rows(t, spec[2]);
   if (!spec[3].is_none()) t.via_dtype = dtype_arg(spec[3].cast<std::string>());
@@ -92,10 +111,10 @@ std::string quoted(const py::handle& name) {
 // `targets` (one Python tuple per tensor cost more than the copy itself for 30k
 // small tensors). sources[i] is file_index << 32 | tensor_index; rows / vias are
 // None or per-task lists.
-std::vector<CopyTask> tasks_from_targets(const py::list& indexes, const py::list& sources,
-                                         const Targets& targets, const py::list& names,
-                                         const py::object& source_names, const py::object& rows,
-                                         const py::object& vias, bool on_device) {
+LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources,
+                                const Targets& targets, const py::list& names,
+                                const py::object& source_names, const py::object& rows,
+                                const py::object& vias, bool on_device) {
   const size_t n = targets.items.size();
   if (sources.size() != n || names.size() != n)
     throw py::value_error("sources, targets and names differ in length");
@@ -107,19 +126,21 @@ std::vector<CopyTask> tasks_from_targets(const py::list& indexes, const py::list
   if (src_names.size() != n || (!rows.is_none() && row_list.size() != n) ||
       (!vias.is_none() && via_list.size() != n))
     throw py::value_error("per-task lists differ in length");
-  std::vector<CopyTask> tasks(n);
+  LabeledTasks out;
+  out.tasks.resize(n);
+  out.spans.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    CopyTask& t = tasks[i];
+    CopyTask& t = out.tasks[i];
     const Target& dst = targets.items[i];
     const auto loc = sources[i].cast<uint64_t>();
     const size_t fi = static_cast<size_t>(loc >> 32);
     if (fi >= files.size()) throw py::index_error("source file index out of range");
     const py::handle dst_name = PyList_GET_ITEM(names.ptr(), static_cast<Py_ssize_t>(i));
-    // One allocation per label: 30k labels built by concatenation cost milliseconds.
-    t.label.reserve(static_cast<size_t>(PyUnicode_GET_LENGTH(dst_name.ptr())) * 2 + 16);
-    append_quoted(t.label, PyList_GET_ITEM(src_names.ptr(), static_cast<Py_ssize_t>(i)));
-    t.label += " -> ";
-    append_quoted(t.label, dst_name);
+    const size_t start = out.text->size();
+    append_quoted(*out.text, PyList_GET_ITEM(src_names.ptr(), static_cast<Py_ssize_t>(i)));
+    *out.text += " -> ";
+    append_quoted(*out.text, dst_name);
+    out.end_label(start);
     set_source(t, *files[fi], static_cast<size_t>(loc & 0xFFFFFFFFu));
     if (!rows.is_none()) set_rows(t, row_list[i]);
     if (!vias.is_none() && !via_list[i].is_none()) t.via_dtype = dtype_arg(via_list[i].cast<std::string>());
@@ -137,7 +158,7 @@ std::vector<CopyTask> tasks_from_targets(const py::list& indexes, const py::list
         throw CheckpointError(quoted(dst_name) +
                               " has overlapping memory (an expanded tensor); it cannot be loaded into");
   }
-  return tasks;
+  return out;
 }
 
 std::unique_ptr<DeviceSink> make_sink(const std::string& device_sink, const std::string& cudart_path,
@@ -162,12 +183,11 @@ void register_copy(py::module_& m) {
       .def(py::init([](const py::list& specs, size_t threads, uint64_t max_host_bytes,
                        const std::string& device_sink, const std::string& cudart_path,
                        int device_index) {
-             std::vector<CopyTask> tasks;
-             tasks.reserve(specs.size());
-             for (const auto& s : specs) tasks.push_back(task_from_tuple(s.cast<py::tuple>()));
-             return std::make_unique<CopyEngine>(
-                 std::move(tasks), engine_options(threads, max_host_bytes),
-                 make_sink(device_sink, cudart_path, device_index));
+             LabeledTasks out;
+             out.tasks.reserve(specs.size());
+             for (const auto& s : specs) out.tasks.push_back(task_from_tuple(s.cast<py::tuple>(), out));
+             return std::move(out).engine(engine_options(threads, max_host_bytes),
+                                          make_sink(device_sink, cudart_path, device_index));
            }),
            py::arg("tasks"), py::arg("threads"), py::arg("max_host_bytes"),
            py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0)
@@ -177,11 +197,10 @@ void register_copy(py::module_& m) {
              const py::list& names, const py::object& source_names, const py::object& rows,
              const py::object& vias, size_t threads, uint64_t max_host_bytes,
              const std::string& device_sink, const std::string& cudart_path, int device_index) {
-            auto tasks = tasks_from_targets(indexes, sources, targets, names, source_names, rows,
-                                            vias, !device_sink.empty());
-            return std::make_unique<CopyEngine>(
-                std::move(tasks), engine_options(threads, max_host_bytes),
-                make_sink(device_sink, cudart_path, device_index));
+            return tasks_from_targets(indexes, sources, targets, names, source_names, rows, vias,
+                                      !device_sink.empty())
+                .engine(engine_options(threads, max_host_bytes),
+                        make_sink(device_sink, cudart_path, device_index));
           },
           py::arg("indexes"), py::arg("sources"), py::arg("targets"), py::arg("names"),
           py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",

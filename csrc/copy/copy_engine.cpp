@@ -53,7 +53,7 @@ struct Buffer {
 };
 
 [[noreturn]] void rethrow_with_label(const CopyTask& t, const std::exception& e) {
-  throw CheckpointError(std::string(e.what()) + " (while copying " + t.label + ")");
+  throw CheckpointError(std::string(e.what()) + " (while copying " + std::string(t.label) + ")");
 }
 
 }  // namespace
@@ -197,8 +197,9 @@ class CopyEngine::Worker {
 };
 
 CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
-                       std::unique_ptr<DeviceSink> sink)
-    : tasks_(std::move(tasks)), options_(options), sink_(std::move(sink)) {
+                       std::unique_ptr<DeviceSink> sink, std::shared_ptr<const std::string> label_text)
+    : tasks_(std::move(tasks)), label_text_(std::move(label_text)), options_(options),
+      sink_(std::move(sink)) {
   options_.threads = std::max<size_t>(options_.threads, 1);
   if (options_.max_host_bytes < kMinHostBytes)
     throw CheckpointError("max_host_bytes must be at least 1 MiB, got " +

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "copy/copy_plan.h"
@@ -22,8 +23,10 @@ struct EngineOptions {
 
 class CopyEngine {
  public:
-  // `sink` is required when any task has dst_on_device. Validates every task.
-  CopyEngine(std::vector<CopyTask> tasks, EngineOptions options, std::unique_ptr<DeviceSink> sink);
+  // `sink` is required when any task has dst_on_device. `label_text` holds the
+  // text the tasks' labels view (kept alive here). Validates every task.
+  CopyEngine(std::vector<CopyTask> tasks, EngineOptions options, std::unique_ptr<DeviceSink> sink,
+             std::shared_ptr<const std::string> label_text);
   ~CopyEngine();
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
@@ -56,6 +59,7 @@ class CopyEngine {
   void plan_work();
 
   std::vector<CopyTask> tasks_;
+  std::shared_ptr<const std::string> label_text_;
   std::vector<TaskInfo> info_;
   std::vector<Unit> units_;
   std::vector<Work> work_;

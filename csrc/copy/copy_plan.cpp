@@ -43,7 +43,7 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 
 void validate_task(const CopyTask& t) {
   const std::string& path = t.file->path();
-  auto bad = [&](const std::string& what) { fail(path, t.label + ": " + what); };
+  auto bad = [&](const std::string& what) { fail(path, std::string(t.label) + ": " + what); };
   if (t.src_strides.size() != t.src_shape.size()) bad("source shape and strides differ in rank");
   if (t.dst_strides.size() != t.dst_shape.size()) bad("destination shape and strides differ in rank");
   for (int64_t d : t.src_shape)
