@@ -691,6 +691,40 @@ def test_runs_of_small_tensors_match_load_state_dict(tmp_path):
     assert_models_equal(model, twin)
 
 
+def test_large_reads_into_unaligned_destinations(tmp_path):
+    # Reads of 1 MiB or more go through a bounce buffer and non-temporal stores:
+    # odd sizes and destinations that do not start on a 16-byte boundary must
+    # still get every byte, as must 8 MiB pieces of a bigger tensor.
+    g = torch.Generator().manual_seed(5)
+    state = {
+        "odd": torch.randint(0, 256, ((1 << 20) + 13,), generator=g, dtype=torch.uint8),
+        "big": torch.randn(5 << 20, generator=g),  # 20 MiB: three pieces
+    }
+    path = tmp_path / "large.safetensors"
+    save_file(state, str(path))
+    backing = torch.zeros((1 << 20) + 16 + 3, dtype=torch.uint8)
+    model = nn.Module()
+    model.register_buffer("odd", backing[3 : 3 + (1 << 20) + 13])  # 3 bytes off alignment
+    model.register_buffer("big", torch.zeros(5 << 20))
+    assert model.odd.data_ptr() % 16 != 0
+    fastckpt.load_into(model, path)
+    assert_same_bytes(model.odd, state["odd"])
+    assert_same_bytes(model.big, state["big"])
+    assert not backing[:3].any() and not backing[3 + (1 << 20) + 13 :].any()
+
+
+def test_large_read_of_a_truncated_file_gives_checkpoint_error(tmp_path):
+    state = {"w": torch.randn(1 << 20)}  # 4 MiB: a streamed read
+    path = tmp_path / "t.safetensors"
+    save_file(state, str(path))
+    ckpt = fastckpt.open(path)
+    os.truncate(path, os.path.getsize(path) - (1 << 20))
+    model = nn.Module()
+    model.register_buffer("w", torch.zeros(1 << 20))
+    with pytest.raises(fastckpt.CheckpointError, match=r"file ended at offset \d+ .*'w' -> 'w'"):
+        fastckpt.load_into(model, ckpt)
+
+
 def test_staging_ring_through_the_device_path(tmp_path):
     """The device path (pinned ring + async copies) with host memory standing in for the device."""
     src = torch.randn(1000, 700)

@@ -66,6 +66,7 @@ class CopyEngine {
   EngineOptions options_;
   std::unique_ptr<DeviceSink> sink_;
   uint64_t total_bytes_ = 0;
+  uint64_t bounce_bytes_ = 0;  // per worker, for streamed reads
   std::atomic<uint64_t> bytes_done_{0};
   bool ran_ = false;
 };
