@@ -10,6 +10,12 @@ Every child runs ``gc.collect()`` before its clock starts, so no contender pays
 for the collection its imports left pending. ``memcpy`` is torch ``copy_``
 between two touched buffers with torch's thread count set to fastckpt's (2 on
 this machine). ``--workloads big_5g`` loads a 5 GB file once, for memory only.
+
+After the warm runs of a workload, one more child alternates a peer and
+fastckpt ``--pairs`` times in one process (``paired_memcpy`` for bert_large,
+``paired_safe_open_copy`` for small_30720) and reports the median and best of
+the per-pair ratios: both sides of each ratio ran within milliseconds of each
+other, so the machine's noise largely cancels.
 """
 
 from __future__ import annotations
@@ -221,7 +227,67 @@ def run_contender(name: str, workload: str, st: Path, pt: Path, max_host_bytes: 
     }
 
 
-def spawn(name: str, workload: str, st: Path, pt: Path, cold: bool, max_host_bytes: int) -> dict:
+def run_paired(
+    peer: str, workload: str, st: Path, pt: Path, max_host_bytes: int, pairs: int
+) -> dict:
+    """One process, ``pairs`` rounds of (peer, fastckpt) back to back: per-round ratios.
+
+    The ratio is peer seconds / fastckpt seconds, so for ``memcpy`` it is
+    fastckpt's GB/s as a fraction of memcpy's, and for a peer loader how many
+    times faster fastckpt is. Pairing within one process cancels most of the
+    noise of a shared machine: both sides of a ratio ran within milliseconds.
+    """
+    import gc
+
+    import fastckpt.load
+
+    torch.set_num_threads(fastckpt.load._default_threads())
+    shapes = WORKLOADS[workload]()
+    model = ShapedModel(shapes)
+    if peer == "memcpy":
+        n = sum(torch.Size(s).numel() for s in shapes.values())
+        src, dst = torch.ones(n), torch.zeros(n)
+
+        def run_peer() -> None:
+            dst.copy_(src)
+    elif peer == "safe_open_copy":
+        from safetensors import safe_open
+
+        def run_peer() -> None:
+            params = dict(model.named_parameters())
+            with torch.no_grad(), safe_open(str(st), "pt") as f:
+                for k in f.keys():
+                    params[k].copy_(f.get_tensor(k))
+    else:
+        raise SystemExit(f"no paired peer {peer!r}")
+    fastckpt.load_into(model, st, max_host_bytes=max_host_bytes)  # first calls out of the way
+    run_peer()
+    ratios, peer_s, ours_s = [], [], []
+    for _ in range(pairs):
+        gc.collect()
+        t0 = time.perf_counter()
+        run_peer()
+        t1 = time.perf_counter()
+        fastckpt.load_into(model, st, max_host_bytes=max_host_bytes)
+        t2 = time.perf_counter()
+        peer_s.append(t1 - t0)
+        ours_s.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    ratios.sort()
+    return {
+        "peer": peer,
+        "pairs": pairs,
+        "median_ratio": ratios[len(ratios) // 2],
+        "best_ratio": ratios[-1],
+        "worst_ratio": ratios[0],
+        "median_peer_seconds": sorted(peer_s)[len(peer_s) // 2],
+        "median_fastckpt_seconds": sorted(ours_s)[len(ours_s) // 2],
+    }
+
+
+def spawn(
+    name: str, workload: str, st: Path, pt: Path, cold: bool, max_host_bytes: int, pairs: int = 0
+) -> dict:
     if cold:
         for p in (st, pt):
             drop_cache(p)
@@ -241,6 +307,8 @@ def spawn(name: str, workload: str, st: Path, pt: Path, cold: bool, max_host_byt
         str(pt),
         "--max-host-bytes",
         str(max_host_bytes),
+        "--pairs",
+        str(pairs),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
@@ -255,11 +323,18 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--max-host-bytes", type=int, default=256 << 20)
     ap.add_argument("--workloads", default="bert_large,small_30720")
+    ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--child")
     ap.add_argument("--workload")
     ap.add_argument("--st")
     ap.add_argument("--pt")
     args = ap.parse_args()
+    if args.child and args.child.startswith("paired_"):
+        peer = args.child.removeprefix("paired_")
+        st, pt = Path(args.st), Path(args.pt)
+        r = run_paired(peer, args.workload, st, pt, args.max_host_bytes, args.pairs)
+        print(json.dumps(r))
+        return
     if args.child:
         print(
             json.dumps(
@@ -288,7 +363,9 @@ def main() -> None:
         },
         "big_5g": {"warm": ["fastckpt"], "cold": []},
     }
+    paired = {"bert_large": "memcpy", "small_30720": "safe_open_copy"}
     results: dict = {}
+    paired_results: dict = {}
     try:
         for workload in args.workloads.split(","):
             st, pt = write_files(workload, folder)
@@ -305,6 +382,11 @@ def main() -> None:
                             name, []
                         ).append(r)
                         print(workload, cache, rep, name, json.dumps(r), flush=True)
+                if cache == "warm" and workload in paired and args.pairs > 0:
+                    name = "paired_" + paired[workload]
+                    r = spawn(name, workload, st, pt, False, args.max_host_bytes, args.pairs)
+                    paired_results[f"{workload}/warm/{name}"] = r
+                    print(workload, cache, name, json.dumps(r), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -321,6 +403,7 @@ def main() -> None:
                     "max_extra_anon_mb": max(r["extra_anon_mb"] for r in runs),
                     "max_peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
                 }
+    summary.update(paired_results)
     print("SUMMARY " + json.dumps(summary, indent=1))
 
 

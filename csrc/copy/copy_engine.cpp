@@ -181,11 +181,11 @@ class CopyEngine::Worker {
                 uint8_t* out) {
     const MappedFile& f = *t.file;
     if (info.src_dense) {
-      // pread, not the mapping: measured side by side (bench/RESULTS_load.md,
-      // 1.4 GB, this 2-core VM) warm pread took 0.08-0.11 s against 0.13-0.15 s
-      // through a fresh mapping (page-table setup per 4 KiB page), and cold both
-      // were disk-bound (~0.63 s) with or without MADV/FADV_WILLNEED read-ahead.
-      // A short read also names the offset where a shrunken file now ends.
+      // pread, not the mapping: on this 2-core VM a fresh mapping was never
+      // faster warm (1.4 GB: 0.072-0.086 s against pread's 0.067-0.078 s in a C
+      // microbenchmark; 0.13-0.15 s against 0.08-0.11 s in an earlier session),
+      // cold both are disk-bound, and a read never SIGBUSes: a short one names
+      // the offset where a shrunken file now ends.
       const uint64_t offset = t.storage_file_offset + (t.src_offset + src_first) * info.src_item;
       const uint64_t nbytes = n * info.src_item;
       if (!stream_) {
