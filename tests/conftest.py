@@ -67,3 +67,13 @@ def tiny_hf_config(cls_name: str = "BertConfig", **overrides):
     }
     fields.update(overrides)
     return getattr(transformers, cls_name)(**fields)
+
+
+def tf_names(state: dict, prefix: str = "") -> dict:
+    """``state`` under old TF-converted names (LayerNorm.gamma / .beta), each key prefixed."""
+    def tf(k: str) -> str:
+        return k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        )
+
+    return {prefix + tf(k): v for k, v in state.items()}

@@ -15,6 +15,7 @@ import fastckpt
 from fastckpt.cli import app
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection
 from fastckpt.suggest import suggest_rules
+from tests.conftest import tf_names
 
 diff_mod = importlib.import_module("fastckpt.diff")
 
@@ -207,13 +208,7 @@ def _ddp_pair(tmp_path):
         "enc.layers.1.LayerNorm.bias": torch.randn(4, generator=g),
         "enc.layers.1.fc.weight": torch.randn(4, 4, generator=g),
     }
-    ddp = {
-        "module."
-        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
-            "LayerNorm.bias", "LayerNorm.beta"
-        ): v
-        for k, v in plain.items()
-    }
+    ddp = tf_names(plain, prefix="module.")
     ddp["module.head.weight"] = torch.randn(2, 4, generator=g)  # the model has no head
     save_file(ddp, tmp_path / "ddp.safetensors")
     save_file(plain, tmp_path / "plain.safetensors")

@@ -19,7 +19,7 @@ import fastckpt
 import fastckpt.load as load_module
 from fastckpt import _core
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection
-from tests.conftest import assert_same_bytes, tiny_hf_config
+from tests.conftest import assert_same_bytes, tf_names, tiny_hf_config
 
 
 class Zoo(nn.Module):
@@ -340,12 +340,7 @@ def test_strict_ddp_module_prefix_message(tmp_path):
 
 def test_strict_tf_gamma_beta_message(tmp_path):
     model = MiniBert(layers=1)
-    state = {
-        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
-            "LayerNorm.bias", "LayerNorm.beta"
-        ): v
-        for k, v in randomized_state(model).items()
-    }
+    state = tf_names(randomized_state(model))
     path = tmp_path / "tf.safetensors"
     save_file(state, str(path))
     with pytest.raises(fastckpt.StrictLoadError) as err:
@@ -373,13 +368,7 @@ def test_strict_tf_gamma_beta_message(tmp_path):
 
 def test_strict_ddp_and_gamma_beta_together_suggests_both(tmp_path):
     model = MiniBert(layers=1)
-    state = {
-        "module."
-        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
-            "LayerNorm.bias", "LayerNorm.beta"
-        ): v
-        for k, v in randomized_state(model).items()
-    }
+    state = tf_names(randomized_state(model), prefix="module.")
     save_file(state, str(tmp_path / "both.safetensors"))
     with pytest.raises(fastckpt.StrictLoadError) as err:
         fastckpt.load_into(model, tmp_path / "both.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastckpt.suggest import suggest_rules
+from tests.conftest import tf_names
 
 MODEL = {
     "bert.embeddings.word_embeddings.weight": (20, 8),
@@ -46,13 +47,7 @@ def test_replace_prefix():
 
 
 def test_gamma_beta_with_prefix_in_first_match_order():
-    ckpt = {
-        "module."
-        + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
-            "LayerNorm.bias", "LayerNorm.beta"
-        ): v
-        for k, v in MODEL.items()
-    }
+    ckpt = tf_names(MODEL, prefix="module.")
     s = suggest_rules(ckpt, MODEL)
     # The specific renames come before the general prefix rule: first match wins.
     assert s.rules_text == (
