@@ -12,7 +12,7 @@ import typing
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'RuleSet', 'Targets', 'match_pattern', 'open_file', 'parse_rules']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'RuleSet', 'Targets', 'match_pattern', 'open_file', 'parse_rules', 'state_tensors']
 class FileBuffer:
     @property
     def size(self) -> int:
@@ -122,4 +122,8 @@ def open_file(path: str) -> FileIndex:
 def parse_rules(text: str, source_name: str) -> RuleSet:
     """
     Parse and compile a rules text.
+    """
+def state_tensors(model: typing.Any, base_save: typing.Any, base_extra_state: typing.Any) -> dict | None:
+    """
+    model.state_dict(keep_vars=True)'s tensors by a walk over the module tree's dicts; None when a module customises state_dict (its class or a hook).
     """

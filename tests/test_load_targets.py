@@ -47,10 +47,56 @@ def hooked() -> nn.Module:
     return m
 
 
+class CustomSave(nn.Linear):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "w_renamed"] = self.weight if keep_vars else self.weight.detach()
+
+
+def child_pre_hook() -> nn.Module:
+    m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 1)))
+    m[1].register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+    return m
+
+
+def with_holes() -> nn.Module:
+    m = nn.Sequential(nn.Linear(2, 2))
+    m.register_module("gone", None)  # a child slot holding None
+    m.add_module("deep", nn.Sequential(nn.Sequential(nn.Linear(1, 1))))
+    return m
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertModel
+
+    from tests.conftest import tiny_hf_config
+
+    return BertModel(tiny_hf_config())
+
+
 @pytest.mark.parametrize(
     "make",
-    [WithBuffers, Shared, ExtraState, hooked, lambda: nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))],  # noqa: E501
-    ids=["buffers", "shared-submodule", "extra-state", "state-dict-hook", "batchnorm"],
+    [
+        WithBuffers,
+        Shared,
+        ExtraState,
+        hooked,
+        lambda: nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)),
+        lambda: nn.Sequential(nn.Linear(2, 2), CustomSave(2, 2)),
+        child_pre_hook,
+        with_holes,
+        tiny_bert,
+    ],
+    ids=[
+        "buffers",
+        "shared-submodule",
+        "extra-state",
+        "state-dict-hook",
+        "batchnorm",
+        "child-custom-save",
+        "child-pre-hook",
+        "none-children-and-depth",
+        "tiny-bert",
+    ],
 )
 def test_destinations_equal_state_dict(make):
     model = make()

@@ -7,5 +7,6 @@ PYBIND11_MODULE(_core, m) {
   fastckpt::bindings::register_formats(m);
   fastckpt::bindings::register_rules(m);
   fastckpt::bindings::register_targets(m);
+  fastckpt::bindings::register_module_walk(m);
   fastckpt::bindings::register_copy(m);
 }
