@@ -93,7 +93,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
     if a.type == "cuda":
-        return (a.index or torch.cuda.current_device()) == (b.index or torch.cuda.current_device())
+        # Index 0 is an index: only a missing one means the current device.
+        here = torch.cuda.current_device()
+        return (here if a.index is None else a.index) == (here if b.index is None else b.index)
     return True
 
 
@@ -103,7 +105,9 @@ def _find_cudart() -> str:
     with open("/proc/self/maps", encoding="utf-8") as maps:
         for line in maps:
             path = line.rstrip("\n").split(maxsplit=5)[-1]
-            if "libcudart.so" in os.path.basename(path):
+            base = os.path.basename(path)
+            # Wheels may bundle a hash-named copy (libcudart-1a2b3c4d.so.11.0).
+            if base.startswith("libcudart") and ".so" in base:
                 return path
     import ctypes.util
 
@@ -549,9 +553,14 @@ def _run_jobs(jobs: list[Any], progress: bool, label: str) -> None:
 
             worker = threading.Thread(target=run, name="fastckpt-load")
             worker.start()
-            while worker.is_alive():
-                worker.join(0.1)
-                bar.update(task, completed=done + job.bytes_done)
+            try:
+                while worker.is_alive():
+                    worker.join(0.1)
+                    bar.update(task, completed=done + job.bytes_done)
+            finally:
+                # A KeyboardInterrupt here must not return while the job still
+                # writes into tensors the caller may free.
+                worker.join()
             if errors:
                 raise errors[0]
             done += job.total_bytes

@@ -652,10 +652,13 @@ class Flat(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
 
 
-def test_runs_of_small_tensors_match_load_state_dict(tmp_path):
-    # Back-to-back small tensors are read in runs (one preadv for up to 1024 of them
-    # or 4 MiB): runs must break at casts, non-contiguous destinations, empty tensors
-    # and the caps, and every byte still land where load_state_dict puts it.
+@pytest.mark.parametrize("writer", ["safetensors", "torch_zip", "torch_legacy"])
+def test_runs_of_small_tensors_match_load_state_dict(tmp_path, writer):
+    # Small tensors close together in the file are read in runs (one preadv for up
+    # to 1024 iovecs or 4 MiB; the zip headers or legacy size fields between them
+    # read into scratch): runs must break at casts, non-contiguous destinations,
+    # empty tensors, views of one storage and the caps, and every byte still land
+    # where load_state_dict puts it.
     g = torch.Generator().manual_seed(3)
     dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.float16]
     state, shapes = {}, {}
@@ -668,8 +671,17 @@ def test_runs_of_small_tensors_match_load_state_dict(tmp_path):
         state[f"t{i:04d}"] = torch.randint(0, 100, shape, generator=g).to(dtype)
         cast = i % 211 == 0 and dtype.is_floating_point
         shapes[f"t{i:04d}"] = (shape, torch.bfloat16 if cast else dtype)
-    path = tmp_path / "many.safetensors"
-    save_file(state, str(path))
+    if writer == "safetensors":
+        path = tmp_path / "many.safetensors"
+        save_file(state, str(path))
+    else:
+        # Views into one storage (torch files only): their bytes overlap a neighbour's.
+        state["t0123_tail"] = state["t0123"][1:]
+        shapes["t0123_tail"] = (tuple(state["t0123_tail"].shape), state["t0123"].dtype)
+        state["t0124_same"] = state["t0124"]
+        shapes["t0124_same"] = shapes["t0124"]
+        path = tmp_path / "many.pt"
+        torch.save(state, path, _use_new_zipfile_serialization=writer == "torch_zip")
     model = Flat(shapes)
     # A transposed (non-contiguous) destination in the middle of a run.
     model.t0777 = torch.zeros(50, 4, dtype=shapes["t0777"][1]).t()
@@ -779,3 +791,34 @@ def test_progress_bar(tmp_path, capsys):
     model = Zoo()
     fastckpt.load_into(model, tmp_path / "z.safetensors", progress=True)
     assert_same_bytes(model.embed.weight.detach(), state["embed.weight"])
+
+
+def test_same_device_reads_index_zero_as_an_index(monkeypatch):
+    """cuda:0 is not "the current device" when the current device is 1 (no GPU needed)."""
+    from fastckpt.load import _same_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cuda = torch.device
+    assert not _same_device(cuda("cuda:0"), cuda("cuda:1"))
+    assert _same_device(cuda("cuda"), cuda("cuda:1"))
+    assert not _same_device(cuda("cuda"), cuda("cuda:0"))
+    assert _same_device(cuda("cuda:0"), cuda("cuda:0"))
+    assert not _same_device(cuda("cpu"), cuda("cuda:0"))
+
+
+def test_vectored_read_across_zip_records_of_a_truncated_file(tmp_path):
+    # A run over many zip records fails as a whole; read again record by record,
+    # the error names the first tensor whose bytes are gone.
+    state = {f"t{i:03d}": torch.full((256,), float(i)) for i in range(200)}
+    path = tmp_path / "t.pt"
+    torch.save(state, path)
+    ckpt = fastckpt.open(path)
+    cut = ckpt.info("t150").file_offset + 100
+    os.truncate(path, cut)
+    model = Flat({k: ((256,), torch.float32) for k in state})
+    with pytest.raises(
+        fastckpt.CheckpointError,
+        match=r"file ended at offset \d+ while reading; .*\(while copying 't150' -> 't150'\)",
+    ):
+        fastckpt.load_into(model, ckpt)
+    assert_same_bytes(model.t149, state["t149"])  # the runs before the cut were read

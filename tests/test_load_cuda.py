@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
+from fastckpt import _core
 from tests.conftest import assert_same_bytes
 from tests.test_load import Zoo, randomized_state, tiny_roberta_mlm
 
@@ -47,7 +48,8 @@ def test_large_tensor_cycles_the_ring(tmp_path):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = One(dtype)
         fastckpt.load_into(model, tmp_path / "big.safetensors", max_host_bytes=1 << 20)
-        torch.cuda.synchronize()
+        # No torch.cuda.synchronize() here: load_into must itself return only once
+        # its copies (on its own non-blocking stream) have finished.
         assert_same_bytes(model.x.detach().cpu(), big.to(dtype))
 
 
@@ -86,3 +88,56 @@ def test_non_contiguous_cuda_destination_is_refused(tmp_path):
         fastckpt.CheckpointError, match="the destination on the device is not contiguous"
     ):
         fastckpt.load_into(T(), tmp_path / "t.safetensors")
+
+
+def test_progress_bar_onto_cuda(tmp_path):
+    """progress=True runs the job on another thread (pinned memory allocated there)."""
+    state = randomized_state(Zoo())
+    save_file(state, str(tmp_path / "z.safetensors"))
+    model = Zoo().cuda()
+    fastckpt.load_into(model, tmp_path / "z.safetensors", progress=True, max_host_bytes=1 << 20)
+    assert_same_on_cpu(model, state)
+
+
+def test_bad_device_index_is_a_checkpoint_error(tmp_path):
+    from fastckpt.load import _find_cudart
+
+    save_file({"x": torch.randn(4, 6)}, str(tmp_path / "x.safetensors"))
+    ckpt = fastckpt.open(tmp_path / "x.safetensors")
+    fi, xi = ckpt._locate("x")
+    dst = torch.zeros(4, 6, device="cuda")
+    task = (ckpt._indexes[fi], xi, None, None, dst.data_ptr(), "F32", (4, 6), (6, 1), True, "x")
+    before = torch.cuda.current_device()
+    bad = torch.cuda.device_count()
+    with pytest.raises(fastckpt.CheckpointError, match=f"cudaSetDevice failed on cuda:{bad}"):
+        _core.CopyJob([task], 1, 1 << 20, "cuda", _find_cudart(), bad)
+    assert torch.cuda.current_device() == before
+    # The failed call's error was cleared: torch's next launch check does not report it.
+    dst.add_(1)
+    torch.cuda.synchronize()
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@two_gpus
+def test_second_gpu_leaves_the_current_device_alone(tmp_path):
+    state = randomized_state(Zoo())
+    save_file(state, str(tmp_path / "z.safetensors"))
+    torch.cuda.set_device(0)
+    model = Zoo().to("cuda:1")
+    fastckpt.load_into(model, tmp_path / "z.safetensors", max_host_bytes=1 << 20)
+    assert torch.cuda.current_device() == 0
+    assert all(p.device == torch.device("cuda:1") for p in model.parameters())
+    assert_same_on_cpu(model, state)
+
+
+@two_gpus
+def test_device_argument_moves_off_gpu_zero(tmp_path):
+    state = randomized_state(Zoo())
+    save_file(state, str(tmp_path / "z.safetensors"))
+    model = Zoo().to("cuda:0")
+    with torch.cuda.device(1):
+        fastckpt.load_into(model, tmp_path / "z.safetensors", device="cuda:1")
+    assert all(p.device == torch.device("cuda:1") for p in model.parameters())
+    assert_same_on_cpu(model, state)

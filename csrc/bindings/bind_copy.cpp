@@ -163,7 +163,7 @@ LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources
 
 std::unique_ptr<DeviceSink> make_sink(const std::string& device_sink, const std::string& cudart_path,
                                       int device_index) {
-  if (device_sink == "cuda") return make_cuda_sink(cudart_path, device_index, 4);
+  if (device_sink == "cuda") return make_cuda_sink(cudart_path, device_index, kDeviceSlots);
   if (device_sink == "host_loopback") return make_host_loopback_sink();
   if (!device_sink.empty()) throw py::value_error("unknown device sink '" + device_sink + "'");
   return nullptr;

@@ -44,13 +44,16 @@ class CopyEngine {
     uint64_t count;
   };
   // What one worker claims at a time: units [first_unit, +n_units). A run of
-  // small whole-tensor units whose bytes follow each other in the file, copied
-  // as they are into dense host memory, is read with one preadv ("vectored").
+  // small whole-tensor units whose bytes follow each other in the file (or are
+  // apart by a few bytes of framing, as zip records are), copied as they are
+  // into dense host memory, is read with one preadv ("vectored").
   struct Work {
     uint32_t first_unit;
     uint32_t n_units;
     bool vectored;
-    uint64_t src_bytes;
+    uint64_t src_bytes;   // tensor bytes
+    uint32_t n_iov = 1;   // iovecs of the preadv: units plus the gaps between them
+    uint64_t span_bytes;  // file bytes from the first unit's start to the last one's end
   };
   struct TaskInfo;
   class Worker;

@@ -9,6 +9,9 @@
 
 namespace fastckpt {
 
+// Staging slots of a device load: the engine's ring and the CUDA sink's events agree on it.
+constexpr size_t kDeviceSlots = 4;
+
 class DeviceSink {
  public:
   virtual ~DeviceSink() = default;

@@ -35,7 +35,13 @@ size_t StagingRing::acquire() {
     s = free_.front();
     free_.pop_front();
   }
-  sink_.wait_slot(s);
+  try {
+    sink_.wait_slot(s);
+  } catch (...) {
+    // Back into the ring: a lost slot leaves other workers waiting in acquire forever.
+    release(s);
+    throw;
+  }
   return s;
 }
 
