@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -65,6 +67,13 @@ def with_holes() -> nn.Module:
     return m
 
 
+def scripted() -> nn.Module:
+    # A ScriptModule keeps its tensors in wrappers, not dicts: the walk falls back.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        return torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+
+
 def tiny_bert() -> nn.Module:
     from transformers import BertModel
 
@@ -85,6 +94,7 @@ def tiny_bert() -> nn.Module:
         child_pre_hook,
         with_holes,
         tiny_bert,
+        scripted,
     ],
     ids=[
         "buffers",
@@ -96,6 +106,7 @@ def tiny_bert() -> nn.Module:
         "child-pre-hook",
         "none-children-and-depth",
         "tiny-bert",
+        "script-module",
     ],
 )
 def test_destinations_equal_state_dict(make):

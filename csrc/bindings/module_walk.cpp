@@ -30,17 +30,11 @@ py::object attr(PyObject* obj, const py::str& name) {
   return py::reinterpret_steal<py::object>(r);
 }
 
-// A module's own attribute, from its instance dict: one dict per module instead
-// of a type lookup per attribute (the walk is bound by these lookups).
-PyObject* own(PyObject* dict, const py::str& name, PyObject* mod) {
-  PyObject* r = PyDict_GetItemWithError(dict, name.ptr());  // borrowed
-  if (r == nullptr) {
-    if (!PyErr_Occurred()) {
-      PyErr_Format(PyExc_AttributeError, "%R has no %R: not an initialised nn.Module", mod,
-                   name.ptr());
-    }
-    throw py::error_already_set();
-  }
+// A module's own attribute, from its instance dict (borrowed; nullptr when it is
+// not there): one dict per module instead of a type lookup per attribute.
+PyObject* own(PyObject* dict, const py::str& name) {
+  PyObject* r = PyDict_GetItemWithError(dict, name.ptr());
+  if (r == nullptr && PyErr_Occurred()) throw py::error_already_set();
   return r;
 }
 
@@ -59,7 +53,6 @@ py::str concat(const py::str& a, PyObject* b) {
 // Adds dict's (name, value) pairs whose value is not None (and, given skip, whose
 // name is not in it) to out under prefix + name.
 void add_entries(const py::dict& out, const py::str& prefix, PyObject* dict, PyObject* skip) {
-  if (!PyDict_Check(dict)) throw py::type_error("a module's _parameters/_buffers is not a dict");
   PyObject* key = nullptr;
   PyObject* value = nullptr;
   Py_ssize_t pos = 0;
@@ -74,8 +67,10 @@ void add_entries(const py::dict& out, const py::str& prefix, PyObject* dict, PyO
   }
 }
 
-// None when some module could make state_dict() differ from a plain walk: a
-// class overriding _save_to_state_dict or get_extra_state, or a state_dict hook.
+// None when some module could make state_dict() differ from a plain walk (a
+// class overriding _save_to_state_dict or get_extra_state, a state_dict hook),
+// or keeps its tensors in anything but the dicts nn.Module makes (a ScriptModule,
+// a module whose __init__ did not run): the caller then asks state_dict() itself.
 py::object state_tensors(const py::handle& model, const py::handle& base_save,
                          const py::handle& base_extra_state) {
   static const Attrs* names = new Attrs();  // never freed: outlives the interpreter's teardown order
@@ -98,17 +93,20 @@ py::object state_tensors(const py::handle& model, const py::handle& base_save,
     if (!known->second) return py::none();
     const py::object vars = attr(mod.ptr(), names->dict);
     PyObject* d = vars.ptr();
-    if (!PyDict_Check(d)) throw py::type_error("a module's __dict__ is not a dict");
-    if (truthy(own(d, names->hooks, mod.ptr())) || truthy(own(d, names->pre_hooks, mod.ptr()))) {
+    if (!PyDict_Check(d)) return py::none();
+    PyObject* hooks = own(d, names->hooks);
+    PyObject* pre_hooks = own(d, names->pre_hooks);
+    PyObject* params = own(d, names->parameters);
+    PyObject* buffers = own(d, names->buffers);
+    PyObject* skip = own(d, names->non_persistent);
+    PyObject* children = own(d, names->modules);
+    if (hooks == nullptr || pre_hooks == nullptr || params == nullptr || buffers == nullptr ||
+        skip == nullptr || children == nullptr || !PyDict_Check(params) || !PyDict_Check(buffers) ||
+        !PyAnySet_Check(skip) || !PyDict_Check(children) || truthy(hooks) || truthy(pre_hooks)) {
       return py::none();
     }
-    add_entries(out, prefix, own(d, names->parameters, mod.ptr()), nullptr);
-    PyObject* buffers = own(d, names->buffers, mod.ptr());
-    if (PyDict_Check(buffers) && PyDict_GET_SIZE(buffers) > 0) {
-      add_entries(out, prefix, buffers, own(d, names->non_persistent, mod.ptr()));
-    }
-    PyObject* children = own(d, names->modules, mod.ptr());
-    if (!PyDict_Check(children)) throw py::type_error("a module's _modules is not a dict");
+    add_entries(out, prefix, params, nullptr);
+    if (PyDict_GET_SIZE(buffers) > 0) add_entries(out, prefix, buffers, skip);
     const size_t first = stack.size();
     PyObject* key = nullptr;
     PyObject* child = nullptr;

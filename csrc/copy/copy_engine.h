@@ -1,8 +1,9 @@
 // Runs copy tasks on a thread pool. Work is split into units (ranges of the
 // destination's elements) ordered by file offset, so the file is read nearly
 // sequentially however many workers there are; runs of small tensors that lie
-// back to back in the file are read together, one system call per run. Host memory beyond the
-// destinations is bounded by max_host_bytes (per-thread staging + device ring).
+// back to back (or a few bytes apart) in the file are read together, one system
+// call per run. Host memory beyond the destinations is bounded by max_host_bytes
+// (per-thread staging + device ring).
 #pragma once
 
 #include <atomic>
