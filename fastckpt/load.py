@@ -126,8 +126,9 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     time). It is only taken when no module could make state_dict differ: a
     custom ``_save_to_state_dict``, extra state or a state_dict hook sends the
     whole model through ``state_dict()`` instead (and its non-tensor entries,
-    such as extra state, are dropped). A tree of 41k modules: ~45 ms in a Python
-    loop, ~5 ms in C, ~150 ms through ``state_dict()``.
+    such as extra state, are dropped). A tree of 41k modules on the 2-core dev VM:
+    130-200 ms through ``state_dict()``, ~42 ms as a Python loop, 30-40 ms in C
+    (bound by memory latency: every module's dicts are read once).
     """
     walked = _core.state_tensors(model, _BASE_SAVE, _BASE_EXTRA_STATE)
     if walked is not None:

@@ -1,7 +1,8 @@
 // The tensors of model.state_dict(keep_vars=True), walked in C over the module
 // tree's own dicts. fastckpt/load.py::_state_tensors documents the contract and
 // keeps the fallback; this walk is the same loop without the interpreter's
-// per-module cost (a 41k-module tree: ~45 ms in Python, a few ms here).
+// per-module cost (a 41k-module tree: ~42 ms in Python, 30-40 ms here; the rest
+// is memory latency, each module's dicts being read once).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
