@@ -125,14 +125,14 @@ class CopyEngine::Worker {
     iov_.resize(w.n_iov);
     const Unit& first = e_.units_[w.first_unit];
     const CopyTask& t0 = e_.tasks_[first.task];
-    const uint64_t offset = t0.storage_file_offset + t0.src_offset * e_.info_[first.task].src_item;
+    const uint64_t offset = e_.source_start(first.task);
     uint8_t* scratch = gap_.get(kMaxVectoredGap);
     uint64_t end = offset;
     size_t n = 0;
     for (uint32_t k = 0; k < w.n_units; ++k) {
       const Unit& u = e_.units_[w.first_unit + k];
       const CopyTask& t = e_.tasks_[u.task];
-      const uint64_t at = t.storage_file_offset + t.src_offset * e_.info_[u.task].src_item;
+      const uint64_t at = e_.source_start(u.task);
       if (at > end) iov_[n++] = {scratch, static_cast<size_t>(at - end)};
       iov_[n++] = {t.dst, static_cast<size_t>(u.count * e_.info_[u.task].src_item)};
       end = at + iov_[n - 1].iov_len;
@@ -281,8 +281,7 @@ CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
     const CopyTask& x = tasks_[a];
     const CopyTask& y = tasks_[b];
     if (x.file != y.file) return x.file->path() < y.file->path();
-    return x.storage_file_offset + x.src_offset * info_[a].src_item <
-           y.storage_file_offset + y.src_offset * info_[b].src_item;
+    return source_start(a) < source_start(b);
   });
   for (uint32_t i : order) {
     const CopyTask& t = tasks_[i];
@@ -321,7 +320,7 @@ void CopyEngine::plan_work() {
     const uint64_t bytes = u.count * in.src_item;
     const bool plain = u.first == 0 && u.count == in.out_elems && in.same_dtype && in.src_dense &&
                        in.dst_dense && !t.dst_on_device && t.rows.kind == RowSelection::Kind::All;
-    const uint64_t offset = t.storage_file_offset + t.src_offset * in.src_item;
+    const uint64_t offset = source_start(u.task);
     Work* last = work_.empty() ? nullptr : &work_.back();
     // Units are in file order, but two tensors may share bytes (views): only a
     // unit that starts at or after the previous one's end extends the read.
@@ -340,6 +339,11 @@ void CopyEngine::plan_work() {
     file = t.file.get();
     next_offset = offset + bytes;
   }
+}
+
+uint64_t CopyEngine::source_start(uint32_t task) const {
+  const CopyTask& t = tasks_[task];
+  return t.storage_file_offset + t.src_offset * info_[task].src_item;
 }
 
 CopyEngine::~CopyEngine() = default;

@@ -61,6 +61,8 @@ class CopyEngine {
 
  private:
   void plan_work();
+  // Absolute file offset of the first source byte task `task` reads (before any row selection).
+  uint64_t source_start(uint32_t task) const;
 
   std::vector<CopyTask> tasks_;
   std::shared_ptr<const std::string> label_text_;
