@@ -12,7 +12,7 @@ import typing
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'RuleSet', 'Targets', 'match_pattern', 'open_file', 'parse_rules', 'state_tensors']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
 class FileBuffer:
     @property
     def size(self) -> int:
@@ -118,6 +118,15 @@ def match_pattern(pattern: str, names: typing.Any) -> list[bool]:
 def open_file(path: str) -> FileIndex:
     """
     Read one checkpoint file's index (safetensors, torch zip or legacy torch).
+    """
+class PendingIndexes:
+    def wait(self) -> list[FileIndex]:
+        """
+        The files' indexes, in order, once all are read; or the first file's error.
+        """
+def start_open(paths: list[str], threads: typing.SupportsInt | typing.SupportsIndex) -> PendingIndexes:
+    """
+    Start reading the files' indexes on background threads (no GIL needed); wait() for them.
     """
 def parse_rules(text: str, source_name: str) -> RuleSet:
     """

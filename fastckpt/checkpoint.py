@@ -168,13 +168,38 @@ def pick_state_dict(paths: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
     return prefix
 
 
+class Opening:
+    """A checkpoint whose files are being indexed on C++ threads, without the GIL.
+
+    ``Checkpoint(path, _opening=...)`` waits for them; until then the caller is
+    free to do other Python work (load_into walks the model meanwhile).
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.files = resolve_files(path)
+        self._pending = _core.start_open(
+            [str(f) for f in self.files], min(8, os.cpu_count() or 1)
+        )
+
+    def wait(self) -> list[_core.FileIndex]:
+        return self._pending.wait()
+
+
 class Checkpoint:
     """A checkpoint opened for reading. Use as a context manager or call ``close()``."""
 
-    def __init__(self, path: PathLike, *, key: str | Sequence[str] | None = None):
-        self.path = Path(path)
-        self.files: list[Path] = resolve_files(path)
-        self._indexes = [_core.open_file(str(f)) for f in self.files]
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        key: str | Sequence[str] | None = None,
+        _opening: Opening | None = None,
+    ):
+        opening = _opening if _opening is not None else Opening(path)
+        self.path = opening.path
+        self.files: list[Path] = opening.files
+        self._indexes = opening.wait()
         self._buffers: dict[int, torch.Tensor] = {}
         self.format = self._indexes[0].format
         self._file_names = [str(f) for f in self.files]

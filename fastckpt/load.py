@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from fastckpt import _core
-from fastckpt.checkpoint import Checkpoint
-from fastckpt.checkpoint import open as open_checkpoint
+from fastckpt.checkpoint import Checkpoint, Opening
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection
@@ -204,6 +203,8 @@ def load_into(
     - ``max_host_bytes``: host staging budget beyond the destinations.
     """
     started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_into needs a torch.nn.Module to load into, not {type(model).__name__}")
     # Planning makes a few small objects per tensor and none of them cyclic; with
     # 30k tensors the collector's passes (over every object torch ever made) cost
     # more than the plan itself. Collection resumes, unchanged, when we return.
@@ -242,14 +243,21 @@ def _load(
     progress: bool,
     key: str | Sequence[str] | None,
 ) -> tuple[LoadReport, Path]:
-    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, key=key)
     want = torch.device(device) if device is not None else None
+    # The model's tensors by state_dict name. Tied names (one tensor object) form
+    # a group; groups[g] lists its names when any tie exists, else None (g = name).
+    if isinstance(path, Checkpoint):
+        ckpt = path
+        state = _state_tensors(model)
+    else:
+        # The files are indexed on C++ threads while the model is walked here:
+        # on a 30k-tensor checkpoint each takes tens of milliseconds.
+        opening = Opening(path)
+        state = _state_tensors(model)
+        ckpt = Checkpoint(path, key=key, _opening=opening)
     entries = ckpt._entries  # checkpoint name -> file index << 32 | tensor index
     shapes = [index.shapes() for index in ckpt._indexes]
 
-    # The model's tensors by state_dict name. Tied names (one tensor object) form
-    # a group; groups[g] lists its names when any tie exists, else None (g = name).
-    state = _state_tensors(model)
     names = list(state)
     tensors = list(state.values())
     groups: list[list[str]] | None = None

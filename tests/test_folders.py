@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import fastckpt
+from fastckpt import _core
 from fastckpt.errors import CheckpointError
 from tests.conftest import assert_same_bytes, tiny_hf_config
 
@@ -56,6 +57,27 @@ def test_sharded_folder_with_a_tensor_in_two_shards(tmp_path):
     with pytest.raises(CheckpointError) as e:
         fastckpt.open(folder)
     assert str(e.value) == f"{folder}: tensor 'w' appears in more than one file"
+
+
+def test_shards_are_indexed_in_parallel_and_errors_come_in_file_order(tmp_path):
+    """Shards are read on several threads; the error reported is the first bad file's."""
+    shards = [{f"layers.{i}.w": torch.full((3,), float(i))} for i in range(6)]
+    folder = write_sharded_bin(tmp_path / "m", shards)
+    files = sorted(str(f) for f in folder.glob("*.bin"))
+    indexes = _core.start_open(files, 4).wait()
+    assert [i.path for i in indexes] == files
+    assert [i.names() for i in indexes] == [[f"layers.{i}.w"] for i in range(6)]
+    for bad in (files[2], files[4]):
+        Path(bad).write_bytes(b"PK\x03\x04 not a zip")
+    pending = _core.start_open(files, 4)
+    for _ in range(2):  # waiting again gives the same answer
+        with pytest.raises(CheckpointError, match="^" + files[2]):
+            pending.wait()
+    with pytest.raises(CheckpointError, match="^" + files[2]):
+        fastckpt.open(folder)
+    # Nothing waited for: the threads are joined when the object goes.
+    del pending
+    _core.start_open(files, 2)
 
 
 def test_folder_prefers_safetensors_then_bin(tmp_path):

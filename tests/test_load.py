@@ -625,6 +625,23 @@ def test_gil_is_released_while_copying(tmp_path, monkeypatch):
     assert torch.equal(model.x, torch.ones(n, dtype=torch.bfloat16))
 
 
+def test_bad_file_or_bad_model_fails_before_anything_is_written(tmp_path):
+    # The file is indexed on a C++ thread while the model is walked: a bad file
+    # still raises its CheckpointError, and nothing in the model changes.
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    model = OneTensor((2,), torch.float32)
+    before = model.x.clone()
+    with pytest.raises(fastckpt.CheckpointError, match="^" + str(path)):
+        fastckpt.load_into(model, path)
+    assert torch.equal(model.x, before)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        fastckpt.load_into(model, tmp_path / "absent.safetensors")
+    save_file({"x": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
+    with pytest.raises(TypeError, match="^load_into needs a torch.nn.Module to load into, not dict$"):
+        fastckpt.load_into({"x": torch.zeros(2)}, tmp_path / "ok.safetensors")  # type: ignore[arg-type]
+
+
 def test_file_truncated_after_open_gives_checkpoint_error(tmp_path):
     state = {"a": torch.randn(256, 256), "b": torch.randn(256, 256)}
     path = tmp_path / "t.safetensors"

@@ -6,6 +6,7 @@
 
 #include "bindings/bindings.h"
 #include "formats/open_checkpoint.h"
+#include "formats/pending_indexes.h"
 
 namespace py = pybind11;
 
@@ -116,6 +117,22 @@ void register_formats(py::module_& m) {
         return std::make_shared<CheckpointIndex>(open_checkpoint_file(path));
       },
       py::arg("path"), "Read one checkpoint file's index (safetensors, torch zip or legacy torch).");
+
+  py::class_<PendingIndexes>(m, "PendingIndexes")
+      .def("wait",
+           [](PendingIndexes& p) {
+             py::gil_scoped_release release;
+             return p.wait();
+           },
+           "The files' indexes, in order, once all are read; or the first file's error.");
+
+  m.def(
+      "start_open",
+      [](std::vector<std::string> paths, size_t threads) {
+        return std::make_unique<PendingIndexes>(std::move(paths), threads);
+      },
+      py::arg("paths"), py::arg("threads"),
+      "Start reading the files' indexes on background threads (no GIL needed); wait() for them.");
 }
 
 }  // namespace fastckpt::bindings
