@@ -204,7 +204,9 @@ def load_into(
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"load_into needs a torch.nn.Module to load into, not {type(model).__name__}")
+        raise TypeError(
+            f"load_into needs a torch.nn.Module to load into, not {type(model).__name__}"
+        )
     # Planning makes a few small objects per tensor and none of them cyclic; with
     # 30k tensors the collector's passes (over every object torch ever made) cost
     # more than the plan itself. Collection resumes, unchanged, when we return.
