@@ -639,7 +639,8 @@ def test_bad_file_or_bad_model_fails_before_anything_is_written(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         fastckpt.load_into(model, tmp_path / "absent.safetensors")
     save_file({"x": torch.ones(2)}, str(tmp_path / "ok.safetensors"))
-    with pytest.raises(TypeError, match="^load_into needs a torch.nn.Module to load into, not di"):
+    refusal = "load_into needs a torch.nn.Module to load into, not dict"
+    with pytest.raises(TypeError, match=f"^{refusal}$"):
         not_a_module: Any = {"x": torch.zeros(2)}
         fastckpt.load_into(not_a_module, tmp_path / "ok.safetensors")
 
