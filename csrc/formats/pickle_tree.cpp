@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "common/error.h"
+#include "common/flat_string_map.h"
 
 namespace fastckpt::pickle {
 namespace {
@@ -74,10 +75,9 @@ class TreeWalker {
     run();
     if (root.kind != Kind::Dict) out_ += truncated_ ? ",\"__truncated__\":true}" : "}";
     // Names are final now (the vector no longer moves), so views into them are safe.
-    std::unordered_set<std::string_view> names;
-    names.reserve(result_.tensors.size());
+    FlatStringMap names(result_.tensors.size());
     for (const auto& t : result_.tensors)
-      if (!names.insert(t.name).second)
+      if (!names.emplace(t.name, 0).second)
         fail(path_, "two tensors have the dotted name '" + t.name + "' (keys containing dots collide)");
     result_.metadata_json = std::move(out_);
     return std::move(result_);

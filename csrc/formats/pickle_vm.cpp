@@ -133,8 +133,8 @@ std::optional<DType> dtype_from_torch_global(std::string_view name) {
 PickleVM::PickleVM(std::string path, PickleLimits limits) : path_(std::move(path)), limits_(limits) {}
 
 int64_t PickleVM::find_storage(std::string_view key) const {
-  auto it = storage_by_key_.find(key);
-  return it == storage_by_key_.end() ? -1 : static_cast<int64_t>(it->second);
+  const uint32_t* found = storage_by_key_.find(key);
+  return found == nullptr ? -1 : static_cast<int64_t>(*found);
 }
 
 Value PickleVM::make_owned(Kind kind, std::string text) {
@@ -627,8 +627,7 @@ class PickleVM::Run {
     // items[3] is the location ('cpu', 'cuda:0'): ignored, data is read where the caller wants it.
     const bool is_view = count == 6 && items[5].kind != Kind::None;
     if (!is_view) {
-      auto it = vm_.storage_by_key_.find(key);
-      if (it != vm_.storage_by_key_.end()) return storage_value(it->second);
+      if (const uint32_t* found = vm_.storage_by_key_.find(key)) return storage_value(*found);
     }
     PickledStorage s;
     s.key = std::string(key);
@@ -650,8 +649,7 @@ class PickleVM::Run {
   }
 
   uint32_t register_storage(PickledStorage s) {
-    auto it = vm_.storage_by_key_.find(s.key);
-    if (it != vm_.storage_by_key_.end()) return it->second;
+    if (const uint32_t* found = vm_.storage_by_key_.find(s.key)) return *found;
     const auto idx = static_cast<uint32_t>(vm_.storages_.size());
     // The map needs a key that stays put while storages_ grows.
     vm_.storage_by_key_.emplace(std::string_view(vm_.owned_.emplace_back(s.key)), idx);

@@ -15,9 +15,9 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
+#include "common/flat_string_map.h"
 #include "common/dtype.h"
 
 namespace fastckpt::pickle {
@@ -117,7 +117,7 @@ class PickleVM {
   std::pmr::monotonic_buffer_resource pool_;  // declared before arena_: outlives the nodes
   std::vector<Node> arena_;
   std::vector<PickledStorage> storages_;
-  std::unordered_map<std::string_view, uint32_t> storage_by_key_;  // views like Node::text
+  FlatStringMap storage_by_key_;  // views like Node::text
   std::deque<std::string> owned_;  // texts made up by the machine; a deque never moves them
   std::vector<PickledTensor> tensors_;
 };

@@ -4,10 +4,10 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <string_view>
-#include <unordered_set>
 
 #include "common/checked_math.h"
 #include "common/error.h"
+#include "common/flat_string_map.h"
 #include "formats/safetensors_header.h"
 
 namespace fastckpt {
@@ -100,13 +100,12 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
   };
   std::vector<Checked> checked;
   checked.reserve(parsed.entries.size());
-  std::unordered_set<std::string_view> seen;
-  seen.reserve(parsed.entries.size());
+  FlatStringMap seen(parsed.entries.size());
   for (size_t e = 0; e < parsed.entries.size(); ++e) {
     const HeaderEntry& entry = parsed.entries[e];
     const std::string& name = entry.name;
     auto bad = [&](const std::string& what) { fail(path, "tensor '" + name + "'" + what); };
-    if (!seen.insert(name).second) fail(path, "tensor '" + name + "' appears twice in the header");
+    if (!seen.emplace(name, 0).second) fail(path, "tensor '" + name + "' appears twice in the header");
     if (!entry.is_object) bad(": entry is not an object");
     if (!entry.has_dtype || !entry.shape.present || !entry.offsets.present)
       bad(": entry needs dtype, shape and data_offsets");

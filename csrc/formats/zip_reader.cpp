@@ -169,17 +169,18 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
     pos += kCentralSize + var_len;
   }
   check_no_overlap(path, dir.entries_, eocd.cd_offset);
+  if (dir.entries_.size() > UINT32_MAX) fail(path, "too many zip records (" + num(dir.entries_.size()) + ")");
   dir.by_name_.reserve(dir.entries_.size());
   for (size_t i = 0; i < dir.entries_.size(); ++i) {
     // The first record of a name wins, as in torch's reader.
-    dir.by_name_.emplace(dir.entries_[i].name, i);
+    dir.by_name_.emplace(dir.entries_[i].name, static_cast<uint32_t>(i));
   }
   return dir;
 }
 
 const ZipEntry* ZipDirectory::find(std::string_view name) const {
-  auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : &entries_[it->second];
+  const uint32_t* found = by_name_.find(name);
+  return found == nullptr ? nullptr : &entries_[*found];
 }
 
 uint64_t ZipDirectory::data_offset(const MappedFile& file, const ZipEntry& entry) const {

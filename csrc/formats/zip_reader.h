@@ -6,9 +6,9 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
+#include "common/flat_string_map.h"
 #include "io/mapped_file.h"
 
 namespace fastckpt {
@@ -47,7 +47,7 @@ class ZipDirectory {
 
  private:
   std::vector<ZipEntry> entries_;
-  std::unordered_map<std::string_view, size_t> by_name_;
+  FlatStringMap by_name_;
 };
 
 }  // namespace fastckpt

@@ -1,6 +1,7 @@
 // Native tests of the fault guard (io/fault_guard.h): a file that shrinks while
 // a reader parses it from the mapping gives CheckpointError, not SIGBUS, and a
-// SIGBUS outside any guard still kills the process as before.
+// SIGBUS outside any guard still kills the process as before. Also the readers'
+// flat name map (common/flat_string_map.h) against std::unordered_map.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -11,10 +12,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <random>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "common/error.h"
+#include "common/flat_string_map.h"
 #include "formats/open_checkpoint.h"
 #include "formats/safetensors_reader.h"
 #include "io/fault_guard.h"
@@ -174,9 +178,39 @@ void test_unguarded_sigbus_still_kills() {
   expect(raised_died, "raise(SIGBUS) still terminates (status " + std::to_string(status) + ")");
 }
 
+// Random inserts (many repeated keys, growth from empty and from a reserve)
+// and lookups of present and absent keys agree with std::unordered_map.
+void test_flat_string_map_matches_unordered_map() {
+  std::mt19937 rng(7);
+  std::vector<std::string> keys;
+  for (int i = 0; i < 5000; ++i) keys.push_back("layers." + std::to_string(rng() % 3000) + ".w");
+  keys.push_back("");
+  bool same = true;
+  for (size_t reserve : {size_t{0}, size_t{10}, keys.size()}) {
+    FlatStringMap flat(reserve);
+    std::unordered_map<std::string_view, uint32_t> ref;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const auto got = flat.emplace(keys[i], static_cast<uint32_t>(i));
+      const auto want = ref.emplace(keys[i], static_cast<uint32_t>(i));
+      same = same && got.second == want.second && got.first == want.first->second;
+    }
+    same = same && flat.size() == ref.size();
+    for (int i = 0; i < 6000; ++i) {
+      const std::string probe = "layers." + std::to_string(i) + ".w";
+      const uint32_t* got = flat.find(probe);
+      auto want = ref.find(probe);
+      same = same && (got == nullptr) == (want == ref.end()) && (got == nullptr || *got == want->second);
+    }
+    flat.clear();
+    same = same && flat.size() == 0 && flat.find(keys[0]) == nullptr;
+  }
+  expect(same, "FlatStringMap agrees with std::unordered_map");
+}
+
 }  // namespace
 
 int main() {
+  test_flat_string_map_matches_unordered_map();
   test_truncated_before_parse();
   test_reader_that_succeeds_on_zeros_still_fails();
   test_shrink_without_touching();
