@@ -116,6 +116,23 @@ def test_summary_ratios():
     assert read.x_fastckpt is None and skipped.median is None
 
 
+def test_summary_ratios_are_paired_by_round():
+    # The machine slows down in round 2 for everyone: per-round ratios stay 2.0,
+    # where the ratio of medians (3.0 / 1.2) would say 2.5.
+    t = TargetResult("w", "safetensors", "p", ["p"], nbytes=1_000_000, tensors=1)
+    t.results = [
+        ContenderResult("fastckpt", times=[1.0, 3.0, 1.2]),
+        ContenderResult("safe_open+copy_", times=[2.0, 6.0, 2.4]),
+        ContenderResult("ceiling:memcpy", times=[0.5, 1.5, 0.6]),
+        ContenderResult("torch.load+load_state_dict", times=[5.0, 5.0]),  # missed a round
+    ]
+    _summarize(t)
+    ours, peer, _, partial = t.results
+    assert peer.x_fastckpt == pytest.approx(2.0)
+    assert ours.x_ceiling == pytest.approx(0.5)
+    assert partial.x_fastckpt == pytest.approx(5.0 / 1.2)  # unpaired: ratio of medians
+
+
 def test_evict_leaves_the_file_out_of_the_page_cache(tmp_path):
     f = tmp_path / "blob"
     f.write_bytes(b"\1" * (8 << 20))

@@ -297,12 +297,26 @@ def _summarize(target: TargetResult) -> None:
         target.ceiling = slowest.contender
         for r in target.results:
             if r.median:
-                r.x_ceiling = (slowest.median or 0.0) / r.median
+                r.x_ceiling = _ratio(slowest, r)
     ours = next((r for r in target.results if r.contender == FASTCKPT and r.median), None)
     if ours is not None:
         for r in target.results:
             if r.median and not r.is_ceiling:
-                r.x_fastckpt = r.median / (ours.median or 1.0)
+                r.x_fastckpt = _ratio(r, ours)
+
+
+def _ratio(num: ContenderResult, den: ContenderResult) -> float:
+    """num's time over den's: the median of per-round ratios when both ran every round.
+
+    A round runs each contender once, back to back, so the pair shares the
+    machine's state at that moment; on a VM whose speed drifts by a quarter
+    within a minute, that is steadier than a ratio of medians, which is the
+    fallback when a contender missed rounds.
+    """
+    assert num.median is not None and den.median is not None
+    if len(num.times) == len(den.times) and all(num.times + den.times):
+        return statistics.median(a / b for a, b in zip(num.times, den.times, strict=True))
+    return num.median / den.median
 
 
 def bench_target(
