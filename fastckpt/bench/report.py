@@ -75,8 +75,8 @@ def print_tables(result: BenchResult, console: Console) -> None:
     console.print(
         "× ceiling: GB/s as a fraction of the slowest ceiling's; time / fastckpt: >1 means "
         "slower than fastckpt (both ratios are medians of per-round ratios; a round runs "
-        "every contender once, back to back); +private: peak RssAnon above the pre-load value (the model "
-        "itself excluded); peak RSS: VmHWM during the load, model included.",
+        "every contender once, back to back); +private: peak RssAnon above the pre-load "
+        "value (the model itself excluded); peak RSS: VmHWM during the load, model included.",
         style="dim",
     )
 
