@@ -626,6 +626,19 @@ def test_gil_is_released_while_copying(tmp_path, monkeypatch):
     assert torch.equal(model.x, torch.ones(n, dtype=torch.bfloat16))
 
 
+def test_destination_of_a_dtype_fastckpt_cannot_write_is_refused_by_name(tmp_path):
+    save_file({"a": torch.ones(2), "b": torch.ones(2)}, str(tmp_path / "m.safetensors"))
+    model = nn.Module()
+    model.register_buffer("a", torch.zeros(2))
+    model.register_buffer("b", torch.zeros(2, dtype=torch.float8_e4m3fnuz))
+    with pytest.raises(
+        fastckpt.CheckpointError,
+        match=r"^'b' has dtype torch.float8_e4m3fnuz, which fastckpt cannot load into$",
+    ):
+        fastckpt.load_into(model, tmp_path / "m.safetensors")
+    assert torch.equal(model.a, torch.zeros(2))  # refused before anything was written
+
+
 def test_bad_file_or_bad_model_fails_before_anything_is_written(tmp_path):
     # The file is indexed on a C++ thread while the model is walked: a bad file
     # still raises its CheckpointError, and nothing in the model changes.

@@ -146,7 +146,7 @@ LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources
     if (!vias.is_none() && !via_list[i].is_none()) t.via_dtype = dtype_arg(via_list[i].cast<std::string>());
     if (!dst.dtype)
       throw CheckpointError(quoted(dst_name) + " has dtype " +
-                            py::str(targets.dtype_objects[i]).cast<std::string>() +
+                            py::str(targets.dtype_objects.at(dst.dtype_object)).cast<std::string>() +
                             ", which fastckpt cannot load into");
     t.dst = dst.ptr;
     t.dst_shape = dst.shape;

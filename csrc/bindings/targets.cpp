@@ -48,8 +48,8 @@ Targets read_targets(const py::list& tensors, const py::dict& dtype_names) {
   static const Names* names = new Names();  // never freed: outlives the interpreter's teardown order
   Targets out;
   out.items.resize(tensors.size());
-  out.dtype_objects.reserve(tensors.size());
-  std::unordered_map<PyObject*, std::optional<DType>> dtypes;  // torch dtypes are singletons
+  // torch dtypes are singletons: each is looked up once, by identity.
+  std::unordered_map<PyObject*, std::pair<std::optional<DType>, uint32_t>> dtypes;
   for (size_t i = 0; i < out.items.size(); ++i) {
     Target& t = out.items[i];
     const py::handle tensor = tensors[i];
@@ -69,10 +69,11 @@ Targets read_targets(const py::list& tensors, const py::dict& dtype_names) {
       PyObject* dname = PyDict_GetItem(dtype_names.ptr(), dt.ptr());  // borrowed
       std::optional<DType> d;
       if (dname != nullptr) d = dtype_from_name(py::handle(dname).cast<std::string>());
-      found = dtypes.emplace(dt.ptr(), d).first;
+      found = dtypes.emplace(dt.ptr(), std::make_pair(d, static_cast<uint32_t>(out.dtype_objects.size()))).first;
+      out.dtype_objects.push_back(std::move(dt));
     }
-    t.dtype = found->second;
-    out.dtype_objects.push_back(std::move(dt));
+    t.dtype = found->second.first;
+    t.dtype_object = found->second.second;
     t.on_cpu = tensor.attr(names->is_cpu).ptr() == Py_True;
     out.all_cpu = out.all_cpu && t.on_cpu;
   }
@@ -118,9 +119,9 @@ void register_targets(py::module_& m) {
           "subset",
           [](const Targets& t, const std::vector<size_t>& keep) {
             Targets out;
+            out.dtype_objects = t.dtype_objects;
             for (size_t k : keep) {
               out.items.push_back(t.items.at(k));
-              out.dtype_objects.push_back(t.dtype_objects.at(k));
               out.all_cpu = out.all_cpu && t.items[k].on_cpu;
             }
             return out;

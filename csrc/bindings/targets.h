@@ -20,12 +20,13 @@ struct Target {
   std::vector<int64_t> shape;
   std::vector<int64_t> strides;  // elements
   std::optional<DType> dtype;    // nullopt: a torch dtype fastckpt cannot load into
+  uint32_t dtype_object = 0;     // index into Targets::dtype_objects
   bool on_cpu = true;
 };
 
 struct Targets {
   std::vector<Target> items;
-  std::vector<pybind11::object> dtype_objects;  // the torch dtype of each item (for messages)
+  std::vector<pybind11::object> dtype_objects;  // each distinct torch dtype once (for messages)
   bool all_cpu = true;
 };
 
