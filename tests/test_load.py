@@ -469,6 +469,24 @@ def test_non_contiguous_destination(tmp_path, src_dtype):
     assert not ours.w.is_contiguous()
 
 
+@pytest.mark.parametrize("rank", [0, 1, 4, 5, 7])
+def test_strided_views_of_any_rank_in_and_out(tmp_path, rank):
+    # Shapes and strides up to 4 dims are kept in place in a copy task, more on
+    # the heap: a permuted (non-contiguous) view in a torch file, loaded into a
+    # permuted destination, lands as load_state_dict puts it, with a cast.
+    shape = tuple(range(2, 2 + rank))
+    perm = tuple(reversed(range(rank)))
+    src = torch.randn(shape).permute(perm)
+    torch.save({"x": src}, tmp_path / "v.pt")
+    ours, ref = (OneTensor(shape, torch.bfloat16) for _ in range(2))
+    for m in (ours, ref):
+        m.x = torch.zeros(shape, dtype=torch.bfloat16).permute(perm)
+    assert rank < 2 or not ours.x.is_contiguous()
+    fastckpt.load_into(ours, tmp_path / "v.pt")
+    ref.load_state_dict({"x": src})
+    assert_models_equal(ours, ref)
+
+
 def test_meta_model_is_allocated_on_device(tmp_path):
     state = randomized_state(tiny_roberta_mlm(), seed=9)
     state = {k: v.clone() for k, v in state.items()}

@@ -16,7 +16,7 @@ std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape) {
   return strides;
 }
 
-bool is_dense(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides) {
+bool is_dense(const Dims& shape, const Dims& strides) {
   int64_t expected = 1;
   for (size_t i = shape.size(); i-- > 0;) {
     if (shape[i] != 1 && strides[i] != expected) return false;
@@ -25,7 +25,7 @@ bool is_dense(const std::vector<int64_t>& shape, const std::vector<int64_t>& str
   return true;
 }
 
-uint64_t element_count(const std::vector<int64_t>& shape) {
+uint64_t element_count(const Dims& shape) {
   uint64_t n = 1;
   for (int64_t d : shape) n *= static_cast<uint64_t>(d);
   return n;
@@ -75,10 +75,10 @@ void validate_task(const CopyTask& t) {
   for (size_t i = 0; same_shape && i < t.src_shape.size(); ++i)
     same_shape = (i == 0 ? out_rows : t.src_shape[i]) == t.dst_shape[i];
   if (!same_shape) {
-    std::vector<int64_t> out_shape = t.src_shape;
+    std::vector<int64_t> out_shape = t.src_shape.vec();
     if (!out_shape.empty()) out_shape[0] = out_rows;
     bad("source shape " + shape_text(out_shape) + " does not match destination shape " +
-        shape_text(t.dst_shape));
+        shape_text(t.dst_shape.vec()));
   }
 
   DType mid = t.via_dtype.value_or(t.src_dtype);

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/dims.h"
 #include "common/dtype.h"
 #include "io/mapped_file.h"
 
@@ -32,23 +33,23 @@ struct CopyTask {
   uint64_t storage_file_offset = 0;  // absolute file offset of the source storage
   uint64_t storage_nbytes = 0;
   DType src_dtype = DType::F32;
-  std::vector<int64_t> src_shape;
-  std::vector<int64_t> src_strides;  // elements
+  Dims src_shape;
+  Dims src_strides;  // elements
   uint64_t src_offset = 0;           // elements into the storage
   RowSelection rows;
   std::optional<DType> via_dtype;  // round through this dtype on the way (a rule's dtype=)
   DType dst_dtype = DType::F32;
   uint8_t* dst = nullptr;            // host address, or a device address when dst_on_device
-  std::vector<int64_t> dst_shape;
-  std::vector<int64_t> dst_strides;  // elements
+  Dims dst_shape;
+  Dims dst_strides;  // elements
   bool dst_on_device = false;
 };
 
 // Row-major strides of a shape.
 std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape);
 // True when a view with these strides covers its elements densely in row-major order.
-bool is_dense(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides);
-uint64_t element_count(const std::vector<int64_t>& shape);
+bool is_dense(const Dims& shape, const Dims& strides);
+uint64_t element_count(const Dims& shape);
 
 // Checks the task is self-consistent (ranks, row indices, shapes after the row
 // selection, a supported cast, in-storage source extent); CheckpointError naming

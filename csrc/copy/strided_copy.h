@@ -4,14 +4,14 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <vector>
+#include "common/dims.h"
 
 namespace fastckpt {
 
 struct StridedView {
   uint8_t* base;  // address of element 0 (storage offset already applied)
-  const std::vector<int64_t>* shape;
-  const std::vector<int64_t>* strides;  // elements
+  const Dims* shape;
+  const Dims* strides;  // elements
   size_t itemsize;
 };
 

@@ -17,6 +17,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/dims.h"
 #include "common/error.h"
 #include "common/flat_string_map.h"
 #include "formats/open_checkpoint.h"
@@ -207,9 +208,30 @@ void test_flat_string_map_matches_unordered_map() {
   expect(same, "FlatStringMap agrees with std::unordered_map");
 }
 
+// Dims keeps up to 4 values in place and more on the heap; copies and
+// assignments across that boundary (both ways) keep the values.
+void test_dims_inline_and_heap() {
+  bool same = true;
+  for (size_t a = 0; a <= 7; ++a) {
+    for (size_t b = 0; b <= 7; ++b) {
+      std::vector<int64_t> va(a), vb(b);
+      for (size_t i = 0; i < a; ++i) va[i] = static_cast<int64_t>(i * 3 + 1);
+      for (size_t i = 0; i < b; ++i) vb[i] = -static_cast<int64_t>(i + 2);
+      Dims x = va;
+      const Dims copy = x;
+      x = vb;
+      same = same && x.vec() == vb && copy.vec() == va && x.size() == b && x.empty() == (b == 0);
+      x = copy;
+      same = same && x == copy && x.vec() == va && (a == 0 || x.back() == va.back());
+    }
+  }
+  expect(same, "Dims keeps its values inline and on the heap");
+}
+
 }  // namespace
 
 int main() {
+  test_dims_inline_and_heap();
   test_flat_string_map_matches_unordered_map();
   test_truncated_before_parse();
   test_reader_that_succeeds_on_zeros_still_fails();

@@ -1,0 +1,59 @@
+// A tensor's shape or strides: up to kInline values stored in place, more on
+// the heap. A copy plan holds four of these per task; as std::vectors they were
+// four allocations per tensor, most of the planning time for 30k small tensors.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace fastckpt {
+
+class Dims {
+ public:
+  static constexpr size_t kInline = 4;
+
+  Dims() = default;
+  Dims(const std::vector<int64_t>& v) { assign(v.data(), v.size()); }  // NOLINT: implicit on purpose
+  Dims(const Dims& o) { assign(o.data(), o.size()); }
+  Dims& operator=(const Dims& o) {
+    if (this != &o) assign(o.data(), o.size());
+    return *this;
+  }
+  Dims& operator=(const std::vector<int64_t>& v) {
+    assign(v.data(), v.size());
+    return *this;
+  }
+  ~Dims() = default;
+
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  const int64_t* data() const { return n_ <= kInline ? inline_ : heap_.data(); }
+  const int64_t* begin() const { return data(); }
+  const int64_t* end() const { return data() + n_; }
+  int64_t operator[](size_t i) const { return data()[i]; }
+  int64_t back() const { return data()[n_ - 1]; }
+  std::vector<int64_t> vec() const { return {begin(), end()}; }
+
+  friend bool operator==(const Dims& a, const Dims& b) {
+    return a.n_ == b.n_ && std::equal(a.begin(), a.end(), b.begin());
+  }
+
+ private:
+  void assign(const int64_t* p, size_t n) {
+    if (n <= kInline) {
+      std::copy(p, p + n, inline_);
+      heap_.clear();
+    } else {
+      heap_.assign(p, p + n);
+    }
+    n_ = n;
+  }
+
+  int64_t inline_[kInline] = {};
+  std::vector<int64_t> heap_;  // used only when n_ > kInline
+  size_t n_ = 0;
+};
+
+}  // namespace fastckpt
