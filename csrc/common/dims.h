@@ -25,7 +25,6 @@ class Dims {
     assign(v.data(), v.size());
     return *this;
   }
-  ~Dims() = default;
 
   size_t size() const { return n_; }
   bool empty() const { return n_ == 0; }

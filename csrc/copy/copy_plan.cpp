@@ -6,16 +6,6 @@
 
 namespace fastckpt {
 
-std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape) {
-  std::vector<int64_t> strides(shape.size(), 1);
-  int64_t step = 1;
-  for (size_t i = shape.size(); i-- > 0;) {
-    strides[i] = step;
-    step *= shape[i];
-  }
-  return strides;
-}
-
 bool is_dense(const Dims& shape, const Dims& strides) {
   int64_t expected = 1;
   for (size_t i = shape.size(); i-- > 0;) {

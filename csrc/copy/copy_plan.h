@@ -45,8 +45,6 @@ struct CopyTask {
   bool dst_on_device = false;
 };
 
-// Row-major strides of a shape.
-std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape);
 // True when a view with these strides covers its elements densely in row-major order.
 bool is_dense(const Dims& shape, const Dims& strides);
 uint64_t element_count(const Dims& shape);
