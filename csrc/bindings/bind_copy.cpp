@@ -107,6 +107,13 @@ std::string quoted(const py::handle& name) {
   return out;
 }
 
+// sources[i] (file_index << 32 | tensor_index) without pybind11's generic cast.
+uint64_t source_location(const py::list& sources, size_t i) {
+  const unsigned long long loc = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(sources.ptr(), static_cast<Py_ssize_t>(i)));
+  if (loc == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  return loc;
+}
+
 // Tasks for a whole model in one call, from the destinations read once into
 // `targets` (one Python tuple per tensor cost more than the copy itself for 30k
 // small tensors). sources[i] is file_index << 32 | tensor_index; rows / vias are
@@ -132,7 +139,7 @@ LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources
   for (size_t i = 0; i < n; ++i) {
     CopyTask& t = out.tasks[i];
     const Target& dst = targets.items[i];
-    const auto loc = sources[i].cast<uint64_t>();
+    const uint64_t loc = source_location(sources, i);
     const size_t fi = static_cast<size_t>(loc >> 32);
     if (fi >= files.size()) throw py::index_error("source file index out of range");
     const py::handle dst_name = PyList_GET_ITEM(names.ptr(), static_cast<Py_ssize_t>(i));

@@ -21,7 +21,7 @@ struct FileBuffer {
 
 // Straight to a tuple: py::cast of a vector builds a list first, and listing a
 // checkpoint converts two of these per tensor.
-py::tuple int_tuple(const std::vector<int64_t>& v) {
+py::tuple int_tuple(const Dims& v) {
   py::tuple out(v.size());
   for (size_t k = 0; k < v.size(); ++k) out[k] = py::int_(v[k]);
   return out;

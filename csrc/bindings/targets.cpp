@@ -29,17 +29,16 @@ py::object call0(const py::handle& obj, const py::str& method) {
   return py::reinterpret_steal<py::object>(r);
 }
 
-std::vector<int64_t> ints_of(const py::handle& tuple) {
-  // torch.Size and the tuple stride() returns: tuples of ints.
+// torch.Size and the tuple stride() returns: tuples of ints.
+void ints_of(const py::handle& tuple, Dims& out) {
   if (!PyTuple_Check(tuple.ptr())) throw py::type_error("expected a tuple of ints");
   const Py_ssize_t n = PyTuple_GET_SIZE(tuple.ptr());
-  std::vector<int64_t> out(static_cast<size_t>(n));
+  out.fill(static_cast<size_t>(n), 0);
   for (Py_ssize_t k = 0; k < n; ++k) {
     long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple.ptr(), k));
     if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
     out[static_cast<size_t>(k)] = v;
   }
-  return out;
 }
 
 }  // namespace
@@ -56,12 +55,12 @@ Targets read_targets(const py::list& tensors, const py::dict& dtype_names) {
     t.ptr = reinterpret_cast<uint8_t*>(
         static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(call0(tensor, names->data_ptr).ptr())));
     if (PyErr_Occurred()) throw py::error_already_set();
-    t.shape = ints_of(tensor.attr(names->shape));
+    ints_of(tensor.attr(names->shape), t.shape);
     if (call0(tensor, names->is_contiguous).ptr() == Py_True) {
-      t.strides.assign(t.shape.size(), 1);
+      t.strides.fill(t.shape.size(), 1);
       for (size_t d = t.shape.size(); d-- > 1;) t.strides[d - 1] = t.strides[d] * std::max<int64_t>(t.shape[d], 1);
     } else {
-      t.strides = ints_of(call0(tensor, names->stride));
+      ints_of(call0(tensor, names->stride), t.strides);
     }
     py::object dt = tensor.attr(names->dtype);
     auto found = dtypes.find(dt.ptr());

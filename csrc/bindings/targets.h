@@ -11,14 +11,15 @@
 #include <optional>
 #include <vector>
 
+#include "common/dims.h"
 #include "common/dtype.h"
 
 namespace fastckpt::bindings {
 
 struct Target {
   uint8_t* ptr = nullptr;
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;  // elements
+  Dims shape;
+  Dims strides;                // elements
   std::optional<DType> dtype;    // nullopt: a torch dtype fastckpt cannot load into
   uint32_t dtype_object = 0;     // index into Targets::dtype_objects
   bool on_cpu = true;

@@ -60,6 +60,7 @@ class CopyEngine {
   class Worker;
 
  private:
+  std::vector<uint32_t> file_order() const;
   void plan_work();
   // Absolute file offset of the first source byte task `task` reads (before any row selection).
   uint64_t source_start(uint32_t task) const;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/dims.h"
 #include "common/dtype.h"
 #include "io/mapped_file.h"
 
@@ -27,9 +28,9 @@ struct TensorRecord {
   // just {name} (safetensors, where names are flat): see path_of().
   std::vector<std::string> path;
   DType dtype;
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;  // in elements
-  uint64_t storage_offset = 0;   // in elements
+  Dims shape;
+  Dims strides;                 // in elements
+  uint64_t storage_offset = 0;  // in elements
   uint32_t storage = 0;          // index into CheckpointIndex::storages
 };
 

@@ -181,9 +181,10 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
     HeaderEntry& entry = parsed.entries[c.entry];
     TensorRecord& t = index.tensors[k];
     t.dtype = c.dtype;
-    const auto dims = parsed.values.begin() + static_cast<std::ptrdiff_t>(entry.shape.begin);
-    t.shape.assign(dims, dims + static_cast<std::ptrdiff_t>(entry.shape.count));
-    t.strides.assign(t.shape.size(), 1);
+    t.shape.fill(entry.shape.count, 0);
+    for (size_t i = 0; i < entry.shape.count; ++i)  // checked above to fit int64
+      t.shape[i] = static_cast<int64_t>(parsed.values[entry.shape.begin + i]);
+    t.strides.fill(t.shape.size(), 1);
     for (size_t i = t.shape.size(); i-- > 1;) t.strides[i - 1] = t.strides[i] * t.shape[i];
     t.storage = static_cast<uint32_t>(k);
     index.storages.push_back({entry.name, data_start + c.begin, c.end - c.begin, c.dtype});
