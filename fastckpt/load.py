@@ -246,20 +246,12 @@ def _load(
     key: str | Sequence[str] | None,
 ) -> tuple[LoadReport, Path]:
     want = torch.device(device) if device is not None else None
+    # The files are indexed on C++ threads while the model is walked and its
+    # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
+    opening = None if isinstance(path, Checkpoint) else Opening(path)
     # The model's tensors by state_dict name. Tied names (one tensor object) form
     # a group; groups[g] lists its names when any tie exists, else None (g = name).
-    if isinstance(path, Checkpoint):
-        ckpt = path
-        state = _state_tensors(model)
-    else:
-        # The files are indexed on C++ threads while the model is walked here:
-        # on a 30k-tensor checkpoint each takes tens of milliseconds.
-        opening = Opening(path)
-        state = _state_tensors(model)
-        ckpt = Checkpoint(path, key=key, _opening=opening)
-    entries = ckpt._entries  # checkpoint name -> file index << 32 | tensor index
-    shapes = [index.shapes() for index in ckpt._indexes]
-
+    state = _state_tensors(model)
     names = list(state)
     tensors = list(state.values())
     groups: list[list[str]] | None = None
@@ -275,6 +267,16 @@ def _load(
             else:
                 groups[g].append(n)
         tensors = unique
+    # Every destination is read now, before the index is waited for; usually all
+    # of them have a source. A tensor torch cannot describe (sparse, say) fails
+    # only if it is needed: it is read again, alone with the others needed, below.
+    try:
+        every_target: Any = _core.Targets(tensors, DTYPE_NAMES)
+    except Exception:  # noqa: BLE001 - raised again below if it matters
+        every_target = None
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
+    entries = ckpt._entries  # checkpoint name -> file index << 32 | tensor index
+    shapes = [index.shapes() for index in ckpt._indexes]
 
     rules_obj = _resolve_rules(rules)
     report = LoadReport()
@@ -350,7 +352,10 @@ def _load(
             else p.rows.rows(shape[0])
             for p, loc in zip(cand_picks, cand_sources, strict=True)
         ]
-    targets = _core.Targets([tensors[g] for g in cand], DTYPE_NAMES)
+    if every_target is None:
+        targets = _read_targets(ckpt.path, [tensors[g] for g in cand], [vias[g] for g in cand])
+    else:
+        targets = every_target if len(cand) == len(tensors) else every_target.subset(cand)
     bad = targets.mismatched(ckpt._indexes, cand_sources, dim0)
     if bad:
         for k in bad:
@@ -515,6 +520,23 @@ def _load(
                     [names[g]] if groups is None else groups[g], old, old.detach().to(want), owners
                 )
     return report, ckpt.path
+
+
+def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> Any:
+    """``_core.Targets`` of these tensors, or a CheckpointError naming one torch cannot read."""
+    try:
+        return _core.Targets(tensors, DTYPE_NAMES)
+    except Exception:
+        for name, t in zip(names, tensors, strict=True):
+            try:
+                _core.Targets([t], DTYPE_NAMES)
+            except Exception as e:  # noqa: BLE001 - becomes the message
+                layout = "" if t.layout == torch.strided else f" is a {t.layout} tensor and"
+                raise CheckpointError(
+                    f"{path}: the model's {name!r}{layout} cannot be loaded into "
+                    f"({type(e).__name__}: {e}); fastckpt writes dense (strided) tensors"
+                ) from None
+        raise
 
 
 def _assign(

@@ -873,3 +873,38 @@ def test_vectored_read_across_zip_records_of_a_truncated_file(tmp_path):
     ):
         fastckpt.load_into(model, ckpt)
     assert_same_bytes(model.t149, state["t149"])  # the runs before the cut were read
+
+
+class DenseAndSparse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, 2))
+        sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,), check_invariants=True)
+        self.register_buffer("s", sparse)
+
+
+def test_sparse_tensor_the_file_lacks_does_not_stop_the_load(tmp_path):
+    # Destinations are read before the index is ready; one torch cannot describe
+    # (no data pointer) matters only when the file has a source for it.
+    path = tmp_path / "w.safetensors"
+    w = torch.randn(3, 2)
+    save_file({"w": w}, str(path))
+    model = DenseAndSparse()
+    with pytest.warns(fastckpt.UninitializedWarning, match="1 tensors of the model"):
+        report = fastckpt.load_into(model, path, strict=False)
+    assert report.missing == ["s"] and report.loaded == ["w"]
+    assert_same_bytes(model.w.detach(), w)
+    assert model.s.is_sparse
+
+
+def test_sparse_destination_with_a_source_is_refused_by_name(tmp_path):
+    path = tmp_path / "ws.safetensors"
+    save_file({"w": torch.randn(3, 2), "s": torch.ones(4)}, str(path))
+    model = DenseAndSparse()
+    with pytest.raises(fastckpt.CheckpointError) as info:
+        fastckpt.load_into(model, path)
+    assert str(info.value).startswith(
+        f"{path}: the model's 's' is a torch.sparse_coo tensor and cannot be loaded into ("
+    )
+    assert str(info.value).endswith("); fastckpt writes dense (strided) tensors")
+    assert torch.equal(model.w.detach(), torch.zeros(3, 2))  # nothing written

@@ -36,11 +36,11 @@ class HeaderSax {
         out_.metadata.clear();
         out_.metadata_bad_key.reset();
       } else {
-        out_.entries.emplace_back().name = std::move(k);
+        out_.entries.emplace_back().name = k;  // a copy: moving would take the lexer's buffer, regrown for every key
       }
     } else if (depth_ == 2 && live_) {
       if (in_metadata_) {
-        meta_key_ = std::move(k);
+        meta_key_ = k;
       } else {
         field_ = k == "dtype" ? Field::Dtype
                : k == "shape" ? Field::Shape
