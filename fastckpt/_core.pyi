@@ -12,7 +12,7 @@ import typing
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'locate', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
 class FileBuffer:
     @property
     def size(self) -> int:
@@ -111,6 +111,10 @@ def _float_to_bf16(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
     ...
 def _float_to_half(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
     ...
+def locate(indexes: list[FileIndex], names: list) -> list:
+    """
+    Per name, file_index << 32 | tensor_index of the first file holding it, or None.
+    """
 def match_pattern(pattern: str, names: typing.Any) -> list[bool]:
     """
     For each name: does the pattern match it.

@@ -203,7 +203,6 @@ class Checkpoint:
         self._buffers: dict[int, torch.Tensor] = {}
         self.format = self._indexes[0].format
         self._file_names = [str(f) for f in self.files]
-        names = [index.names() for index in self._indexes]
         flat = all(index.max_path_length() <= 1 for index in self._indexes)
         paths: list[list[tuple[str, ...]]] = []
         if key is not None:
@@ -213,35 +212,59 @@ class Checkpoint:
         else:
             paths = [index.paths() for index in self._indexes]
             self.prefix = pick_state_dict([p for file_paths in paths for p in file_paths])
-        n = len(self.prefix)
-        # name -> file index << 32 | tensor index. Plain ints and C-level zips: a
-        # listing of 30k tensors should cost milliseconds and leave the cyclic
-        # garbage collector nothing to scan.
-        self._all: dict[str, int] = {}
-        for fi, file_names in enumerate(names):
-            before = len(self._all)
-            start = fi << 32
-            self._all.update(
-                zip(file_names, range(start, start + len(file_names)), strict=True)
-            )
-            if len(self._all) != before + len(file_names):
-                self._raise_duplicate(names, fi)
-        if n == 0:
-            # Every tensor has a non-empty path (a bare tensor's is ("",)): nothing to strip.
-            self._entries = self._all
-        else:
-            if not paths:
-                paths = [index.paths() for index in self._indexes]
-            self._entries = {}
-            for fi, file_paths in enumerate(paths):
-                for ti, p in enumerate(file_paths):
-                    if p[:n] == self.prefix and len(p) > n:
-                        self._entries[".".join(p[n:])] = fi << 32 | ti
-            if not self._entries:
-                raise CheckpointError(
-                    f"{self.path}: no tensors under key {'.'.join(self.prefix)!r}"
-                )
+        # name -> file index << 32 | tensor index, built when first needed: with
+        # nothing picked, load_into matches a model's names in the C++ index
+        # (_find_all) and a 30k-tensor listing is never made. Names must be unique
+        # across shards and a pick must not be empty: both are checked now.
+        self._all_map: dict[str, int] | None = None
+        self._entries_map: dict[str, int] | None = None
+        if len(self._indexes) > 1:
+            self._all_map = self._index_all()
+        if self.prefix:
+            self._entries_map = self._picked(paths or [index.paths() for index in self._indexes])
         self._shared: list[dict[int, list[str]]] | None = None
+
+    @property
+    def _all(self) -> dict[str, int]:
+        if self._all_map is None:
+            self._all_map = self._index_all()
+        return self._all_map
+
+    @property
+    def _entries(self) -> dict[str, int]:
+        if self._entries_map is None:
+            self._entries_map = self._all  # nothing picked (else built in __init__)
+        return self._entries_map
+
+    def _index_all(self) -> dict[str, int]:
+        # Plain ints and C-level zips: a listing of 30k tensors should cost
+        # milliseconds and leave the cyclic garbage collector nothing to scan.
+        names = [index.names() for index in self._indexes]
+        out: dict[str, int] = {}
+        for fi, file_names in enumerate(names):
+            before = len(out)
+            start = fi << 32
+            out.update(zip(file_names, range(start, start + len(file_names)), strict=True))
+            if len(out) != before + len(file_names):
+                self._raise_duplicate(names, fi)
+        return out
+
+    def _picked(self, paths: list[list[tuple[str, ...]]]) -> dict[str, int]:
+        n = len(self.prefix)
+        out: dict[str, int] = {}
+        for fi, file_paths in enumerate(paths):
+            for ti, p in enumerate(file_paths):
+                if p[:n] == self.prefix and len(p) > n:
+                    out[".".join(p[n:])] = fi << 32 | ti
+        if not out:
+            raise CheckpointError(f"{self.path}: no tensors under key {'.'.join(self.prefix)!r}")
+        return out
+
+    def _find_all(self, names: list[str]) -> list[int | None]:
+        """Where each picked name is (file index << 32 | tensor index), or None."""
+        if self._entries_map is None:  # nothing picked: the C++ maps answer
+            return _core.locate(self._indexes, names)
+        return list(map(self._entries_map.get, names))
 
     def _raise_duplicate(self, names: list[list[str]], upto: int) -> None:
         seen: set[str] = set()
@@ -265,7 +288,9 @@ class Checkpoint:
         return name in self._entries
 
     def __len__(self) -> int:
-        return len(self._entries)
+        if self._entries_map is None:
+            return sum(map(len, self._indexes))
+        return len(self._entries_map)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -275,8 +275,13 @@ def _load(
     except Exception:  # noqa: BLE001 - raised again below if it matters
         every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
-    entries = ckpt._entries  # checkpoint name -> file index << 32 | tensor index
-    shapes = [index.shapes() for index in ckpt._indexes]
+    shape_lists: list[list[tuple[int, ...]]] = []
+
+    def shape_of(loc: int) -> tuple[int, ...]:
+        """The shape of the checkpoint tensor at loc (file index << 32 | tensor index)."""
+        if not shape_lists:  # only rules, mismatches and refusals need them
+            shape_lists.extend(index.shapes() for index in ckpt._indexes)
+        return shape_lists[loc >> 32][loc & _LOW]
 
     rules_obj = _resolve_rules(rules)
     report = LoadReport()
@@ -284,12 +289,13 @@ def _load(
     ignored_targets: set[str] = set()
     picks: dict[str, _Pick] | None = None  # rules only; exact names need no pick objects
     if rules_obj is None:
-        wanted: Any = entries
+        wanted: Any = None  # ckpt._entries, looked at only when some name is not in the file
         # A target name present in the file uses that source (built only if needed).
         used_sources: Any = None
     else:
         target_names = names if groups is None else [n for g in groups for n in g]
         target_set = set(target_names)
+        entries = ckpt._entries  # checkpoint name -> file index << 32 | tensor index
         plan: MappingPlan = rules_obj.plan(list(entries), target_names)
         report.unused_rules = list(plan.unused_rules)
         report.ignored = list(plan.ignored_sources) + list(plan.ignored_targets)
@@ -323,11 +329,13 @@ def _load(
     # The common case (plain names, no ties, every name in the file) stays in
     # C-level loops: this is per-tensor work for models of 30k tensors.
     vias: list[str | None]
-    locs = list(map(entries.get, names)) if picks is None and groups is None else None
+    locs = ckpt._find_all(names) if picks is None and groups is None else None
     if locs is not None and None not in locs:
         vias = names  # type: ignore[assignment]
         cand: list[int] = list(range(len(names)))
     else:
+        if wanted is None:
+            wanted = ckpt._entries
         if groups is None:
             vias = [n if n in wanted else None for n in names]
         else:
@@ -341,14 +349,14 @@ def _load(
         if locs is not None and len(cand) == len(locs):
             cand_sources = cast(list[int], locs)  # no None: every name was found
         else:
-            cand_sources = [entries[vias[g]] for g in cand]  # type: ignore[index]
+            cand_sources = [wanted[vias[g]] for g in cand]
         dim0 = None
     else:
         cand_picks = [picks[vias[g]] for g in cand]  # type: ignore[index]
-        cand_sources = [entries[p.source] for p in cand_picks]
+        cand_sources = [ckpt._entries[p.source] for p in cand_picks]
         dim0 = [
             None
-            if p.rows is None or not (shape := shapes[loc >> 32][loc & _LOW])
+            if p.rows is None or not (shape := shape_of(loc))
             else p.rows.rows(shape[0])
             for p, loc in zip(cand_picks, cand_sources, strict=True)
         ]
@@ -360,8 +368,7 @@ def _load(
     if bad:
         for k in bad:
             g, loc = cand[k], cand_sources[k]
-            src_shape = shapes[loc >> 32][loc & _LOW]
-            report.mismatched.append(Mismatch(vias[g], src_shape, tuple(tensors[g].shape)))  # type: ignore[arg-type]
+            report.mismatched.append(Mismatch(vias[g], shape_of(loc), tuple(tensors[g].shape)))  # type: ignore[arg-type]
         bad_set = set(bad)
         keep = [k for k in range(len(cand)) if k not in bad_set]
         targets = targets.subset(keep)
@@ -371,18 +378,18 @@ def _load(
         loadable, sources = cand, cand_sources
     # Without rules every candidate uses its own, distinct source: when they cover
     # the whole file, nothing in it is unexpected (no need to look at each key).
-    if picks is None and groups is None and len(cand) == len(entries):
+    if picks is None and groups is None and len(cand) == len(ckpt):
         report.unexpected = []
     else:
         if used_sources is None:
             used_sources = set(names if groups is None else [n for g in groups for n in g])
         report.unexpected = [
-            k for k in entries if k not in used_sources and k not in ignored_sources
+            k for k in ckpt._entries if k not in used_sources and k not in ignored_sources
         ]
 
     if strict and (report.missing or report.unexpected or report.mismatched):
         sug = suggest_rules(
-            {k: shapes[v >> 32][v & _LOW] for k, v in entries.items()},
+            {k: shape_of(v) for k, v in ckpt._entries.items()},
             {n: tuple(state[n].shape) for n in state if isinstance(state[n], torch.Tensor)},
         )
         raise StrictLoadError(
@@ -428,7 +435,7 @@ def _load(
             elif p.rows.index is not None:
                 rows.append(list(p.rows.index))
             else:
-                rows.append((p.rows.start, p.rows.rows(shapes[loc >> 32][loc & _LOW][0])))
+                rows.append((p.rows.start, p.rows.rows(shape_of(loc)[0])))
         via_dtypes = [to_name(p.dtype) if p.dtype is not None else None for p in chosen]
 
     # One copy job per device; positions keep the report in model order.

@@ -140,3 +140,35 @@ def test_save_pretrained_folder_matches_state_dict(tmp_path, tiny_bert, safe, sh
         assert set(ckpt.keys()) == set(sd)
         for name, ref in sd.items():
             assert_same_bytes(ckpt.tensor(name), ref)
+
+
+def test_names_are_found_in_the_index_without_listing_the_checkpoint(tmp_path):
+    """load_into matches a model's names in the C++ index; the checkpoint's name dict
+    is built only when something needs it, and agrees with the index."""
+    shards = [
+        {"embed.weight": torch.randn(10, 4), "layers.0.w": torch.randn(4, 4)},
+        {"layers.1.w": torch.randn(4, 4), "": torch.ones(1)},
+    ]
+    folder = write_sharded_bin(tmp_path / "m", shards)
+    files = sorted(str(f) for f in folder.glob("*.bin"))
+    indexes = _core.start_open(files, 2).wait()
+    asked = ["layers.1.w", "nope", "embed.weight", "", "layers.0.w", "layers.0", "\ud800"]
+    assert _core.locate(indexes, asked) == [1 << 32, None, 0, (1 << 32) | 1, 1, None, None]
+    with pytest.raises(TypeError, match="names must be strings"):
+        _core.locate(indexes, ["embed.weight", 3])
+    with fastckpt.open(folder) as ckpt:  # shards: the dict is built to refuse duplicates
+        assert ckpt._find_all(asked) == [ckpt._entries.get(n) for n in asked]
+
+    path = tmp_path / "one.safetensors"
+    save_file({"a.w": torch.randn(3), "b": torch.randn(2, 2)}, str(path))
+    ckpt = fastckpt.open(path)
+    model = torch.nn.Module()
+    model.register_buffer("b", torch.zeros(2, 2))
+    model.a = torch.nn.Module()
+    model.a.register_buffer("w", torch.zeros(3))
+    report = fastckpt.load_into(model, ckpt)
+    assert report.loaded == ["b", "a.w"] and report.unexpected == []
+    assert ckpt._entries_map is None  # matched, counted and loaded without it
+    assert len(ckpt) == 2 and ckpt._entries_map is None
+    assert_same_bytes(model.a.w, ckpt.tensor("a.w"))  # tensor() builds it, as before
+    assert ckpt._find_all(["a.w", "x"]) == [0, None]

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <string_view>
 
 #include "bindings/bindings.h"
 #include "formats/open_checkpoint.h"
@@ -108,6 +109,34 @@ void register_formats(py::module_& m) {
       .def_property_readonly("num_storages", [](const CheckpointIndex& i) { return i.storages.size(); })
       .def("buffer", [](const CheckpointIndex& i) { return FileBuffer{i.file}; })
       .def("drop_from_page_cache", [](const CheckpointIndex& i) { i.file->drop_from_page_cache(); });
+
+  // Where each name is among the files' tensors: file_index << 32 | tensor_index,
+  // or None. Looked up in the maps built while the files were opened, so that
+  // matching a 30k-tensor model needs no dict of the checkpoint's names.
+  m.def(
+      "locate",
+      [](const std::vector<std::shared_ptr<CheckpointIndex>>& indexes, const py::list& names) {
+        py::list out(names.size());
+        for (size_t k = 0; k < names.size(); ++k) {
+          Py_ssize_t n = 0;
+          PyObject* item = PyList_GET_ITEM(names.ptr(), static_cast<Py_ssize_t>(k));
+          if (!PyUnicode_Check(item)) throw py::type_error("names must be strings");
+          const char* s = PyUnicode_AsUTF8AndSize(item, &n);
+          if (s == nullptr) PyErr_Clear();  // not encodable (a lone surrogate): in no file
+          const std::string_view name(s != nullptr ? s : "", static_cast<size_t>(n));
+          py::object where = py::none();
+          for (size_t fi = 0; s != nullptr && fi < indexes.size(); ++fi) {
+            if (const uint32_t* ti = indexes[fi]->by_name.find(name)) {
+              where = py::int_(static_cast<uint64_t>(fi) << 32 | *ti);
+              break;
+            }
+          }
+          out[k] = std::move(where);
+        }
+        return out;
+      },
+      py::arg("indexes"), py::arg("names"),
+      "Per name, file_index << 32 | tensor_index of the first file holding it, or None.");
 
   m.def(
       "open_file",

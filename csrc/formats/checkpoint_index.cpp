@@ -16,6 +16,13 @@ uint64_t checked_numel(const std::string& path, const TensorRecord& t) {
   return n;
 }
 
+void index_names(CheckpointIndex& index) {
+  index.by_name.clear();
+  index.by_name.reserve(index.tensors.size());
+  for (size_t k = 0; k < index.tensors.size(); ++k)
+    index.by_name.emplace(index.tensors[k].name, static_cast<uint32_t>(k));
+}
+
 bool is_contiguous(const TensorRecord& t) {
   // As in torch, an empty tensor is contiguous; this also keeps `expected`
   // bounded by the element count (its other dimensions may be huge).

@@ -10,6 +10,7 @@
 
 #include "common/dims.h"
 #include "common/dtype.h"
+#include "common/flat_string_map.h"
 #include "io/mapped_file.h"
 
 namespace fastckpt {
@@ -35,6 +36,13 @@ struct TensorRecord {
 };
 
 struct CheckpointIndex {
+  CheckpointIndex() = default;
+  // Moves keep `by_name` valid (the records stay where they are); a copy would not.
+  CheckpointIndex(CheckpointIndex&&) = default;
+  CheckpointIndex& operator=(CheckpointIndex&&) = default;
+  CheckpointIndex(const CheckpointIndex&) = delete;
+  CheckpointIndex& operator=(const CheckpointIndex&) = delete;
+
   std::shared_ptr<MappedFile> file;
   std::string format;  // "safetensors" | "torch_zip" | "torch_legacy"
   std::vector<StorageRecord> storages;
@@ -42,6 +50,9 @@ struct CheckpointIndex {
   // safetensors: the __metadata__ object; torch: plain (non-tensor) values of the
   // pickled tree, placeholders for objects of other classes. A JSON object text.
   std::string metadata_json = "{}";
+  // Tensor name -> position in `tensors`, keys viewing the records' names. Filled
+  // by index_names() once the reader is done (readers refuse duplicate names).
+  FlatStringMap by_name;
 
   const std::string& path() const { return file->path(); }
 };
@@ -50,6 +61,9 @@ struct CheckpointIndex {
 inline std::vector<std::string> path_of(const TensorRecord& t) {
   return t.path.empty() ? std::vector<std::string>{t.name} : t.path;
 }
+
+// Fills index.by_name from its records; call when they will not change any more.
+void index_names(CheckpointIndex& index);
 
 // Number of elements, or CheckpointError on negative dims / overflow.
 uint64_t checked_numel(const std::string& path, const TensorRecord& t);

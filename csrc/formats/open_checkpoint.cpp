@@ -29,7 +29,9 @@ CheckpointIndex read_by_content(const std::shared_ptr<MappedFile>& file) {
 CheckpointIndex open_checkpoint_file(const std::string& path) {
   // Readers parse from the mapping; the guard turns a concurrent truncation into
   // a CheckpointError instead of SIGBUS (see io/fault_guard.h).
-  return guarded_read(MappedFile::open(path), read_by_content);
+  CheckpointIndex index = guarded_read(MappedFile::open(path), read_by_content);
+  index_names(index);  // here, so that it is built on the opening threads too
+  return index;
 }
 
 }  // namespace fastckpt
