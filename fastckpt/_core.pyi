@@ -12,7 +12,7 @@ import typing
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'locate', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'all_distinct', 'locate', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
 class FileBuffer:
     @property
     def size(self) -> int:
@@ -111,6 +111,10 @@ def _float_to_bf16(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
     ...
 def _float_to_half(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
     ...
+def all_distinct(items: list) -> bool:
+    """
+    True when no object appears twice in the list (compared by identity).
+    """
 def locate(indexes: list[FileIndex], names: list) -> list:
     """
     Per name, file_index << 32 | tensor_index of the first file holding it, or None.

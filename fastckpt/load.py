@@ -255,7 +255,7 @@ def _load(
     names = list(state)
     tensors = list(state.values())
     groups: list[list[str]] | None = None
-    if len(set(map(id, tensors))) != len(tensors):
+    if not _core.all_distinct(tensors):
         first: dict[int, int] = {}
         groups = []
         unique: list[torch.Tensor] = []

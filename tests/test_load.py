@@ -117,6 +117,13 @@ def test_roberta_tied_head_written_once_and_not_unexpected(tmp_path):
     assert "roberta.embeddings.word_embeddings.weight" not in report.loaded
 
 
+def test_ties_are_found_by_identity():
+    ts = [torch.zeros(2) for _ in range(1000)]  # equal values, distinct tensors
+    assert _core.all_distinct(ts) and _core.all_distinct([])
+    assert not _core.all_distinct(ts + [ts[0]])
+    assert not _core.all_distinct([ts[500], *ts[:501]])
+
+
 def test_tied_alias_alone_fills_the_tensor(tmp_path):
     model = tiny_roberta_mlm()
     state = randomized_state(model, seed=5)

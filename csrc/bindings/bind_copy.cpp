@@ -136,6 +136,15 @@ LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources
   LabeledTasks out;
   out.tasks.resize(n);
   out.spans.reserve(n);
+  size_t label_chars = 0;  // code points: the text's size exactly when the names are ASCII
+  for (size_t i = 0; i < n; ++i) {
+    for (const py::list* list : {&src_names, &names}) {
+      PyObject* name = PyList_GET_ITEM(list->ptr(), static_cast<Py_ssize_t>(i));
+      if (!PyUnicode_Check(name)) throw py::type_error("task names must be strings");
+      label_chars += static_cast<size_t>(PyUnicode_GET_LENGTH(name)) + 4;
+    }
+  }
+  out.text->reserve(label_chars);
   for (size_t i = 0; i < n; ++i) {
     CopyTask& t = out.tasks[i];
     const Target& dst = targets.items[i];

@@ -43,6 +43,7 @@ constexpr uint64_t kMaxVectoredGap = 4096;
 struct CopyEngine::TaskInfo {
   uint64_t row_elems = 1;  // elements per row of dim 0 (1 for a scalar)
   uint64_t out_elems = 0;
+  uint64_t src_start = 0;  // absolute file offset of the first source byte (before row selection)
   size_t src_item = 0;
   size_t mid_item = 0;
   size_t dst_item = 0;
@@ -269,6 +270,7 @@ CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
     in.dst_dense = is_dense(t.dst_shape, t.dst_strides);
     in.same_dtype = t.src_dtype == t.dst_dtype && mid == t.src_dtype;
     in.two_casts = mid != t.src_dtype && mid != t.dst_dtype;
+    in.src_start = t.storage_file_offset + t.src_offset * in.src_item;
     in.first_cast = *find_cast(t.src_dtype, in.two_casts ? mid : t.dst_dtype);
     if (in.two_casts) in.second_cast = *find_cast(mid, t.dst_dtype);
     total_bytes_ += in.out_elems * in.src_item;
@@ -367,10 +369,7 @@ std::vector<uint32_t> CopyEngine::file_order() const {
   return order;
 }
 
-uint64_t CopyEngine::source_start(uint32_t task) const {
-  const CopyTask& t = tasks_[task];
-  return t.storage_file_offset + t.src_offset * info_[task].src_item;
-}
+uint64_t CopyEngine::source_start(uint32_t task) const { return info_[task].src_start; }
 
 CopyEngine::~CopyEngine() = default;
 
