@@ -70,7 +70,7 @@ class CudaSink final : public DeviceSink {
     try {
       check(api_.StreamCreateWithFlags(&stream_, kStreamNonBlocking), "cudaStreamCreateWithFlags");
       events_.resize(slots, nullptr);
-      for (auto& e : events_) check(api_.EventCreateWithFlags(&e, kEventDisableTiming), "cudaEventCreate");
+      for (auto& e : events_) check(api_.EventCreateWithFlags(&e, kEventDisableTiming), "cudaEventCreateWithFlags");
     } catch (...) {
       release();  // no destructor runs for a constructor that throws
       throw;
