@@ -208,8 +208,8 @@ void test_flat_string_map_matches_unordered_map() {
   expect(same, "FlatStringMap agrees with std::unordered_map");
 }
 
-// Dims keeps up to 4 values in place and more on the heap; copies and
-// assignments across that boundary (both ways) keep the values.
+// Dims keeps up to 4 values in place and more on the heap; copies, assignments,
+// fills and writes in place across that boundary (both ways) keep the values.
 void test_dims_inline_and_heap() {
   bool same = true;
   for (size_t a = 0; a <= 7; ++a) {
@@ -223,6 +223,13 @@ void test_dims_inline_and_heap() {
       same = same && x.vec() == vb && copy.vec() == va && x.size() == b && x.empty() == (b == 0);
       x = copy;
       same = same && x == copy && x.vec() == va && (a == 0 || x.back() == va.back());
+      // Filled, then written in place (as the readers build shapes), across the boundary too.
+      x.fill(b, 7);
+      same = same && x.vec() == std::vector<int64_t>(b, 7);
+      for (size_t i = 0; i < b; ++i) x[i] = vb[i];
+      same = same && x.vec() == vb;
+      x.assign(va.data(), a);
+      same = same && x.vec() == va;
     }
   }
   expect(same, "Dims keeps its values inline and on the heap");
