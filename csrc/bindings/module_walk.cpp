@@ -128,12 +128,14 @@ py::object state_tensors(const py::handle& model, const py::handle& base_save,
 // tied tensors. One flat table of pointers; a set of 30k id() ints cost more.
 bool all_distinct(const py::list& items) {
   const size_t n = items.size();
-  size_t cap = 16;
-  while (cap < 2 * n) cap *= 2;
+  unsigned bits = 4;
+  while ((size_t{1} << bits) < 2 * n) ++bits;
+  const size_t cap = size_t{1} << bits;
   std::vector<PyObject*> table(cap, nullptr);
   for (size_t k = 0; k < n; ++k) {
     PyObject* o = PyList_GET_ITEM(items.ptr(), static_cast<Py_ssize_t>(k));
-    size_t i = ((reinterpret_cast<uintptr_t>(o) >> 4) * 0x9E3779B97F4A7C15ull) & (cap - 1);
+    // Fibonacci hashing: the product's top bits depend on all of the address.
+    size_t i = static_cast<size_t>((static_cast<uint64_t>(reinterpret_cast<uintptr_t>(o)) * 0x9E3779B97F4A7C15ull) >> (64 - bits));
     for (; table[i] != nullptr; i = (i + 1) & (cap - 1))
       if (table[i] == o) return false;
     table[i] = o;

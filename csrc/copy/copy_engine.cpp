@@ -340,8 +340,12 @@ void CopyEngine::plan_work() {
 std::vector<uint32_t> CopyEngine::file_order() const {
   std::unordered_map<const MappedFile*, uint32_t> rank;
   std::vector<const MappedFile*> files;
-  for (const auto& t : tasks_)
-    if (rank.emplace(t.file.get(), 0).second) files.push_back(t.file.get());
+  const MappedFile* last = nullptr;
+  for (const auto& t : tasks_) {
+    if (t.file.get() == last) continue;  // tasks of one file mostly come together
+    last = t.file.get();
+    if (rank.emplace(last, 0).second) files.push_back(last);
+  }
   std::sort(files.begin(), files.end(),
             [](const MappedFile* a, const MappedFile* b) { return a->path() < b->path(); });
   for (size_t k = 0; k < files.size(); ++k)  // one path opened twice: one rank
@@ -353,11 +357,14 @@ std::vector<uint32_t> CopyEngine::file_order() const {
     uint64_t offset;
   };
   std::vector<Key> keys(tasks_.size());
-  const MappedFile* last = nullptr;
+  last = nullptr;
   uint32_t last_rank = 0;
   for (size_t i = 0; i < tasks_.size(); ++i) {
     const MappedFile* f = tasks_[i].file.get();
-    if (f != last) last = f, last_rank = rank[f];
+    if (f != last) {
+      last = f;
+      last_rank = rank[f];
+    }
     keys[i] = Key{last_rank, static_cast<uint32_t>(i), source_start(static_cast<uint32_t>(i))};
   }
   const auto before = [](const Key& a, const Key& b) {
