@@ -17,6 +17,7 @@ uint64_t checked_numel(const std::string& path, const TensorRecord& t) {
 }
 
 void index_names(CheckpointIndex& index) {
+  if (index.by_name.size() == index.tensors.size()) return;  // the reader built it (torch files)
   index.by_name.clear();
   index.by_name.reserve(index.tensors.size());
   for (size_t k = 0; k < index.tensors.size(); ++k)

@@ -51,7 +51,7 @@ struct CheckpointIndex {
   // pickled tree, placeholders for objects of other classes. A JSON object text.
   std::string metadata_json = "{}";
   // Tensor name -> position in `tensors`, keys viewing the records' names. Filled
-  // by index_names() once the reader is done (readers refuse duplicate names).
+  // by the reader or by index_names() once it is done (readers refuse duplicate names).
   FlatStringMap by_name;
 
   const std::string& path() const { return file->path(); }
@@ -62,7 +62,8 @@ inline std::vector<std::string> path_of(const TensorRecord& t) {
   return t.path.empty() ? std::vector<std::string>{t.name} : t.path;
 }
 
-// Fills index.by_name from its records; call when they will not change any more.
+// Fills index.by_name from its records unless the reader did; call when they will
+// not change any more.
 void index_names(CheckpointIndex& index);
 
 // Number of elements, or CheckpointError on negative dims / overflow.

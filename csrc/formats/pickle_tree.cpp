@@ -74,11 +74,14 @@ class TreeWalker {
     }
     run();
     if (root.kind != Kind::Dict) out_ += truncated_ ? ",\"__truncated__\":true}" : "}";
-    // Names are final now (the vector no longer moves), so views into them are safe.
-    FlatStringMap names(result_.tensors.size());
-    for (const auto& t : result_.tensors)
-      if (!names.emplace(t.name, 0).second)
-        fail(path_, "two tensors have the dotted name '" + t.name + "' (keys containing dots collide)");
+    // Names are final now (the vector's buffer only changes hands from here on),
+    // so views into them are safe; the map becomes the index's name map.
+    result_.by_name.reserve(result_.tensors.size());
+    for (size_t k = 0; k < result_.tensors.size(); ++k) {
+      const std::string& name = result_.tensors[k].name;
+      if (!result_.by_name.emplace(name, static_cast<uint32_t>(k)).second)
+        fail(path_, "two tensors have the dotted name '" + name + "' (keys containing dots collide)");
+    }
     result_.metadata_json = std::move(out_);
     return std::move(result_);
   }

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/flat_string_map.h"
 #include "formats/checkpoint_index.h"
 #include "formats/pickle_vm.h"
 
@@ -23,6 +24,7 @@ struct PickleTree {
   // TensorRecord::storage indexes PickleVM::storages().
   std::vector<TensorRecord> tensors;
   std::string metadata_json;
+  FlatStringMap by_name;  // name -> position in tensors (views into their names)
 };
 
 // Placeholder objects whose state looks like an nn.Module's __dict__ (a torch.save

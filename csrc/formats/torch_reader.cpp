@@ -65,7 +65,8 @@ CheckpointIndex finish(std::shared_ptr<MappedFile> file, const char* format, con
   index.format = format;
   pickle::PickleTree tree = pickle::walk_pickle_tree(vm, root, index.path());
   index.storages = std::move(storages);
-  index.tensors = std::move(tree.tensors);
+  index.tensors = std::move(tree.tensors);  // the records stay put: by_name's views hold
+  index.by_name = std::move(tree.by_name);
   index.metadata_json = std::move(tree.metadata_json);
   validate_index(index);
   return index;
