@@ -23,7 +23,7 @@ constexpr int kDevices = 2;
 constexpr int kErrorInvalidValue = 1;
 constexpr int kErrorInvalidDevice = 101;
 
-std::atomic<int> live_streams{0}, live_events{0}, live_host{0}, set_device_calls{0};
+std::atomic<int> live_streams{0}, live_events{0}, live_host{0};
 thread_local int current_device = 0;
 thread_local int last_error = 0;
 
@@ -109,12 +109,11 @@ void fake_fail(const char* name, int nth) {
   fail_nth = nth;
   fail_seen = 0;
 }
-// {live streams, live events, live pinned blocks, cudaSetDevice calls}
+// {live streams, live events, live pinned blocks}
 void fake_stats(int* out) {
   out[0] = live_streams.load();
   out[1] = live_events.load();
   out[2] = live_host.load();
-  out[3] = set_device_calls.load();
 }
 int fake_peek_last_error() { return last_error; }
 
@@ -124,7 +123,6 @@ int cudaGetDevice(int* device) {
   return outcome("cudaGetDevice");
 }
 int cudaSetDevice(int device) {
-  ++set_device_calls;
   if (device < 0 || device >= kDevices) return outcome("cudaSetDevice", kErrorInvalidDevice);
   const int rc = outcome("cudaSetDevice");
   if (rc == 0) current_device = device;

@@ -45,9 +45,9 @@ def fake(tmp_path_factory) -> tuple[str, ctypes.CDLL]:
 
 
 def stats(handle: ctypes.CDLL) -> dict[str, int]:
-    out = (ctypes.c_int * 4)()
+    out = (ctypes.c_int * 3)()
     handle.fake_stats(out)
-    return {"streams": out[0], "events": out[1], "pinned": out[2], "set_device": out[3]}
+    return {"streams": out[0], "events": out[1], "pinned": out[2]}
 
 
 def current_device(handle: ctypes.CDLL) -> int:
