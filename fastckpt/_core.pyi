@@ -105,12 +105,21 @@ class CopyJob:
     def bytes_done(self) -> int:
         ...
     @property
+    def bytes_from_cache(self) -> int:
+        """
+        Source bytes copied straight out of the page cache, not read().
+        """
+    @property
     def total_bytes(self) -> int:
         ...
 def _float_to_bf16(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
     ...
 def _float_to_half(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
     ...
+def _cached_pages(path: str, offset: typing.SupportsInt | typing.SupportsIndex, length: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Pages of the file's [offset, +length) in the page cache; -1 when the kernel cannot say (cachestat, Linux 6.5+).
+    """
 def all_distinct(items: list) -> bool:
     """
     True when no object appears twice in the list (compared by identity).

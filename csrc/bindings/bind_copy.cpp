@@ -11,6 +11,8 @@
 #include "copy/cast.h"
 #include "copy/copy_engine.h"
 #include "formats/checkpoint_index.h"
+#include "io/file_view.h"
+#include "io/mapped_file.h"
 
 namespace py = pybind11;
 
@@ -243,7 +245,18 @@ void register_copy(py::module_& m) {
           },
           "Copy everything; returns when all bytes are in place.")
       .def_property_readonly("total_bytes", &CopyEngine::total_bytes)
-      .def_property_readonly("bytes_done", &CopyEngine::bytes_done);
+      .def_property_readonly("bytes_done", &CopyEngine::bytes_done)
+      .def_property_readonly("bytes_from_cache", &CopyEngine::bytes_from_cache,
+                             "Source bytes copied straight out of the page cache, not read().");
+
+  m.def(
+      "_cached_pages",
+      [](const std::string& path, uint64_t offset, uint64_t length) {
+        return FileView::cached_pages(*MappedFile::open(path), offset, length);
+      },
+      py::arg("path"), py::arg("offset"), py::arg("length"),
+      "Pages of the file's [offset, +length) in the page cache; -1 when the kernel cannot say "
+      "(cachestat, Linux 6.5+).");
 
   // Scalar kernels, for tests that compare them with torch directly.
   m.def("_float_to_bf16", &float_to_bf16);

@@ -14,6 +14,7 @@
 #include "copy/strided_copy.h"
 #include "copy/thread_pool.h"
 #include "io/fault_guard.h"
+#include "io/file_view.h"
 
 namespace fastckpt {
 namespace {
@@ -30,6 +31,10 @@ constexpr uint64_t kMinHostBytes = uint64_t{1} << 20;
 // memcpy went from 0.936-0.950 to 0.946-0.966 (bench/RESULTS.md).
 constexpr uint64_t kStreamMinBytes = uint64_t{1} << 20;
 constexpr uint64_t kBounceBytes = uint64_t{256} << 10;
+// Dense source ranges at least this large are copied out of the file's FileView
+// when the page cache holds them (io/file_view.h); smaller ones are not worth
+// the cachestat call and the page faults.
+constexpr uint64_t kViewMinBytes = uint64_t{1} << 20;
 // A vectored read gathers at most this many iovecs (Linux's preadv limit) or bytes.
 constexpr uint32_t kMaxVectoredIov = 1024;
 constexpr uint64_t kMaxVectoredBytes = uint64_t{4} << 20;
@@ -149,8 +154,16 @@ class CopyEngine::Worker {
       read_source(t, info, u, out);
       return;
     }
-    uint8_t* raw = src_.get(u.count * info.src_item);
-    read_source(t, info, u, raw);
+    const uint64_t src_first = row_start(t, info) + u.first;
+    const uint8_t* raw = t.rows.kind == RowSelection::Kind::Index
+                             ? nullptr
+                             : cached_source(t, info, src_first, u.count);
+    const bool from_view = raw != nullptr;
+    if (!from_view) {
+      uint8_t* buffer = src_.get(u.count * info.src_item);
+      read_source(t, info, u, buffer);
+      raw = buffer;
+    }
     if (info.two_casts) {
       uint8_t* mid = mid_.get(u.count * info.mid_item);
       info.first_cast(raw, mid, u.count);
@@ -158,6 +171,34 @@ class CopyEngine::Worker {
     } else {
       info.first_cast(raw, out, u.count);
     }
+    if (from_view) copied_from_view(t, info, src_first, u.count);
+  }
+
+  static uint64_t row_start(const CopyTask& t, const TaskInfo& info) {
+    return t.rows.kind == RowSelection::Kind::Range ? static_cast<uint64_t>(t.rows.start) * info.row_elems
+                                                    : 0;
+  }
+
+  // Source elements [src_first, +n) in the file's FileView, when the source is
+  // dense, the range large enough and all of it in the page cache; else nullptr.
+  const uint8_t* cached_source(const CopyTask& t, const TaskInfo& info, uint64_t src_first,
+                               uint64_t n) {
+    if (!info.src_dense || n * info.src_item < kViewMinBytes) return nullptr;
+    FileView* view = e_.view_of(t.file.get());
+    if (view == nullptr) return nullptr;
+    return view->cached(info.src_start + src_first * info.src_item, n * info.src_item);
+  }
+
+  // After reading a cached_source: the bytes are only trustworthy if the file
+  // did not shrink meanwhile (the FaultGuard then turned lost pages into zeros).
+  void copied_from_view(const CopyTask& t, const TaskInfo& info, uint64_t src_first, uint64_t n) {
+    if (t.file->pages_lost()) lost_pages(t);
+    e_.bytes_from_cache_.fetch_add(n * info.src_item, std::memory_order_relaxed);
+    e_.view_of(t.file.get())->copied_up_to(info.src_start + (src_first + n) * info.src_item);
+  }
+
+  [[noreturn]] static void lost_pages(const CopyTask& t) {
+    fail(t.file->path(), "the file was truncated or rewritten while it was being read (part of it vanished)");
   }
 
   // Source elements for destination elements [u.first, +u.count), densely, in the source dtype.
@@ -179,10 +220,7 @@ class CopyEngine::Worker {
           run += std::min(end - pos - run, info.row_elems);
         }
       } else {
-        const uint64_t start = t.rows.kind == RowSelection::Kind::Range
-                                   ? static_cast<uint64_t>(t.rows.start) * info.row_elems
-                                   : 0;
-        src_first = start + pos;
+        src_first = row_start(t, info) + pos;
         run = end - pos;
       }
       read_run(t, info, src_first, run, out + (pos - u.first) * info.src_item);
@@ -194,11 +232,18 @@ class CopyEngine::Worker {
                 uint8_t* out) {
     const MappedFile& f = *t.file;
     if (info.src_dense) {
-      // pread, not the mapping: on this 2-core VM a fresh mapping was never
-      // faster warm (1.4 GB: 0.072-0.086 s against pread's 0.067-0.078 s in a C
-      // microbenchmark; 0.13-0.15 s against 0.08-0.11 s in an earlier session),
-      // cold both are disk-bound, and a read never SIGBUSes: a short one names
-      // the offset where a shrunken file now ends.
+      if (const uint8_t* cached = cached_source(t, info, src_first, n)) {
+        if (stream_) {
+          copy_streaming(out, cached, n * info.src_item);
+        } else {
+          std::memcpy(out, cached, n * info.src_item);
+        }
+        copied_from_view(t, info, src_first, n);
+        return;
+      }
+      // Not cached (or small): pread, whose readahead keeps a cold file streaming
+      // from disk, and which never SIGBUSes: a short read names the offset where
+      // a shrunken file now ends.
       const uint64_t offset = t.storage_file_offset + (t.src_offset + src_first) * info.src_item;
       const uint64_t nbytes = n * info.src_item;
       if (!stream_) {
@@ -219,8 +264,7 @@ class CopyEngine::Worker {
     uint8_t* base = f.data() + t.storage_file_offset + t.src_offset * info.src_item;
     gather(StridedView{base, &t.src_shape, &t.src_strides, info.src_item}, src_first, n, out);
     // The worker's FaultGuard turned a shrinking file's SIGBUS into zeros and this flag.
-    if (f.pages_lost())
-      fail(f.path(), "the file was truncated or rewritten while it was being read (part of it vanished)");
+    if (f.pages_lost()) lost_pages(t);
   }
 
   CopyEngine& e_;
@@ -378,6 +422,25 @@ std::vector<uint32_t> CopyEngine::file_order() const {
 
 uint64_t CopyEngine::source_start(uint32_t task) const { return info_[task].src_start; }
 
+// A FileView for each file with at least one dense source range large enough to
+// be read through it (whether it is cached is asked range by range, later).
+void CopyEngine::open_views() {
+  // Pages stay mapped this far behind the furthest copied byte: every worker's piece in flight.
+  const uint64_t keep = (options_.threads + 2) * kChunkBytes;
+  std::set<const MappedFile*> tried;
+  for (const Unit& u : units_) {
+    const TaskInfo& in = info_[u.task];
+    const MappedFile* f = tasks_[u.task].file.get();
+    if (!in.src_dense || u.count * in.src_item < kViewMinBytes || !tried.insert(f).second) continue;
+    if (auto view = FileView::open(*f, keep)) views_.emplace(f, std::move(view));
+  }
+}
+
+FileView* CopyEngine::view_of(const MappedFile* file) const {
+  auto it = views_.find(file);
+  return it == views_.end() ? nullptr : it->second.get();
+}
+
 CopyEngine::~CopyEngine() = default;
 
 void CopyEngine::run() {
@@ -386,6 +449,12 @@ void CopyEngine::run() {
   std::set<const MappedFile*> files;
   for (const auto& t : tasks_)
     if (files.insert(t.file.get()).second) t.file->advise_sequential(0, 0);
+
+  open_views();
+  struct CloseViews {  // unmapped as soon as the job ends, however it ends
+    std::unordered_map<const MappedFile*, std::unique_ptr<FileView>>& views;
+    ~CloseViews() { views.clear(); }
+  } close_views{views_};
 
   std::unique_ptr<StagingRing> ring;
   if (sink_) ring = std::make_unique<StagingRing>(*sink_, kDeviceSlots,
@@ -399,6 +468,8 @@ void CopyEngine::run() {
     // Guards nest per thread and must end innermost first: destroyed back to front.
     std::vector<std::unique_ptr<FaultGuard>> guards;
     for (const MappedFile* f : files) guards.push_back(std::make_unique<FaultGuard>(*f));
+    for (const auto& [f, view] : views_)
+      guards.push_back(std::make_unique<FaultGuard>(*f, view->data(), view->size()));
     struct Unwind {
       std::vector<std::unique_ptr<FaultGuard>>& g;
       ~Unwind() {

@@ -10,12 +10,16 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "copy/copy_plan.h"
 #include "copy/device_sink.h"
 
 namespace fastckpt {
+
+class FileView;
+class MappedFile;
 
 struct EngineOptions {
   size_t threads = 2;
@@ -38,6 +42,8 @@ class CopyEngine {
   const std::vector<CopyTask>& tasks() const { return tasks_; }
   uint64_t total_bytes() const { return total_bytes_; }  // source bytes to read
   uint64_t bytes_done() const { return bytes_done_.load(std::memory_order_relaxed); }
+  // Source bytes copied straight out of the page cache (io/file_view.h), not read().
+  uint64_t bytes_from_cache() const { return bytes_from_cache_.load(std::memory_order_relaxed); }
 
   struct Unit {
     uint32_t task;
@@ -64,6 +70,8 @@ class CopyEngine {
   void plan_work();
   // Absolute file offset of the first source byte task `task` reads (before any row selection).
   uint64_t source_start(uint32_t task) const;
+  void open_views();
+  FileView* view_of(const MappedFile* file) const;
 
   std::vector<CopyTask> tasks_;
   std::shared_ptr<const std::string> label_text_;
@@ -72,9 +80,11 @@ class CopyEngine {
   std::vector<Work> work_;
   EngineOptions options_;
   std::unique_ptr<DeviceSink> sink_;
+  std::unordered_map<const MappedFile*, std::unique_ptr<FileView>> views_;  // filled by run()
   uint64_t total_bytes_ = 0;
   uint64_t bounce_bytes_ = 0;  // per worker, for streamed reads
   std::atomic<uint64_t> bytes_done_{0};
+  std::atomic<uint64_t> bytes_from_cache_{0};
   bool ran_ = false;
 };
 

@@ -65,8 +65,8 @@ struct FaultGuardAccess {
     if (info != nullptr && info->si_code > 0) {
       const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
       for (FaultGuard* g = t_innermost; g != nullptr; g = g->previous_) {
-        const auto begin = reinterpret_cast<uintptr_t>(g->file_.data());
-        const uint64_t size = g->file_.size();
+        const auto begin = reinterpret_cast<uintptr_t>(g->begin_);
+        const uint64_t size = g->size_;
         if (begin == 0 || addr < begin || addr - begin >= size) continue;
         // Replace the lost pages, from the faulting one to the end of the mapping,
         // with zeros; the faulting load is restarted and reads them.
@@ -102,7 +102,10 @@ struct FaultGuardAccess {
   }
 };
 
-FaultGuard::FaultGuard(const MappedFile& file) : file_(file), previous_(t_innermost) {
+FaultGuard::FaultGuard(const MappedFile& file) : FaultGuard(file, file.data(), file.size()) {}
+
+FaultGuard::FaultGuard(const MappedFile& file, const uint8_t* begin, uint64_t size)
+    : file_(file), begin_(begin), size_(size), previous_(t_innermost) {
   FaultGuardAccess::install();
   t_innermost = this;
 }

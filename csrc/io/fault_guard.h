@@ -28,7 +28,11 @@ namespace fastckpt {
 
 class FaultGuard {
  public:
+  // Guards the file's own mapping.
   explicit FaultGuard(const MappedFile& file);
+  // Guards another mapping of the file, [begin, +size) (a FileView); a fault
+  // there zero-fills the rest of that mapping and sets the file's pages_lost().
+  FaultGuard(const MappedFile& file, const uint8_t* begin, uint64_t size);
   ~FaultGuard();
   FaultGuard(const FaultGuard&) = delete;
   FaultGuard& operator=(const FaultGuard&) = delete;
@@ -42,6 +46,8 @@ class FaultGuard {
  private:
   friend struct FaultGuardAccess;
   const MappedFile& file_;
+  const uint8_t* begin_;
+  uint64_t size_;
   FaultGuard* previous_;           // guards nest per thread (a reader opening a shard)
   volatile int faulted_ = 0;       // written by the signal handler
 };

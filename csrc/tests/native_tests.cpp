@@ -23,6 +23,7 @@
 #include "formats/open_checkpoint.h"
 #include "formats/safetensors_reader.h"
 #include "io/fault_guard.h"
+#include "io/file_view.h"
 
 using namespace fastckpt;
 
@@ -235,6 +236,37 @@ void test_dims_inline_and_heap() {
   expect(same, "Dims keeps its values inline and on the heap");
 }
 
+// The copy engine reads cached ranges through a FileView (a second, shared
+// mapping). A file cut under it: the guard over that view turns the SIGBUS into
+// zeros and MappedFile::pages_lost(), which the engine reports.
+void test_file_view_truncated_under_guard() {
+  const std::string path = temp_file(std::string(3 * 4096, 'a'));  // just written: cached
+  auto file = MappedFile::open(path);
+  auto view = FileView::open(*file, 0);
+  if (!view) {
+    expect(!FileView::supported(*file), "FileView::open fails only without cachestat");
+    std::printf("SKIP FileView tests: this kernel has no cachestat(2)\n");
+    ::unlink(path.c_str());
+    return;
+  }
+  expect(view->cached(100, 2 * 4096) == view->data() + 100 && view->data()[100] == 'a',
+         "a just-written range is cached and read through the view");
+  truncate_file(path, 4096);
+  expect(view->cached(100, 2 * 4096) == nullptr, "a range cut off the file is no longer cached");
+  int seen;
+  bool faulted;
+  {
+    FaultGuard guard(*file, view->data(), view->size());
+    const volatile uint8_t* last = view->data() + view->size() - 1;
+    seen = *last;  // past the new end: SIGBUS, turned into a zero page
+    faulted = guard.faulted();
+  }
+  expect(seen == 0 && faulted && file->pages_lost(),
+         "a read of the view past the new end gives zeros and pages_lost(), no SIGBUS");
+  view.reset();  // unmaps the view and the zero pages over it
+  ::unlink(path.c_str());
+}
+
 }  // namespace
 
 int main() {
@@ -244,6 +276,7 @@ int main() {
   test_reader_that_succeeds_on_zeros_still_fails();
   test_shrink_without_touching();
   test_truncated_by_another_thread_while_parsing();
+  test_file_view_truncated_under_guard();
   test_unguarded_sigbus_still_kills();
   std::printf("%d failure(s)\n", g_failures);
   return g_failures == 0 ? 0 : 1;

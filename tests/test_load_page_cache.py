@@ -1,0 +1,199 @@
+"""Large ranges the page cache holds are copied straight out of a shared mapping
+(csrc/io/file_view.h); others are read with pread. Both give the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import fastckpt
+from fastckpt import _core
+from tests.conftest import assert_same_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 1 << 20
+
+
+def cachestat_works(path: Path) -> bool:
+    return _core._cached_pages(str(path), 0, 1) >= 0
+
+
+def evict(path: Path) -> None:
+    """Drops the file's pages from the page cache (written back first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 * MB):
+            pass
+
+
+def pages_of(path: Path) -> int:
+    return (path.stat().st_size + 4095) // 4096
+
+
+def shared_mappings_of(path: Path) -> list[str]:
+    """Lines of /proc/self/maps mapping `path` shared: a FileView (the index maps it private)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return [ln for ln in lines if ln.endswith(str(path)) and ln.split()[1][3] == "s"]
+
+
+def jobs(tmp_path: Path):
+    """Five kinds of read from one file: plain, row range + cast, cast, index rows, strided dst."""
+    src = {
+        "plain": torch.randn(1024, 700),  # 2.8 MB
+        "emb": torch.randn(3000, 256),  # 3 MB; rows 100..2599 as bf16
+        "half": torch.randn(600, 1024),  # 2.4 MB -> fp16
+        "pick": torch.randn(2000, 512),  # rows by index: never from the view
+        "turn": torch.randn(700, 1024),  # into a transposed (strided) destination
+    }
+    path = tmp_path / "big.safetensors"
+    save_file(src, str(path))
+    ckpt = fastckpt.open(path)
+    index = ckpt._indexes[0]
+    at = {k: ckpt._locate(k)[1] for k in src}
+    rows = [5, 6, 7, 900, 1999, 0]
+    dst = {
+        "plain": torch.zeros(1024, 700),
+        "emb": torch.zeros(2500, 256, dtype=torch.bfloat16),
+        "half": torch.zeros(600, 1024, dtype=torch.float16),
+        "pick": torch.zeros(len(rows), 512),
+        "turn": torch.zeros(1024, 700).t(),
+    }
+    expect = {
+        "plain": src["plain"],
+        "emb": src["emb"][100:2600].to(torch.bfloat16),
+        "half": src["half"].to(torch.float16),
+        "pick": src["pick"][rows],
+        "turn": src["turn"],
+    }
+    dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    select = {"emb": (100, 2500), "pick": rows}
+
+    def make(sink: str = ""):
+        tasks = []
+        for k, d in dst.items():
+            if sink and k == "turn":
+                continue  # device destinations are contiguous
+            d.zero_()
+            tasks.append(
+                (index, at[k], select.get(k), None, d.data_ptr(), dtype[d.dtype],
+                 tuple(d.shape), d.stride(), bool(sink), k)
+            )  # fmt: skip
+        return _core.CopyJob(tasks, 2, 64 * MB, sink)  # 8 MB device slots
+
+    # Bytes the view may serve: every dense range of 1 MiB or more except the index rows.
+    from_view = (1024 * 700 + 2500 * 256 + 600 * 1024) * 4
+    return path, ckpt, dst, expect, make, from_view, 700 * 1024 * 4
+
+
+@pytest.mark.parametrize("sink", ["", "host_loopback"])
+def test_cached_file_is_copied_from_the_page_cache_bit_for_bit(tmp_path, sink):
+    path, _ckpt, dst, expect, make, from_view, strided = jobs(tmp_path)
+    if not cachestat_works(path):
+        pytest.skip("this kernel has no cachestat(2): every read goes through pread")
+    warm(path)
+    assert _core._cached_pages(str(path), 0, path.stat().st_size) == pages_of(path)
+    job = make(sink)
+    job.run()
+    for k in dst:
+        if not (sink and k == "turn"):
+            assert_same_bytes(dst[k], expect[k])
+    assert job.bytes_from_cache == from_view + (0 if sink else strided)
+    assert job.bytes_done == job.total_bytes
+    assert shared_mappings_of(path) == []  # the view is gone when the job ends
+
+
+def test_evicted_file_is_read_with_pread_bit_for_bit(tmp_path):
+    path, _ckpt, dst, expect, make, from_view, strided = jobs(tmp_path)
+    evict(path)
+    cached = _core._cached_pages(str(path), 0, path.stat().st_size)
+    if cached < 0:
+        pytest.skip("this kernel has no cachestat(2)")
+    if cached > pages_of(path) // 2:
+        pytest.skip(f"the file system kept the file cached ({cached} pages): cannot make it cold")
+    job = make()
+    job.run()
+    for k in dst:
+        assert_same_bytes(dst[k], expect[k])
+    # The first range read was cold, so pread; readahead may have cached later ones.
+    assert job.bytes_from_cache < from_view + strided
+
+
+def test_large_file_through_the_view_drops_pages_behind_it(tmp_path):
+    """200 MB, past the pages kept mapped behind the copy: the dropped ranges were
+    copied already, and what stays mapped when the load ends is nothing."""
+    n = 50 * MB // 4
+    src = {"a": torch.randn(n), "b": torch.randn(n), "c": torch.randn(n), "d": torch.randn(n)}
+    path = tmp_path / "large.safetensors"
+    save_file(src, str(path))
+    if not cachestat_works(path):
+        pytest.skip("this kernel has no cachestat(2)")
+    warm(path)
+    model = nn.Module()
+    for k in src:
+        model.register_buffer(k, torch.zeros(n))
+    report = fastckpt.load_into(model, path)
+    assert report.loaded == sorted(src)
+    for k in src:
+        assert_same_bytes(getattr(model, k), src[k])
+    assert shared_mappings_of(path) == []
+
+
+SHRINK_DURING_COPY = r"""
+import json, os, sys, threading, time
+import torch
+from torch import nn
+import fastckpt
+path = sys.argv[1]
+content = open(path, "rb").read()
+outcomes = []
+for i in range(10):
+    with open(path, "wb") as f:
+        f.write(content)  # cached again: the copy goes through the view
+    model = nn.Module()
+    model.register_buffer("w", torch.zeros(64 << 18))
+    cutter = threading.Timer(0.001 * i, os.truncate, (path, 4096))
+    cutter.start()
+    try:
+        fastckpt.load_into(model, path)
+        outcomes.append("ok" if bool((model.w != 0).all()) else "zeros")
+    except fastckpt.CheckpointError as e:
+        outcomes.append(str(e))
+    cutter.join()
+print(json.dumps(outcomes))
+"""
+
+
+def test_file_cut_while_copying_from_the_view_gives_checkpoint_error(tmp_path):
+    """Whatever the timing: the whole tensor, or a CheckpointError naming the file; never
+    SIGBUS and never zeros loaded as weights."""
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.rand(64 << 18) + 1}, str(path))  # 64 MB, no zeros in it
+    if not cachestat_works(path):
+        pytest.skip("this kernel has no cachestat(2)")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHRINK_DURING_COPY, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # -7 would be SIGBUS
+    outcomes = json.loads(proc.stdout)
+    assert all(o == "ok" or o.startswith(f"{path}: ") for o in outcomes), outcomes
+    assert any(o != "ok" for o in outcomes), outcomes  # the early cuts land inside the load
