@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(script: str, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh interpreter (from the repository root): a crash there,
+    such as SIGBUS, shows as a negative return code instead of killing the test run."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
 
 ALL_DTYPES = [
     torch.float64,
@@ -71,6 +90,7 @@ def tiny_hf_config(cls_name: str = "BertConfig", **overrides):
 
 def tf_names(state: dict, prefix: str = "") -> dict:
     """``state`` under old TF-converted names (LayerNorm.gamma / .beta), each key prefixed."""
+
     def tf(k: str) -> str:
         return k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
             "LayerNorm.bias", "LayerNorm.beta"

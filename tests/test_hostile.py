@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests import hostile
+from tests.conftest import run_python
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,13 +231,7 @@ def test_file_truncated_by_another_thread_while_parsing(tmp_path):
     }
     path = tmp_path / "big.safetensors"
     path.write_bytes(hostile.safetensors_raw(header, b"\0" * 8))
-    proc = subprocess.run(
-        [sys.executable, "-c", SHRINK_SCRIPT, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_python(SHRINK_SCRIPT, path)
     assert proc.returncode == 0, proc.stderr[-3000:]  # -7 would be SIGBUS
     outcomes = json.loads(proc.stdout)
     assert all(o == "ok" or o.startswith(f"{path}: ") for o in outcomes), outcomes
@@ -259,13 +254,7 @@ def test_file_truncated_by_another_process_while_parsing(tmp_path):
         "try:\n    fastckpt.open(sys.argv[1]); print('ok')\n"
         "except fastckpt.CheckpointError as e:\n    print(e)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_python(script, path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.strip()
     assert out == "ok" or out.startswith(f"{path}: "), out
@@ -295,13 +284,7 @@ def test_zero_copy_view_of_a_shrunk_file_is_still_fatal(tmp_path):
 
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.arange(64 * 1024, dtype=torch.float32)}, str(path))  # aligned: a view
-    proc = subprocess.run(
-        [sys.executable, "-c", USER_VIEW_SCRIPT, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    proc = run_python(USER_VIEW_SCRIPT, path, timeout=120)
     assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.startswith("Fatal Python error")  # faulthandler reported, no hang
     assert "sum" not in proc.stdout

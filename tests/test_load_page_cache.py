@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,24 +13,14 @@ from torch import nn
 
 import fastckpt
 from fastckpt import _core
-from tests.conftest import assert_same_bytes
+from fastckpt.bench import evict
+from tests.conftest import assert_same_bytes, run_python
 
-REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
 
 
 def cachestat_works(path: Path) -> bool:
     return _core._cached_pages(str(path), 0, 1) >= 0
-
-
-def evict(path: Path) -> None:
-    """Drops the file's pages from the page cache (written back first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def warm(path: Path) -> None:
@@ -120,7 +107,7 @@ def test_cached_file_is_copied_from_the_page_cache_bit_for_bit(tmp_path, sink):
 
 def test_evicted_file_is_read_with_pread_bit_for_bit(tmp_path):
     path, _ckpt, dst, expect, make, from_view, strided = jobs(tmp_path)
-    evict(path)
+    evict([str(path)])
     cached = _core._cached_pages(str(path), 0, path.stat().st_size)
     if cached < 0:
         pytest.skip("this kernel has no cachestat(2)")
@@ -186,13 +173,7 @@ def test_file_cut_while_copying_from_the_view_gives_checkpoint_error(tmp_path):
     save_file({"w": torch.rand(64 << 18) + 1}, str(path))  # 64 MB, no zeros in it
     if not cachestat_works(path):
         pytest.skip("this kernel has no cachestat(2)")
-    proc = subprocess.run(
-        [sys.executable, "-c", SHRINK_DURING_COPY, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_python(SHRINK_DURING_COPY, path)
     assert proc.returncode == 0, proc.stderr[-3000:]  # -7 would be SIGBUS
     outcomes = json.loads(proc.stdout)
     assert all(o == "ok" or o.startswith(f"{path}: ") for o in outcomes), outcomes
