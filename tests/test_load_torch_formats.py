@@ -1,9 +1,4 @@
-"""load_into from torch.save files (zip and legacy), against load_state_dict(torch.load(...)).
-
-These need the torch zip / legacy readers (another branch): until that lands,
-fastckpt.open on a torch file raises "not supported yet" and these tests fail.
-That is expected; they pass once the readers are merged.
-"""
+"""load_into from torch.save files (zip and legacy), against load_state_dict(torch.load(...))."""
 
 from __future__ import annotations
 
