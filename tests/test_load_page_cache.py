@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,17 @@ def shared_mappings_of(path: Path) -> list[str]:
     return [ln for ln in lines if ln.endswith(str(path)) and ln.split()[1][3] == "s"]
 
 
-def jobs(tmp_path: Path):
+@dataclass
+class Reads:
+    path: Path
+    dst: dict[str, torch.Tensor]
+    expect: dict[str, torch.Tensor]
+    make: Callable[..., _core.CopyJob]  # make(sink="") -> a job filling dst
+    from_view: int  # bytes the view may serve into dense destinations
+    strided: int  # and into the strided one (host only)
+
+
+def jobs(tmp_path: Path) -> Reads:
     """Five kinds of read from one file: plain, row range + cast, cast, index rows, strided dst."""
     src = {
         "plain": torch.randn(1024, 700),  # 2.8 MB
@@ -51,7 +63,7 @@ def jobs(tmp_path: Path):
     path = tmp_path / "big.safetensors"
     save_file(src, str(path))
     ckpt = fastckpt.open(path)
-    index = ckpt._indexes[0]
+    index = ckpt._indexes[0]  # the tasks keep its file open
     at = {k: ckpt._locate(k)[1] for k in src}
     rows = [5, 6, 7, 900, 1999, 0]
     dst = {
@@ -85,40 +97,42 @@ def jobs(tmp_path: Path):
 
     # Bytes the view may serve: every dense range of 1 MiB or more except the index rows.
     from_view = (1024 * 700 + 2500 * 256 + 600 * 1024) * 4
-    return path, ckpt, dst, expect, make, from_view, 700 * 1024 * 4
+    return Reads(path, dst, expect, make, from_view, 700 * 1024 * 4)
 
 
 @pytest.mark.parametrize("sink", ["", "host_loopback"])
 def test_cached_file_is_copied_from_the_page_cache_bit_for_bit(tmp_path, sink):
-    path, _ckpt, dst, expect, make, from_view, strided = jobs(tmp_path)
+    r = jobs(tmp_path)
+    path = r.path
     if not cachestat_works(path):
         pytest.skip("this kernel has no cachestat(2): every read goes through pread")
     warm(path)
     assert _core._cached_pages(str(path), 0, path.stat().st_size) == pages_of(path)
-    job = make(sink)
+    job = r.make(sink)
     job.run()
-    for k in dst:
+    for k in r.dst:
         if not (sink and k == "turn"):
-            assert_same_bytes(dst[k], expect[k])
-    assert job.bytes_from_cache == from_view + (0 if sink else strided)
+            assert_same_bytes(r.dst[k], r.expect[k])
+    assert job.bytes_from_cache == r.from_view + (0 if sink else r.strided)
     assert job.bytes_done == job.total_bytes
     assert shared_mappings_of(path) == []  # the view is gone when the job ends
 
 
 def test_evicted_file_is_read_with_pread_bit_for_bit(tmp_path):
-    path, _ckpt, dst, expect, make, from_view, strided = jobs(tmp_path)
+    r = jobs(tmp_path)
+    path = r.path
     evict([str(path)])
     cached = _core._cached_pages(str(path), 0, path.stat().st_size)
     if cached < 0:
         pytest.skip("this kernel has no cachestat(2)")
     if cached > pages_of(path) // 2:
         pytest.skip(f"the file system kept the file cached ({cached} pages): cannot make it cold")
-    job = make()
+    job = r.make()
     job.run()
-    for k in dst:
-        assert_same_bytes(dst[k], expect[k])
+    for k in r.dst:
+        assert_same_bytes(r.dst[k], r.expect[k])
     # The first range read was cold, so pread; readahead may have cached later ones.
-    assert job.bytes_from_cache < from_view + strided
+    assert job.bytes_from_cache < r.from_view + r.strided
 
 
 def test_large_file_through_the_view_drops_pages_behind_it(tmp_path):

@@ -156,14 +156,15 @@ class CopyEngine::Worker {
       read_source(t, info, u, out);
       return;
     }
+    // Without an index list the unit is one source run: cast straight from the
+    // page cache when it holds it; if not, it was asked once and is not asked again.
+    const bool one_run = t.rows.kind != RowSelection::Kind::Index;
     const uint64_t src_first = row_start(t, info) + u.first;
-    const uint8_t* raw = t.rows.kind == RowSelection::Kind::Index
-                             ? nullptr
-                             : cached_source(t, info, src_first, u.count);
+    const uint8_t* raw = one_run ? cached_source(t, info, src_first, u.count) : nullptr;
     const bool from_view = raw != nullptr;
     if (!from_view) {
       uint8_t* buffer = src_.get(u.count * info.src_item);
-      read_source(t, info, u, buffer);
+      read_source(t, info, u, buffer, /*try_view=*/!one_run);
       raw = buffer;
     }
     if (info.two_casts) {
@@ -203,8 +204,10 @@ class CopyEngine::Worker {
     fail(t.file->path(), "the file was truncated or rewritten while it was being read (part of it vanished)");
   }
 
-  // Source elements for destination elements [u.first, +u.count), densely, in the source dtype.
-  void read_source(const CopyTask& t, const TaskInfo& info, const Unit& u, uint8_t* out) {
+  // Source elements for destination elements [u.first, +u.count), densely, in the
+  // source dtype. `try_view`: cached runs may come from the FileView.
+  void read_source(const CopyTask& t, const TaskInfo& info, const Unit& u, uint8_t* out,
+                   bool try_view = true) {
     const uint64_t end = u.first + u.count;
     uint64_t pos = u.first;
     while (pos < end) {
@@ -225,16 +228,16 @@ class CopyEngine::Worker {
         src_first = row_start(t, info) + pos;
         run = end - pos;
       }
-      read_run(t, info, src_first, run, out + (pos - u.first) * info.src_item);
+      read_run(t, info, src_first, run, out + (pos - u.first) * info.src_item, try_view);
       pos += run;
     }
   }
 
   void read_run(const CopyTask& t, const TaskInfo& info, uint64_t src_first, uint64_t n,
-                uint8_t* out) {
+                uint8_t* out, bool try_view) {
     const MappedFile& f = *t.file;
     if (info.src_dense) {
-      if (const uint8_t* cached = cached_source(t, info, src_first, n)) {
+      if (const uint8_t* cached = try_view ? cached_source(t, info, src_first, n) : nullptr) {
         if (stream_) {
           copy_streaming(out, cached, n * info.src_item);
         } else {
