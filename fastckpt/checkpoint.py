@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -61,7 +61,7 @@ FOLDER_CANDIDATES = (
     "pytorch_model.bin.index.json",
 )
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 class TensorInfo(NamedTuple):
@@ -331,9 +331,9 @@ class Checkpoint:
 
     # -- metadata ---------------------------------------------------------------
     @property
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         """safetensors ``__metadata__`` (merged over shards), or a torch file's plain values."""
-        merged: dict = {}
+        merged: dict[str, Any] = {}
         for index in self._indexes:
             merged.update(json.loads(index.metadata_json))
         return merged

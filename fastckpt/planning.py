@@ -33,7 +33,7 @@ from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.report import Mismatch, format_groups, group_names
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 def as_rules(rules: Any) -> Any:
@@ -57,7 +57,10 @@ def match(
     if rules_obj is None:
         keys = list(source_keys)
         return plain_plan(keys, keys if target_keys is None else target_keys)
-    return rules_obj.plan(list(source_keys), None if target_keys is None else list(target_keys))
+    mapping: MappingPlan = rules_obj.plan(
+        list(source_keys), None if target_keys is None else list(target_keys)
+    )
+    return mapping
 
 
 SourceView = tuple[
@@ -141,7 +144,8 @@ class LoadPlan:
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return self._ckpt
+        ckpt: Checkpoint = self._ckpt
+        return ckpt
 
     def entries(self) -> list[PlanEntry]:
         """One ``PlanEntry`` per loaded tensor, in model order."""
@@ -440,13 +444,13 @@ def build(
         targets = every_target if len(cand) == len(tensors) else every_target.subset(cand)
     for k in targets.lazy_views():
         g = cand[k]
-        raise CheckpointError(f"{ckpt.path}: {refusal(vias[g], tensors[g])}")  # type: ignore[arg-type]
+        raise CheckpointError(f"{ckpt.path}: {refusal(str(vias[g]), tensors[g])}")
     bad = targets.mismatched(ckpt._core_indexes, cand_sources, dim0)
     if bad:
         for k in bad:
             g, h = cand[k], cand_sources[k]
             p.mismatched.append(
-                Mismatch(vias[g], ckpt._handle_shape(h), tuple(tensors[g].shape))  # type: ignore[arg-type]
+                Mismatch(str(vias[g]), ckpt._handle_shape(h), tuple(tensors[g].shape))
             )
         bad_set = set(bad)
         keep = [k for k in range(len(cand)) if k not in bad_set]
