@@ -436,7 +436,7 @@ class Checkpoint:
         self.close()
 
 
-def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:  # noqa: A001
+def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:
     """Open a checkpoint file, shard index or model folder; reads metadata only."""
     return Checkpoint(path, key=key)
 

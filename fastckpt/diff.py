@@ -267,8 +267,7 @@ def _group(
         if key in worst:
             a, r = worst[key]
             detail = "; ".join(p for p in (detail, f"max abs {a:.3g}, max rel {r:.3g}") if p)
-        for name in _collapse(list(template), tuples):
-            rows.append((name, status, detail))
+        rows.extend((name, status, detail) for name in _collapse(list(template), tuples))
     order = {"only in a": 0, "only in b": 1, "shape differs": 2, "dtype differs": 3, "changed": 4}
     rows.sort(key=lambda r: order.get(r[1], 9))  # stable: keeps name order within a status
     return rows

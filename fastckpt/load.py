@@ -75,9 +75,11 @@ def _strict_message(
     path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
 ) -> str:
     lines = [
-        f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
-        f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
-        "nothing was loaded"
+        (
+            f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
+            f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
+            "nothing was loaded"
+        )
     ]
     if report.missing:
         lines.append(f"  missing from the checkpoint ({len(report.missing)}):")

@@ -358,7 +358,7 @@ def build(
     if plain:
         try:
             every_target = _core.Targets(tensors, DTYPE_NAMES)
-        except Exception:  # noqa: BLE001 - raised again below if it matters
+        except Exception:
             every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
     p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
@@ -523,8 +523,8 @@ def meta_message(p: LoadPlan) -> str:
     hidden = [n for n in p.left_on_meta if n in p._hidden_buffers]
     other = [n for n in p.left_on_meta if n not in p._hidden_buffers]
     lines = [
-        f"{p.path}: the load would leave {len(p.left_on_meta)} tensors of the model on the meta "
-        "device, where they have no values; nothing was loaded"
+        (f"{p.path}: the load would leave {len(p.left_on_meta)} tensors of the model on the meta "
+        "device, where they have no values; nothing was loaded")
     ]
     if hidden:
         lines.append(f"  non-persistent buffers, which no checkpoint holds ({len(hidden)}):")
@@ -552,7 +552,7 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         for name, t in zip(names, tensors, strict=True):
             try:
                 _core.Targets([t], DTYPE_NAMES)
-            except Exception as e:  # noqa: BLE001 - becomes the message
+            except Exception as e:
                 raise CheckpointError(
                     f"{path}: the model's {name!r} cannot be loaded into "
                     f"({type(e).__name__}: {e}); fastckpt writes dense (strided) tensors"
@@ -560,4 +560,4 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         raise
 
 
-__all__ = ["LoadPlan", "PlanEntry", "Piece", "match", "plan"]
+__all__ = ["LoadPlan", "Piece", "PlanEntry", "match", "plan"]

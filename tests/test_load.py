@@ -143,7 +143,7 @@ def test_sharded_checkpoint(tmp_path):
     first, second = names[: len(names) // 2], names[len(names) // 2 :]
     save_file({k: state[k] for k in first}, str(tmp_path / "a.safetensors"))
     save_file({k: state[k] for k in second}, str(tmp_path / "b.safetensors"))
-    weight_map = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
+    weight_map = dict.fromkeys(first, "a.safetensors") | dict.fromkeys(second, "b.safetensors")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ours, ref = Zoo(), Zoo()
     fastckpt.load_into(ours, tmp_path)
@@ -873,7 +873,7 @@ def test_vectored_read_across_zip_records_of_a_truncated_file(tmp_path):
     ckpt = fastckpt.open(path)
     cut = ckpt.info("t150").file_offset + 100
     os.truncate(path, cut)
-    model = Flat({k: ((256,), torch.float32) for k in state})
+    model = Flat(dict.fromkeys(state, ((256,), torch.float32)))
     with pytest.raises(
         fastckpt.CheckpointError,
         match=r"file ended at offset \d+ while reading; .*\(while copying 't150' -> 't150'\)",

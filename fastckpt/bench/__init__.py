@@ -168,7 +168,7 @@ class Worker:
         self.name = spec["contender"]
         spec_path = folder / f"spec-{abs(hash(self.name))}.json"
         spec_path.write_text(json.dumps(spec))
-        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")  # noqa: SIM115
+        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastckpt.bench.worker", str(spec_path)],
             stdin=subprocess.PIPE,
