@@ -283,10 +283,8 @@ class Checkpoint:
         self, handle: int
     ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
         """(dtype, shape, strides, storage offset in elements) of the tensor a handle names."""
-        dtype, shape, strides, soff, _, _, _ = self._indexes[handle >> 32].tensor_view(
-            handle & 0xFFFFFFFF
-        )
-        return TORCH_DTYPES[dtype], shape, strides, soff
+        v = self._indexes[handle >> 32].tensor_view(handle & 0xFFFFFFFF)
+        return TORCH_DTYPES[v.dtype], v.shape, v.strides, v.storage_offset
 
     def _handle_file(self, handle: int) -> str:
         return self._file_names[handle >> 32]
@@ -382,20 +380,20 @@ class Checkpoint:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
         fi = v >> 32
         index = self._indexes[fi]
-        dtype, shape, strides, soff, sidx, skey, foff = index.tensor_view(v & 0xFFFFFFFF)
-        users = (self._shared or self._shared_users())[fi].get(sidx)
+        view = index.tensor_view(v & 0xFFFFFFFF)
+        users = (self._shared or self._shared_users())[fi].get(view.storage)
         # tuple.__new__ directly: the generated NamedTuple.__new__ is a Python-level call.
         return _new_tuple(
             TensorInfo,
             (
                 name,
-                shape,
-                TORCH_DTYPES[dtype],
-                strides,
-                soff,
+                view.shape,
+                TORCH_DTYPES[view.dtype],
+                view.strides,
+                view.storage_offset,
                 self._file_names[fi],
-                skey,
-                foff,
+                view.storage_key,
+                view.file_offset,
                 tuple(u for u in users if u != name) if users else (),
             ),
         )
@@ -407,9 +405,9 @@ class Checkpoint:
         """
         fi, ti = self._locate(name)
         index = self._indexes[fi]
-        _, dtype_name, shape, strides, soff, sidx = index.tensor_info(ti)
-        _, foff, nbytes, _ = index.storage_info(sidx)
-        dtype = to_torch(dtype_name)
+        view = index.tensor_view(ti)
+        shape, foff, nbytes = view.shape, view.file_offset, view.storage_nbytes
+        dtype = to_torch(view.dtype)
         if math.prod(shape) == 0:
             return torch.empty(shape, dtype=dtype)
         raw = self._file_bytes(fi)[foff : foff + nbytes]
@@ -417,7 +415,7 @@ class Checkpoint:
             raw = raw.clone()  # unaligned storage: torch cannot view it as `dtype`
         typed = raw.view(dtype)
         # as_strided offsets count from the start of the underlying (whole-file) storage.
-        return typed.as_strided(shape, strides, typed.storage_offset() + soff)
+        return typed.as_strided(shape, view.strides, typed.storage_offset() + view.storage_offset)
 
     def _file_bytes(self, fi: int) -> torch.Tensor:
         if fi not in self._buffers:

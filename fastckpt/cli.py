@@ -167,6 +167,9 @@ def bench_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     cold: bool = typer.Option(False, "--cold", help="evict the file from the page cache per run"),
     repeat: int = typer.Option(3, "--repeat", help="timed runs per contender"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="each timed run is the first load of a new process"
+    ),
     size: str = typer.Option("full", "--size", help="default workload size: small or full"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
     markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
@@ -175,6 +178,8 @@ def bench_command(
     """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
 
     Each contender runs in its own process, in alternation; exit status 1 if one failed.
+    With --fresh every timed run is a new process's first load (what a user who
+    loads once waits for); without it, a long-lived process per contender.
 
     Example: fastckpt bench --size small --repeat 5 --json
     """
@@ -189,7 +194,7 @@ def bench_command(
         with err.status("benchmarking") as status:
             result = run_bench(
                 path, device=device, cold=cold, repeat=repeat, size=size, cache_dir=cache_dir,
-                on_run=lambda what: status.update(f"benchmarking {what}"),
+                on_run=lambda what: status.update(f"benchmarking {what}"), fresh=fresh,
             )
     except _INPUT_ERRORS as e:
         raise _fail(_error_text(e)) from None

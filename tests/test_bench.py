@@ -200,3 +200,27 @@ def test_worker_reports_a_missing_contender_as_skipped(tmp_path, capsys, monkeyp
     assert replies[1] == {
         "skipped": "AttributeError: module 'fastckpt' has no attribute 'load_into'"
     }
+
+
+def test_fresh_mode_gives_every_timed_run_a_new_process(tmp_path, monkeypatch):
+    import fastckpt.bench as bench
+
+    path = tmp_path / "f.safetensors"
+    save_file({"x.weight": torch.randn(8, 8)}, str(path))
+    started: list[int] = []
+    real = bench.Worker
+
+    class Counting(real):  # type: ignore[misc,valid-type]
+        def __init__(self, spec, folder):
+            super().__init__(spec, folder)
+            started.append(self.proc.pid)
+
+    monkeypatch.setattr(bench, "Worker", Counting)
+    notes: list[str] = []
+    target = bench.bench_target(
+        "f", path, device="cpu", cold=False, repeat=2, notes=notes, fresh=True
+    )
+    ran = [r for r in target.results if r.status == "ok"]
+    assert ran and all(len(r.times) == 2 and r.verified for r in ran), target
+    # one worker per contender for the untimed round, then one per timed run
+    assert len(set(started)) == len(target.results) * 3

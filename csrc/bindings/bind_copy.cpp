@@ -266,8 +266,10 @@ void register_copy(py::module_& m) {
       .def_property_readonly("bytes_from_cache", &CopyEngine::bytes_from_cache,
                              "Source bytes copied straight out of the page cache, not read().");
 
-  m.def(
-      "_cached_pages",
+  // Entry points only the tests use.
+  py::module_ testing = m.def_submodule("_testing", "test-only entry points of the core");
+  testing.def(
+      "cached_pages",
       [](const std::string& path, uint64_t offset, uint64_t length) {
         return FileView::cached_pages(*MappedFile::open(path), offset, length);
       },
@@ -276,8 +278,8 @@ void register_copy(py::module_& m) {
       "(cachestat, Linux 6.5+).");
 
   // Scalar kernels, for tests that compare them with torch directly.
-  m.def("_float_to_bf16", &float_to_bf16);
-  m.def("_float_to_half", &float_to_half);
+  testing.def("float_to_bf16", &float_to_bf16);
+  testing.def("float_to_half", &float_to_half);
 }
 
 }  // namespace fastckpt::bindings

@@ -83,6 +83,7 @@ class BenchResult:
     cold: bool
     repeat: int
     size: str | None
+    fresh: bool = False  # one load per fresh worker process
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -291,7 +292,11 @@ def bench_target(
     repeat: int,
     notes: list[str],
     on_run: Callable[[str], None] | None = None,
+    fresh: bool = False,
 ) -> TargetResult:
+    """``fresh``: every timed run is the first load of a new worker process (the
+    model built the usual way, one load, exit), the figure a user who loads once
+    lives with; otherwise one long-lived worker per contender (steady state)."""
     info = read_layout(path)
     files = info["files"]
     nbytes = 0
@@ -309,16 +314,13 @@ def bench_target(
     target.results = list(results.values())
     with tempfile.TemporaryDirectory(prefix="fastckpt-bench-") as tmp:
         workers: dict[str, Worker] = {}
+        specs = {
+            n: {"contender": n, "path": str(path), "device": device, "nbytes": nbytes, **info}
+            for n in names
+        }
         try:
             for n in names:
-                spec = {
-                    "contender": n,
-                    "path": str(path),
-                    "device": device,
-                    "nbytes": nbytes,
-                    **info,
-                }
-                workers[n] = Worker(spec, Path(tmp))
+                workers[n] = Worker(specs[n], Path(tmp))
             if not cold:
                 warm(files)
             for round_ in range(repeat + 1):  # round 0: warm-up and value check, untimed
@@ -334,6 +336,9 @@ def bench_target(
                             r.resident_before.append(res)
                     if on_run is not None:
                         on_run(f"{workload}/{info['format']}: {n} ({round_}/{repeat})")
+                    if fresh and round_ > 0:
+                        workers[n].close()
+                        workers[n] = Worker(specs[n], Path(tmp))
                     reply = workers[n].measure()
                     if "skipped" in reply:
                         r.status, r.note = "skipped", reply["skipped"]
@@ -363,6 +368,7 @@ def run_bench(
     size: str = "full",
     cache_dir: str | os.PathLike | None = None,
     on_run: Callable[[str], None] | None = None,
+    fresh: bool = False,
 ) -> BenchResult:
     """Bench ``path``, or (None) the default workloads of ``size`` ("full" or "small")."""
     if repeat < 1:
@@ -376,7 +382,7 @@ def run_bench(
             raise ValueError("--device cuda: torch sees no CUDA device here")
     elif device != "cpu":
         raise ValueError(f"--device must be cpu or cuda, not {device!r}")
-    result = BenchResult(device, cold, repeat, None if path is not None else size)
+    result = BenchResult(device, cold, repeat, None if path is not None else size, fresh)
     if cold and resident_bytes([sys.executable]) is None:
         result.notes.append("fincore not found: eviction is not double-checked")
     if path is not None:
@@ -391,7 +397,14 @@ def run_bench(
     for name, p in targets:
         result.targets.append(
             bench_target(
-                name, p, device=device, cold=cold, repeat=repeat, notes=result.notes, on_run=on_run
+                name,
+                p,
+                device=device,
+                cold=cold,
+                repeat=repeat,
+                notes=result.notes,
+                on_run=on_run,
+                fresh=fresh,
             )
         )
     return result
