@@ -1,0 +1,22 @@
+// Vector cast kernels for x86 CPUs with AVX2 and F16C, compiled for those
+// instructions function by function (target attributes) so that the build runs
+// on any x86-64 CPU; cast.cpp asks available() at run time before using them.
+// Results equal the portable kernels' (copy/cast.h), NaN bit patterns aside.
+#pragma once
+
+#include "common/dtype.h"
+#include "copy/cast.h"
+
+namespace fastckpt::simd {
+
+// True when this CPU has what the kernels need.
+bool available();
+// "avx2+f16c".
+const char* name();
+// The vector kernel for from -> to, or nullptr when there is none.
+CastFn find(DType from, DType to);
+// out[i] = table[in[i]] for n bytes in (an 8-bit format through its table).
+void lookup_u32(const uint32_t* table, const uint8_t* in, uint32_t* out, size_t n);
+void lookup_u16(const uint32_t* table, const uint8_t* in, uint16_t* out, size_t n);
+
+}  // namespace fastckpt::simd
