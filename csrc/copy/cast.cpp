@@ -397,6 +397,13 @@ std::optional<CastFn> find_cast(DType from, DType to) {
   return std::nullopt;
 }
 
+std::optional<CastFn> find_streaming_cast(DType from, DType to) {
+  if (use_simd()) {
+    if (CastFn fn = simd::find_streaming(from, to)) return fn;
+  }
+  return std::nullopt;
+}
+
 std::string unsupported_cast_text(DType from, DType to) {
   return "cannot cast " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)) +
          " (supported: every floating type (F64, F32, F16, BF16, F8_*) to every other, complex"

@@ -27,6 +27,11 @@ using CastFn = void (*)(const void* src, void* dst, size_t n);
 // when the pair is not supported.
 std::optional<CastFn> find_cast(DType from, DType to);
 
+// A kernel for from -> to that writes with non-temporal stores: faster for a
+// large destination nobody reads soon (a model's weights), slower for a buffer
+// read right after. Nullopt when there is none (use find_cast).
+std::optional<CastFn> find_streaming_cast(DType from, DType to);
+
 // "cannot cast C64 to F32: supported are ..." for error messages.
 std::string unsupported_cast_text(DType from, DType to);
 
