@@ -349,3 +349,27 @@ def test_rule_dtype_fp8_e4m3_casts_as_documented(tmp_path):
     model = One((64, 64), torch.float32)
     fastckpt.load_into(model, tmp_path / "w.safetensors", rules="w -> x dtype=fp8_e4m3")
     assert_same_bytes(model.x, w.to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+     (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
+    ids=_name,
+)
+@pytest.mark.parametrize("offset", [0, 3])
+def test_large_casts_into_aligned_and_unaligned_destinations(tmp_path, src, dst, offset):
+    # Destinations of 1 MiB and more are written with non-temporal stores, which
+    # need 32-byte alignment: a destination starting `offset` elements into a
+    # buffer exercises the scalar head before the aligned part.
+    values = cast_inputs(src)[: 1 << 16].repeat(10)
+    save_file({"x": values}, str(tmp_path / "big.safetensors"))
+    model = nn.Module()
+    backing = torch.zeros(len(values) + offset, dtype=dst)
+    model.register_buffer("x", backing[offset:])
+    fastckpt.load_into(model, tmp_path / "big.safetensors")
+    expected = values.to(dst)
+    nan = torch.isnan(expected.float())
+    assert torch.equal(torch.isnan(model.x.float()), nan)
+    assert_same_bytes(model.x[~nan], expected[~nan])
+    assert not backing[:offset].any()
