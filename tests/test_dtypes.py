@@ -354,7 +354,9 @@ def test_rule_dtype_fp8_e4m3_casts_as_documented(tmp_path):
 @pytest.mark.parametrize(
     "src,dst",
     [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-     (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
+     (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+     (torch.float8_e4m3fn, torch.bfloat16), (torch.float8_e5m2fnuz, torch.bfloat16),
+     (torch.float8_e8m0fnu, torch.float32)],
     ids=_name,
 )
 @pytest.mark.parametrize("offset", [0, 3])
@@ -362,7 +364,7 @@ def test_large_casts_into_aligned_and_unaligned_destinations(tmp_path, src, dst,
     # Destinations of 1 MiB and more are written with non-temporal stores, which
     # need 32-byte alignment: a destination starting `offset` elements into a
     # buffer exercises the scalar head before the aligned part.
-    values = cast_inputs(src)[: 1 << 16].repeat(10)
+    values = cast_inputs(src)[: 1 << 16].repeat(10 if src.itemsize > 1 else 4000)
     save_file({"x": values}, str(tmp_path / "big.safetensors"))
     model = nn.Module()
     backing = torch.zeros(len(values) + offset, dtype=dst)

@@ -182,19 +182,11 @@ void cast_kernel(const void* src, void* dst, size_t n) {
 template <DType K, typename To>
 struct Fp8Table {
   std::array<To, 256> values;
-  std::array<uint32_t, 256> bits{};  // values' bits widened, for the vector lookup (2- and 4-byte To)
   Fp8Table() {
     for (size_t b = 0; b < 256; ++b) {
       const float f = decode_fp8(K, static_cast<uint8_t>(b));
       if constexpr (std::is_same_v<To, double>) values[b] = static_cast<double>(f);
       else values[b] = from_float<To>(f);
-      if constexpr (sizeof(To) == 2) {
-        uint16_t v;
-        std::memcpy(&v, &values[b], 2);
-        bits[b] = v;
-      } else if constexpr (sizeof(To) == 4) {
-        std::memcpy(&bits[b], &values[b], 4);
-      }
     }
   }
 };
@@ -203,11 +195,6 @@ template <DType K, typename To>
 void fp8_kernel(const void* src, void* dst, size_t n) {
   static const Fp8Table<K, To> table;
   const auto* in = static_cast<const uint8_t*>(src);
-  if constexpr (sizeof(To) == 4) {
-    if (use_simd()) return simd::lookup_u32(table.bits.data(), in, static_cast<uint32_t*>(dst), n);
-  } else if constexpr (sizeof(To) == 2) {
-    if (use_simd()) return simd::lookup_u16(table.bits.data(), in, static_cast<uint16_t*>(dst), n);
-  }
   auto* out = static_cast<To*>(dst);
   for (size_t i = 0; i < n; ++i) out[i] = table.values[in[i]];
 }

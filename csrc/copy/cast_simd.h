@@ -17,8 +17,5 @@ const char* name();
 CastFn find(DType from, DType to);
 // The same with non-temporal stores, for large destinations not read soon; or nullptr.
 CastFn find_streaming(DType from, DType to);
-// out[i] = table[in[i]] for n bytes in (an 8-bit format through its table).
-void lookup_u32(const uint32_t* table, const uint8_t* in, uint32_t* out, size_t n);
-void lookup_u16(const uint32_t* table, const uint8_t* in, uint16_t* out, size_t n);
 
 }  // namespace fastckpt::simd

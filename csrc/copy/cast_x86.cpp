@@ -151,6 +151,116 @@ FASTCKPT_AVX2 void bf16_to_f16(const void* src, void* dst, size_t n) {
   for (; i < n; ++i) out[i] = float_to_half(bf16_to_float(in[i]));
 }
 
+// Eight bytes of an 8-bit float format widened to their exact fp32 values
+// (every fp8 value is an fp32, bf16 and, but for e8m0's extremes, fp16 value).
+// The sign/exponent/mantissa formats: the bits, placed where fp32 keeps its
+// exponent and mantissa, read as an fp32 and scaled by 2^(127 - bias); the
+// subnormals from their mantissa as an integer. NaN and inf codes are patched after.
+template <DType K>
+FASTCKPT_AVX2 inline __m256i fp8x8_to_f32_bits(const uint8_t* in) {
+  uint64_t raw;
+  std::memcpy(&raw, in, 8);
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw)));
+  const __m256i qnan = _mm256_set1_epi32(0x7fc00000);
+  if constexpr (K == DType::F8_E8M0) {
+    // 2^(v - 127): v is the fp32 exponent field; 0 is 2^-127 (an fp32 subnormal), 255 NaN.
+    __m256i r = _mm256_slli_epi32(v, 23);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x00400000), _mm256_cmpeq_epi32(v, _mm256_setzero_si256()));
+    return _mm256_blendv_epi8(r, qnan, _mm256_cmpeq_epi32(v, _mm256_set1_epi32(0xff)));
+  } else {
+    constexpr int m = K == DType::F8_E4M3 || K == DType::F8_E4M3FNUZ ? 3 : 2;
+    constexpr int bias = K == DType::F8_E4M3 ? 7 : K == DType::F8_E5M2 ? 15 : K == DType::F8_E4M3FNUZ ? 8 : 16;
+    const __m256i magnitude = _mm256_and_si256(v, _mm256_set1_epi32(0x7f));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((127 + 127 - bias) << 23));
+    const __m256 normal = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(magnitude, 23 - m)), scale);
+    // Exponent 0: mantissa * 2^(1 - bias - m), from an integer so that no fp32
+    // subnormal is an operand (denormals-are-zero mode would flush it).
+    const __m256 step = _mm256_castsi256_ps(_mm256_set1_epi32((127 + 1 - bias - m) << 23));
+    const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), step);
+    const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(1 << m), magnitude);
+    const __m256 value = _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(is_sub));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+    __m256i r = _mm256_or_si256(_mm256_castps_si256(value), sign);
+    if constexpr (K == DType::F8_E4M3) {  // S.1111.111 is NaN, no inf
+      r = _mm256_blendv_epi8(r, qnan, _mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)));
+    } else if constexpr (K == DType::F8_E5M2) {  // exponent 31: inf (mantissa 0) or NaN
+      const __m256i top = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7b));
+      const __m256i inf = _mm256_or_si256(_mm256_set1_epi32(0x7f800000), sign);
+      const __m256i is_inf = _mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7c));
+      r = _mm256_blendv_epi8(r, _mm256_blendv_epi8(qnan, inf, is_inf), top);
+    } else {  // fnuz: 0x80 (what would be -0) is the NaN
+      r = _mm256_blendv_epi8(r, qnan, _mm256_cmpeq_epi32(v, _mm256_set1_epi32(0x80)));
+    }
+    return r;
+  }
+}
+
+template <DType K, bool Stream>
+FASTCKPT_AVX2 void fp8_to_f32(const void* src, void* dst, size_t n) {
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<float*>(dst);
+  size_t i = 0;
+  for (const size_t head = aligned_head<Stream>(out, n); i < head; ++i) out[i] = fp8_to_float(K, in[i]);
+  for (; i + 8 <= n; i += 8) store256<Stream>(out + i, fp8x8_to_f32_bits<K>(in + i));
+  for (; i < n; ++i) out[i] = fp8_to_float(K, in[i]);
+  fence<Stream>();
+}
+
+// fp8 -> bf16 is exact: the fp32 value's top half; NaN is torch's 0x7fc0.
+template <DType K>
+FASTCKPT_AVX2 inline __m256i fp8x8_to_bf16_lanes(const uint8_t* in) {
+  const __m256i bits = fp8x8_to_f32_bits<K>(in);
+  const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+  const __m256i is_nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
+  return _mm256_blendv_epi8(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x7fc0), is_nan);
+}
+
+template <DType K, bool Stream>
+FASTCKPT_AVX2 void fp8_to_bf16(const void* src, void* dst, size_t n) {
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint16_t*>(dst);
+  size_t i = 0;
+  for (const size_t head = aligned_head<Stream>(out, n); i < head; ++i)
+    out[i] = float_to_bf16(fp8_to_float(K, in[i]));
+  for (; i + 16 <= n; i += 16)
+    store_u16x16<Stream>(out + i, fp8x8_to_bf16_lanes<K>(in + i), fp8x8_to_bf16_lanes<K>(in + i + 8));
+  for (; i < n; ++i) out[i] = float_to_bf16(fp8_to_float(K, in[i]));
+  fence<Stream>();
+}
+
+template <DType K>
+FASTCKPT_AVX2 void fp8_to_f16(const void* src, void* dst, size_t n) {
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint16_t*>(dst);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_castsi256_ps(fp8x8_to_f32_bits<K>(in + i));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) out[i] = float_to_half(fp8_to_float(K, in[i]));
+}
+
+template <DType K, bool Stream = false>
+CastFn fp8_kernel_to(DType to) {
+  if (to == DType::F32) return &fp8_to_f32<K, Stream>;
+  if (to == DType::BF16) return &fp8_to_bf16<K, Stream>;
+  if (to == DType::F16 && !Stream) return &fp8_to_f16<K>;
+  return nullptr;
+}
+
+CastFn fp8_kernel(DType from, DType to, bool stream) {
+  switch (from) {
+    case DType::F8_E4M3: return stream ? fp8_kernel_to<DType::F8_E4M3, true>(to) : fp8_kernel_to<DType::F8_E4M3>(to);
+    case DType::F8_E5M2: return stream ? fp8_kernel_to<DType::F8_E5M2, true>(to) : fp8_kernel_to<DType::F8_E5M2>(to);
+    case DType::F8_E4M3FNUZ:
+      return stream ? fp8_kernel_to<DType::F8_E4M3FNUZ, true>(to) : fp8_kernel_to<DType::F8_E4M3FNUZ>(to);
+    case DType::F8_E5M2FNUZ:
+      return stream ? fp8_kernel_to<DType::F8_E5M2FNUZ, true>(to) : fp8_kernel_to<DType::F8_E5M2FNUZ>(to);
+    case DType::F8_E8M0: return stream ? fp8_kernel_to<DType::F8_E8M0, true>(to) : fp8_kernel_to<DType::F8_E8M0>(to);
+    default: return nullptr;
+  }
+}
+
 }  // namespace
 
 bool available() {
@@ -167,7 +277,7 @@ CastFn find(DType from, DType to) {
   if (from == DType::F32 && to == DType::F16) return &f32_to_f16<false>;
   if (from == DType::F16 && to == DType::BF16) return &f16_to_bf16;
   if (from == DType::BF16 && to == DType::F16) return &bf16_to_f16;
-  return nullptr;
+  return fp8_kernel(from, to, /*stream=*/false);
 }
 
 CastFn find_streaming(DType from, DType to) {
@@ -175,31 +285,7 @@ CastFn find_streaming(DType from, DType to) {
   if (from == DType::F16 && to == DType::F32) return &f16_to_f32<true>;
   if (from == DType::F32 && to == DType::BF16) return &f32_to_bf16<true>;
   if (from == DType::F32 && to == DType::F16) return &f32_to_f16<true>;
-  return nullptr;
-}
-
-FASTCKPT_AVX2 void lookup_u32(const uint32_t* table, const uint8_t* in, uint32_t* out, size_t n) {
-  size_t i = 0;
-  const auto* base = reinterpret_cast<const int*>(table);
-  for (; i + 8 <= n; i += 8) {
-    uint64_t bytes;
-    std::memcpy(&bytes, in + i, 8);
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_i32gather_epi32(base, idx, 4));
-  }
-  for (; i < n; ++i) out[i] = table[in[i]];
-}
-
-FASTCKPT_AVX2 void lookup_u16(const uint32_t* table, const uint8_t* in, uint16_t* out, size_t n) {
-  size_t i = 0;
-  const auto* base = reinterpret_cast<const int*>(table);
-  for (; i + 16 <= n; i += 16) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
-    const __m256i lo = _mm256_i32gather_epi32(base, _mm256_cvtepu8_epi32(bytes), 4);
-    const __m256i hi = _mm256_i32gather_epi32(base, _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), 4);
-    store_u16x16(out + i, lo, hi);
-  }
-  for (; i < n; ++i) out[i] = static_cast<uint16_t>(table[in[i]]);
+  return fp8_kernel(from, to, /*stream=*/true);
 }
 
 #else  // not x86: the portable kernels only
@@ -208,12 +294,6 @@ bool available() { return false; }
 const char* name() { return "portable"; }
 CastFn find(DType, DType) { return nullptr; }
 CastFn find_streaming(DType, DType) { return nullptr; }
-void lookup_u32(const uint32_t* table, const uint8_t* in, uint32_t* out, size_t n) {
-  for (size_t i = 0; i < n; ++i) out[i] = table[in[i]];
-}
-void lookup_u16(const uint32_t* table, const uint8_t* in, uint16_t* out, size_t n) {
-  for (size_t i = 0; i < n; ++i) out[i] = static_cast<uint16_t>(table[in[i]]);
-}
 
 #endif
 
