@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -224,6 +224,7 @@ class Checkpoint:
             self._entries_map = self._picked(paths or [index.paths() for index in self._indexes])
         self._shared: list[dict[int, list[str]]] | None = None
         self._shape_lists: list[list[tuple[int, ...]]] | None = None
+        self._unloadable: dict[str, str] | None = None
 
     @property
     def _all(self) -> dict[str, int]:
@@ -350,8 +351,34 @@ class Checkpoint:
         try:
             v = self._entries[name]
         except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+            self._missing(name)
         return v >> 32, v & 0xFFFFFFFF
+
+    def unloadable(self) -> dict[str, str]:
+        """Tensors the file holds but fastckpt cannot represent, by picked name: what each is.
+
+        ``{"emb.weight": "a sparse COO tensor"}``. They are not in ``keys()``;
+        asking for one (``tensor()``, ``info()``) raises a CheckpointError naming it.
+        """
+        if self._unloadable is None:
+            n = len(self.prefix)
+            out: dict[str, str] = {}
+            for index in self._indexes:
+                for name, path, what in index.unloadable():
+                    if not n:
+                        out[name] = what
+                    elif path[:n] == self.prefix and len(path) > n:
+                        out[".".join(path[n:])] = what
+            self._unloadable = out
+        return self._unloadable
+
+    def _missing(self, name: str) -> NoReturn:
+        what = self.unloadable().get(name)
+        if what is not None:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is present but not loadable: {what}"
+            ) from None
+        raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
     def _shared_users(self) -> list[dict[int, list[str]]]:
         """Per file: storage index -> the picked tensors viewing it, for storages with several."""
@@ -377,7 +404,7 @@ class Checkpoint:
         try:
             v = self._entries[name]
         except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+            self._missing(name)
         fi = v >> 32
         index = self._indexes[fi]
         view = index.tensor_view(v & 0xFFFFFFFF)

@@ -174,6 +174,9 @@ def bench_command(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
     markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    casts: bool = typer.Option(
+        False, "--casts", help="the cast workloads (bf16/fp16/fp8 <-> fp32/bf16) instead"
+    ),
 ) -> None:
     """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
 
@@ -195,6 +198,7 @@ def bench_command(
             result = run_bench(
                 path, device=device, cold=cold, repeat=repeat, size=size, cache_dir=cache_dir,
                 on_run=lambda what: status.update(f"benchmarking {what}"), fresh=fresh,
+                casts=casts,
             )
     except _INPUT_ERRORS as e:
         raise _fail(_error_text(e)) from None

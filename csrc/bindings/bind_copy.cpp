@@ -280,6 +280,24 @@ void register_copy(py::module_& m) {
   // Scalar kernels, for tests that compare them with torch directly.
   testing.def("float_to_bf16", &float_to_bf16);
   testing.def("float_to_half", &float_to_half);
+  // The kernel load_into would use for a from -> to cast, on raw bytes: for
+  // tests that compare every cast pair with Tensor.to().
+  testing.def(
+      "cast",
+      [](const py::bytes& src, const std::string& from, const std::string& to) {
+        const DType f = dtype_arg(from);
+        const DType t = dtype_arg(to);
+        const std::string_view in = src;
+        if (in.size() % dtype_itemsize(f) != 0) throw py::value_error("source bytes are not whole elements");
+        const auto fn = find_cast(f, t);
+        if (!fn) throw CheckpointError(unsupported_cast_text(f, t));
+        const size_t n = in.size() / dtype_itemsize(f);
+        std::string out(n * dtype_itemsize(t), '\0');
+        (*fn)(in.data(), out.data(), n);
+        return py::bytes(out);
+      },
+      py::arg("src"), py::arg("from_dtype"), py::arg("to_dtype"));
+  testing.def("cast_kernels", &cast_kernel_set, "Which cast kernels run: 'avx2+f16c' or 'portable'.");
 }
 
 }  // namespace fastckpt::bindings

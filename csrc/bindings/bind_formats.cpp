@@ -87,6 +87,16 @@ void register_formats(py::module_& m) {
              for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(path_of(i.tensors[k])));
              return out;
            })
+      // (name, container path, what it is) of every tensor listed but not loadable.
+      .def("unloadable",
+           [](const CheckpointIndex& i) {
+             py::list out;
+             for (const auto& u : i.unloadable) {
+               const auto path = u.path.empty() ? std::vector<std::string>{u.name} : u.path;
+               out.append(py::make_tuple(u.name, py::tuple(py::cast(path)), u.what));
+             }
+             return out;
+           })
       // Storage index of every tensor: plain ints, cheap to build for 30k tensors.
       .def("tensor_storages",
            [](const CheckpointIndex& i) {

@@ -58,6 +58,7 @@ struct CopyEngine::TaskInfo {
   bool two_casts = false;    // src -> via -> dst
   CastFn first_cast = nullptr;   // src -> (via or dst)
   CastFn second_cast = nullptr;  // via -> dst
+  CastFn stream_cast = nullptr;  // src -> dst with non-temporal stores, if there is one
 };
 
 namespace {
@@ -109,9 +110,11 @@ class CopyEngine::Worker {
         produce(t, info, u, staged);
         e_.sink_->copy_async(t.dst + u.first * info.dst_item, staged, out_bytes, slot);
       } else if (info.dst_dense) {
-        stream_ = info.same_dtype && out_bytes >= kStreamMinBytes && e_.bounce_bytes_ > 0;
+        const bool large = out_bytes >= kStreamMinBytes;
+        stream_ = info.same_dtype && large && e_.bounce_bytes_ > 0;
+        stream_cast_ = large && info.stream_cast != nullptr;
         produce(t, info, u, t.dst + u.first * info.dst_item);
-        stream_ = false;
+        stream_ = stream_cast_ = false;
       } else {
         uint8_t* staged = out_.get(out_bytes);
         produce(t, info, u, staged);
@@ -170,7 +173,7 @@ class CopyEngine::Worker {
       info.first_cast(raw, mid, u.count);
       info.second_cast(mid, out, u.count);
     } else {
-      info.first_cast(raw, out, u.count);
+      (stream_cast_ ? info.stream_cast : info.first_cast)(raw, out, u.count);
     }
     if (from_view) copied_from_view(t, info, src_first, u.count);
   }
@@ -274,6 +277,7 @@ class CopyEngine::Worker {
   StagingRing* ring_;
   std::vector<struct iovec> iov_;
   bool stream_ = false;  // the current read lands in its final (host) destination
+  bool stream_cast_ = false;  // the current cast writes a large final (host) destination
   Buffer bounce_;
   Buffer gap_;
   Buffer src_;
@@ -320,6 +324,7 @@ CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
     in.src_start = t.storage_file_offset + t.src_offset * in.src_item;
     in.first_cast = *find_cast(t.src_dtype, in.two_casts ? mid : t.dst_dtype);
     if (in.two_casts) in.second_cast = *find_cast(mid, t.dst_dtype);
+    if (!in.same_dtype && !in.two_casts) in.stream_cast = find_streaming_cast(t.src_dtype, t.dst_dtype).value_or(nullptr);
     total_bytes_ += in.out_elems * in.src_item;
   }
 

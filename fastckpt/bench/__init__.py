@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastckpt.bench.workloads import SIZES, default_cache_dir, ensure_files
+from fastckpt.bench.workloads import CAST_SIZES, SIZES, default_cache_dir, ensure_files
 
 FASTCKPT = "fastckpt"
 PEERS = {
@@ -42,6 +42,9 @@ PEERS = {
     "torch": ["torch.load(mmap)+load_state_dict"],
 }
 OPTIONAL = {"fastsafetensors": "fastsafetensors", "runai-model-streamer": "runai_model_streamer"}
+# Cast loads: the one peer that casts on the way, and torch's conversion of the
+# tensors already in memory (Tensor.copy_ into the model: what .to() computes).
+CAST_CONTENDERS = ["safetensors.load_file+load_state_dict", "torch-cast-in-memory"]
 
 
 @dataclass
@@ -232,9 +235,11 @@ class Worker:
 
 
 # -- the run ----------------------------------------------------------------------------
-def contenders_for(fmt: str, device: str, cold: bool) -> tuple[list[str], list[str]]:
+def contenders_for(
+    fmt: str, device: str, cold: bool, cast: bool = False
+) -> tuple[list[str], list[str]]:
     """(contenders to run, notes about the ones left out)."""
-    names = [FASTCKPT, *PEERS[fmt]]
+    names = [FASTCKPT, *(CAST_CONTENDERS if cast else PEERS[fmt])]
     notes = []
     for name, module in OPTIONAL.items():
         if name in names and importlib.util.find_spec(module) is None:
@@ -293,10 +298,12 @@ def bench_target(
     notes: list[str],
     on_run: Callable[[str], None] | None = None,
     fresh: bool = False,
+    model_dtype: str | None = None,
 ) -> TargetResult:
     """``fresh``: every timed run is the first load of a new worker process (the
     model built the usual way, one load, exit), the figure a user who loads once
-    lives with; otherwise one long-lived worker per contender (steady state)."""
+    lives with; otherwise one long-lived worker per contender (steady state).
+    ``model_dtype``: the model's dtype when it is not the file's (a cast load)."""
     info = read_layout(path)
     files = info["files"]
     nbytes = 0
@@ -308,7 +315,9 @@ def bench_target(
             numel *= d
         nbytes += numel * getattr(torch, dtype).itemsize
     target = TargetResult(workload, info["format"], str(path), files, nbytes, len(info["layout"]))
-    names, left_out = contenders_for(info["format"], device, cold)
+    if model_dtype is not None:  # nbytes stays what is read: the file's bytes
+        info["layout"] = [(n, shape, model_dtype) for n, shape, _ in info["layout"]]
+    names, left_out = contenders_for(info["format"], device, cold, cast=model_dtype is not None)
     notes.extend(f"{workload}/{info['format']}: {n}" for n in left_out)
     results = {n: ContenderResult(n) for n in names}
     target.results = list(results.values())
@@ -369,8 +378,10 @@ def run_bench(
     cache_dir: str | os.PathLike | None = None,
     on_run: Callable[[str], None] | None = None,
     fresh: bool = False,
+    casts: bool = False,
 ) -> BenchResult:
-    """Bench ``path``, or (None) the default workloads of ``size`` ("full" or "small")."""
+    """Bench ``path``, or (None) the default workloads of ``size`` ("full" or "small");
+    ``casts``: the cast workloads (``CAST_SIZES``) instead."""
     if repeat < 1:
         raise ValueError(f"--repeat must be at least 1, not {repeat}")
     if size not in SIZES:
@@ -387,14 +398,14 @@ def run_bench(
         result.notes.append("fincore not found: eviction is not double-checked")
     if path is not None:
         p = Path(path)
-        targets = [(p.name, p)]
+        targets: list[tuple[str, Path, str | None]] = [(p.name, p, None)]
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         targets = []
-        for w in SIZES[size]:
+        for w in (CAST_SIZES if casts else SIZES)[size]:
             files = ensure_files(w, cache, size)
-            targets += [(w.name, files["safetensors"]), (w.name, files["torch"])]
-    for name, p in targets:
+            targets += [(w.name, files[fmt], w.model_dtype) for fmt in w.formats]
+    for name, p, model_dtype in targets:
         result.targets.append(
             bench_target(
                 name,
@@ -405,6 +416,7 @@ def run_bench(
                 notes=result.notes,
                 on_run=on_run,
                 fresh=fresh,
+                model_dtype=model_dtype,
             )
         )
     return result
