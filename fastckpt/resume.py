@@ -30,8 +30,6 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastckpt.atomic import atomic_write
+from fastckpt.atomic import atomic_folder, atomic_write
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import Assignment, MappingPlan
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
@@ -136,9 +134,7 @@ def save(
         raise FileExistsError(
             f"{target}: exists and is not a fastckpt save; refusing to replace it"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         tensors, aliases = _model_tensors(model)
         _write_tensors(
             tmp / MODEL_FILE, tensors, {"format": "pt", "fastckpt.aliases": json.dumps(aliases)}
@@ -159,11 +155,6 @@ def save(
                 "files": files,
             },
         )
-        _fsync_dir(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -203,25 +194,6 @@ def _save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         folder / OPT_JSON,
         {"class": type(optimizer).__name__, "param_groups": groups, "state": state},
     )
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, old / "save")
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)
-    _fsync_dir(target.parent)
 
 
 # -- report -------------------------------------------------------------------------

@@ -11,13 +11,13 @@ Each is written as ``model.safetensors`` and as a torch zip ``model.pt`` (same t
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastckpt.atomic import atomic_write
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
 Layout = list[tuple[str, tuple[int, ...]]]
@@ -122,12 +122,6 @@ def ensure_files(workload: Workload, cache: Path, size: str) -> dict[str, Path]:
         from safetensors.torch import load_file
 
         state = load_file(str(st))  # once per cache: generation may hold the whole dict
-        fd, tmp = tempfile.mkstemp(prefix=".model.pt.", suffix=".partial", dir=folder)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, pt)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(pt) as f:
+            torch.save(state, f)
     return {"safetensors": st, "torch": pt}
