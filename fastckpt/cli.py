@@ -274,7 +274,7 @@ def demo_command(
     repeat: int = typer.Option(3, "--repeat", help="timed runs per bench contender"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where bench checkpoints live"),
 ) -> None:
-    """Show what fastckpt does: a small benchmark, then the stories of SCENARIOS.md.
+    """Show what fastckpt does: a small benchmark, then the stories of docs/STORIES.md.
 
     Example: fastckpt demo --no-bench
     """

@@ -1,4 +1,4 @@
-"""save / resume by parameter name; story 4 (SCENARIOS.md): the parameter list changed."""
+"""save / resume by parameter name; story 4 (docs/STORIES.md): the parameter list changed."""
 
 from __future__ import annotations
 
