@@ -41,7 +41,15 @@ PEERS = {
     ],
     "torch": ["torch.load(mmap)+load_state_dict"],
 }
-OPTIONAL = {"fastsafetensors": "fastsafetensors", "runai-model-streamer": "runai_model_streamer"}
+# Peers that read a Hugging Face folder (every .safetensors file of the folder is the
+# checkpoint's); from_pretrained also needs its config.json.
+HF_FOLDER = "torch.dcp HuggingFaceStorageReader"
+HF_MODEL = "transformers from_pretrained"
+OPTIONAL = {
+    "fastsafetensors": "fastsafetensors",
+    "runai-model-streamer": "runai_model_streamer",
+    HF_MODEL: "transformers",
+}
 
 
 @dataclass
@@ -119,6 +127,17 @@ def read_layout(path: Path) -> dict:
         if str(path).endswith(".safetensors") or path.is_dir():
             raise
     return _layout_with_torch(path)  # a torch file this build's readers cannot open yet
+
+
+def hf_folder_of(files: list[str]) -> str | None:
+    """The folder when ``files`` are exactly the .safetensors files it holds (a Hugging
+    Face folder's weights), else None."""
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    folder = Path(files[0]).parent
+    if {Path(f).resolve() for f in files} != {p.resolve() for p in folder.glob("*.safetensors")}:
+        return None
+    return str(folder)
 
 
 def _layout_with_torch(path: Path) -> dict:
@@ -268,10 +287,24 @@ class Worker:
 
 
 # -- the run ----------------------------------------------------------------------------
-def contenders_for(fmt: str, device: str, cold: bool) -> tuple[list[str], list[str]]:
+def contenders_for(
+    fmt: str, device: str, cold: bool, hf_folder: str | None = None, hf_config: bool = False
+) -> tuple[list[str], list[str]]:
     """(contenders to run, notes about the ones left out)."""
     names = [FASTCKPT, *PEERS[fmt]]
     notes = []
+    if fmt == "safetensors":
+        if hf_folder is not None:
+            names.append(HF_FOLDER)
+            if hf_config:
+                names.append(HF_MODEL)
+            else:
+                notes.append(f"{HF_MODEL}: no config.json beside the checkpoint, not run")
+        else:
+            notes.append(
+                f"{HF_FOLDER}, {HF_MODEL}: the checkpoint is not a whole Hugging Face "
+                "folder, not run"
+            )
     for name, module in OPTIONAL.items():
         if name in names and importlib.util.find_spec(module) is None:
             names.remove(name)
@@ -340,7 +373,9 @@ def bench_target(
             numel *= d
         nbytes += numel * getattr(torch, dtype).itemsize
     target = TargetResult(workload, info["format"], str(path), files, nbytes, len(info["layout"]))
-    names, left_out = contenders_for(info["format"], device, cold)
+    folder = hf_folder_of(files) if info["format"] == "safetensors" else None
+    has_config = folder is not None and (Path(folder) / "config.json").is_file()
+    names, left_out = contenders_for(info["format"], device, cold, folder, has_config)
     notes.extend(f"{workload}/{info['format']}: {n}" for n in left_out)
     results = {n: ContenderResult(n) for n in names}
     target.results = list(results.values())
@@ -353,6 +388,7 @@ def bench_target(
                     "path": str(path),
                     "device": device,
                     "nbytes": nbytes,
+                    "hf_folder": folder,
                     **info,
                 }
                 workers[n] = Worker(spec, Path(tmp))

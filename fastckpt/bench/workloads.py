@@ -10,6 +10,7 @@ Each is written as ``model.safetensors`` and as a torch zip ``model.pt`` (same t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,10 +68,28 @@ def many_small_layout(layers: int, experts: int, shape: tuple[int, int] = (64, 3
     ]
 
 
+def bert_config(layers: int, hidden: int, vocab: int, intermediate: int) -> dict[str, object]:
+    """The config.json of a ``BertModel`` with ``bert_layout``'s names and shapes, so the
+    workload's folder is one ``transformers`` can load with ``from_pretrained``."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "intermediate_size": intermediate,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "torch_dtype": "float32",
+    }
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     layout: Layout
+    hf_config: dict[str, object] | None = None  # written as config.json beside the files
 
     @property
     def nbytes(self) -> int:
@@ -86,11 +105,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 SIZES: dict[str, list[Workload]] = {
     "full": [
-        Workload("bert-large", bert_layout(24, 1024, 50_000, 4096)),
+        Workload(
+            "bert-large", bert_layout(24, 1024, 50_000, 4096), bert_config(24, 1024, 50_000, 4096)
+        ),
         Workload("many-small", many_small_layout(40, 256)),
     ],
     "small": [
-        Workload("bert-small", bert_layout(4, 256, 8_000, 1024)),
+        Workload("bert-small", bert_layout(4, 256, 8_000, 1024), bert_config(4, 256, 8_000, 1024)),
         Workload("many-small", many_small_layout(4, 48)),
     ],
 }
@@ -114,6 +135,10 @@ def ensure_files(workload: Workload, cache: Path, size: str) -> dict[str, Path]:
     folder = cache / size / workload.name
     folder.mkdir(parents=True, exist_ok=True)
     st, pt = folder / "model.safetensors", folder / "model.pt"
+    config = folder / "config.json"
+    if workload.hf_config is not None and not config.is_file():
+        with atomic_write(config) as f:
+            f.write(json.dumps(workload.hf_config, indent=2).encode())
     if not st.is_file():
         values = _values(workload.layout)
         specs = [TensorSpec(n, torch.float32, s) for n, s in workload.layout]
