@@ -478,7 +478,7 @@ class _Alignment:
 
     @property
     def unique(self) -> bool:
-        return bool(self.choices) and all(len(c) == 1 for c in self.choices)
+        return self.blocked is None and all(len(c) == 1 for c in self.choices)
 
     def groups(self, k: int) -> tuple[tuple[str, ...], ...]:
         return tuple(

@@ -315,3 +315,17 @@ def test_never_another_parameters_moments(data, n, k):
         assert entry["exp_avg"].shape == shapes[int(name[1:])]
         assert bool((entry["exp_avg"] == int(name[1:])).all())
     assert [g["params"] for g in named["param_groups"]] == [[f"p{i}" for i in m] for m in members]
+
+
+def test_nothing_to_align_and_counts_that_cannot_fit(tmp_path):
+    save_file({"b": torch.zeros(2)}, tmp_path / "model.safetensors")
+    model = nn.Module()
+    model.register_buffer("b", torch.zeros(2))
+    named, _ = resume_mod.remap_optimizer_state(
+        {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]}, tmp_path, model
+    )
+    assert named == {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]}
+    with pytest.raises(fastckpt.CheckpointError, match="0 parameters for 1 saved positions"):
+        resume_mod.remap_optimizer_state(
+            {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, tmp_path, model
+        )
