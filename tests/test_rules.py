@@ -528,7 +528,7 @@ def test_plan_agrees_with_matches(rule_lines, keys, extra_targets):
     assert len(plan.assignments) == len(expected)
 
 
-# -- SCENARIOS.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
+# -- docs/STORIES.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
 
 
 def tiny_bert_keys() -> tuple[list[str], list[str]]:

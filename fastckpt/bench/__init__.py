@@ -41,10 +41,18 @@ PEERS = {
     ],
     "torch": ["torch.load(mmap)+load_state_dict"],
 }
-OPTIONAL = {"fastsafetensors": "fastsafetensors", "runai-model-streamer": "runai_model_streamer"}
 # Cast loads: the one peer that casts on the way, and torch's conversion of the
 # tensors already in memory (Tensor.copy_ into the model: what .to() computes).
 CAST_CONTENDERS = ["safetensors.load_file+load_state_dict", "torch-cast-in-memory"]
+# Peers that read a Hugging Face folder (every .safetensors file of the folder is the
+# checkpoint's); from_pretrained also needs its config.json.
+HF_FOLDER = "torch.dcp HuggingFaceStorageReader"
+HF_MODEL = "transformers from_pretrained"
+OPTIONAL = {
+    "fastsafetensors": "fastsafetensors",
+    "runai-model-streamer": "runai_model_streamer",
+    HF_MODEL: "transformers",
+}
 
 
 @dataclass
@@ -118,6 +126,17 @@ def read_layout(path: Path) -> dict:
                 for k in ck.keys()
             ],
         }
+
+
+def hf_folder_of(files: list[str]) -> str | None:
+    """The folder when ``files`` are exactly the .safetensors files it holds (a Hugging
+    Face folder's weights), else None."""
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    folder = Path(files[0]).parent
+    if {Path(f).resolve() for f in files} != {p.resolve() for p in folder.glob("*.safetensors")}:
+        return None
+    return str(folder)
 
 
 # -- page cache -----------------------------------------------------------------------
@@ -236,11 +255,28 @@ class Worker:
 
 # -- the run ----------------------------------------------------------------------------
 def contenders_for(
-    fmt: str, device: str, cold: bool, cast: bool = False
+    fmt: str,
+    device: str,
+    cold: bool,
+    cast: bool = False,
+    hf_folder: str | None = None,
+    hf_config: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(contenders to run, notes about the ones left out)."""
     names = [FASTCKPT, *(CAST_CONTENDERS if cast else PEERS[fmt])]
     notes = []
+    if fmt == "safetensors" and not cast:
+        if hf_folder is not None:
+            names.append(HF_FOLDER)
+            if hf_config:
+                names.append(HF_MODEL)
+            else:
+                notes.append(f"{HF_MODEL}: no config.json beside the checkpoint, not run")
+        else:
+            notes.append(
+                f"{HF_FOLDER}, {HF_MODEL}: the checkpoint is not a whole Hugging Face "
+                "folder, not run"
+            )
     for name, module in OPTIONAL.items():
         if name in names and importlib.util.find_spec(module) is None:
             names.remove(name)
@@ -317,14 +353,25 @@ def bench_target(
     target = TargetResult(workload, info["format"], str(path), files, nbytes, len(info["layout"]))
     if model_dtype is not None:  # nbytes stays what is read: the file's bytes
         info["layout"] = [(n, shape, model_dtype) for n, shape, _ in info["layout"]]
-    names, left_out = contenders_for(info["format"], device, cold, cast=model_dtype is not None)
+    folder = hf_folder_of(files) if info["format"] == "safetensors" else None
+    has_config = folder is not None and (Path(folder) / "config.json").is_file()
+    names, left_out = contenders_for(
+        info["format"], device, cold, model_dtype is not None, folder, has_config
+    )
     notes.extend(f"{workload}/{info['format']}: {n}" for n in left_out)
     results = {n: ContenderResult(n) for n in names}
     target.results = list(results.values())
     with tempfile.TemporaryDirectory(prefix="fastckpt-bench-") as tmp:
         workers: dict[str, Worker] = {}
         specs = {
-            n: {"contender": n, "path": str(path), "device": device, "nbytes": nbytes, **info}
+            n: {
+                "contender": n,
+                "path": str(path),
+                "device": device,
+                "nbytes": nbytes,
+                "hf_folder": folder,
+                **info,
+            }
             for n in names
         }
         try:

@@ -15,14 +15,15 @@ of the same destination bytes. These are written as safetensors only.
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastckpt.atomic import atomic_write
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
 Layout = list[tuple[str, tuple[int, ...]]]
@@ -72,6 +73,23 @@ def many_small_layout(layers: int, experts: int, shape: tuple[int, int] = (64, 3
     ]
 
 
+def bert_config(layers: int, hidden: int, vocab: int, intermediate: int) -> dict[str, object]:
+    """The config.json of a ``BertModel`` with ``bert_layout``'s names and shapes, so the
+    workload's folder is one ``transformers`` can load with ``from_pretrained``."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "intermediate_size": intermediate,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "torch_dtype": "float32",
+    }
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -79,6 +97,7 @@ class Workload:
     file_dtype: str = "float32"  # torch dtype name the tensors are saved as
     model_dtype: str | None = None  # the model's dtype when it differs: a cast load
     formats: tuple[str, ...] = ("safetensors", "torch")
+    hf_config: dict[str, object] | None = None  # written as config.json beside the files
 
     @property
     def nbytes(self) -> int:
@@ -95,11 +114,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 SIZES: dict[str, list[Workload]] = {
     "full": [
-        Workload("bert-large", bert_layout(24, 1024, 50_000, 4096)),
+        Workload(
+            "bert-large", bert_layout(24, 1024, 50_000, 4096), bert_config(24, 1024, 50_000, 4096)
+        ),
         Workload("many-small", many_small_layout(40, 256)),
     ],
     "small": [
-        Workload("bert-small", bert_layout(4, 256, 8_000, 1024)),
+        Workload("bert-small", bert_layout(4, 256, 8_000, 1024), bert_config(4, 256, 8_000, 1024)),
         Workload("many-small", many_small_layout(4, 48)),
     ],
 }
@@ -144,6 +165,10 @@ def ensure_files(workload: Workload, cache: Path, size: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     st, pt = folder / "model.safetensors", folder / "model.pt"
     dtype = getattr(torch, workload.file_dtype)
+    config = folder / "config.json"
+    if workload.hf_config is not None and not config.is_file():
+        with atomic_write(config) as f:
+            f.write(json.dumps(workload.hf_config, indent=2).encode())
     if not st.is_file():
         values = _values(workload.layout, dtype)
         specs = [TensorSpec(n, dtype, s) for n, s in workload.layout]
@@ -154,12 +179,6 @@ def ensure_files(workload: Workload, cache: Path, size: str) -> dict[str, Path]:
         from safetensors.torch import load_file
 
         state = load_file(str(st))  # once per cache: generation may hold the whole dict
-        fd, tmp = tempfile.mkstemp(prefix=".model.pt.", suffix=".partial", dir=folder)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, pt)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(pt) as f:
+            torch.save(state, f)
     return {"safetensors": st, "torch": pt}
