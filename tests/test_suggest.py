@@ -95,7 +95,7 @@ def test_pairs_by_position_after_the_prefix_with_a_vocabulary_cut():
     )
     assert s.lines == [
         "strip prefix 'module.': matches 3/6 keys",
-        "pair 2 more keys by shape and position (1 with a vocabulary cut): matches 5/6 keys",
+        "pair 2 more keys by shape and name (1 with a vocabulary cut): matches 5/6 keys",
     ]
     assert (s.matches, s.total) == (5, 6)
     assert s.notes == ["# no source found for bert.pooler.weight [8, 8]"]
