@@ -75,6 +75,16 @@ class Span:
 
 
 Region = Select | Span
+# One region, or several applied in turn (expert e, then its gate rows:
+# (Select(0, e), Span(0, 0, I))).
+Regions = Region | tuple[Region, ...]
+
+
+def regions(r: Regions | None) -> tuple[Region, ...]:
+    """``into`` / ``part`` as a tuple of regions applied in turn (empty: the whole tensor)."""
+    if r is None:
+        return ()
+    return r if isinstance(r, tuple) else (r,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +108,8 @@ class Assignment:
     rule: str | None = None  # text of the rule that produced it; None for an exact name match
     rows: RowSelection | None = None
     dtype: torch.dtype | None = None  # cast through this dtype; None: the destination's dtype
-    into: Region | None = None  # the region of the target this source fills; None: all of it
-    part: Region | None = None  # the region of the source read; None: all of it
+    into: Regions | None = None  # the region of the target this source fills; None: all of it
+    part: Regions | None = None  # the region of the source read; None: all of it
     transpose: bool = False  # 2-D: read the source transposed (Conv1D <-> Linear)
     rope: Rope | None = None  # per-head row permutation, after part and transpose
 

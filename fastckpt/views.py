@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, Rope, Select, Span
+from fastckpt.mapping import Assignment, Rope, Select, Span, regions
 
 __all__ = ["View", "check_parts", "dense_strides", "read_shape", "source_view", "target_view"]
 
@@ -103,8 +103,8 @@ def _read(offset: int, shape: Shape, strides: Shape, asg: Assignment) -> View:
                 f"source's {n} rows"
             )
         view = _region(view, Span(0, asg.rows.start, asg.rows.rows(n)), "rows", asg)
-    if asg.part is not None:
-        view = _region(view, asg.part, "part", asg)
+    for r in regions(asg.part):
+        view = _region(view, r, "part", asg)
     if asg.transpose:
         o, sh, st = view
         if len(sh) != 2:
@@ -147,8 +147,7 @@ def source_view(offset: int, shape: Sequence[int], strides: Sequence[int], asg: 
 def target_view(tensor: torch.Tensor, asg: Assignment) -> torch.Tensor:
     """The region of the destination ``asg`` writes, as a view of ``tensor``."""
     out = tensor
-    if asg.into is not None:
-        r = asg.into
+    for r in regions(asg.into):
         if not 0 <= r.dim < out.dim():
             raise CheckpointError(
                 f"{_where(asg)}: into {r} names dim {r.dim} of a {out.dim()}-D target "
@@ -176,13 +175,48 @@ def target_view(tensor: torch.Tensor, asg: Assignment) -> torch.Tensor:
     return out
 
 
-def _region_shape(shape: Shape, into: Select | Span | None) -> Shape:
-    if into is None:
-        return shape
-    d = into.dim
-    if isinstance(into, Select):
-        return shape[:d] + shape[d + 1 :]
-    return shape[:d] + (into.length,) + shape[d + 1 :]
+Box = tuple[tuple[int, int], ...]  # [start, stop) per dim of the target
+
+
+def _box(target: str, shape: Shape, asg: Assignment) -> tuple[Box, Shape]:
+    """Where ``asg.into`` lies in the target, and the shape of that region."""
+    box = [(0, n) for n in shape]
+    left = list(range(len(shape)))  # the target dims the region still has
+    for r in regions(asg.into):
+        if not 0 <= r.dim < len(left):
+            raise CheckpointError(
+                f"{_where(asg)}: into {r} names dim {r.dim} of a {len(left)}-D region "
+                f"of the target {list(shape)}"
+            )
+        d = left[r.dim]
+        lo, hi = box[d]
+        if isinstance(r, Select):
+            if not 0 <= r.index < hi - lo:
+                raise CheckpointError(
+                    f"{target}: {asg.source} is stacked at index {r.index}, "
+                    f"dim {r.dim} has {hi - lo} entries"
+                )
+            box[d] = (lo + r.index, lo + r.index + 1)
+            del left[r.dim]
+        else:
+            if r.start < 0 or r.length < 0 or r.stop > hi - lo:
+                raise CheckpointError(
+                    f"{target}: {asg.source} fills [{r.start}:{r.stop}] of dim {r.dim}, "
+                    f"which has {hi - lo}"
+                )
+            box[d] = (lo + r.start, lo + r.stop)
+    return tuple(box), tuple(box[d][1] - box[d][0] for d in left)
+
+
+def _volume(box: Box) -> int:
+    n = 1
+    for lo, hi in box:
+        n *= hi - lo
+    return n
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return all(lo1 < hi2 and lo2 < hi1 for (lo1, hi1), (lo2, hi2) in zip(a, b, strict=True))
 
 
 def _names(asgs: Sequence[Assignment]) -> str:
@@ -201,32 +235,30 @@ def check_parts(
 
     Stacked pieces (``into=Select``) must use one dim and give every index once;
     concatenated pieces (``into=Span``) one dim, without overlaps, adding up to
-    the dim's size. With ``source_shapes``, each piece's shape must equal its
-    region's. ``partial=True`` accepts pieces that leave part of the target
-    unfilled (a larger target) and returns the regions left, as spans; otherwise
-    those are an error too. Raises ``CheckpointError`` naming the keys.
+    the dim's size; pieces with several regions (an expert's gate rows) must not
+    overlap and must fill the target. With ``source_shapes``, each piece's shape
+    must equal its region's. ``partial=True`` accepts single-region pieces that
+    leave part of the target unfilled (a larger target) and returns the regions
+    left, as spans; otherwise those are an error too. Raises ``CheckpointError``
+    naming the keys.
     """
     tshape = tuple(int(n) for n in shape)
     asgs = list(assignments)
     if not asgs:
         return [Span(0, 0, tshape[0])] if partial and tshape else []
-    whole = [a for a in asgs if a.into is None]
+    whole = [a for a in asgs if not regions(a.into)]
     if whole and len(asgs) > 1:
         raise CheckpointError(
             f"{target}: several sources for one target ({_names(asgs)}); "
             "a stack or concatenation names each source's region"
         )
+    boxes = {id(a): _box(target, tshape, a) for a in asgs}
     if source_shapes is not None:
         for a in asgs:
             if a.source not in source_shapes:
                 raise CheckpointError(f"{target}: source {a.source} is not in the checkpoint")
             got = read_shape(source_shapes[a.source], a)
-            want = _region_shape(tshape, a.into) if a.into is not None else tshape
-            if a.into is not None and not 0 <= a.into.dim < len(tshape):
-                raise CheckpointError(
-                    f"{_where(a)}: into {a.into} names dim {a.into.dim} of a "
-                    f"{len(tshape)}-D target {list(tshape)}"
-                )
+            want = boxes[id(a)][1]
             if got != want:
                 raise CheckpointError(
                     f"{_where(a)}: the source piece is {list(got)}, its place in the "
@@ -234,25 +266,22 @@ def check_parts(
                 )
     if whole:
         return []
-    kinds = {type(a.into) for a in asgs}
-    dims = {a.into.dim for a in asgs if a.into is not None}
+    if any(len(regions(a.into)) > 1 for a in asgs):
+        return _check_boxes(target, tshape, asgs, {k: b for k, (b, _) in boxes.items()})
+    firsts = [regions(a.into)[0] for a in asgs]
+    kinds = {type(r) for r in firsts}
+    dims = {r.dim for r in firsts}
     if len(kinds) > 1 or len(dims) > 1:
         raise CheckpointError(
             f"{target}: its sources ({_names(asgs)}) mix stacking and concatenation "
             "or name different dims"
         )
     (d,) = dims
-    if not 0 <= d < len(tshape):
-        raise CheckpointError(f"{target}: dim {d} of a {len(tshape)}-D target {list(tshape)}")
     size = tshape[d]
     if kinds == {Select}:
         by_index: dict[int, Assignment] = {}
-        for a in sorted(asgs, key=lambda a: (a.into.index, a.source)):  # type: ignore[union-attr]
-            i = a.into.index  # type: ignore[union-attr]
-            if not 0 <= i < size:
-                raise CheckpointError(
-                    f"{target}: {a.source} is stacked at index {i}, dim {d} has {size} entries"
-                )
+        for a in sorted(asgs, key=lambda a: (regions(a.into)[0].index, a.source)):  # type: ignore[union-attr]
+            i = regions(a.into)[0].index  # type: ignore[union-attr]
             if i in by_index:
                 raise CheckpointError(
                     f"{target}: index {i} is given twice, by {by_index[i].source} and {a.source}"
@@ -265,16 +294,12 @@ def check_parts(
                 f"({len(by_index)} of {size} stacked: {_names(list(by_index.values()))})"
             )
         return [Span(d, i, 1) for i in missing]
-    spans = sorted(asgs, key=lambda a: (a.into.start, a.source))  # type: ignore[union-attr]
+    spans = sorted(asgs, key=lambda a: (regions(a.into)[0].start, a.source))  # type: ignore[union-attr]
     left: list[Span] = []
     at, prev = 0, None
     for a in spans:
-        r = a.into
+        r = regions(a.into)[0]
         assert isinstance(r, Span)
-        if r.start < 0 or r.stop > size:
-            raise CheckpointError(
-                f"{target}: {a.source} fills [{r.start}:{r.stop}] of dim {d}, which has {size}"
-            )
         if r.start < at:
             assert prev is not None
             raise CheckpointError(
@@ -286,12 +311,40 @@ def check_parts(
     if at < size:
         left.append(Span(d, at, size - at))
     if left and not partial:
-        covered = sum(a.into.length for a in spans)  # type: ignore[union-attr]
+        covered = sum(regions(a.into)[0].length for a in spans)  # type: ignore[union-attr]
         raise CheckpointError(
             f"{target}: its parts ({_names(spans)}) add up to {covered} along dim {d}, "
             f"the target has {size}"
         )
     return left
+
+
+def _check_boxes(
+    target: str, shape: Shape, asgs: Sequence[Assignment], boxes: Mapping[int, Box]
+) -> list[Span]:
+    """Pieces with nested regions: pairwise disjoint, and together the whole target."""
+    ordered = sorted(asgs, key=lambda a: (boxes[id(a)], a.source))
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1 :]:
+            if boxes[id(b)][0][0] >= boxes[id(a)][0][1]:
+                break  # sorted by the first dim's start: nothing further can overlap a
+            if _overlap(boxes[id(a)], boxes[id(b)]):
+                same = boxes[id(a)] == boxes[id(b)]
+                raise CheckpointError(
+                    f"{target}: {a.source} and {b.source} "
+                    + ("fill the same region" if same else "overlap")
+                    + " ("
+                    + " ".join(str(r) for r in regions(a.into))
+                    + ")"
+                )
+    total = _volume(tuple((0, n) for n in shape))
+    covered = sum(_volume(boxes[id(a)]) for a in asgs)
+    if covered != total:
+        raise CheckpointError(
+            f"{target}: its parts ({_names(ordered)}) fill {covered} of its {total} elements "
+            f"{list(shape)}"
+        )
+    return []
 
 
 def _ranges(idx: Sequence[int]) -> str:

@@ -308,3 +308,62 @@ def test_regions_out_of_range():
         target_view(torch.empty(3, 2), Assignment("t", "s", into=Span(0, 1, 3)))
     with pytest.raises(CheckpointError, match=r"rows\[0:12\] is beyond the source's 10 rows"):
         source_view(0, (10, 2), (2, 1), Assignment("t", "s", rows=RowSelection(0, 12)))
+
+
+def mixtral_pieces(n_experts: int, inner: int, hidden: int) -> list[Assignment]:
+    """w1 (gate) and w3 (up) of each expert into gate_up_proj [E, 2I, H], as transformers
+    does: MergeModulelist(dim=0) then Concatenate(dim=1)."""
+    out = []
+    for e in range(n_experts):
+        for k, w in enumerate(("w1", "w3")):
+            out.append(
+                Assignment(
+                    "gate_up", f"experts.{e}.{w}", into=(Select(0, e), Span(0, k * inner, inner))
+                )
+            )
+    return out
+
+
+def test_stack_then_concatenate_like_mixtral_gate_up():
+    n, inner, hidden = 3, 4, 5
+    g = torch.Generator().manual_seed(0)
+    w = {
+        f"experts.{e}.{k}": torch.randn(inner, hidden, generator=g)
+        for e in range(n)
+        for k in ("w1", "w3")
+    }
+    ref = torch.cat(
+        [
+            torch.stack([w[f"experts.{e}.w1"] for e in range(n)]),
+            torch.stack([w[f"experts.{e}.w3"] for e in range(n)]),
+        ],
+        dim=1,
+    )
+    out = torch.full_like(ref, float("nan"))
+    asgs = mixtral_pieces(n, inner, hidden)
+    assert check_parts("gate_up", ref.shape, asgs, {k: v.shape for k, v in w.items()}) == []
+    for a in asgs:
+        copy(w[a.source], out, a)
+    assert same(out, ref)
+
+
+def test_nested_pieces_missing_or_twice():
+    asgs = mixtral_pieces(3, 4, 5)
+    with pytest.raises(
+        CheckpointError, match=r"gate_up: its parts \(.*\) fill 100 of its 120 elements \[3, 8, 5\]"
+    ):
+        check_parts("gate_up", (3, 8, 5), asgs[:-1])
+    twice = asgs[:-1] + [Assignment("gate_up", "dup", into=(Select(0, 0), Span(0, 0, 4)))]
+    with pytest.raises(
+        CheckpointError,
+        match=r"gate_up: (dup and experts.0.w1|experts.0.w1 and dup) fill the same region",
+    ):
+        check_parts("gate_up", (3, 8, 5), twice)
+    with pytest.raises(
+        CheckpointError, match=r"gate_up: experts.9.w1 is stacked at index 9, dim 0 has 3 entries"
+    ):
+        check_parts(
+            "gate_up",
+            (3, 8, 5),
+            [Assignment("gate_up", "experts.9.w1", into=(Select(0, 9), Span(0, 0, 4)))],
+        )
