@@ -212,8 +212,14 @@ class HFConversions:
                 raise self._refuse(op, conv, f"dim {d} of tensors {[list(s.shape) for s in syms]}")
             rest = {s.shape[:d] + s.shape[d + 1 :] for s in syms}
             if len(rest) != 1:
-                raise self._refuse(
-                    op, conv, f"shapes {[list(s.shape) for s in syms]} differ off dim {d}"
+                counts = ", ".join(
+                    f"{len(state[p][0].pieces) if p in state else 0} x {p}"
+                    for p in conv.source_patterns
+                )
+                raise CheckpointError(
+                    f"{names[conv.target_patterns[0]]}: the checkpoint's parts do not fit "
+                    f"together ({counts}): transformers' {kind}(dim={d}) of shapes "
+                    f"{[list(s.shape) for s in syms]}"
                 )
             pieces: list[_Piece] = []
             at = 0
