@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from fastckpt.pairing import Pairs, pair_by_shape, pattern_lines
 from fastckpt.rules import Rules
+from fastckpt.suggest_convert import suggest_conversions
 
 Shapes = Mapping[str, tuple[int, ...]]
 ShapesIn = Mapping[str, Sequence[int]]  # what callers pass: tuples, lists, torch.Size
@@ -240,8 +241,16 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
     extra = pair_by_shape(sources, targets, set(pairs), taken)
     pairs |= extra
     used = set(pairs)
+    # Stacks, concatenations and transposes among the keys still unexplained.
     filled_now = {t for t, _ in pairs.values()}
-    unfilled = {shape for t, shape in targets.items() if t not in filled_now}
+    conv_lines, conv_used, conv_filled = suggest_conversions(
+        {s: sh for s, sh in sources.items() if s not in used},
+        {t: sh for t, sh in targets.items() if t not in filled_now},
+    )
+    used |= conv_used
+    unfilled = {
+        shape for t, shape in targets.items() if t not in filled_now and t not in conv_filled
+    }
     ignores = _ignore_lines(sources, used, targets, unfilled)
     base = [line for line, _ in ignores] + list(best.rules)
     # Pairs the prefix / rename rules get wrong need rules of their own, placed first.
@@ -252,9 +261,9 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
         for s, m in zip(keys, base_rules.match(keys), strict=True)
     }
     needed = {s: p for s, p in extra.items() if base_target[s] != p[0] or p[1] is not None}
-    specific = pattern_lines(needed, pairs, keys)
+    specific = conv_lines + pattern_lines(needed, pairs, keys)
 
-    filled = {t for t, _ in pairs.values()}
+    filled = {t for t, _ in pairs.values()} | conv_filled
     total = len(targets)
     notes = [
         f"# no source found for {t} {list(shape)}"
@@ -270,6 +279,11 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
         lines.append(
             f"pair {len(extra)}{' more' if best.rules else ''} keys by shape and name{how}: "
             f"matches {len(filled)}/{total} keys"
+        )
+    if conv_lines:
+        lines.append(
+            f"stack / concatenate / transpose {len(conv_used)} keys into {len(conv_filled)} "
+            f"model tensors: matches {len(filled)}/{total} keys"
         )
     lines += [f"{line}: skips {n} checkpoint keys nothing uses" for line, n in ignores]
     rules = specific + base
