@@ -215,6 +215,7 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.tied = list(p.tied)
     report.loaded += p.loaded_by_pieces
     report.rule_for.update(p.piece_rules)
+    report.partly_loaded = list(p.partly_loaded)
     if p._rules is not None:
         assert p._rows is not None
         for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):

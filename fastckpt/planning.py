@@ -128,6 +128,7 @@ class LoadPlan:
     pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
+    partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     # Execution state (fastckpt.load): the checkpoint, destinations and per-entry details.
@@ -538,10 +539,16 @@ def _add_pieces(
                 )
         g = group_of[target]
         shapes = {a.source: ckpt._handle_shape(handles[a.source]) for a in asgs}
+        # One source into the first rows of a larger tensor (a grown vocabulary): the rule
+        # places it, the rows after it are reported as not loaded.
+        one_prefix = len(asgs) == 1 and _first_rows(asgs[0])
         try:
-            check_parts(target, tuple(mt.tensors[g].shape), asgs, shapes)
+            left = check_parts(target, tuple(mt.tensors[g].shape), asgs, shapes, partial=one_prefix)
         except CheckpointError as e:
             raise CheckpointError(f"{ckpt.path}: {e}") from None
+        p.partly_loaded += [
+            (target, f"{'rows' if s.dim == 0 else f'dim {s.dim}'} {s.start}:{s.stop}") for s in left
+        ]
         for a in asgs:
             h = handles[a.source]
             _, shape, strides, offset = ckpt._handle_view(h)
@@ -561,6 +568,14 @@ def _add_pieces(
         if asgs[0].rule is not None:
             p.piece_rules[target] = asgs[0].rule
     return plain
+
+
+def _first_rows(a: Any) -> bool:
+    """``cat[0:N]`` alone: a source placed at the start of the target's dim 0."""
+    from fastckpt.mapping import Span, regions
+
+    r = regions(a.into)
+    return len(r) == 1 and isinstance(r[0], Span) and r[0].dim == 0 and r[0].start == 0
 
 
 def _find_meta_leftovers(

@@ -341,3 +341,36 @@ def test_transpose_of_a_tensor_that_is_not_2d_names_the_keys(tmp_path):
         r"the source piece is \[2, 3, 4\]",
     ):
         fastckpt.load_into(model, tmp_path / "c.safetensors", rules="c.weight -> w transpose")
+
+
+def test_a_smaller_source_fills_the_first_rows_of_a_grown_vocabulary(tmp_path):
+    """Into a larger target: the rule places the 50 rows, rows 50:60 are reported."""
+    small = torch.randn(50, 4)
+    save_file({"emb.weight": small, "head.weight": torch.randn(3, 4)}, tmp_path / "v.safetensors")
+    model = nn.Module()
+    model.emb = nn.Embedding(60, 4)
+    model.head = nn.Linear(4, 3, bias=False)
+    grown = model.emb.weight.detach()[50:].clone()
+    with pytest.raises(fastckpt.StrictLoadError, match="emb.weight"):
+        fastckpt.load_into(model, tmp_path / "v.safetensors")  # no rule: a shape mismatch
+    report = fastckpt.load_into(
+        model, tmp_path / "v.safetensors", rules="emb.weight -> emb.weight cat[0:50]"
+    )
+    assert report.partly_loaded == [("emb.weight", "rows 50:60")]
+    assert "emb.weight (rows 50:60 not loaded)" in str(report)
+    same_bytes(
+        {"a": small, "b": grown},
+        {"a": model.emb.weight.detach()[:50], "b": model.emb.weight.detach()[50:]},
+    )
+    # a part beyond the source is an error naming its rows
+    with pytest.raises(
+        CheckpointError,
+        match=r"the source piece is \[50, 4\], its place in the target \[60, 4\] is \[55, 4\]",
+    ):
+        fastckpt.load_into(
+            model, tmp_path / "v.safetensors", rules="emb.weight -> emb.weight cat[0:55]"
+        )
+    with pytest.raises(CheckpointError, match=r"rows\[0:55\] is beyond the source's 50 rows"):
+        fastckpt.load_into(
+            model, tmp_path / "v.safetensors", rules="emb.weight -> emb.weight rows[:55] cat[0:55]"
+        )
