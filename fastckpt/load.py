@@ -190,6 +190,9 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.ignored = list(p.ignored)
     report.unused_rules = list(p.unused_rules)
     report.tied = list(p.tied)
+    report.loaded += p.loaded_by_pieces
+    report.rule_for.update(p.piece_rules)
+    report.partly_loaded = list(p.partly_loaded)
     if p._rules is not None:
         assert p._rows is not None
         for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):
