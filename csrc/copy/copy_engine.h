@@ -24,6 +24,10 @@ class MappedFile;
 struct EngineOptions {
   size_t threads = 2;
   uint64_t max_host_bytes = uint64_t{256} << 20;
+  // Fetch only the pages the tasks need (a rank loading its shard): no
+  // readahead, and strided sources read run by run with pread, not gathered
+  // through the mapping. The page cache is still used where it already holds a range.
+  bool exact_reads = false;
 };
 
 class CopyEngine {
