@@ -223,6 +223,7 @@ class Checkpoint:
         if self.prefix:
             self._entries_map = self._picked(paths or [index.paths() for index in self._indexes])
         self._shared: list[dict[int, list[str]]] | None = None
+        self._shape_lists: list[list[tuple[int, ...]]] | None = None
 
     @property
     def _all(self) -> dict[str, int]:
@@ -265,6 +266,32 @@ class Checkpoint:
         if self._entries_map is None:  # nothing picked: the C++ maps answer
             return _core.locate(self._indexes, names)
         return list(map(self._entries_map.get, names))
+
+    # -- the loader's view (fastckpt.plan): opaque source handles ------------------
+    # A handle stands for one tensor of one file; only this class and the core read it.
+
+    def _handles(self) -> dict[str, int]:
+        """Picked name -> source handle."""
+        return self._entries
+
+    def _handle_shape(self, handle: int) -> tuple[int, ...]:
+        if self._shape_lists is None:  # only rules, mismatches and refusals need them
+            self._shape_lists = [index.shapes() for index in self._indexes]
+        return self._shape_lists[handle >> 32][handle & 0xFFFFFFFF]
+
+    def _handle_view(self, handle: int) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
+        """(dtype, shape, strides, storage offset in elements) of the tensor a handle names."""
+        dtype, shape, strides, soff, _, _, _ = self._indexes[handle >> 32].tensor_view(
+            handle & 0xFFFFFFFF
+        )
+        return TORCH_DTYPES[dtype], shape, strides, soff
+
+    def _handle_file(self, handle: int) -> str:
+        return self._file_names[handle >> 32]
+
+    @property
+    def _core_indexes(self) -> list[_core.FileIndex]:
+        return self._indexes
 
     def _raise_duplicate(self, names: list[list[str]], upto: int) -> None:
         seen: set[str] = set()
