@@ -33,6 +33,7 @@ from fastckpt.dtypes import DTYPE_NAMES, short_name
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.report import Mismatch, format_groups
+from fastckpt.sharded import is_dtensor, plan_shards
 
 PathLike = str | os.PathLike
 
@@ -126,6 +127,13 @@ class LoadPlan:
     tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name written through)
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
     pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
+    # DTensor destinations (fastckpt.sharded): model names, their sources and tensors'
+    # groups; the bytes of this rank's shards, in the file and in the model.
+    sharded: list[str] = field(default_factory=list)
+    sharded_sources: list[str] = field(default_factory=list)
+    sharded_groups: list[int] = field(default_factory=list)
+    local_bytes: int = 0
+    local_target_bytes: int = 0
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     # Execution state (fastckpt.load): the checkpoint, destinations and per-entry details.
@@ -325,8 +333,10 @@ def build(
         raise ValueError(f"dtype= sets the floating dtype of the model's tensors; {dtype} is not one")
     # The files are indexed on C++ threads while the model is walked and its
     # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
-    opening = None if isinstance(path, Checkpoint) else Opening(path)
     mt = ModelTensors.of(model)
+    # A rank loading its shards reads only their pages: no readahead from the start.
+    any_sharded = any(is_dtensor(t) for t in mt.tensors)
+    opening = None if isinstance(path, Checkpoint) else Opening(path, exact_reads=any_sharded)
     names, tensors, groups = mt.names, mt.tensors, mt.groups
     plain = all_plain(tensors)
     # Every destination is read now, before the index is waited for; usually all
@@ -413,6 +423,32 @@ def build(
             else a.rows.rows(shape[0])
             for a, h in zip(cand_picks, cand_sources, strict=True)
         ]
+    n_cand = len(cand)
+    if any_sharded:
+        # DTensors are copied shard by shard (pieces); the rest as whole tensors.
+        split = [k for k, g in enumerate(cand) if is_dtensor(tensors[g])]
+        plan_shards(
+            p,
+            ckpt,
+            [
+                (
+                    cand[k],
+                    vias[cand[k]],  # type: ignore[misc]
+                    vias[cand[k]] if cand_picks is None else cand_picks[k].source,
+                    cand_sources[k],
+                    None if cand_picks is None else cand_picks[k].rows,
+                    None if cand_picks is None else cand_picks[k].dtype,
+                )
+                for k in split
+            ],
+        )
+        keep_plain = [k for k in range(len(cand)) if not is_dtensor(tensors[cand[k]])]
+        cand = [cand[k] for k in keep_plain]
+        cand_sources = [cand_sources[k] for k in keep_plain]
+        if cand_picks is not None:
+            cand_picks = [cand_picks[k] for k in keep_plain]
+        if dim0 is not None:
+            dim0 = [dim0[k] for k in keep_plain]
     if every_target is None:
         targets = _read_targets(ckpt.path, [tensors[g] for g in cand], [vias[g] for g in cand])
     else:
@@ -438,7 +474,7 @@ def build(
         loadable, sources = cand, cand_sources
     # Without rules every candidate uses its own, distinct source: when they cover
     # the whole file, nothing in it is unexpected (no need to look at each key).
-    if picks is None and groups is None and len(cand) == len(ckpt):
+    if picks is None and groups is None and n_cand == len(ckpt):
         p.unexpected = []
     else:
         if used_sources is None:
@@ -473,7 +509,7 @@ def build(
             if g not in loaded_set and vias[g] is None
             for n in groups[g][1:]
         ]
-    _find_meta_leftovers(p, model, mt, set(loadable), want)
+    _find_meta_leftovers(p, model, mt, set(loadable) | set(p.sharded_groups), want)
     return p
 
 
