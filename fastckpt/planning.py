@@ -273,6 +273,15 @@ class LoadPlan:
         console.print(table)
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
+        if self.sharded:
+            from fastckpt.sharded import bytes_per_rank
+
+            console.print(
+                f"  {len(self.sharded)} sharded tensors; this rank reads "
+                f"{self.local_bytes / 1e6:.1f} MB of them"
+            )
+            for rank, n in bytes_per_rank(self).items():
+                console.print(f"  {n / 1e6:10.3f} MB read by rank {rank}")
         for label, names in (
             ("missing from the checkpoint", self.missing),
             ("unexpected in the checkpoint", self.unexpected),

@@ -14,6 +14,7 @@ checkpoint that differs from rank 0's), every rank refuses and none writes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
 import torch
@@ -105,6 +106,29 @@ def plan_shards(
         itemsize = dt.dtype.itemsize
         p.local_bytes += sum(_numel(pc.global_box) * view[0].itemsize for pc in shard.pieces)
         p.local_target_bytes += sum(_numel(pc.global_box) * itemsize for pc in shard.pieces)
+
+
+def bytes_per_rank(p: Any) -> dict[int, int]:
+    """Bytes each global rank reads from the file under this plan, from metadata alone:
+    every rank's shards of the sharded tensors (their pieces at each mesh coordinate)
+    plus the plain tensors, which every rank reads whole."""
+    from fastckpt.sharding import pieces_for
+
+    assert p._model is not None
+    plain = sum(e.nbytes for e in p.entries())
+    out: dict[int, int] = {}
+    for name, source, group in zip(p.sharded, p.sharded_sources, p.sharded_groups, strict=True):
+        dt = p._model.tensors[group]
+        mesh = dt.device_mesh
+        itemsize = p.checkpoint._handle_view(p.checkpoint._handles()[source])[0].itemsize
+        ranks = mesh.mesh
+        for coordinate in itertools.product(*(range(n) for n in ranks.shape)):
+            shard = pieces_for(name, tuple(dt.shape), tuple(ranks.shape), coordinate, dt.placements)
+            rank = int(ranks[coordinate])
+            out[rank] = (
+                out.get(rank, 0) + sum(_numel(pc.global_box) for pc in shard.pieces) * itemsize
+            )
+    return {rank: n + plain for rank, n in sorted(out.items())}
 
 
 def _numel(box: tuple[tuple[int, int], ...]) -> int:
