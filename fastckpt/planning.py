@@ -33,7 +33,7 @@ from fastckpt.dtypes import DTYPE_NAMES, short_name
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.report import Mismatch, format_groups
-from fastckpt.sharded import is_dtensor, plan_shards
+from fastckpt.sharded import any_dtensor, is_dtensor, plan_shards
 
 PathLike = str | os.PathLike
 
@@ -344,7 +344,7 @@ def build(
     # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
     mt = ModelTensors.of(model)
     # A rank loading its shards reads only their pages: no readahead from the start.
-    any_sharded = any(is_dtensor(t) for t in mt.tensors)
+    any_sharded = any_dtensor(mt.tensors)
     opening = None if isinstance(path, Checkpoint) else Opening(path, exact_reads=any_sharded)
     names, tensors, groups = mt.names, mt.tensors, mt.groups
     plain = all_plain(tensors)

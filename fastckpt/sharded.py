@@ -13,8 +13,10 @@ checkpoint that differs from rank 0's), every rank refuses and none writes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -27,18 +29,28 @@ from fastckpt.sharding import Piece as ShardPiece
 from fastckpt.sharding import box_view, dtensor_shard, narrow
 
 
-def is_dtensor(t: Any) -> bool:
+@functools.cache
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def any_dtensor(tensors: Iterable[Any]) -> bool:
+    """Whether any of the tensors is a DTensor; one check per distinct type (30k tensors)."""
+    cls = _dtensor_class()
+    return cls is not None and any(issubclass(k, cls) for k in set(map(type, tensors)))
 
 
 def has_dtensors(model: nn.Module) -> bool:
-    return any(is_dtensor(t) for t in model.parameters()) or any(
-        is_dtensor(t) for t in model.buffers()
-    )
+    return any_dtensor(model.parameters()) or any_dtensor(model.buffers())
 
 
 def _local_view(box: tuple[tuple[int, int], ...]) -> Any:
