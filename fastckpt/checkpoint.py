@@ -281,7 +281,9 @@ class Checkpoint:
             self._shape_lists = [index.shapes() for index in self._indexes]
         return self._shape_lists[handle >> 32][handle & 0xFFFFFFFF]
 
-    def _handle_view(self, handle: int) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
+    def _handle_view(
+        self, handle: int
+    ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
         """(dtype, shape, strides, storage offset in elements) of the tensor a handle names."""
         dtype, shape, strides, soff, _, _, _ = self._indexes[handle >> 32].tensor_view(
             handle & 0xFFFFFFFF

@@ -159,7 +159,6 @@ def convert_command(
     console.print(table)
 
 
-@app.command("bench")
 def _bench_ranks(
     ranks: int, size: str, repeat: int, cache_dir: Path | None, markdown: bool, as_json: bool
 ) -> None:
@@ -206,6 +205,7 @@ def _bench_ranks(
         raise typer.Exit(1)
 
 
+@app.command("bench")
 def bench_command(
     path: Path = typer.Argument(
         None, help="checkpoint to load (default: generated BERT-large and many-small files)"

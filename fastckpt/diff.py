@@ -33,7 +33,8 @@ from torch import nn
 
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.dtypes import short_name
-from fastckpt.mapping import Assignment, MappingPlan, RowSelection, plain_plan
+from fastckpt.mapping import Assignment, RowSelection
+from fastckpt.planning import match
 
 # Elements per comparison chunk: 1 Mi elements is 8 MB as float64 per side; the
 # arithmetic holds about ten such temporaries (~80 MB), whatever the file size.
@@ -400,19 +401,6 @@ def compare_values(
     return bit_equal, max_abs, max_rel
 
 
-def _plan(rules: Any, a_keys: list[str], b_keys: list[str]) -> MappingPlan:
-    if rules is None:
-        return plain_plan(a_keys, b_keys)
-    if not hasattr(rules, "plan"):
-        try:
-            from fastckpt.rules import as_rules  # lazy: the rules engine is optional here
-        except ImportError:
-            raise ImportError("rules need fastckpt.rules, which this build does not have") from None
-
-        rules = as_rules(rules)
-    return rules.plan(a_keys, b_keys)
-
-
 def diff(
     a: Side,
     b: Side,
@@ -429,7 +417,7 @@ def diff(
     sa, sb = _Side(a), _Side(b)
     try:
         a_keys, b_keys = sa.keys(), sb.keys()
-        plan = _plan(rules, a_keys, b_keys)
+        plan = match(a_keys, b_keys, rules)
         report = DiffReport(a_name=sa.name, b_name=sb.name, values=values, atol=atol)
         used_a = set(plan.ignored_sources)
         used_b = set(plan.ignored_targets)

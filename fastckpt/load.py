@@ -182,7 +182,6 @@ def load_into(
     gc.disable()
     try:
         # Ranks of a sharded model agree before any writes: if one refuses, all do.
-        collective = has_dtensors(model) and _distributed()
         error: BaseException | None = None
         try:
             if isinstance(path, LoadPlan):
@@ -192,10 +191,10 @@ def load_into(
             else:
                 p = build(model, path, rules, key=key, device=device, dtype=dtype)
         except (CheckpointError, ValueError, TypeError) as e:
-            if not collective:
+            if not (_distributed() and has_dtensors(model)):
                 raise
             error = e
-        if collective:
+        if error is not None or (p.any_sharded and _distributed()):
             agree(p if error is None else None, error, strict)
         if strict and p.problems:
             _refuse(p)

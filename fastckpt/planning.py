@@ -27,13 +27,12 @@ from fastckpt.destinations import (
     all_plain,
     non_persistent_buffers,
     refusal,
-    same_device,
 )
 from fastckpt.dtypes import DTYPE_NAMES, short_name
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
-from fastckpt.report import Mismatch, format_groups
-from fastckpt.sharded import any_dtensor, is_dtensor, plan_shards
+from fastckpt.report import Mismatch, format_groups, group_names
+from fastckpt.sharded import any_dtensor, dtensors_possible, is_dtensor, plan_shards
 
 PathLike = str | os.PathLike
 
@@ -53,24 +52,18 @@ def match(
     """Names only: which source key feeds which target key under ``rules``.
 
     ``target_keys=None`` (no model, as in ``convert``): every source maps, by its
-    rule or to itself. Two sources for one target is a ``CheckpointError``.
+    rule or to itself.
     """
     rules_obj = as_rules(rules)
     if rules_obj is None:
         keys = list(source_keys)
         return plain_plan(keys, keys if target_keys is None else target_keys)
-    mapping: MappingPlan = rules_obj.plan(list(source_keys), target_keys)
-    seen: dict[str, str] = {}
-    for a in mapping.assignments:
-        if a.target in seen:
-            raise CheckpointError(
-                f"two checkpoint tensors map onto {a.target!r}: {seen[a.target]!r} and {a.source!r}"
-            )
-        seen[a.target] = a.source
-    return mapping
+    return rules_obj.plan(list(source_keys), None if target_keys is None else list(target_keys))
 
 
-SourceView = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, strides (elements)
+SourceView = tuple[
+    int, tuple[int, ...], tuple[int, ...]
+]  # storage offset, shape, strides (elements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +127,7 @@ class LoadPlan:
     sharded_groups: list[int] = field(default_factory=list)
     local_bytes: int = 0
     local_target_bytes: int = 0
+    any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     # Execution state (fastckpt.load): the checkpoint, destinations and per-entry details.
@@ -229,8 +223,11 @@ class LoadPlan:
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "mismatched": [
-                {"name": m.name, "source_shape": list(m.source_shape),
-                 "target_shape": list(m.target_shape)}
+                {
+                    "name": m.name,
+                    "source_shape": list(m.source_shape),
+                    "target_shape": list(m.target_shape),
+                }
                 for m in self.mismatched
             ],
             "ignored": list(self.ignored),
@@ -238,9 +235,10 @@ class LoadPlan:
             "left_on_meta": list(self.left_on_meta),
         }
 
-    def explain(self, width: int | None = None) -> str:
-        """A table of the plan: each loaded tensor's source, rule, rows and cast, grouped
-        like the strict error, then bytes per file and what is not loaded."""
+    def explain(self, full: bool = False, width: int | None = None) -> str:
+        """The plan as text: loaded tensors grouped by rule, rows and cast (names folded
+        into patterns like the strict error's; ``full=True`` lists every tensor), bytes
+        per file, then everything that is not loaded."""
         import io
 
         from rich.console import Console
@@ -248,8 +246,9 @@ class LoadPlan:
 
         entries = self.entries()
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        for col in ("model tensor", "checkpoint tensor", "rows", "cast", "rule"):
+        for col in ("model tensors", "count", "from", "rows", "cast", "rule"):
             table.add_column(col, overflow="fold")
+        rows_of: dict[tuple[str, str, str, str], list[PlanEntry]] = {}
         for e in entries:
             rows = ""
             if e.rows is not None:
@@ -263,9 +262,19 @@ class LoadPlan:
                 if e.source_dtype == e.target_dtype
                 else f"{short_name(e.source_dtype)}->{short_name(e.target_dtype)}"
             )
-            target = e.target + "".join(f"\n  = {a}" for a in e.tied)
-            table.add_row(target, "" if e.source == e.target else e.source, rows, cast,
-                          e.rule or "")
+            renamed = "renamed" if e.source != e.target else ""
+            key = (e.rule or "", rows, cast, e.source if full else renamed)
+            rows_of.setdefault(key, []).append(e)
+        for (rule, rows, cast, src), group in rows_of.items():
+            if full:
+                for e in group:
+                    name = e.target + "".join(f"\n  = {a}" for a in e.tied)
+                    table.add_row(
+                        name, "1", "" if e.source == e.target else e.source, rows, cast, rule
+                    )
+                continue
+            for pattern, count in group_names([e.target for e in group]):
+                table.add_row(pattern, str(count), src, rows, cast, rule)
         buf = io.StringIO()
         console = Console(file=buf, width=width or 160, color_system=None, force_terminal=False)
         total = sum(e.nbytes for e in entries)
@@ -283,6 +292,10 @@ class LoadPlan:
             for rank, n in bytes_per_rank(self).items():
                 console.print(f"  {n / 1e6:10.3f} MB read by rank {rank}")
         for label, names in (
+            (
+                "tied (written once, through the name after '=')",
+                [f"{a} = {b}" for a, b in self.tied],
+            ),
             ("missing from the checkpoint", self.missing),
             ("unexpected in the checkpoint", self.unexpected),
             ("ignored by rules", self.ignored),
@@ -291,10 +304,14 @@ class LoadPlan:
         ):
             if names:
                 console.print(f"  {label} ({len(names)}):")
-                for line in format_groups(names):
+                for line in (
+                    ["    " + n for n in names] if full or "=" in label else format_groups(names)
+                ):
                     console.print(line)
         if self.mismatched:
-            console.print(f"  shape mismatches ({len(self.mismatched)}): model name, checkpoint, model")
+            console.print(
+                f"  shape mismatches ({len(self.mismatched)}): model name, checkpoint, model"
+            )
             for m in self.mismatched:
                 console.print(f"    {m.name}  {list(m.source_shape)} vs {list(m.target_shape)}")
         return buf.getvalue().rstrip("\n")
@@ -339,13 +356,20 @@ def build(
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype= sets the floating dtype of the model's tensors; {dtype} is not one")
+        raise ValueError(
+            f"dtype= sets the floating dtype of the model's tensors; {dtype} is not one"
+        )
     # The files are indexed on C++ threads while the model is walked and its
     # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
+    # A rank loading its shards must fetch only their pages, so its headers are
+    # parsed with no readahead. Whether the model has DTensors is known only after
+    # the walk the parsing overlaps; a process that made DTensors has imported
+    # their module, so that decides (a plain load there only loses readahead while parsing).
+    opening = (
+        None if isinstance(path, Checkpoint) else Opening(path, exact_reads=dtensors_possible())
+    )
     mt = ModelTensors.of(model)
-    # A rank loading its shards reads only their pages: no readahead from the start.
     any_sharded = any_dtensor(mt.tensors)
-    opening = None if isinstance(path, Checkpoint) else Opening(path, exact_reads=any_sharded)
     names, tensors, groups = mt.names, mt.tensors, mt.groups
     plain = all_plain(tensors)
     # Every destination is read now, before the index is waited for; usually all
@@ -359,6 +383,7 @@ def build(
             every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
     p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
+    p.any_sharded = any_sharded
 
     rules_obj = as_rules(rules)
     ignored_sources: set[str] = set()
@@ -370,10 +395,13 @@ def build(
         target_names = mt.all_names()
         target_set = set(target_names)
         entries = ckpt._handles()
-        mapping: MappingPlan = rules_obj.plan(list(entries), target_names)
+        mapping = match(list(entries), target_names, rules_obj)
         p.unused_rules = list(mapping.unused_rules)
         p.ignored = list(mapping.ignored_sources) + list(mapping.ignored_targets)
-        ignored_sources, ignored_targets = set(mapping.ignored_sources), set(mapping.ignored_targets)
+        ignored_sources, ignored_targets = (
+            set(mapping.ignored_sources),
+            set(mapping.ignored_targets),
+        )
         picks = {}
         used_sources = set()
         for a in mapping.assignments:
@@ -561,7 +589,7 @@ def meta_message(p: LoadPlan) -> str:
 
 
 def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> Any:
-    """``_core.Targets`` of these tensors, or a CheckpointError naming one fastckpt must not write."""
+    """``_core.Targets`` of these tensors, or a CheckpointError naming one not to write."""
     for name, t in zip(names, tensors, strict=True):
         why = refusal(name, t)
         if why is not None:

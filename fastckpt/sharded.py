@@ -13,9 +13,9 @@ checkpoint that differs from rank 0's), every rank refuses and none writes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,13 +29,15 @@ from fastckpt.sharding import Piece as ShardPiece
 from fastckpt.sharding import box_view, dtensor_shard, narrow
 
 
-@functools.cache
 def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    # Without torch.distributed.tensor imported no DTensor exists; importing it
+    # here would cost every plain load a second or more.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def dtensors_possible() -> bool:
+    return _dtensor_class() is not None
 
 
 def is_dtensor(t: Any) -> bool:
