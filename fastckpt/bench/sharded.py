@@ -11,7 +11,8 @@ with its own copy of the checkpoint (so that what a rank fetches is its own):
 
 Per rank: seconds (between two barriers), bytes of its checkpoint copy fetched
 into the page cache (cachestat), and the peak growth of its private memory
-(RssAnon, sampled every 2 ms) over the model's own. Every rank then checks its
+(RssAnon, sampled every 2 ms) over the model's own, whose local shards are
+written (resident) before the baseline. Every rank then checks its
 local shards against ``distribute_tensor`` of the file's tensors.
 """
 
@@ -101,6 +102,9 @@ def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, la
         fully_shard(layer)
     fully_shard(model)
     model.to_empty(device="cpu")
+    with torch.no_grad():  # the shards' pages are resident before the baseline is taken
+        for p in model.parameters():
+            p.to_local().zero_()
     files = [own / "model.safetensors", own / "model.pt"]
     evict([str(f) for f in files])
     dist.barrier()
