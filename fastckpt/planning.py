@@ -121,12 +121,11 @@ class LoadPlan:
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
     pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
     # DTensor destinations (fastckpt.sharded): model names, their sources and tensors'
-    # groups; the bytes of this rank's shards, in the file and in the model.
+    # groups; the file bytes of this rank's shards.
     sharded: list[str] = field(default_factory=list)
     sharded_sources: list[str] = field(default_factory=list)
     sharded_groups: list[int] = field(default_factory=list)
     local_bytes: int = 0
-    local_target_bytes: int = 0
     any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None

@@ -117,9 +117,7 @@ def plan_shards(
         p.sharded.append(name)
         p.sharded_sources.append(source)
         p.sharded_groups.append(group)
-        itemsize = dt.dtype.itemsize
         p.local_bytes += sum(_numel(pc.global_box) * view[0].itemsize for pc in shard.pieces)
-        p.local_target_bytes += sum(_numel(pc.global_box) * itemsize for pc in shard.pieces)
 
 
 def bytes_per_rank(p: Any) -> dict[int, int]:

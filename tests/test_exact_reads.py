@@ -54,6 +54,11 @@ def test_strided_sources_give_the_same_bytes(tmp_path, exact):
     dst = torch.zeros(100, 256, dtype=torch.bfloat16)
     copy(index, "cols", dst, exact, rows=(150, 100))
     assert_same_bytes(dst, views["cols"][150:250].to(torch.bfloat16))
+    # So does a list of rows (adjacent ones are read as one run).
+    rows = [5, 6, 7, 299, 0]
+    dst = torch.zeros(len(rows), 256)
+    copy(index, "cols", dst, exact, rows=rows)
+    assert_same_bytes(dst, views["cols"][rows])
 
 
 def view_pages(index, name: str, rows: range | None = None) -> int:
