@@ -507,6 +507,34 @@ void CopyEngine::open_views() {
   }
 }
 
+void CopyEngine::prefetch_exact_ranges() const {
+  const MappedFile* file = nullptr;
+  uint64_t start = 0;
+  uint64_t end = 0;
+  const auto flush = [&] {
+    if (file != nullptr && end > start) file->advise_willneed(start, end - start);
+  };
+  for (const Unit& u : units_) {
+    const CopyTask& t = tasks_[u.task];
+    const TaskInfo& in = info_[u.task];
+    if (!in.src_dense || t.rows.kind == RowSelection::Kind::Index) continue;
+    const uint64_t first = (t.rows.kind == RowSelection::Kind::Range
+                                ? static_cast<uint64_t>(t.rows.start) * in.row_elems
+                                : 0) + u.first;
+    const uint64_t at = in.src_start + first * in.src_item;
+    const uint64_t bytes = u.count * in.src_item;
+    if (t.file.get() == file && at >= start && at <= end) {  // units come in file order
+      end = std::max(end, at + bytes);
+      continue;
+    }
+    flush();
+    file = t.file.get();
+    start = at;
+    end = at + bytes;
+  }
+  flush();
+}
+
 FileView* CopyEngine::view_of(const MappedFile* file) const {
   auto it = views_.find(file);
   return it == views_.end() ? nullptr : it->second.get();
@@ -527,6 +555,7 @@ void CopyEngine::run() {
     }
   }
 
+  if (options_.exact_reads) prefetch_exact_ranges();
   open_views();
   struct CloseViews {  // unmapped as soon as the job ends, however it ends
     std::unordered_map<const MappedFile*, std::unique_ptr<FileView>>& views;
