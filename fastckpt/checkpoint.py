@@ -175,11 +175,13 @@ class Opening:
     free to do other Python work (load_into walks the model meanwhile).
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, *, exact_reads: bool = False):
+        # exact_reads: parse with no readahead, so a rank reading its shard
+        # fetches the headers' pages and nothing around them.
         self.path = Path(path)
         self.files = resolve_files(path)
         self._pending = _core.start_open(
-            [str(f) for f in self.files], min(8, os.cpu_count() or 1)
+            [str(f) for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         )
 
     def wait(self) -> list[_core.FileIndex]:

@@ -222,6 +222,52 @@ def convert_command(
     )
 
 
+def _bench_ranks(
+    ranks: int, size: str, repeat: int, cache_dir: Path | None, markdown: bool, as_json: bool
+) -> None:
+    import sys
+    import tempfile
+
+    from rich.table import Table
+
+    from fastckpt.bench.sharded import run_sharded_bench, summary
+
+    layers, hidden = (4, 512) if size == "small" else (16, 2048)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        with Console(stderr=True).status(f"benchmarking {ranks} ranks"):
+            result = run_sharded_bench(ranks, layers, hidden, repeat, Path(tmp))
+    rows = summary(result)
+    if as_json:
+        typer.echo(json.dumps(result | {"summary": rows}, indent=2))
+        return
+    title = (
+        f"{ranks} gloo CPU ranks, FSDP2, {layers} x Linear({hidden}, {hidden}) fp32, "
+        f"{result['file_bytes'] / 1e6:.1f} MB, cold cache, median of {repeat} (slowest rank)"
+    )
+    head = ["contender", "seconds", "x fastckpt", "MB fetched / rank", "MB shard / rank",
+            "MB private peak / rank", "wrong shards"]  # fmt: skip
+    fast = next(r["seconds"] for r in rows if r["contender"] == "fastckpt")
+    cells = [
+        [r["contender"], f"{r['seconds']:.3f}", f"{r['seconds'] / fast:.1f}",
+         f"{r['fetched_per_rank'] / 1e6:.1f}", f"{r['local_bytes'] / 1e6:.1f}",
+         f"{r['private_peak'] / 1e6:.1f}", str(r["wrong"])]  # fmt: skip
+        for r in rows
+    ]
+    if markdown:
+        typer.echo(f"`fastckpt {' '.join(sys.argv[1:])}`: {title}\n")
+        typer.echo("| " + " | ".join(head) + " |")
+        typer.echo("|" + "---|" * len(head))
+        for c in cells:
+            typer.echo("| " + " | ".join(c) + " |")
+    else:
+        table = Table(*head, title=title)
+        for c in cells:
+            table.add_row(*c)
+        console.print(table)
+    if any(r["wrong"] for r in rows):
+        raise typer.Exit(1)
+
+
 @app.command("bench")
 def bench_command(
     path: Path = typer.Argument(
@@ -240,6 +286,10 @@ def bench_command(
     casts: bool = typer.Option(
         False, "--casts", help="the cast workloads (bf16/fp16/fp8 <-> fp32/bf16) instead"
     ),
+    ranks: int = typer.Option(
+        0, "--ranks", help="N > 0: an FSDP2 model on N gloo CPU ranks, against torch DCP and "
+        "rank-0 broadcast (cold cache, --size small: 4 x 512, full: 16 x 2048 Linear layers)"
+    ),
 ) -> None:
     """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
 
@@ -256,6 +306,9 @@ def bench_command(
     from fastckpt.bench.report import print_tables
 
     err = Console(stderr=True)
+    if ranks > 0:
+        _bench_ranks(ranks, size, repeat, cache_dir, markdown, as_json)
+        return
     try:
         with err.status("benchmarking") as status:
             result = run_bench(

@@ -29,11 +29,18 @@ from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
 from fastckpt.planning import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, format_groups
+from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.suggest import suggest_rules
 
 # Importable under their earlier names.
 _state_tensors = state_tensors
 _same_device = same_device
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _default_threads() -> int:
@@ -151,15 +158,24 @@ def load_into(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if isinstance(path, LoadPlan):
-            if path._model_ref is not model:
-                raise ValueError("this LoadPlan was made for another model")
-            p = path
-        else:
-            p = build(model, path, rules, key=key, device=device, dtype=dtype)
+        # Ranks of a sharded model agree before any writes: if one refuses, all do.
+        error: BaseException | None = None
+        try:
+            if isinstance(path, LoadPlan):
+                if path._model_ref is not model:
+                    raise ValueError("this LoadPlan was made for another model")
+                p = path
+            else:
+                p = build(model, path, rules, key=key, device=device, dtype=dtype)
+        except (CheckpointError, ValueError, TypeError) as e:
+            if not (_distributed() and has_dtensors(model)):
+                raise
+            error = e
+        if error is not None or (p.any_sharded and _distributed()):
+            agree(p if error is None else None, error, strict)
         if strict and p.problems:
             _refuse(p)
-        if p.device is None and not p._targets.all_cpu:
+        if p.device is None and (not p._targets.all_cpu or p.sharded):
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
@@ -193,6 +209,8 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.loaded += p.loaded_by_pieces
     report.rule_for.update(p.piece_rules)
     report.partly_loaded = list(p.partly_loaded)
+    report.loaded += p.sharded
+    report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
     if p._rules is not None:
         assert p._rows is not None
         for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):
@@ -208,7 +226,7 @@ def _report_of(p: LoadPlan) -> LoadReport:
 
 def _refuse_meta_without_device(p: LoadPlan) -> None:
     assert p._model is not None
-    for name, g in zip(p.loaded, p._groups, strict=True):
+    for name, g in zip(p.loaded + p.sharded, p._groups + p.sharded_groups, strict=True):
         if p._model.tensors[g].is_meta:
             raise CheckpointError(
                 f"{name!r} is on the meta device: pass device= to say where to allocate it"
@@ -267,7 +285,10 @@ def _execute(
             t = fresh.get(g, tensors[g])
             if t is tensors[g] and needs_new(t):
                 new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-                t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
+                if is_dtensor(t):
+                    t = fresh[g] = fresh_local(t, new_dtype, want or t.device)
+                else:
+                    t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
             if t.device.type not in ("cpu", "cuda"):
                 raise CheckpointError(
                     f"{names[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
@@ -339,6 +360,7 @@ def _execute(
             cudart,
             dev_index,
             part(views),
+            bool(p.sharded),
         )
         built.append((job, ks))
 

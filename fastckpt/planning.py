@@ -32,6 +32,7 @@ from fastckpt.dtypes import DTYPE_NAMES, short_name
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.report import Mismatch, format_groups, group_names
+from fastckpt.sharded import any_dtensor, dtensors_possible, is_dtensor, plan_shards
 
 PathLike = str | os.PathLike[str]
 
@@ -125,6 +126,13 @@ class LoadPlan:
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
+    # DTensor destinations (fastckpt.sharded): model names, their sources and tensors'
+    # groups; the file bytes of this rank's shards.
+    sharded: list[str] = field(default_factory=list)
+    sharded_sources: list[str] = field(default_factory=list)
+    sharded_groups: list[int] = field(default_factory=list)
+    local_bytes: int = 0
+    any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     # Execution state (fastckpt.load): the checkpoint, destinations and per-entry details.
@@ -280,6 +288,15 @@ class LoadPlan:
         console.print(table)
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
+        if self.sharded:
+            from fastckpt.sharded import bytes_per_rank
+
+            console.print(
+                f"  {len(self.sharded)} sharded tensors; this rank reads "
+                f"{self.local_bytes / 1e6:.1f} MB of them"
+            )
+            for rank, n in bytes_per_rank(self).items():
+                console.print(f"  {n / 1e6:10.3f} MB read by rank {rank}")
         for label, names in (
             (
                 "tied (written once, through the name after '=')",
@@ -350,8 +367,15 @@ def build(
         )
     # The files are indexed on C++ threads while the model is walked and its
     # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
-    opening = None if isinstance(path, Checkpoint) else Opening(path)
+    # A rank loading its shards must fetch only their pages, so its headers are
+    # parsed with no readahead. Whether the model has DTensors is known only after
+    # the walk the parsing overlaps; a process that made DTensors has imported
+    # their module, so that decides (a plain load there only loses readahead while parsing).
+    opening = (
+        None if isinstance(path, Checkpoint) else Opening(path, exact_reads=dtensors_possible())
+    )
     mt = ModelTensors.of(model)
+    any_sharded = any_dtensor(mt.tensors)
     names, tensors, groups = mt.names, mt.tensors, mt.groups
     plain = all_plain(tensors)
     # Every destination is read now, before the index is waited for; usually all
@@ -365,6 +389,7 @@ def build(
             every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
     p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
+    p.any_sharded = any_sharded
 
     rules_obj = as_rules(rules)
     if rules_obj is None:
@@ -448,6 +473,32 @@ def build(
             else a.rows.rows(shape[0])
             for a, h in zip(cand_picks, cand_sources, strict=True)
         ]
+    n_cand = len(cand)
+    if any_sharded:
+        # DTensors are copied shard by shard (pieces); the rest as whole tensors.
+        split = [k for k, g in enumerate(cand) if is_dtensor(tensors[g])]
+        plan_shards(
+            p,
+            ckpt,
+            [
+                (
+                    cand[k],
+                    vias[cand[k]],  # type: ignore[misc]
+                    vias[cand[k]] if cand_picks is None else cand_picks[k].source,
+                    cand_sources[k],
+                    None if cand_picks is None else cand_picks[k].rows,
+                    None if cand_picks is None else cand_picks[k].dtype,
+                )
+                for k in split
+            ],
+        )
+        keep_plain = [k for k in range(len(cand)) if not is_dtensor(tensors[cand[k]])]
+        cand = [cand[k] for k in keep_plain]
+        cand_sources = [cand_sources[k] for k in keep_plain]
+        if cand_picks is not None:
+            cand_picks = [cand_picks[k] for k in keep_plain]
+        if dim0 is not None:
+            dim0 = [dim0[k] for k in keep_plain]
     if every_target is None:
         targets = _read_targets(ckpt.path, [tensors[g] for g in cand], [vias[g] for g in cand])
     else:
@@ -473,7 +524,7 @@ def build(
         loadable, sources = cand, cand_sources
     # Without rules every candidate uses its own, distinct source: when they cover
     # the whole file, nothing in it is unexpected (no need to look at each key).
-    if picks is None and groups is None and len(cand) == len(ckpt):
+    if picks is None and groups is None and n_cand == len(ckpt):
         p.unexpected = []
     else:
         if used_sources is None:
@@ -508,7 +559,9 @@ def build(
             if g not in loaded_set and vias[g] is None
             for n in groups[g][1:]
         ]
-    _find_meta_leftovers(p, model, mt, set(loadable) | {pc.group for pc in p.pieces}, want)
+    _find_meta_leftovers(
+        p, model, mt, set(loadable) | {pc.group for pc in p.pieces} | set(p.sharded_groups), want
+    )
     return p
 
 

@@ -203,10 +203,11 @@ std::unique_ptr<DeviceSink> make_sink(const std::string& device_sink, const std:
   return nullptr;
 }
 
-EngineOptions engine_options(size_t threads, uint64_t max_host_bytes) {
+EngineOptions engine_options(size_t threads, uint64_t max_host_bytes, bool exact_reads) {
   EngineOptions opt;
   opt.threads = threads;
   opt.max_host_bytes = max_host_bytes;
+  opt.exact_reads = exact_reads;
   return opt;
 }
 
@@ -216,30 +217,32 @@ void register_copy(py::module_& m) {
   py::class_<CopyEngine>(m, "CopyJob")
       .def(py::init([](const py::list& specs, size_t threads, uint64_t max_host_bytes,
                        const std::string& device_sink, const std::string& cudart_path,
-                       int device_index) {
+                       int device_index, bool exact_reads) {
              LabeledTasks out;
              out.tasks.reserve(specs.size());
              for (const auto& s : specs) out.tasks.push_back(task_from_tuple(s.cast<py::tuple>(), out));
-             return std::move(out).engine(engine_options(threads, max_host_bytes),
+             return std::move(out).engine(engine_options(threads, max_host_bytes, exact_reads),
                                           make_sink(device_sink, cudart_path, device_index));
            }),
            py::arg("tasks"), py::arg("threads"), py::arg("max_host_bytes"),
-           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0)
+           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0,
+           py::arg("exact_reads") = false)
       .def_static(
           "from_targets",
           [](const py::list& indexes, const py::list& sources, const Targets& targets,
              const py::list& names, const py::object& source_names, const py::object& rows,
              const py::object& vias, size_t threads, uint64_t max_host_bytes,
              const std::string& device_sink, const std::string& cudart_path, int device_index,
-             const py::object& views) {
+             const py::object& views, bool exact_reads) {
             return tasks_from_targets(indexes, sources, targets, names, source_names, rows, vias,
                                       views, !device_sink.empty())
-                .engine(engine_options(threads, max_host_bytes),
+                .engine(engine_options(threads, max_host_bytes, exact_reads),
                         make_sink(device_sink, cudart_path, device_index));
           },
           py::arg("indexes"), py::arg("sources"), py::arg("targets"), py::arg("names"),
           py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
           py::arg("cudart_path") = "", py::arg("device_index") = 0, py::arg("views") = py::none(),
+          py::arg("exact_reads") = false,
           "Tasks straight from destination tensors read into Targets (see tasks_from_targets).")
       // (task index, source dtype, destination dtype) of every task that converts.
       .def("casts",

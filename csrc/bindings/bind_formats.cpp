@@ -171,10 +171,10 @@ void register_formats(py::module_& m) {
 
   m.def(
       "start_open",
-      [](std::vector<std::string> paths, size_t threads) {
-        return std::make_unique<PendingIndexes>(std::move(paths), threads);
+      [](std::vector<std::string> paths, size_t threads, bool exact_reads) {
+        return std::make_unique<PendingIndexes>(std::move(paths), threads, exact_reads);
       },
-      py::arg("paths"), py::arg("threads"),
+      py::arg("paths"), py::arg("threads"), py::arg("exact_reads") = false,
       "Start reading the files' indexes on background threads (no GIL needed); wait() for them.");
 }
 
