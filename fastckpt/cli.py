@@ -250,7 +250,7 @@ def _bench_ranks(
     cells = [
         [r["contender"], f"{r['seconds']:.3f}", f"{r['seconds'] / fast:.1f}",
          f"{r['fetched_per_rank'] / 1e6:.1f}", f"{r['local_bytes'] / 1e6:.1f}",
-         f"{r['private_peak'] / 1e6:.1f}", str(r["wrong"])]  # fmt: skip
+         f"{r['private_peak'] / 1e6:.1f}", str(r["wrong"])]
         for r in rows
     ]
     if markdown:

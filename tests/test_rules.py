@@ -368,8 +368,8 @@ PARSE_ERRORS = [
     ("-> b", "rules.txt:1:1: expected a source pattern before '->'"),
     (
         "a -> b c",
-        "rules.txt:1:8: unknown attribute 'c' (expected rows[...], dtype=..., wins, stack[...], "
-        "cat[...], pick[...], split[...], transpose, rope[...] or unrope[...])",
+        ("rules.txt:1:8: unknown attribute 'c' (expected rows[...], dtype=..., wins, stack[...], "
+        "cat[...], pick[...], split[...], transpose, rope[...] or unrope[...])"),
     ),
     ("a -> b rows[:10", "rules.txt:1:12: unclosed '['"),
     ("a -> b rows[5]", "rules.txt:1:13: rows[...] takes a range A:B or @file"),
