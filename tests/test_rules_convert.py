@@ -13,16 +13,7 @@ from torch import nn
 import fastckpt
 from fastckpt import CheckpointError, Rules
 from fastckpt.mapping import Rope, Select, Span
-
-
-def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert torch.equal(
-            a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)
-        ), k
-
+from tests.conftest import same_bytes
 
 TEXT = """\
 l.{i}.experts.{e}.w1.weight -> l.{i}.gate_up stack[e] cat[0:8]
