@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,10 +44,11 @@ from pathlib import Path
 import torch
 
 import fastckpt
-from fastckpt.atomic import atomic_write
+from fastckpt.atomic import atomic_folder, atomic_write
 from fastckpt.checkpoint import Checkpoint, PathLike
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import Assignment, MappingPlan
+from fastckpt.planning import as_rules, match
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
 DTYPE_CHOICES: dict[str, torch.dtype] = {
@@ -104,21 +104,6 @@ class ConvertReport:
         return d
 
 
-def _rules_object(rules: object):
-    """Turns rules (path, text, object) into something with ``.plan``; None stays None."""
-    if rules is None:
-        return None
-    try:
-        from fastckpt.rules import as_rules  # type: ignore[import-not-found,attr-defined]
-    except ImportError:
-        if hasattr(rules, "plan"):
-            return rules
-        raise ValueError(
-            "rules given as a file or text need fastckpt.rules, which this build lacks"
-        ) from None
-    return as_rules(rules)
-
-
 def rules_digest(rules: object, plan: MappingPlan) -> str:
     """sha256 of the rules text (file bytes, or the string), else of the resulting mapping."""
     if rules is None:
@@ -137,17 +122,16 @@ def rules_digest(rules: object, plan: MappingPlan) -> str:
     return h.hexdigest()
 
 
+_rules_object = as_rules  # the one coercion of rules (fastckpt.planning)
+
+
 def build_plan(ckpt: Checkpoint, rules: object) -> MappingPlan:
     """Identity without rules; otherwise the rules' plan over the checkpoint's keys.
 
-    There is no target model, so the rules engine is asked with ``target_keys=None``:
-    every source a rule maps (or identity for the rest) becomes a target.
+    There is no target model: every source a rule maps (or identity for the rest)
+    becomes a target.
     """
-    keys = ckpt.keys()
-    rules_obj = _rules_object(rules)
-    if rules_obj is None:
-        return MappingPlan(assignments=[Assignment(k, k) for k in keys])
-    plan = rules_obj.plan(keys, None)
+    plan = match(ckpt.keys(), None, _rules_object(rules))
     seen: dict[str, str] = {}
     for a in plan.assignments:
         if a.target in seen:
@@ -227,14 +211,6 @@ def _hf_side_files(src: Path) -> list[Path]:
         and not p.name.endswith(_WEIGHT_SUFFIXES)
         and not p.name.endswith(".index.json")
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def convert(
@@ -350,9 +326,7 @@ def _write_folder(
     metadata: dict[str, str],
     total: int,
 ) -> tuple[list[str], list[Path]]:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
+    with atomic_folder(dst) as tmp:
         files: list[str] = []
         weight_map: dict[str, str] = {}
         n = len(shards)
@@ -368,22 +342,6 @@ def _write_folder(
             files.append(INDEX_FILE)
         copied = _hf_side_files(src)
         for p in copied:
-            shutil.copy2(p, tmp / p.name)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            # copyfile, not copy2: the copy gets the umask's mode, as every file written here
+            shutil.copyfile(p, tmp / p.name)
     return files, copied
-
-
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    """Rename the finished folder to ``dst``; an existing ``dst`` is moved aside first."""
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)  # an empty folder at dst is replaced by rename(2)
-    _fsync_dir(dst.parent)

@@ -112,7 +112,7 @@ class HFConversions:
         from transformers.core_model_loading import dot_natural_key, rename_source_key
 
         targets = list(source_keys if target_keys is None else target_keys)
-        target_set = {t: True for t in targets}
+        target_set = dict.fromkeys(targets, True)
         prefix = getattr(self.model, "base_model_prefix", None)
         by_pattern = {p: c for c in self.converters for p in c.source_patterns}
         assignments: list[Assignment] = []

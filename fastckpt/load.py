@@ -26,9 +26,10 @@ from fastckpt import _core
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.destinations import assign, owners, same_device, state_tensors
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
-from fastckpt.errors import CheckpointError
+from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
 from fastckpt.planning import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, format_groups
+from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.suggest import suggest_rules
 
 # Importable under their earlier names.
@@ -36,29 +37,10 @@ _state_tensors = state_tensors
 _same_device = same_device
 
 
-class StrictLoadError(CheckpointError, RuntimeError):
-    """The checkpoint does not fit the model (strict=True); nothing was modified.
+def _distributed() -> bool:
+    import torch.distributed as dist
 
-    A ``RuntimeError`` too, as ``load_state_dict``'s error is. ``report`` holds what
-    a non-strict load would have done; ``suggested_rules`` is a ``Rules`` object
-    that makes the names fit (None when there is no suggestion):
-    ``load_into(model, path, rules=e.suggested_rules)``.
-    """
-
-    def __init__(self, message: str, report: LoadReport, suggested_rules: Any = None):
-        super().__init__(message)
-        self.report = report
-        self.suggested_rules = suggested_rules
-
-
-StrictLoadError.__module__ = "fastckpt"
-
-
-class UninitializedWarning(UserWarning):
-    """A non-strict load left some of the model's tensors as they were."""
-
-
-UninitializedWarning.__module__ = "fastckpt"
+    return dist.is_available() and dist.is_initialized()
 
 
 def _default_threads() -> int:
@@ -80,7 +62,7 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 
 def _find_cudart() -> str:
     """Path of the CUDA runtime torch loaded, so the core shares its context."""
-    torch.cuda.init()
+    torch.cuda.init()  # type: ignore[no-untyped-call]
     with open("/proc/self/maps", encoding="utf-8") as maps:
         for line in maps:
             path = line.rstrip("\n").split(maxsplit=5)[-1]
@@ -100,9 +82,11 @@ def _strict_message(
     path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
 ) -> str:
     lines = [
-        f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
-        f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
-        "nothing was loaded"
+        (
+            f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
+            f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
+            "nothing was loaded"
+        )
     ]
     if report.missing:
         lines.append(f"  missing from the checkpoint ({len(report.missing)}):")
@@ -135,7 +119,7 @@ def _strict_message(
 
 def load_into(
     model: nn.Module,
-    path: str | os.PathLike | Checkpoint | LoadPlan,
+    path: str | os.PathLike[str] | Checkpoint | LoadPlan,
     rules: Any = None,
     *,
     strict: bool = True,
@@ -174,15 +158,24 @@ def load_into(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if isinstance(path, LoadPlan):
-            if path._model_ref is not model:
-                raise ValueError("this LoadPlan was made for another model")
-            p = path
-        else:
-            p = build(model, path, rules, key=key, device=device, dtype=dtype)
+        # Ranks of a sharded model agree before any writes: if one refuses, all do.
+        error: BaseException | None = None
+        try:
+            if isinstance(path, LoadPlan):
+                if path._model_ref is not model:
+                    raise ValueError("this LoadPlan was made for another model")
+                p = path
+            else:
+                p = build(model, path, rules, key=key, device=device, dtype=dtype)
+        except (CheckpointError, ValueError, TypeError) as e:
+            if not (_distributed() and has_dtensors(model)):
+                raise
+            error = e
+        if error is not None or (p.any_sharded and _distributed()):
+            agree(p if error is None else None, error, strict)
         if strict and p.problems:
             _refuse(p)
-        if p.device is None and not p._targets.all_cpu:
+        if p.device is None and (not p._targets.all_cpu or p.sharded):
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
@@ -216,6 +209,8 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.loaded += p.loaded_by_pieces
     report.rule_for.update(p.piece_rules)
     report.partly_loaded = list(p.partly_loaded)
+    report.loaded += p.sharded
+    report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
     if p._rules is not None:
         assert p._rows is not None
         for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):
@@ -231,7 +226,7 @@ def _report_of(p: LoadPlan) -> LoadReport:
 
 def _refuse_meta_without_device(p: LoadPlan) -> None:
     assert p._model is not None
-    for name, g in zip(p.loaded, p._groups, strict=True):
+    for name, g in zip(p.loaded + p.sharded, p._groups + p.sharded_groups, strict=True):
         if p._model.tensors[g].is_meta:
             raise CheckpointError(
                 f"{name!r} is on the meta device: pass device= to say where to allocate it"
@@ -290,7 +285,10 @@ def _execute(
             t = fresh.get(g, tensors[g])
             if t is tensors[g] and needs_new(t):
                 new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-                t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
+                if is_dtensor(t):
+                    t = fresh[g] = fresh_local(t, new_dtype, want or t.device)
+                else:
+                    t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
             if t.device.type not in ("cpu", "cuda"):
                 raise CheckpointError(
                     f"{names[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
@@ -362,6 +360,7 @@ def _execute(
             cudart,
             dev_index,
             part(views),
+            bool(p.sharded),
         )
         built.append((job, ks))
 

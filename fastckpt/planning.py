@@ -27,14 +27,14 @@ from fastckpt.destinations import (
     all_plain,
     non_persistent_buffers,
     refusal,
-    same_device,
 )
 from fastckpt.dtypes import DTYPE_NAMES, short_name
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
-from fastckpt.report import Mismatch, format_groups
+from fastckpt.report import Mismatch, format_groups, group_names
+from fastckpt.sharded import any_dtensor, dtensors_possible, is_dtensor, plan_shards
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 def as_rules(rules: Any) -> Any:
@@ -52,24 +52,21 @@ def match(
     """Names only: which source key feeds which target key under ``rules``.
 
     ``target_keys=None`` (no model, as in ``convert``): every source maps, by its
-    rule or to itself. Two sources for one target is a ``CheckpointError``.
+    rule or to itself.
     """
     rules_obj = as_rules(rules)
     if rules_obj is None:
         keys = list(source_keys)
         return plain_plan(keys, keys if target_keys is None else target_keys)
-    mapping: MappingPlan = rules_obj.plan(list(source_keys), target_keys)
-    seen: dict[str, str] = {}
-    for a in mapping.assignments:
-        if a.target in seen:
-            raise CheckpointError(
-                f"two checkpoint tensors map onto {a.target!r}: {seen[a.target]!r} and {a.source!r}"
-            )
-        seen[a.target] = a.source
+    mapping: MappingPlan = rules_obj.plan(
+        list(source_keys), None if target_keys is None else list(target_keys)
+    )
     return mapping
 
 
-SourceView = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, strides (elements)
+SourceView = tuple[
+    int, tuple[int, ...], tuple[int, ...]
+]  # storage offset, shape, strides (elements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +126,13 @@ class LoadPlan:
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
+    # DTensor destinations (fastckpt.sharded): model names, their sources and tensors'
+    # groups; the file bytes of this rank's shards.
+    sharded: list[str] = field(default_factory=list)
+    sharded_sources: list[str] = field(default_factory=list)
+    sharded_groups: list[int] = field(default_factory=list)
+    local_bytes: int = 0
+    any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     # Execution state (fastckpt.load): the checkpoint, destinations and per-entry details.
@@ -151,7 +155,8 @@ class LoadPlan:
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return self._ckpt
+        ckpt: Checkpoint = self._ckpt
+        return ckpt
 
     def entries(self) -> list[PlanEntry]:
         """One ``PlanEntry`` per loaded tensor, in model order."""
@@ -224,8 +229,11 @@ class LoadPlan:
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
             "mismatched": [
-                {"name": m.name, "source_shape": list(m.source_shape),
-                 "target_shape": list(m.target_shape)}
+                {
+                    "name": m.name,
+                    "source_shape": list(m.source_shape),
+                    "target_shape": list(m.target_shape),
+                }
                 for m in self.mismatched
             ],
             "ignored": list(self.ignored),
@@ -233,9 +241,10 @@ class LoadPlan:
             "left_on_meta": list(self.left_on_meta),
         }
 
-    def explain(self, width: int | None = None) -> str:
-        """A table of the plan: each loaded tensor's source, rule, rows and cast, grouped
-        like the strict error, then bytes per file and what is not loaded."""
+    def explain(self, full: bool = False, width: int | None = None) -> str:
+        """The plan as text: loaded tensors grouped by rule, rows and cast (names folded
+        into patterns like the strict error's; ``full=True`` lists every tensor), bytes
+        per file, then everything that is not loaded."""
         import io
 
         from rich.console import Console
@@ -243,8 +252,9 @@ class LoadPlan:
 
         entries = self.entries()
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        for col in ("model tensor", "checkpoint tensor", "rows", "cast", "rule"):
+        for col in ("model tensors", "count", "from", "rows", "cast", "rule"):
             table.add_column(col, overflow="fold")
+        rows_of: dict[tuple[str, str, str, str], list[PlanEntry]] = {}
         for e in entries:
             rows = ""
             if e.rows is not None:
@@ -258,9 +268,19 @@ class LoadPlan:
                 if e.source_dtype == e.target_dtype
                 else f"{short_name(e.source_dtype)}->{short_name(e.target_dtype)}"
             )
-            target = e.target + "".join(f"\n  = {a}" for a in e.tied)
-            table.add_row(target, "" if e.source == e.target else e.source, rows, cast,
-                          e.rule or "")
+            renamed = "renamed" if e.source != e.target else ""
+            key = (e.rule or "", rows, cast, e.source if full else renamed)
+            rows_of.setdefault(key, []).append(e)
+        for (rule, rows, cast, src), group in rows_of.items():
+            if full:
+                for e in group:
+                    name = e.target + "".join(f"\n  = {a}" for a in e.tied)
+                    table.add_row(
+                        name, "1", "" if e.source == e.target else e.source, rows, cast, rule
+                    )
+                continue
+            for pattern, count in group_names([e.target for e in group]):
+                table.add_row(pattern, str(count), src, rows, cast, rule)
         buf = io.StringIO()
         console = Console(file=buf, width=width or 160, color_system=None, force_terminal=False)
         total = sum(e.nbytes for e in entries)
@@ -268,7 +288,20 @@ class LoadPlan:
         console.print(table)
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
+        if self.sharded:
+            from fastckpt.sharded import bytes_per_rank
+
+            console.print(
+                f"  {len(self.sharded)} sharded tensors; this rank reads "
+                f"{self.local_bytes / 1e6:.1f} MB of them"
+            )
+            for rank, n in bytes_per_rank(self).items():
+                console.print(f"  {n / 1e6:10.3f} MB read by rank {rank}")
         for label, names in (
+            (
+                "tied (written once, through the name after '=')",
+                [f"{a} = {b}" for a, b in self.tied],
+            ),
             ("missing from the checkpoint", self.missing),
             ("unexpected in the checkpoint", self.unexpected),
             ("ignored by rules", self.ignored),
@@ -277,10 +310,14 @@ class LoadPlan:
         ):
             if names:
                 console.print(f"  {label} ({len(names)}):")
-                for line in format_groups(names):
+                for line in (
+                    ["    " + n for n in names] if full or "=" in label else format_groups(names)
+                ):
                     console.print(line)
         if self.mismatched:
-            console.print(f"  shape mismatches ({len(self.mismatched)}): model name, checkpoint, model")
+            console.print(
+                f"  shape mismatches ({len(self.mismatched)}): model name, checkpoint, model"
+            )
             for m in self.mismatched:
                 console.print(f"    {m.name}  {list(m.source_shape)} vs {list(m.target_shape)}")
         return buf.getvalue().rstrip("\n")
@@ -325,11 +362,20 @@ def build(
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype= sets the floating dtype of the model's tensors; {dtype} is not one")
+        raise ValueError(
+            f"dtype= sets the floating dtype of the model's tensors; {dtype} is not one"
+        )
     # The files are indexed on C++ threads while the model is walked and its
     # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
-    opening = None if isinstance(path, Checkpoint) else Opening(path)
+    # A rank loading its shards must fetch only their pages, so its headers are
+    # parsed with no readahead. Whether the model has DTensors is known only after
+    # the walk the parsing overlaps; a process that made DTensors has imported
+    # their module, so that decides (a plain load there only loses readahead while parsing).
+    opening = (
+        None if isinstance(path, Checkpoint) else Opening(path, exact_reads=dtensors_possible())
+    )
     mt = ModelTensors.of(model)
+    any_sharded = any_dtensor(mt.tensors)
     names, tensors, groups = mt.names, mt.tensors, mt.groups
     plain = all_plain(tensors)
     # Every destination is read now, before the index is waited for; usually all
@@ -339,10 +385,11 @@ def build(
     if plain:
         try:
             every_target = _core.Targets(tensors, DTYPE_NAMES)
-        except Exception:  # noqa: BLE001 - raised again below if it matters
+        except Exception:
             every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
     p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
+    p.any_sharded = any_sharded
 
     rules_obj = as_rules(rules)
     if rules_obj is None:
@@ -356,10 +403,13 @@ def build(
         target_names = mt.all_names()
         target_set = set(target_names)
         entries = ckpt._handles()
-        mapping: MappingPlan = rules_obj.plan(list(entries), target_names)
+        mapping = match(list(entries), target_names, rules_obj)
         p.unused_rules = list(mapping.unused_rules)
         p.ignored = list(mapping.ignored_sources) + list(mapping.ignored_targets)
-        ignored_sources, ignored_targets = set(mapping.ignored_sources), set(mapping.ignored_targets)
+        ignored_sources, ignored_targets = (
+            set(mapping.ignored_sources),
+            set(mapping.ignored_targets),
+        )
         picks = {}
         used_sources = set()
         plain_assignments = _add_pieces(p, mt, ckpt, entries, mapping.assignments)
@@ -423,19 +473,45 @@ def build(
             else a.rows.rows(shape[0])
             for a, h in zip(cand_picks, cand_sources, strict=True)
         ]
+    n_cand = len(cand)
+    if any_sharded:
+        # DTensors are copied shard by shard (pieces); the rest as whole tensors.
+        split = [k for k, g in enumerate(cand) if is_dtensor(tensors[g])]
+        plan_shards(
+            p,
+            ckpt,
+            [
+                (
+                    cand[k],
+                    vias[cand[k]],  # type: ignore[misc]
+                    vias[cand[k]] if cand_picks is None else cand_picks[k].source,
+                    cand_sources[k],
+                    None if cand_picks is None else cand_picks[k].rows,
+                    None if cand_picks is None else cand_picks[k].dtype,
+                )
+                for k in split
+            ],
+        )
+        keep_plain = [k for k in range(len(cand)) if not is_dtensor(tensors[cand[k]])]
+        cand = [cand[k] for k in keep_plain]
+        cand_sources = [cand_sources[k] for k in keep_plain]
+        if cand_picks is not None:
+            cand_picks = [cand_picks[k] for k in keep_plain]
+        if dim0 is not None:
+            dim0 = [dim0[k] for k in keep_plain]
     if every_target is None:
         targets = _read_targets(ckpt.path, [tensors[g] for g in cand], [vias[g] for g in cand])
     else:
         targets = every_target if len(cand) == len(tensors) else every_target.subset(cand)
     for k in targets.lazy_views():
         g = cand[k]
-        raise CheckpointError(f"{ckpt.path}: {refusal(vias[g], tensors[g])}")  # type: ignore[arg-type]
+        raise CheckpointError(f"{ckpt.path}: {refusal(str(vias[g]), tensors[g])}")
     bad = targets.mismatched(ckpt._core_indexes, cand_sources, dim0)
     if bad:
         for k in bad:
             g, h = cand[k], cand_sources[k]
             p.mismatched.append(
-                Mismatch(vias[g], ckpt._handle_shape(h), tuple(tensors[g].shape))  # type: ignore[arg-type]
+                Mismatch(str(vias[g]), ckpt._handle_shape(h), tuple(tensors[g].shape))
             )
         bad_set = set(bad)
         keep = [k for k in range(len(cand)) if k not in bad_set]
@@ -448,7 +524,7 @@ def build(
         loadable, sources = cand, cand_sources
     # Without rules every candidate uses its own, distinct source: when they cover
     # the whole file, nothing in it is unexpected (no need to look at each key).
-    if picks is None and groups is None and len(cand) == len(ckpt):
+    if picks is None and groups is None and n_cand == len(ckpt):
         p.unexpected = []
     else:
         if used_sources is None:
@@ -483,7 +559,9 @@ def build(
             if g not in loaded_set and vias[g] is None
             for n in groups[g][1:]
         ]
-    _find_meta_leftovers(p, model, mt, set(loadable) | {pc.group for pc in p.pieces}, want)
+    _find_meta_leftovers(
+        p, model, mt, set(loadable) | {pc.group for pc in p.pieces} | set(p.sharded_groups), want
+    )
     return p
 
 
@@ -599,8 +677,8 @@ def meta_message(p: LoadPlan) -> str:
     hidden = [n for n in p.left_on_meta if n in p._hidden_buffers]
     other = [n for n in p.left_on_meta if n not in p._hidden_buffers]
     lines = [
-        f"{p.path}: the load would leave {len(p.left_on_meta)} tensors of the model on the meta "
-        "device, where they have no values; nothing was loaded"
+        (f"{p.path}: the load would leave {len(p.left_on_meta)} tensors of the model on the meta "
+        "device, where they have no values; nothing was loaded")
     ]
     if hidden:
         lines.append(f"  non-persistent buffers, which no checkpoint holds ({len(hidden)}):")
@@ -617,7 +695,7 @@ def meta_message(p: LoadPlan) -> str:
 
 
 def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> Any:
-    """``_core.Targets`` of these tensors, or a CheckpointError naming one fastckpt must not write."""
+    """``_core.Targets`` of these tensors, or a CheckpointError naming one not to write."""
     for name, t in zip(names, tensors, strict=True):
         why = refusal(name, t)
         if why is not None:
@@ -628,7 +706,7 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         for name, t in zip(names, tensors, strict=True):
             try:
                 _core.Targets([t], DTYPE_NAMES)
-            except Exception as e:  # noqa: BLE001 - becomes the message
+            except Exception as e:
                 raise CheckpointError(
                     f"{path}: the model's {name!r} cannot be loaded into "
                     f"({type(e).__name__}: {e}); fastckpt writes dense (strided) tensors"
@@ -636,4 +714,4 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         raise
 
 
-__all__ = ["LoadPlan", "PlanEntry", "Piece", "match", "plan"]
+__all__ = ["LoadPlan", "Piece", "PlanEntry", "match", "plan"]

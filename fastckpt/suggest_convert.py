@@ -215,7 +215,7 @@ def _generalise(lines: list[str], pieces: list[Piece], keys: list[str]) -> list[
     def planned(rules: list[str]) -> set[Piece] | None:
         try:
             plan = Rules(rules).plan(keys, None)
-        except Exception:  # noqa: BLE001 - a candidate that does not parse is not used
+        except Exception:
             return None
         return {
             (a.target, a.source, regions(a.into)) for a in plan.assignments if a.rule is not None

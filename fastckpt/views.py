@@ -169,7 +169,7 @@ def target_view(tensor: torch.Tensor, asg: Assignment) -> torch.Tensor:
     if asg.rope is not None:
         if out.dim() == 0:
             raise CheckpointError(f"{_where(asg)}: a rotary permutation of a 0-D target")
-        head_dim, half = _rope_split(out.shape[0], asg.rope, asg)
+        _head_dim, half = _rope_split(out.shape[0], asg.rope, asg)
         split = (asg.rope.heads, 2, half) if asg.rope.to_halves else (asg.rope.heads, half, 2)
         out = out.unflatten(0, split)
     return out

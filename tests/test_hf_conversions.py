@@ -25,7 +25,7 @@ from transformers.core_model_loading import (  # noqa: E402
 
 from fastckpt.hf_conversions import HFConversions, rules_for  # noqa: E402
 
-TINY = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2)
+TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -39,7 +39,9 @@ def test_plan_describes_the_load_and_writes_nothing(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     p = fastckpt.plan(model, path)
     assert p.loaded == ["embed.weight", "proj.weight", "proj.bias"] or set(p.loaded) == {
-        "embed.weight", "proj.weight", "proj.bias"
+        "embed.weight",
+        "proj.weight",
+        "proj.bias",
     }
     assert p.tied == [("head.weight", "embed.weight")]
     assert not p.problems and p.missing == [] and p.unexpected == []
@@ -50,7 +52,8 @@ def test_plan_describes_the_load_and_writes_nothing(tmp_path):
     assert entries["embed.weight"].tied == ("head.weight",)
     assert sum(p.bytes_per_file().values()) == sum(v.numel() * 4 for v in state.values())
     text = p.explain()
-    assert "embed.weight" in text and "= head.weight" in text and str(path) in text
+    assert "head.weight = embed.weight" in text and str(path) in text
+    assert "embed.weight" in p.explain(full=True).split("tied")[0]
     doc = json.loads(json.dumps(p.to_dict()))
     assert {e["target"] for e in doc["entries"]} == set(state)
     report = fastckpt.load_into(model, p)  # executes the plan as it is
@@ -70,7 +73,7 @@ def test_plan_explains_rules_rows_casts_and_problems(tmp_path):
         model, path, "module.embed.weight -> embed.weight rows[:10]\nmodule.{rest*} -> {rest*}"
     )
     assert p.unexpected == ["extra"]
-    text = p.explain()
+    text = p.explain(full=True)
     for piece in ("module.embed.weight", "[0:10]", "float32->bfloat16", "extra"):
         assert piece in text
     e = {x.target: x for x in p.entries()}["embed.weight"]
@@ -232,7 +235,8 @@ except fastckpt.CheckpointError as e:
     print("UNTOUCHED", untouched)
 else:
     ok = all(
-        torch.equal(p.full_tensor().view(torch.uint8), state[n].to(file_dtype).to(p.dtype).view(torch.uint8))
+        torch.equal(p.full_tensor().view(torch.uint8),
+                    state[n].to(file_dtype).to(p.dtype).view(torch.uint8))
         for n, p in model.named_parameters()
     )
     print("LOADED", ok)
@@ -242,9 +246,7 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("file_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("init", ["cpu", "meta"])
-def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(
-    tmp_path, file_dtype, init
-):
+def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(tmp_path, file_dtype, init):
     from tests.conftest import run_python
 
     port = str(29500 + (hash((file_dtype, init, str(tmp_path))) % 2000))
@@ -272,15 +274,19 @@ def _hf_folder(tmp_path, cls_name: str, config_name: str, **config):
 
 
 HF_CASES = [
-    ("BertForPreTraining", "BertConfig", {}, ["bert.embeddings.position_ids",
-                                               "bert.embeddings.token_type_ids"]),
-    ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2},
-     ["model.rotary_emb.inv_freq"]),
+    (
+        "BertForPreTraining",
+        "BertConfig",
+        {},
+        ["bert.embeddings.position_ids", "bert.embeddings.token_type_ids"],
+    ),
+    ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}, ["model.rotary_emb.inv_freq"]),
 ]
 
 
-@pytest.mark.parametrize(("cls_name", "config_name", "config", "buffers"), HF_CASES,
-                         ids=[c[0] for c in HF_CASES])
+@pytest.mark.parametrize(
+    ("cls_name", "config_name", "config", "buffers"), HF_CASES, ids=[c[0] for c in HF_CASES]
+)
 def test_meta_transformers_model_is_refused_naming_the_buffers_left_on_meta(
     tmp_path, cls_name, config_name, config, buffers
 ):
@@ -300,8 +306,9 @@ def test_meta_transformers_model_is_refused_naming_the_buffers_left_on_meta(
     assert all(p.is_meta for p in model.parameters())  # nothing was assigned
 
 
-@pytest.mark.parametrize(("cls_name", "config_name", "config", "buffers"), HF_CASES,
-                         ids=[c[0] for c in HF_CASES])
+@pytest.mark.parametrize(
+    ("cls_name", "config_name", "config", "buffers"), HF_CASES, ids=[c[0] for c in HF_CASES]
+)
 def test_params_on_meta_model_loads_to_from_pretrained_outputs(
     tmp_path, cls_name, config_name, config, buffers
 ):

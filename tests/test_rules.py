@@ -358,8 +358,8 @@ PARSE_ERRORS = [
     ("{x}.{x} -> c", "rules.txt:1:5: capture {x} appears twice"),
     (
         "a.** -> b.**",
-        "rules.txt:1:11: wildcards are not allowed in a target; "
-        "name a capture in the source, like {name*}",
+        ("rules.txt:1:11: wildcards are not allowed in a target; "
+        "name a capture in the source, like {name*}"),
     ),
     ("a b", "rules.txt:1:3: expected '->' after the source pattern, found 'b'"),
     ("a", "rules.txt:1:2: expected '->' after the source pattern"),
@@ -368,8 +368,8 @@ PARSE_ERRORS = [
     ("-> b", "rules.txt:1:1: expected a source pattern before '->'"),
     (
         "a -> b c",
-        "rules.txt:1:8: unknown attribute 'c' (expected rows[...], dtype=..., wins, stack[...], "
-        "cat[...], pick[...], split[...], transpose, rope[...] or unrope[...])",
+        ("rules.txt:1:8: unknown attribute 'c' (expected rows[...], dtype=..., wins, stack[...], "
+        "cat[...], pick[...], split[...], transpose, rope[...] or unrope[...])"),
     ),
     ("a -> b rows[:10", "rules.txt:1:12: unclosed '['"),
     ("a -> b rows[5]", "rules.txt:1:13: rows[...] takes a range A:B or @file"),
@@ -532,7 +532,7 @@ def test_plan_agrees_with_matches(rule_lines, keys, extra_targets):
     assert len(plan.assignments) == len(expected)
 
 
-# -- SCENARIOS.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
+# -- docs/STORIES.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
 
 
 def tiny_bert_keys() -> tuple[list[str], list[str]]:

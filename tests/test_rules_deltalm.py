@@ -1,4 +1,4 @@
-"""SCENARIOS.md story 1 at small scale: pretrained DeltaLM keys -> fairseq DeltaLM
+"""docs/STORIES.md story 1 at small scale: pretrained DeltaLM keys -> fairseq DeltaLM
 keys, with the vocabulary cut from 1040 to 1001 rows and a tied output projection.
 
 The plan is checked target by target against the story's table, and applied

@@ -1,4 +1,4 @@
-"""The stories of SCENARIOS.md end to end through the public API, at small sizes
+"""The stories of docs/STORIES.md end to end through the public API, at small sizes
 with the same key names. Story 3 (freeze + diff) lives in test_freeze.py and
 test_diff.py, story 4 (resume) in test_resume.py.
 """

@@ -203,10 +203,11 @@ std::unique_ptr<DeviceSink> make_sink(const std::string& device_sink, const std:
   return nullptr;
 }
 
-EngineOptions engine_options(size_t threads, uint64_t max_host_bytes) {
+EngineOptions engine_options(size_t threads, uint64_t max_host_bytes, bool exact_reads) {
   EngineOptions opt;
   opt.threads = threads;
   opt.max_host_bytes = max_host_bytes;
+  opt.exact_reads = exact_reads;
   return opt;
 }
 
@@ -216,30 +217,32 @@ void register_copy(py::module_& m) {
   py::class_<CopyEngine>(m, "CopyJob")
       .def(py::init([](const py::list& specs, size_t threads, uint64_t max_host_bytes,
                        const std::string& device_sink, const std::string& cudart_path,
-                       int device_index) {
+                       int device_index, bool exact_reads) {
              LabeledTasks out;
              out.tasks.reserve(specs.size());
              for (const auto& s : specs) out.tasks.push_back(task_from_tuple(s.cast<py::tuple>(), out));
-             return std::move(out).engine(engine_options(threads, max_host_bytes),
+             return std::move(out).engine(engine_options(threads, max_host_bytes, exact_reads),
                                           make_sink(device_sink, cudart_path, device_index));
            }),
            py::arg("tasks"), py::arg("threads"), py::arg("max_host_bytes"),
-           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0)
+           py::arg("device_sink") = "", py::arg("cudart_path") = "", py::arg("device_index") = 0,
+           py::arg("exact_reads") = false)
       .def_static(
           "from_targets",
           [](const py::list& indexes, const py::list& sources, const Targets& targets,
              const py::list& names, const py::object& source_names, const py::object& rows,
              const py::object& vias, size_t threads, uint64_t max_host_bytes,
              const std::string& device_sink, const std::string& cudart_path, int device_index,
-             const py::object& views) {
+             const py::object& views, bool exact_reads) {
             return tasks_from_targets(indexes, sources, targets, names, source_names, rows, vias,
                                       views, !device_sink.empty())
-                .engine(engine_options(threads, max_host_bytes),
+                .engine(engine_options(threads, max_host_bytes, exact_reads),
                         make_sink(device_sink, cudart_path, device_index));
           },
           py::arg("indexes"), py::arg("sources"), py::arg("targets"), py::arg("names"),
           py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
           py::arg("cudart_path") = "", py::arg("device_index") = 0, py::arg("views") = py::none(),
+          py::arg("exact_reads") = false,
           "Tasks straight from destination tensors read into Targets (see tasks_from_targets).")
       // (task index, source dtype, destination dtype) of every task that converts.
       .def("casts",
@@ -266,8 +269,10 @@ void register_copy(py::module_& m) {
       .def_property_readonly("bytes_from_cache", &CopyEngine::bytes_from_cache,
                              "Source bytes copied straight out of the page cache, not read().");
 
-  m.def(
-      "_cached_pages",
+  // Entry points only the tests use.
+  py::module_ testing = m.def_submodule("_testing", "test-only entry points of the core");
+  testing.def(
+      "cached_pages",
       [](const std::string& path, uint64_t offset, uint64_t length) {
         return FileView::cached_pages(*MappedFile::open(path), offset, length);
       },
@@ -276,8 +281,26 @@ void register_copy(py::module_& m) {
       "(cachestat, Linux 6.5+).");
 
   // Scalar kernels, for tests that compare them with torch directly.
-  m.def("_float_to_bf16", &float_to_bf16);
-  m.def("_float_to_half", &float_to_half);
+  testing.def("float_to_bf16", &float_to_bf16);
+  testing.def("float_to_half", &float_to_half);
+  // The kernel load_into would use for a from -> to cast, on raw bytes: for
+  // tests that compare every cast pair with Tensor.to().
+  testing.def(
+      "cast",
+      [](const py::bytes& src, const std::string& from, const std::string& to) {
+        const DType f = dtype_arg(from);
+        const DType t = dtype_arg(to);
+        const std::string_view in = src;
+        if (in.size() % dtype_itemsize(f) != 0) throw py::value_error("source bytes are not whole elements");
+        const auto fn = find_cast(f, t);
+        if (!fn) throw CheckpointError(unsupported_cast_text(f, t));
+        const size_t n = in.size() / dtype_itemsize(f);
+        std::string out(n * dtype_itemsize(t), '\0');
+        (*fn)(in.data(), out.data(), n);
+        return py::bytes(out);
+      },
+      py::arg("src"), py::arg("from_dtype"), py::arg("to_dtype"));
+  testing.def("cast_kernels", &cast_kernel_set, "Which cast kernels run: 'avx2+f16c' or 'portable'.");
 }
 
 }  // namespace fastckpt::bindings

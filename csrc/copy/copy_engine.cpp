@@ -26,11 +26,9 @@ constexpr uint64_t kMinHostBytes = uint64_t{1} << 20;
 // Large same-dtype reads into host memory that the page cache does not hold
 // (cached ones come out of the FileView, below) go through a cache-sized bounce
 // buffer and non-temporal stores (copy/stream_copy.h) rather than read()
-// straight into the destination. Measured on the 2-core VM (session 3's host),
-// 1.4 GB warm: a C microbenchmark gave 0.063-0.069 s against 0.072-0.078 s for
-// pread into the destination; in
-// load_into, paired with a torch memcpy in one process, the median ratio to
-// memcpy went from 0.936-0.950 to 0.946-0.966 (bench/RESULTS.md).
+// straight into the destination: the write-allocate reads of cached stores cost
+// more than the extra copy out of an L2-sized buffer (1.4 GB warm, a C
+// microbenchmark: 0.063-0.069 s against 0.072-0.078 s; bench/RESULTS.md).
 constexpr uint64_t kStreamMinBytes = uint64_t{1} << 20;
 constexpr uint64_t kBounceBytes = uint64_t{256} << 10;
 // Dense source ranges at least this large are copied out of the file's FileView
@@ -44,6 +42,13 @@ constexpr uint64_t kMaxVectoredBytes = uint64_t{4} << 20;
 // keep going: a zip record's local header and alignment padding are ~100 bytes.
 // torch.save of 30k small tensors: 30k preads become 60 preadv calls.
 constexpr uint64_t kMaxVectoredGap = 4096;
+// exact_reads: runs of a strided source at least this long are read with
+// pread (several per preadv when under a page apart: such a gap holds no whole
+// page, so reading it fetches nothing more); shorter runs, such as single
+// elements of a transposed view, are gathered from the mapping, whose faults
+// then fetch one page each (MappedFile::advise_random).
+constexpr uint64_t kExactMinRunBytes = 512;
+constexpr uint64_t kExactMaxGap = 4095;
 
 }  // namespace
 
@@ -55,11 +60,13 @@ struct CopyEngine::TaskInfo {
   size_t mid_item = 0;
   size_t dst_item = 0;
   bool src_dense = false;
+  uint64_t src_run_elems = 1;  // elements per contiguous run of the source view (its dense trailing dims)
   bool dst_dense = false;
   bool same_dtype = false;   // no conversion at all
   bool two_casts = false;    // src -> via -> dst
   CastFn first_cast = nullptr;   // src -> (via or dst)
   CastFn second_cast = nullptr;  // via -> dst
+  CastFn stream_cast = nullptr;  // src -> dst with non-temporal stores, if there is one
 };
 
 namespace {
@@ -111,9 +118,11 @@ class CopyEngine::Worker {
         produce(t, info, u, staged);
         e_.sink_->copy_async(t.dst + u.first * info.dst_item, staged, out_bytes, slot);
       } else if (info.dst_dense) {
-        stream_ = info.same_dtype && out_bytes >= kStreamMinBytes && e_.bounce_bytes_ > 0;
+        const bool large = out_bytes >= kStreamMinBytes;
+        stream_ = info.same_dtype && large && e_.bounce_bytes_ > 0;
+        stream_cast_ = large && info.stream_cast != nullptr;
         produce(t, info, u, t.dst + u.first * info.dst_item);
-        stream_ = false;
+        stream_ = stream_cast_ = false;
       } else {
         uint8_t* staged = out_.get(out_bytes);
         produce(t, info, u, staged);
@@ -172,7 +181,7 @@ class CopyEngine::Worker {
       info.first_cast(raw, mid, u.count);
       info.second_cast(mid, out, u.count);
     } else {
-      info.first_cast(raw, out, u.count);
+      (stream_cast_ ? info.stream_cast : info.first_cast)(raw, out, u.count);
     }
     if (from_view) copied_from_view(t, info, src_first, u.count);
   }
@@ -264,6 +273,10 @@ class CopyEngine::Worker {
       }
       return;
     }
+    if (e_.options_.exact_reads && info.src_run_elems * info.src_item >= kExactMinRunBytes) {
+      read_runs(t, info, src_first, n, out);
+      return;
+    }
     // Strided sources (views in torch files) are gathered from the mapping:
     // their elements are scattered over the storage, so one read cannot fetch them.
     uint8_t* base = f.data() + t.storage_file_offset + t.src_offset * info.src_item;
@@ -272,10 +285,61 @@ class CopyEngine::Worker {
     if (f.pages_lost()) lost_pages(t);
   }
 
+  // Source elements [src_first, +n) of a strided source, read run by run (its
+  // dense trailing dimensions) into `out`; runs less than a page apart in the
+  // file share one preadv, the bytes between them landing in scratch.
+  void read_runs(const CopyTask& t, const TaskInfo& info, uint64_t src_first, uint64_t n,
+                 uint8_t* out) {
+    const Dims& shape = t.src_shape;
+    const Dims& strides = t.src_strides;
+    const uint64_t run_elems = info.src_run_elems;
+    uint8_t* scratch = gap_.get(kExactMaxGap);
+    size_t n_iov = 0;
+    uint64_t group_start = 0;
+    uint64_t group_end = 0;
+    const auto flush = [&] {
+      if (n_iov > 0) t.file->preadv_exact(iov_.data(), static_cast<int>(n_iov), group_start);
+      n_iov = 0;
+    };
+    iov_.resize(kMaxVectoredIov);
+    for (uint64_t pos = src_first; pos < src_first + n;) {
+      // Storage element of flat position `pos`: the run's outer coordinates, then the offset in it.
+      uint64_t run = pos / run_elems;
+      const uint64_t within = pos % run_elems;
+      uint64_t elem = t.src_offset + within;
+      uint64_t inner = 1;  // elements of the dims inside the run
+      for (size_t d = shape.size(); d-- > 0;) {
+        if (inner < run_elems) {
+          inner *= static_cast<uint64_t>(shape[d]);
+          continue;
+        }
+        const auto extent = static_cast<uint64_t>(shape[d]);
+        elem += (run % extent) * static_cast<uint64_t>(strides[d]);
+        run /= extent;
+      }
+      const uint64_t count = std::min(run_elems - within, src_first + n - pos);
+      const uint64_t offset = t.storage_file_offset + elem * info.src_item;
+      const uint64_t bytes = count * info.src_item;
+      const bool joins = n_iov > 0 && offset >= group_end && offset - group_end <= kExactMaxGap &&
+                         n_iov + 2 <= kMaxVectoredIov;
+      if (!joins) {
+        flush();
+        group_start = offset;
+      } else if (offset > group_end) {
+        iov_[n_iov++] = {scratch, static_cast<size_t>(offset - group_end)};
+      }
+      iov_[n_iov++] = {out + (pos - src_first) * info.src_item, static_cast<size_t>(bytes)};
+      group_end = offset + bytes;
+      pos += count;
+    }
+    flush();
+  }
+
   CopyEngine& e_;
   StagingRing* ring_;
   std::vector<struct iovec> iov_;
   bool stream_ = false;  // the current read lands in its final (host) destination
+  bool stream_cast_ = false;  // the current cast writes a large final (host) destination
   Buffer bounce_;
   Buffer gap_;
   Buffer src_;
@@ -316,12 +380,17 @@ CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
     const DType mid = t.via_dtype.value_or(t.src_dtype);
     in.mid_item = dtype_itemsize(mid);
     in.src_dense = is_dense(t.src_shape, t.src_strides);
+    for (size_t d = t.src_shape.size(); d-- > 0;) {
+      if (t.src_shape[d] != 1 && static_cast<uint64_t>(t.src_strides[d]) != in.src_run_elems) break;
+      in.src_run_elems *= static_cast<uint64_t>(t.src_shape[d]);
+    }
     in.dst_dense = is_dense(t.dst_shape, t.dst_strides);
     in.same_dtype = t.src_dtype == t.dst_dtype && mid == t.src_dtype;
     in.two_casts = mid != t.src_dtype && mid != t.dst_dtype;
     in.src_start = t.storage_file_offset + t.src_offset * in.src_item;
     in.first_cast = *find_cast(t.src_dtype, in.two_casts ? mid : t.dst_dtype);
     if (in.two_casts) in.second_cast = *find_cast(mid, t.dst_dtype);
+    if (!in.same_dtype && !in.two_casts) in.stream_cast = find_streaming_cast(t.src_dtype, t.dst_dtype).value_or(nullptr);
     total_bytes_ += in.out_elems * in.src_item;
   }
 
@@ -441,6 +510,34 @@ void CopyEngine::open_views() {
   }
 }
 
+void CopyEngine::prefetch_exact_ranges() const {
+  const MappedFile* file = nullptr;
+  uint64_t start = 0;
+  uint64_t end = 0;
+  const auto flush = [&] {
+    if (file != nullptr && end > start) file->advise_willneed(start, end - start);
+  };
+  for (const Unit& u : units_) {
+    const CopyTask& t = tasks_[u.task];
+    const TaskInfo& in = info_[u.task];
+    if (!in.src_dense || t.rows.kind == RowSelection::Kind::Index) continue;
+    const uint64_t first = (t.rows.kind == RowSelection::Kind::Range
+                                ? static_cast<uint64_t>(t.rows.start) * in.row_elems
+                                : 0) + u.first;
+    const uint64_t at = in.src_start + first * in.src_item;
+    const uint64_t bytes = u.count * in.src_item;
+    if (t.file.get() == file && at >= start && at <= end) {  // units come in file order
+      end = std::max(end, at + bytes);
+      continue;
+    }
+    flush();
+    file = t.file.get();
+    start = at;
+    end = at + bytes;
+  }
+  flush();
+}
+
 FileView* CopyEngine::view_of(const MappedFile* file) const {
   auto it = views_.find(file);
   return it == views_.end() ? nullptr : it->second.get();
@@ -452,9 +549,16 @@ void CopyEngine::run() {
   if (ran_) throw CheckpointError("a copy job runs only once");
   ran_ = true;
   std::set<const MappedFile*> files;
-  for (const auto& t : tasks_)
-    if (files.insert(t.file.get()).second) t.file->advise_sequential(0, 0);
+  for (const auto& t : tasks_) {
+    if (!files.insert(t.file.get()).second) continue;
+    if (options_.exact_reads) {
+      t.file->advise_random();
+    } else {
+      t.file->advise_sequential(0, 0);
+    }
+  }
 
+  if (options_.exact_reads) prefetch_exact_ranges();
   open_views();
   struct CloseViews {  // unmapped as soon as the job ends, however it ends
     std::unordered_map<const MappedFile*, std::unique_ptr<FileView>>& views;

@@ -24,6 +24,10 @@ class MappedFile;
 struct EngineOptions {
   size_t threads = 2;
   uint64_t max_host_bytes = uint64_t{256} << 20;
+  // Fetch only the pages the tasks need (a rank loading its shard): no
+  // readahead, and strided sources read run by run with pread, not gathered
+  // through the mapping. The page cache is still used where it already holds a range.
+  bool exact_reads = false;
 };
 
 class CopyEngine {
@@ -71,6 +75,9 @@ class CopyEngine {
   // Absolute file offset of the first source byte task `task` reads (before any row selection).
   uint64_t source_start(uint32_t task) const;
   void open_views();
+  // exact_reads: asks the kernel for every dense source range up front
+  // (POSIX_FADV_WILLNEED, exactly those pages), so the reads queue deep as readahead would.
+  void prefetch_exact_ranges() const;
   FileView* view_of(const MappedFile* file) const;
 
   std::vector<CopyTask> tasks_;

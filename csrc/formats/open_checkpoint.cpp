@@ -26,10 +26,12 @@ CheckpointIndex read_by_content(const std::shared_ptr<MappedFile>& file) {
 
 }  // namespace
 
-CheckpointIndex open_checkpoint_file(const std::string& path) {
+CheckpointIndex open_checkpoint_file(const std::string& path, bool exact_reads) {
+  auto file = MappedFile::open(path);
+  if (exact_reads) file->advise_random();
   // Readers parse from the mapping; the guard turns a concurrent truncation into
   // a CheckpointError instead of SIGBUS (see io/fault_guard.h).
-  CheckpointIndex index = guarded_read(MappedFile::open(path), read_by_content);
+  CheckpointIndex index = guarded_read(std::move(file), read_by_content);
   index_names(index);  // here, so that it is built on the opening threads too
   return index;
 }

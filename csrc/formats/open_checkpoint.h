@@ -8,6 +8,8 @@
 
 namespace fastckpt {
 
-CheckpointIndex open_checkpoint_file(const std::string& path);
+// `exact_reads`: parse with no readahead (MappedFile::advise_random), so that
+// reading the headers fetches only their own pages.
+CheckpointIndex open_checkpoint_file(const std::string& path, bool exact_reads = false);
 
 }  // namespace fastckpt

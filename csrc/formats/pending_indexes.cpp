@@ -8,8 +8,9 @@
 
 namespace fastckpt {
 
-PendingIndexes::PendingIndexes(std::vector<std::string> paths, size_t max_threads)
-    : paths_(std::move(paths)), results_(paths_.size()), errors_(paths_.size()) {
+PendingIndexes::PendingIndexes(std::vector<std::string> paths, size_t max_threads, bool exact_reads)
+    : paths_(std::move(paths)), results_(paths_.size()), errors_(paths_.size()),
+      exact_reads_(exact_reads) {
   const size_t n = std::min(paths_.size(), std::max<size_t>(1, max_threads));
   try {
     for (size_t k = 0; k < n; ++k) threads_.emplace_back([this] { work(); });
@@ -24,7 +25,7 @@ void PendingIndexes::work() {
   // Each thread takes the next file not yet taken; results land in their own slots.
   for (size_t k = next_.fetch_add(1); k < paths_.size(); k = next_.fetch_add(1)) {
     try {
-      results_[k] = std::make_shared<CheckpointIndex>(open_checkpoint_file(paths_[k]));
+      results_[k] = std::make_shared<CheckpointIndex>(open_checkpoint_file(paths_[k], exact_reads_));
     } catch (...) {
       errors_[k] = std::current_exception();
     }

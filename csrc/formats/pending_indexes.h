@@ -18,7 +18,8 @@ namespace fastckpt {
 
 class PendingIndexes {
  public:
-  PendingIndexes(std::vector<std::string> paths, size_t max_threads);
+  // `exact_reads`: see open_checkpoint_file.
+  PendingIndexes(std::vector<std::string> paths, size_t max_threads, bool exact_reads = false);
   ~PendingIndexes();  // waits for the threads; their results are dropped
   PendingIndexes(const PendingIndexes&) = delete;
   PendingIndexes& operator=(const PendingIndexes&) = delete;
@@ -36,6 +37,7 @@ class PendingIndexes {
   std::vector<std::exception_ptr> errors_;
   std::vector<std::thread> threads_;
   std::atomic<size_t> next_{0};
+  bool exact_reads_ = false;
 };
 
 }  // namespace fastckpt

@@ -113,6 +113,15 @@ void MappedFile::preadv_exact(struct iovec* iov, int count, uint64_t offset) con
 void MappedFile::advise_sequential(uint64_t offset, uint64_t length) const {
   ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length),
                   POSIX_FADV_SEQUENTIAL);
+  if (data_ != nullptr) ::madvise(data_, size_, MADV_NORMAL);
+}
+
+void MappedFile::advise_random() const {
+  // Both hints are needed: POSIX_FADV_RANDOM stops read()'s readahead but not
+  // a page fault's read-around (the disk's whole readahead window, 8 MB here,
+  // around the faulting page), which only MADV_RANDOM on the mapping stops.
+  ::posix_fadvise(fd_, 0, 0, POSIX_FADV_RANDOM);
+  if (data_ != nullptr) ::madvise(data_, size_, MADV_RANDOM);
 }
 
 void MappedFile::advise_willneed(uint64_t offset, uint64_t length) const {

@@ -43,7 +43,11 @@ class MappedFile {
   bool pages_lost() const { return pages_lost_.load(std::memory_order_acquire); }
 
   // Page-cache hints; failures are ignored (they are only hints).
+  // advise_sequential also undoes advise_random's hint on the mapping.
   void advise_sequential(uint64_t offset, uint64_t length) const;
+  // No readahead at all, for read() and for page faults in the mapping: only
+  // the pages asked for are fetched (a rank reading its shard of a file).
+  void advise_random() const;
   void advise_willneed(uint64_t offset, uint64_t length) const;
   void drop_from_page_cache() const;
 

@@ -1,0 +1,211 @@
+"""``fastckpt bench --ranks N``: loading an FSDP2-sharded model on N gloo CPU ranks.
+
+Contenders, each in fresh rank processes, from a cold page cache, every rank
+with its own copy of the checkpoint (so that what a rank fetches is its own):
+
+- ``fastckpt``: ``load_into(model, path)`` on every rank;
+- ``dcp``: ``torch.distributed.checkpoint.load`` with ``HuggingFaceStorageReader``
+  into the model's sharded state dict;
+- ``broadcast``: ``torch.load`` on rank 0, then ``set_model_state_dict`` with
+  ``full_state_dict=True, broadcast_from_rank0=True``.
+
+Per rank: seconds (between two barriers), bytes of its checkpoint copy fetched
+into the page cache (cachestat), and the peak growth of its private memory
+(RssAnon, sampled every 2 ms) over the model's own, whose local shards are
+written (resident) before the baseline. Every rank then checks its
+local shards against ``distribute_tensor`` of the file's tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONTENDERS = ("fastckpt", "dcp", "broadcast")
+
+
+class Stack(nn.Module):
+    def __init__(self, layers: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+
+
+def write_checkpoint(folder: Path, layers: int, hidden: int) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = Stack(layers, hidden)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors")
+    torch.save(state, folder / "model.pt")
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakPrivate:
+    """Samples RssAnon on a thread while the block runs."""
+
+    def __enter__(self) -> PeakPrivate:
+        self.base = self.peak = _rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_anon())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_anon())
+
+
+def _cached_bytes(path: Path) -> int:
+    from fastckpt import _core
+
+    return _core._cached_pages(str(path), 0, path.stat().st_size) * 4096
+
+
+def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, layers: int,
+              hidden: int) -> dict:  # fmt: skip
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from fastckpt.bench import evict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
+    own = folder / f"rank{rank}"
+    with torch.device("meta"):
+        model = Stack(layers, hidden)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # the shards' pages are resident before the baseline is taken
+        for p in model.parameters():
+            p.to_local().zero_()
+    files = [own / "model.safetensors", own / "model.pt"]
+    evict([str(f) for f in files])
+    dist.barrier()
+    with PeakPrivate() as mem:
+        start = time.perf_counter()
+        if contender == "fastckpt":
+            import fastckpt
+
+            fastckpt.load_into(model, own / "model.safetensors")
+        elif contender == "dcp":
+            import torch.distributed.checkpoint as dcp
+
+            state = model.state_dict()
+            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(own)))
+        else:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            full = torch.load(own / "model.pt", mmap=False) if rank == 0 else {}
+            set_model_state_dict(
+                model, full,
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )  # fmt: skip
+            del full
+        dist.barrier()
+        seconds = time.perf_counter() - start
+    fetched = sum(_cached_bytes(f) for f in files)
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    from safetensors import safe_open
+
+    wrong = 0
+    with safe_open(str(own / "model.safetensors"), "pt") as f:
+        for name, p in model.named_parameters():
+            want = distribute_tensor(f.get_tensor(name), p.device_mesh, p.placements,
+                                     src_data_rank=None).to_local()  # fmt: skip
+            wrong += not torch.equal(p.to_local().view(torch.uint8), want.view(torch.uint8))
+    dist.destroy_process_group()
+    return {
+        "seconds": seconds,
+        "fetched": fetched,
+        "local_bytes": local,
+        "private_peak": mem.peak - mem.base,
+        "wrong": wrong,
+    }
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_sharded_bench(ranks: int, layers: int, hidden: int, repeat: int, folder: Path) -> dict:
+    """Per contender, per run, per rank: the numbers of ``rank_main``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(folder, layers, hidden)
+    for r in range(ranks):
+        (folder / f"rank{r}").mkdir(exist_ok=True)
+        for name in ("model.safetensors", "model.pt"):
+            shutil.copyfile(folder / name, folder / f"rank{r}" / name)
+    results: dict[str, list[list[dict]]] = {c: [] for c in CONTENDERS}
+    for _ in range(repeat):
+        for contender in CONTENDERS:  # in alternation, so drift hits every contender alike
+            port = _free_port()
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "fastckpt.bench.sharded", str(r), str(ranks), port,
+                     str(folder), contender, str(layers), str(hidden)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )
+                for r in range(ranks)
+            ]
+            outs = [p.communicate(timeout=1200) for p in procs]
+            for p, (_, err) in zip(procs, outs, strict=True):
+                if p.returncode != 0:
+                    raise RuntimeError(f"{contender}: a rank failed:\n{err[-3000:]}")
+            results[contender].append([json.loads(out.splitlines()[-1]) for out, _ in outs])
+    size = (folder / "model.safetensors").stat().st_size
+    return {"ranks": ranks, "layers": layers, "hidden": hidden, "file_bytes": size,
+            "runs": results}  # fmt: skip
+
+
+def summary(result: dict) -> list[dict]:
+    """Per contender: median seconds (slowest rank per run), max fetched and private peak."""
+    rows = []
+    for contender, runs in result["runs"].items():
+        slowest = sorted(max(r["seconds"] for r in run) for run in runs)
+        rows.append({
+            "contender": contender,
+            "seconds": slowest[len(slowest) // 2],
+            "fetched_per_rank": max(r["fetched"] for run in runs for r in run),
+            "local_bytes": max(r["local_bytes"] for run in runs for r in run),
+            "private_peak": max(r["private_peak"] for run in runs for r in run),
+            "wrong": sum(r["wrong"] for run in runs for r in run),
+        })  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    rank, world, port, folder, contender, layers, hidden = sys.argv[1:8]
+    out = rank_main(int(rank), int(world), port, Path(folder), contender, int(layers), int(hidden))
+    print(json.dumps(out))
