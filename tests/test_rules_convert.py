@@ -365,3 +365,11 @@ def test_a_smaller_source_fills_the_first_rows_of_a_grown_vocabulary(tmp_path):
         fastckpt.load_into(
             model, tmp_path / "v.safetensors", rules="emb.weight -> emb.weight rows[:55] cat[0:55]"
         )
+
+
+def test_a_stack_capture_that_is_not_a_number_is_an_error():
+    with pytest.raises(
+        CheckpointError,
+        match=r"experts.gate.w: stack\[e\] needs a number where \{e\} matches, not 'gate'",
+    ):
+        Rules.parse("experts.{e}.w -> t stack[e]").plan(["experts.gate.w"], None)
