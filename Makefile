@@ -8,7 +8,11 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 BUILD_DEPS := "scikit-build-core>=0.11" "pybind11>=3" nlohmann-json==3.12.0 ninja cmake
 
-.PHONY: env build test demo lint clean
+.PHONY: env build test demo lint clean bench-deps
+
+# The public API that `mypy --strict` holds to (the rest of the package: plain mypy).
+STRICT_API := fastckpt/__init__.py fastckpt/planning.py fastckpt/load.py fastckpt/destinations.py \
+              fastckpt/errors.py fastckpt/report.py fastckpt/checkpoint.py
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +38,17 @@ lint: env
 	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check fastckpt tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict $(STRICT_API)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis
+
+# The peers `fastckpt bench` compares against (the `bench` extra), pinned. Optional:
+# `make test` and CI do not install them; their tests skip when they are missing.
+BENCH_PINS := fastsafetensors==0.5.0 runai-model-streamer==0.17.1
+
+bench-deps: env
+	$(PY) -m pip install -q $(TORCH_PIN) $(BENCH_PINS)
 
 # --- Hardening (docs/HARDENING.md) -------------------------------------------
 # test-asan: the core and the native drivers built with gcc + ASan/UBSan; the

@@ -2,9 +2,9 @@
 
 from fastckpt.checkpoint import Checkpoint, TensorInfo, open
 from fastckpt.diff import DiffReport, diff
-from fastckpt.errors import CheckpointError, LimitError
+from fastckpt.errors import CheckpointError, LimitError, StrictLoadError, UninitializedWarning
 from fastckpt.freeze import FreezeSummary, freeze
-from fastckpt.load import StrictLoadError, UninitializedWarning, load_into
+from fastckpt.load import load_into
 from fastckpt.planning import LoadPlan, PlanEntry, plan
 from fastckpt.report import LoadReport
 from fastckpt.resume import ResumeReport, resume, save

@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -61,7 +61,7 @@ FOLDER_CANDIDATES = (
     "pytorch_model.bin.index.json",
 )
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 class TensorInfo(NamedTuple):
@@ -226,6 +226,7 @@ class Checkpoint:
             self._entries_map = self._picked(paths or [index.paths() for index in self._indexes])
         self._shared: list[dict[int, list[str]]] | None = None
         self._shape_lists: list[list[tuple[int, ...]]] | None = None
+        self._unloadable: dict[str, str] | None = None
 
     @property
     def _all(self) -> dict[str, int]:
@@ -285,10 +286,8 @@ class Checkpoint:
         self, handle: int
     ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
         """(dtype, shape, strides, storage offset in elements) of the tensor a handle names."""
-        dtype, shape, strides, soff, _, _, _ = self._indexes[handle >> 32].tensor_view(
-            handle & 0xFFFFFFFF
-        )
-        return TORCH_DTYPES[dtype], shape, strides, soff
+        v = self._indexes[handle >> 32].tensor_view(handle & 0xFFFFFFFF)
+        return TORCH_DTYPES[v.dtype], v.shape, v.strides, v.storage_offset
 
     def _handle_file(self, handle: int) -> str:
         return self._file_names[handle >> 32]
@@ -333,9 +332,9 @@ class Checkpoint:
 
     # -- metadata ---------------------------------------------------------------
     @property
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         """safetensors ``__metadata__`` (merged over shards), or a torch file's plain values."""
-        merged: dict = {}
+        merged: dict[str, Any] = {}
         for index in self._indexes:
             merged.update(json.loads(index.metadata_json))
         return merged
@@ -354,8 +353,34 @@ class Checkpoint:
         try:
             v = self._entries[name]
         except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+            self._missing(name)
         return v >> 32, v & 0xFFFFFFFF
+
+    def unloadable(self) -> dict[str, str]:
+        """Tensors the file holds but fastckpt cannot represent, by picked name: what each is.
+
+        ``{"emb.weight": "a sparse COO tensor"}``. They are not in ``keys()``;
+        asking for one (``tensor()``, ``info()``) raises a CheckpointError naming it.
+        """
+        if self._unloadable is None:
+            n = len(self.prefix)
+            out: dict[str, str] = {}
+            for index in self._indexes:
+                for name, path, what in index.unloadable():
+                    if not n:
+                        out[name] = what
+                    elif path[:n] == self.prefix and len(path) > n:
+                        out[".".join(path[n:])] = what
+            self._unloadable = out
+        return self._unloadable
+
+    def _missing(self, name: str) -> NoReturn:
+        what = self.unloadable().get(name)
+        if what is not None:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is present but not loadable: {what}"
+            ) from None
+        raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
     def _shared_users(self) -> list[dict[int, list[str]]]:
         """Per file: storage index -> the picked tensors viewing it, for storages with several."""
@@ -381,23 +406,23 @@ class Checkpoint:
         try:
             v = self._entries[name]
         except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+            self._missing(name)
         fi = v >> 32
         index = self._indexes[fi]
-        dtype, shape, strides, soff, sidx, skey, foff = index.tensor_view(v & 0xFFFFFFFF)
-        users = (self._shared or self._shared_users())[fi].get(sidx)
+        view = index.tensor_view(v & 0xFFFFFFFF)
+        users = (self._shared or self._shared_users())[fi].get(view.storage)
         # tuple.__new__ directly: the generated NamedTuple.__new__ is a Python-level call.
         return _new_tuple(
             TensorInfo,
             (
                 name,
-                shape,
-                TORCH_DTYPES[dtype],
-                strides,
-                soff,
+                view.shape,
+                TORCH_DTYPES[view.dtype],
+                view.strides,
+                view.storage_offset,
                 self._file_names[fi],
-                skey,
-                foff,
+                view.storage_key,
+                view.file_offset,
                 tuple(u for u in users if u != name) if users else (),
             ),
         )
@@ -409,9 +434,9 @@ class Checkpoint:
         """
         fi, ti = self._locate(name)
         index = self._indexes[fi]
-        _, dtype_name, shape, strides, soff, sidx = index.tensor_info(ti)
-        _, foff, nbytes, _ = index.storage_info(sidx)
-        dtype = to_torch(dtype_name)
+        view = index.tensor_view(ti)
+        shape, foff, nbytes = view.shape, view.file_offset, view.storage_nbytes
+        dtype = to_torch(view.dtype)
         if math.prod(shape) == 0:
             return torch.empty(shape, dtype=dtype)
         raw = self._file_bytes(fi)[foff : foff + nbytes]
@@ -419,7 +444,7 @@ class Checkpoint:
             raw = raw.clone()  # unaligned storage: torch cannot view it as `dtype`
         typed = raw.view(dtype)
         # as_strided offsets count from the start of the underlying (whole-file) storage.
-        return typed.as_strided(shape, strides, typed.storage_offset() + soff)
+        return typed.as_strided(shape, view.strides, typed.storage_offset() + view.storage_offset)
 
     def _file_bytes(self, fi: int) -> torch.Tensor:
         if fi not in self._buffers:
@@ -438,7 +463,7 @@ class Checkpoint:
         self.close()
 
 
-def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:  # noqa: A001
+def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:
     """Open a checkpoint file, shard index or model folder; reads metadata only."""
     return Checkpoint(path, key=key)
 

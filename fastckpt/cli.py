@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 import fastckpt
+from fastckpt.checkpoint import TensorInfo
 from fastckpt.dtypes import short_name
+from fastckpt.listing import Listing, collapse, print_line, split_numbers
 
 app = typer.Typer(
     name="fastckpt",
@@ -38,22 +42,46 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _name_filter(pattern: str | None) -> Callable[[str], bool]:
+    """``--filter``: a regular expression searched in each name, as grep does."""
+    if pattern is None:
+        return lambda name: True
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise _fail(f"--filter {pattern!r}: not a regular expression ({e})") from None
+    return lambda name: regex.search(name) is not None
+
+
+_FILTER_HELP = "only names matching this regular expression (searched, as grep does)"
+
+
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
     key: str = typer.Option(None, help="container key of the state dict ('' for the whole tree)"),
+    name_filter: str = typer.Option(None, "--filter", help=_FILTER_HELP),
+    group: bool = typer.Option(
+        False, "--group", help="one row per name pattern with layer numbers as ranges"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """List tensors: names, shapes, dtypes, sizes, shared storages, totals.
 
-    Example: fastckpt inspect pytorch_model.bin --json
+    Names are printed whole; piped output is plain text, one tensor per line.
+
+    Example: fastckpt inspect model_folder --filter 'layer\\.1\\.' --json
+
+    Example: fastckpt inspect model_folder --group
     """
+    match = _name_filter(name_filter)
     try:
         ckpt = fastckpt.open(path, key=key)
     except (fastckpt.CheckpointError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
     with ckpt:
-        infos = [ckpt.info(k) for k in ckpt.keys()]
+        names = ckpt.keys()
+        infos = [ckpt.info(k) for k in names if match(k)]
         total = sum(i.nbytes for i in infos)
         if as_json:
             doc = {
@@ -62,6 +90,7 @@ def inspect(
                 "files": [str(f) for f in ckpt.files],
                 "key": ".".join(ckpt.prefix),
                 "metadata": ckpt.metadata,
+                "filter": name_filter,
                 "tensors": [
                     {
                         "name": i.name,
@@ -78,20 +107,53 @@ def inspect(
             }
             typer.echo(json.dumps(doc, indent=2))
             return
-        table = Table(title=f"{path} ({ckpt.format}, {len(ckpt.files)} file(s))")
-        for col in ("name", "shape", "dtype", "size", "shares storage with"):
-            table.add_column(col, justify="right" if col == "size" else "left")
-        for i in infos:
-            table.add_row(
+        title = f"{path} ({ckpt.format}, {len(ckpt.files)} file(s))"
+        listing = _grouped_tensors(infos, title) if group else _tensors(infos, title)
+        listing.print(console)
+        picked = f" under key '{'.'.join(ckpt.prefix)}'" if ckpt.prefix else ""
+        matching = f" matching {name_filter!r} (of {len(names)})" if name_filter else ""
+        print_line(console, f"{len(infos)} tensors{matching}{picked}, {human_bytes(total)}")
+        if not group and len(infos) > 2000 and console.is_terminal:
+            print_line(console, "(--group prints one row per name pattern)", style="dim")
+
+
+def _tensors(infos: list[TensorInfo], title: str) -> Listing:
+    return Listing(
+        columns=("name", "shape", "dtype", "size", "shares storage with"),
+        rows=[
+            (
                 i.name,
                 str(list(i.shape)),
                 short_name(i.dtype),
                 human_bytes(i.nbytes),
                 ", ".join(i.shares_storage_with),
             )
-        console.print(table)
-        picked = f" under key '{'.'.join(ckpt.prefix)}'" if ckpt.prefix else ""
-        console.print(f"{len(infos)} tensors{picked}, {human_bytes(total)}")
+            for i in infos
+        ],
+        title=title,
+        right=frozenset({"size"}),
+    )
+
+
+def _grouped_tensors(infos: list[TensorInfo], title: str) -> Listing:
+    """One row per (name with its numbers as slots, shape, dtype): the numbers as ranges."""
+    groups: dict[tuple[Any, ...], list[TensorInfo]] = {}
+    for i in infos:
+        template, _ = split_numbers(i.name)
+        groups.setdefault((template, tuple(i.shape), i.dtype), []).append(i)
+    rows = []
+    for (template, shape, dtype), members in groups.items():
+        by_numbers = {split_numbers(m.name)[1]: m for m in members}
+        for name, numbers in collapse(template, list(by_numbers)):
+            mine = [by_numbers[n] for n in numbers]
+            size = human_bytes(sum(m.nbytes for m in mine))
+            rows.append((name, str(len(mine)), str(list(shape)), short_name(dtype), size))
+    return Listing(
+        columns=("name", "tensors", "shape", "dtype", "total size"),
+        rows=rows,
+        title=title,
+        right=frozenset({"tensors", "total size"}),
+    )
 
 
 def _error_text(e: BaseException) -> str:
@@ -142,21 +204,22 @@ def convert_command(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    table = Table(title=f"{src} -> {dst}", show_header=False)
-    table.add_column("what")
-    table.add_column("value", overflow="fold")
-    table.add_row("files", ", ".join(report.files))
-    table.add_row("tensors", str(report.tensors))
-    table.add_row("bytes", human_bytes(report.total_bytes))
-    table.add_row("renamed", str(len(report.renamed)))
-    table.add_row("row-sliced", str(len(report.sliced)))
-    table.add_row("cast", str(len(report.cast)))
+    rows = [
+        ("files", ", ".join(report.files)),
+        ("tensors", str(report.tensors)),
+        ("bytes", human_bytes(report.total_bytes)),
+        ("renamed", str(len(report.renamed))),
+        ("row-sliced", str(len(report.sliced))),
+        ("cast", str(len(report.cast))),
+    ]
     if report.ignored:
-        table.add_row("ignored", str(len(report.ignored)))
+        rows.append(("ignored", str(len(report.ignored))))
     if report.copied:
-        table.add_row("copied", ", ".join(report.copied))
-    table.add_row("seconds", f"{report.seconds:.2f}")
-    console.print(table)
+        rows.append(("copied", ", ".join(report.copied)))
+    rows.append(("seconds", f"{report.seconds:.2f}"))
+    Listing(columns=("what", "value"), rows=rows, title=f"{src} -> {dst}", header=False).print(
+        console
+    )
 
 
 def _bench_ranks(
@@ -187,7 +250,7 @@ def _bench_ranks(
     cells = [
         [r["contender"], f"{r['seconds']:.3f}", f"{r['seconds'] / fast:.1f}",
          f"{r['fetched_per_rank'] / 1e6:.1f}", f"{r['local_bytes'] / 1e6:.1f}",
-         f"{r['private_peak'] / 1e6:.1f}", str(r["wrong"])]  # fmt: skip
+         f"{r['private_peak'] / 1e6:.1f}", str(r["wrong"])]
         for r in rows
     ]
     if markdown:
@@ -213,10 +276,16 @@ def bench_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     cold: bool = typer.Option(False, "--cold", help="evict the file from the page cache per run"),
     repeat: int = typer.Option(3, "--repeat", help="timed runs per contender"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="each timed run is the first load of a new process"
+    ),
     size: str = typer.Option("full", "--size", help="default workload size: small or full"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
     markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    casts: bool = typer.Option(
+        False, "--casts", help="the cast workloads (bf16/fp16/fp8 <-> fp32/bf16) instead"
+    ),
     ranks: int = typer.Option(
         0, "--ranks", help="N > 0: an FSDP2 model on N gloo CPU ranks, against torch DCP and "
         "rank-0 broadcast (cold cache, --size small: 4 x 512, full: 16 x 2048 Linear layers)"
@@ -225,6 +294,8 @@ def bench_command(
     """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
 
     Each contender runs in its own process, in alternation; exit status 1 if one failed.
+    With --fresh every timed run is a new process's first load (what a user who
+    loads once waits for); without it, a long-lived process per contender.
 
     Example: fastckpt bench --size small --repeat 5 --json
     """
@@ -242,7 +313,8 @@ def bench_command(
         with err.status("benchmarking") as status:
             result = run_bench(
                 path, device=device, cold=cold, repeat=repeat, size=size, cache_dir=cache_dir,
-                on_run=lambda what: status.update(f"benchmarking {what}"),
+                on_run=lambda what: status.update(f"benchmarking {what}"), fresh=fresh,
+                casts=casts,
             )
     except _INPUT_ERRORS as e:
         raise _fail(_error_text(e)) from None
@@ -264,7 +336,7 @@ def demo_command(
     repeat: int = typer.Option(3, "--repeat", help="timed runs per bench contender"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where bench checkpoints live"),
 ) -> None:
-    """Show what fastckpt does: a small benchmark, then the stories of SCENARIOS.md.
+    """Show what fastckpt does: a small benchmark, then the stories of docs/STORIES.md.
 
     Example: fastckpt demo --no-bench
     """
@@ -305,21 +377,25 @@ def diff(
         "--suggest",
         help="print rules that load A into B as a rules file on stdout (the table goes to stderr)",
     ),
+    name_filter: str = typer.Option(None, "--filter", help=_FILTER_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Names, shapes, dtypes (and with --values, values) that differ.
 
-    Exit 0 equal, 1 different, 2 error.
+    Exit 0 equal, 1 different, 2 error (with --filter: among the matching names).
 
     Example: fastckpt diff before/model.safetensors after/model.safetensors --values
 
     Example: fastckpt diff pretrained.pt finetuned.pt --suggest > port.rules
     """
+    match = _name_filter(name_filter)
     try:
         report = fastckpt.diff(a, b, rules=rules, values=values, atol=atol)
         suggestion = _suggested_rules_file(a, b) if suggest else None
     except (fastckpt.CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
         raise _fail(str(e)) from None
+    if name_filter is not None:
+        report = report.select(match)
     if as_json:
         doc = report.to_dict()
         if suggestion is not None:
@@ -327,11 +403,16 @@ def diff(
         typer.echo(json.dumps(doc, indent=2))
     elif suggestion is not None:
         # stdout is the rules file alone, so `--suggest > port.rules` saves it.
-        Console(stderr=True).print(report)
+        _print_diff(report, Console(stderr=True))
         typer.echo(suggestion, nl=False)
     else:
-        console.print(report)
+        _print_diff(report, console)
     raise typer.Exit(0 if report.equal else 1)
+
+
+def _print_diff(report: fastckpt.DiffReport, out: Console) -> None:
+    report.listing().print(out)
+    print_line(out, report.summary_line())
 
 
 def main() -> None:

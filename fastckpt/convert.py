@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 
 import fastckpt
-from fastckpt.atomic import atomic_write
+from fastckpt.atomic import atomic_folder, atomic_write
 from fastckpt.checkpoint import Checkpoint, PathLike
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import Assignment, MappingPlan
@@ -214,14 +213,6 @@ def _hf_side_files(src: Path) -> list[Path]:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def convert(
     src: PathLike,
     dst: PathLike,
@@ -335,9 +326,7 @@ def _write_folder(
     metadata: dict[str, str],
     total: int,
 ) -> tuple[list[str], list[Path]]:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    try:
+    with atomic_folder(dst) as tmp:
         files: list[str] = []
         weight_map: dict[str, str] = {}
         n = len(shards)
@@ -353,22 +342,6 @@ def _write_folder(
             files.append(INDEX_FILE)
         copied = _hf_side_files(src)
         for p in copied:
-            shutil.copy2(p, tmp / p.name)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            # copyfile, not copy2: the copy gets the umask's mode, as every file written here
+            shutil.copyfile(p, tmp / p.name)
     return files, copied
-
-
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    """Rename the finished folder to ``dst``; an existing ``dst`` is moved aside first."""
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)  # an empty folder at dst is replaced by rename(2)
-    _fsync_dir(dst.parent)

@@ -1,4 +1,4 @@
-"""``fastckpt demo``: the benchmark on its small default, then the stories of SCENARIOS.md.
+"""``fastckpt demo``: the benchmark on its small default, then the stories of docs/STORIES.md.
 
 Each step calls the public API only (``load_into``, rules, ``diff``). A step whose
 piece is not part of this build prints a note and the walk-through goes on.
@@ -16,10 +16,11 @@ from rich.panel import Panel
 from torch import nn
 
 import fastckpt
+from fastckpt.listing import print_line
 
 # Story 1, scaled down: DeltaLM's pretrained names -> the fairseq model's names.
 DELTALM_RULES = """\
-# DeltaLM pretrained file -> fairseq DeltaLM model (SCENARIOS.md story 1)
+# DeltaLM pretrained file -> fairseq DeltaLM model (docs/STORIES.md story 1)
 src_embedding.embed_tokens.weight -> encoder.embed_tokens.weight rows[:101]
 src_embedding.emb_layer_norm.{p} -> encoder.layernorm_embedding.{p}
 src_embedding.{rest*} -> encoder.{rest*}
@@ -196,3 +197,10 @@ def run_demo(
             "head changed.",
             walk.diff,
         )
+    print_line(console, f"The stories in full, and those the demo does not play: {stories_path()}")
+
+
+def stories_path() -> str:
+    """docs/STORIES.md of this source tree, or its place in the repository when installed."""
+    here = Path(__file__).resolve().parent.parent / "docs" / "STORIES.md"
+    return str(here) if here.is_file() else "docs/STORIES.md in the fastckpt repository"

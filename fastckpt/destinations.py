@@ -41,9 +41,9 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     time). It is only taken when no module could make state_dict differ: a
     custom ``_save_to_state_dict``, extra state or a state_dict hook sends the
     whole model through ``state_dict()`` instead (and its non-tensor entries,
-    such as extra state, are dropped). A tree of 41k modules on the 2-core dev VM:
-    130-200 ms through ``state_dict()``, ~42 ms as a Python loop, 30-40 ms in C
-    (bound by memory latency: every module's dicts are read once).
+    such as extra state, are dropped). A tree of 41k modules: 130-200 ms through
+    ``state_dict()``, ~42 ms as a Python loop, 30-40 ms in C (bound by memory
+    latency: every module's dicts are read once).
     """
     walked = _core.state_tensors(model, _BASE_SAVE, _BASE_EXTRA_STATE)
     if walked is not None:
@@ -110,7 +110,7 @@ def refusal(name: str, t: torch.Tensor) -> str | None:
         what = f"{kind.__module__}.{kind.__qualname__}"
         if kind.__name__ == "DTensor":
             how = "a sharded DTensor whose mesh or placements fastckpt cannot map"
-        elif isinstance(t, nn.parameter.UninitializedTensorMixin):
+        elif isinstance(t, (nn.UninitializedParameter, nn.UninitializedBuffer)):
             how = "an uninitialised lazy parameter (run one forward pass first)"
         else:
             how = "a tensor subclass: its data_ptr need not be where its values live"

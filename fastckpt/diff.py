@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -33,6 +33,7 @@ from torch import nn
 
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.dtypes import short_name
+from fastckpt.listing import Listing, collapse, split_numbers
 from fastckpt.mapping import Assignment, RowSelection
 from fastckpt.planning import match
 
@@ -184,27 +185,41 @@ class DiffReport:
         verdict = "EQUAL" if self.equal else "DIFFERENT"
         return f"{verdict}: " + ", ".join(parts)
 
+    def listing(self) -> Listing:
+        """The grouped rows as a name listing (full names; plain text when piped)."""
+        return Listing(
+            columns=("name", "status", "detail"),
+            rows=self.grouped_rows(),
+            title=f"a = {self.a_name}\nb = {self.b_name}",
+        )
+
+    def select(self, match: Callable[[str], bool]) -> DiffReport:
+        """The report restricted to pairs and names for which ``match`` (of a name) holds."""
+
+        def keep(d: TensorDiff) -> bool:
+            return match(d.a) or match(d.b)
+
+        return DiffReport(
+            a_name=self.a_name,
+            b_name=self.b_name,
+            only_in_a=[n for n in self.only_in_a if match(n)],
+            only_in_b=[n for n in self.only_in_b if match(n)],
+            shape_mismatch=[d for d in self.shape_mismatch if keep(d)],
+            dtype_mismatch=[d for d in self.dtype_mismatch if keep(d)],
+            compared=[d for d in self.compared if keep(d)],
+            values=self.values,
+            atol=self.atol,
+        )
+
     def __rich__(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"a = {self.a_name}\nb = {self.b_name}", title_justify="left")
-        table.add_column("name")
-        table.add_column("status")
-        table.add_column("detail")
-        for row in self.grouped_rows():
-            table.add_row(*row)
-        return Group(table, Text(self.summary_line()))
+        return Group(self.listing(), Text(self.summary_line()))
 
     def __str__(self) -> str:
-        import io
-
-        from rich.console import Console
-
-        buf = io.StringIO()
-        Console(file=buf, width=160, color_system=None, highlight=False).print(self)
-        return buf.getvalue().rstrip("\n")
+        # Plain text: every name whole, whatever its length.
+        return "\n".join(self.listing().plain_lines() + [self.summary_line()])
 
 
 def _pair_name(d: TensorDiff) -> str:
@@ -212,52 +227,15 @@ def _pair_name(d: TensorDiff) -> str:
 
 
 # -- grouping ---------------------------------------------------------------------
-def _ranges(values: Sequence[int]) -> str:
-    vs = sorted(set(values))
-    out: list[str] = []
-    start = prev = vs[0]
-    for v in vs[1:] + [None]:  # type: ignore[list-item]
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        out.append(str(start) if start == prev else f"{start}..{prev}")
-        if v is not None:
-            start = prev = v
-    return "{" + ",".join(out) + "}"
-
-
-def _collapse(template: list[str | None], tuples: list[tuple[int, ...]]) -> list[str]:
-    """Names for the numeric tuples that fill the template's None slots, in few lines."""
-    if len(tuples) == 1 or not tuples:
-        return [_fill(template, [str(v) for v in t]) for t in tuples]
-    columns = [sorted({t[i] for t in tuples}) for i in range(len(tuples[0]))]
-    if math.prod(len(c) for c in columns) == len(set(tuples)):  # a full product: one line
-        return [_fill(template, [_ranges(c) if len(c) > 1 else str(c[0]) for c in columns])]
-    # Not a product: split on the first slot and collapse the rest within each value.
-    out: list[str] = []
-    for first in columns[0]:
-        sub = [t[1:] for t in tuples if t[0] == first]
-        slot = template.index(None)
-        sub_template = template[:slot] + [str(first)] + template[slot + 1 :]
-        out += _collapse(sub_template, sub)
-    return out
-
-
-def _fill(template: list[str | None], values: list[str]) -> str:
-    it = iter(values)
-    return ".".join(seg if seg is not None else next(it) for seg in template)
-
-
 def _group(
     entries: list[tuple[str, str, str, float | None, float | None]],
 ) -> list[tuple[str, str, str]]:
     groups: dict[tuple[tuple[str | None, ...], str, str], list[tuple[int, ...]]] = {}
     worst: dict[tuple[tuple[str | None, ...], str, str], tuple[float, float]] = {}
     for name, status, detail, abs_d, rel_d in entries:
-        segs = name.split(".")
-        template = tuple(None if s.isdigit() else s for s in segs)
+        template, numbers = split_numbers(name)
         key = (template, status, detail)
-        groups.setdefault(key, []).append(tuple(int(s) for s in segs if s.isdigit()))
+        groups.setdefault(key, []).append(numbers)
         if abs_d is not None and status in ("changed", "close"):
             a0, r0 = worst.get(key, (0.0, 0.0))
             worst[key] = (max(a0, abs_d), max(r0, rel_d or 0.0))
@@ -267,8 +245,7 @@ def _group(
         if key in worst:
             a, r = worst[key]
             detail = "; ".join(p for p in (detail, f"max abs {a:.3g}, max rel {r:.3g}") if p)
-        for name in _collapse(list(template), tuples):
-            rows.append((name, status, detail))
+        rows.extend((name, status, detail) for name, _ in collapse(template, tuples))
     order = {"only in a": 0, "only in b": 1, "shape differs": 2, "dtype differs": 3, "changed": 4}
     rows.sort(key=lambda r: order.get(r[1], 9))  # stable: keeps name order within a status
     return rows

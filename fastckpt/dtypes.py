@@ -22,7 +22,19 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     "C64": torch.complex64,
     "C128": torch.complex128,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C32": torch.complex32,
+    "BITS8": torch.bits8,
+    "BITS16": torch.bits16,
+    "BITS1x8": torch.bits1x8,
+    "BITS2x4": torch.bits2x4,
+    "BITS4x2": torch.bits4x2,
 }
+# Newer than the oldest torch fastckpt supports (2.4): named where torch has them.
+for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("F4_X2", "float4_e2m1fn_x2")):
+    if hasattr(torch, _attr):
+        TORCH_DTYPES[_name] = getattr(torch, _attr)
 
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 

@@ -26,7 +26,7 @@ from fastckpt import _core
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.destinations import assign, owners, same_device, state_tensors
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
-from fastckpt.errors import CheckpointError
+from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
 from fastckpt.planning import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, format_groups
 from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
@@ -35,31 +35,6 @@ from fastckpt.suggest import suggest_rules
 # Importable under their earlier names.
 _state_tensors = state_tensors
 _same_device = same_device
-
-
-class StrictLoadError(CheckpointError, RuntimeError):
-    """The checkpoint does not fit the model (strict=True); nothing was modified.
-
-    A ``RuntimeError`` too, as ``load_state_dict``'s error is. ``report`` holds what
-    a non-strict load would have done; ``suggested_rules`` is a ``Rules`` object
-    that makes the names fit (None when there is no suggestion):
-    ``load_into(model, path, rules=e.suggested_rules)``.
-    """
-
-    def __init__(self, message: str, report: LoadReport, suggested_rules: Any = None):
-        super().__init__(message)
-        self.report = report
-        self.suggested_rules = suggested_rules
-
-
-StrictLoadError.__module__ = "fastckpt"
-
-
-class UninitializedWarning(UserWarning):
-    """A non-strict load left some of the model's tensors as they were."""
-
-
-UninitializedWarning.__module__ = "fastckpt"
 
 
 def _distributed() -> bool:
@@ -87,7 +62,7 @@ def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 
 def _find_cudart() -> str:
     """Path of the CUDA runtime torch loaded, so the core shares its context."""
-    torch.cuda.init()
+    torch.cuda.init()  # type: ignore[no-untyped-call]
     with open("/proc/self/maps", encoding="utf-8") as maps:
         for line in maps:
             path = line.rstrip("\n").split(maxsplit=5)[-1]
@@ -107,9 +82,11 @@ def _strict_message(
     path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
 ) -> str:
     lines = [
-        f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
-        f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
-        "nothing was loaded"
+        (
+            f"{path}: checkpoint does not match the model: {len(report.missing)} missing, "
+            f"{len(report.unexpected)} unexpected, {len(report.mismatched)} shape mismatches; "
+            "nothing was loaded"
+        )
     ]
     if report.missing:
         lines.append(f"  missing from the checkpoint ({len(report.missing)}):")
@@ -142,7 +119,7 @@ def _strict_message(
 
 def load_into(
     model: nn.Module,
-    path: str | os.PathLike | Checkpoint | LoadPlan,
+    path: str | os.PathLike[str] | Checkpoint | LoadPlan,
     rules: Any = None,
     *,
     strict: bool = True,
@@ -229,6 +206,9 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.ignored = list(p.ignored)
     report.unused_rules = list(p.unused_rules)
     report.tied = list(p.tied)
+    report.loaded += p.loaded_by_pieces
+    report.rule_for.update(p.piece_rules)
+    report.partly_loaded = list(p.partly_loaded)
     report.loaded += p.sharded
     report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
     if p._rules is not None:

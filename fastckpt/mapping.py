@@ -3,6 +3,16 @@ rules engine (``fastckpt.rules``) and the loader (``fastckpt.load``).
 
 ``plain_plan`` matches names exactly; a rules object's ``plan`` does renames,
 row selections, casts and ignores. The loader turns a plan into copy tasks.
+
+Conversions beyond renames are optional fields of an ``Assignment`` saying how
+one source feeds (part of) one target, applied in this order: ``part`` (the
+region of the source read: an expert of a stacked tensor, a range of rows of a
+fused one), ``transpose`` (2-D), ``rope`` (a per-head row permutation), then
+written into ``into`` (the region of the target: expert ``e`` of a stack, a
+range of a concatenation). Several assignments may feed one target (stack,
+concatenate) and one source may feed several (unstack, split);
+``fastckpt.views`` turns the fields into strided views and checks that the
+parts of a target fit it.
 """
 
 from __future__ import annotations
@@ -37,12 +47,81 @@ class RowSelection:
 
 
 @dataclass(frozen=True, slots=True)
+class Select:
+    """Index ``index`` along ``dim``; the dimension goes (one expert of a stack)."""
+
+    dim: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"[{self.index}]" if self.dim == 0 else f"[dim {self.dim}: {self.index}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """``[start, start + length)`` along ``dim`` (one part of a concatenation)."""
+
+    dim: int
+    start: int
+    length: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+    def __str__(self) -> str:
+        where = f"{self.start}:{self.stop}"
+        return f"[{where}]" if self.dim == 0 else f"[dim {self.dim}: {where}]"
+
+
+Region = Select | Span
+# One region, or several applied in turn (expert e, then its gate rows:
+# (Select(0, e), Span(0, 0, I))).
+Regions = Region | tuple[Region, ...]
+
+
+def regions(r: Regions | None) -> tuple[Region, ...]:
+    """``into`` / ``part`` as a tuple of regions applied in turn (empty: the whole tensor)."""
+    if r is None:
+        return ()
+    return r if isinstance(r, tuple) else (r,)
+
+
+@dataclass(frozen=True, slots=True)
+class Rope:
+    """The per-head row permutation between rotary layouts (Llama ``wq``/``wk``).
+
+    ``to_halves=True`` reads Meta's interleaved pairs (rows ``2i, 2i+1`` of each
+    head) into Hugging Face's halves (rows ``i`` and ``i + head_dim/2``), the
+    ``permute`` of transformers' Llama conversion script; ``False`` is the inverse.
+    ``heads``: the number of heads of the tensor (key/value heads for ``wk``).
+    """
+
+    heads: int
+    to_halves: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Assignment:
     target: str  # destination name (a model state_dict key)
     source: str  # checkpoint key
     rule: str | None = None  # text of the rule that produced it; None for an exact name match
     rows: RowSelection | None = None
     dtype: torch.dtype | None = None  # cast through this dtype; None: the destination's dtype
+    into: Regions | None = None  # the region of the target this source fills; None: all of it
+    part: Regions | None = None  # the region of the source read; None: all of it
+    transpose: bool = False  # 2-D: read the source transposed (Conv1D <-> Linear)
+    rope: Rope | None = None  # per-head row permutation, after part and transpose
+
+    @property
+    def converts(self) -> bool:
+        """Whether the copy needs a view (a region, a transpose or a permutation)."""
+        return (
+            self.into is not None
+            or self.part is not None
+            or self.transpose
+            or self.rope is not None
+        )
 
 
 @dataclass(slots=True)

@@ -1,12 +1,15 @@
-"""Pairing by shape and position: the part of the suggestion engine
+"""Pairing by shape and name: the part of the suggestion engine
 (``fastckpt.suggest``) that explains keys no prefix change or known rename does.
 
-``pair_by_position`` pairs the keys still unmatched whose shapes and relative
-positions match: keys are grouped by their layer numbers and shape (and, first,
-their last segments); a group with as many sources as targets is paired in
-order, so the dict order of both inputs matters (checkpoint order, model
-order). A first dimension larger in the source than in the target (a
-vocabulary cut) pairs the same way with ``rows[:N]``.
+``pair_by_shape`` pairs the keys still unmatched that share layer numbers and
+shape, and never on position alone: a group (same layer numbers and shape, and,
+first, the same last segments) is paired when it holds one source and one
+target, or, with several, where the names single out a partner (see
+``name_pairs``); the rest stay unexplained. The pairing depends on the sets of
+keys only, never on their order. A first dimension larger in the source than in
+the target (a vocabulary cut) pairs the same way with ``rows[:N]``. A
+parametrization's storage (``parametrizations.weight.original0``) is never a
+shape match for a plain tensor: loading a weight into it gives other values.
 
 ``pattern_lines`` writes such pairs as rules: layer numbers become ``{i}``
 (``{j}``, ...) and a shared last segment ``{p}`` when the pattern holds for
@@ -24,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from fastckpt.rules import Rules
 
-__all__ = ["pair_by_position", "pattern_lines", "suggest_pairings"]
+__all__ = ["name_pairs", "pair_by_shape", "pattern_lines", "suggest_pairings"]
 
 CAPTURES = ("i", "j", "k", "l")
 Shape = tuple[int, ...]
@@ -64,13 +67,87 @@ _PASSES: list[tuple[GroupKey, bool]] = [
 ]
 
 
-def pair_by_position(
+# Name words that mean the same tensor in other code bases. Attention
+# projections (BERT/ViT `query`, Meta Llama `wq`, `out_proj`, `o_proj`), the
+# Llama/Mixtral feed-forward names (`w1` is the gate, `w3` the up projection,
+# `w2` the down projection) and the seq2seq sides (`src_embedding` feeds the
+# encoder). They only decide among keys that already share layer numbers and
+# shape, and only where exactly one partner fits.
+SYNONYMS: dict[str, str] = {
+    "query": "q", "wq": "q",
+    "key": "k", "wk": "k",
+    "value": "v", "wv": "v",
+    "output": "o", "out": "o", "wo": "o",
+    "w1": "gate", "w3": "up", "w2": "down",
+    "src": "encoder", "source": "encoder", "enc": "encoder",
+    "tgt": "decoder", "target": "decoder", "dec": "decoder",
+}  # fmt: skip
+
+
+def _words(key: str) -> frozenset[str]:
+    """The key's name words (segments split at ``_``, synonyms folded), numbers left out."""
+    out = set()
+    for seg in key.split("."):
+        if seg.isdigit():
+            continue
+        for w in seg.lower().split("_"):
+            if w:
+                out.add(SYNONYMS.get(w, w))
+    return frozenset(out)
+
+
+def name_pairs(sources: Sequence[str], targets: Sequence[str]) -> dict[str, str]:
+    """Pairs among same-shaped keys that their names single out.
+
+    The words a key does not share with every other key of its side (``q`` and
+    ``attention`` for ``...attention.query.bias`` among the layer's biases) are
+    its distinguishing words. A source and a target pair when each is the
+    other's only best match: no other key of the other side shares as many
+    distinguishing words with it, and they share at least one. Keys without
+    such evidence are left out, whatever their order.
+    """
+    if not sources or not targets:
+        return {}
+
+    def distinct(keys: Sequence[str]) -> dict[str, frozenset[str]]:
+        words = {k: _words(k) for k in keys}
+        common = frozenset.intersection(*words.values()) if len(keys) > 1 else frozenset()
+        return {k: w - common for k, w in words.items()}
+
+    ds, dt = distinct(sources), distinct(targets)
+    score = {(s, t): len(ds[s] & dt[t]) for s in sources for t in targets}
+
+    def only_best(others: Sequence[str], of: Callable[[str], int]) -> str | None:
+        best = max(of(o) for o in others)
+        hits = [o for o in others if of(o) == best]
+        return hits[0] if best > 0 and len(hits) == 1 else None
+
+    out = {}
+    for s in sources:
+        t = only_best(targets, lambda t, s=s: score[s, t])
+        if t is not None and only_best(sources, lambda s2, t=t: score[s2, t]) == s:
+            out[s] = t
+    return out
+
+
+def _is_parametrization(key: str) -> bool:
+    """``conv.parametrizations.weight.original0``: a parametrization's storage, not a value."""
+    parts = key.split(".")
+    return len(parts) >= 3 and parts[-3] == "parametrizations"
+
+
+def pair_by_shape(
     sources: Mapping[str, Shape],
     targets: Mapping[str, Shape],
     used: set[str],
     taken: set[str],
 ) -> Pairs:
-    """Pairs among sources not in ``used`` and targets not in ``taken`` (neither is changed)."""
+    """Pairs among sources not in ``used`` and targets not in ``taken`` (neither is changed).
+
+    Groups are keyed by layer numbers and shape; a group of one source and one
+    target pairs, a larger one pairs only what ``name_pairs`` proves. Neither
+    depends on the order of the keys.
+    """
     pairs: Pairs = {}
     for key_of, cut in _PASSES:
         s_left = [s for s in sources if s not in used and s not in pairs]
@@ -78,17 +155,18 @@ def pair_by_position(
         t_left = [t for t in targets if t not in taken and t not in paired]
         groups: dict[tuple, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
         for s in s_left:
-            if sources[s] or not cut:
+            if (sources[s] or not cut) and not _is_parametrization(s):
                 groups[key_of(s, sources[s])][0].append(s)
         for t in t_left:
-            if targets[t] or not cut:
+            if (targets[t] or not cut) and not _is_parametrization(t):
                 groups[key_of(t, targets[t])][1].append(t)
         for ss, ts in groups.values():
-            if not ss or len(ss) != len(ts):
+            if not ss or not ts:
                 continue
-            if cut and not all(sources[s][0] > targets[t][0] for s, t in zip(ss, ts, strict=True)):
-                continue
-            for s, t in zip(ss, ts, strict=True):
+            found = {ss[0]: ts[0]} if len(ss) == len(ts) == 1 else name_pairs(ss, ts)
+            for s, t in found.items():
+                if cut and not sources[s][0] > targets[t][0]:
+                    continue
                 pairs[s] = (t, targets[t][0] if cut else None)
     return pairs
 

@@ -34,7 +34,7 @@ from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.report import Mismatch, format_groups, group_names
 from fastckpt.sharded import any_dtensor, dtensors_possible, is_dtensor, plan_shards
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 def as_rules(rules: Any) -> Any:
@@ -58,7 +58,10 @@ def match(
     if rules_obj is None:
         keys = list(source_keys)
         return plain_plan(keys, keys if target_keys is None else target_keys)
-    return rules_obj.plan(list(source_keys), None if target_keys is None else list(target_keys))
+    mapping: MappingPlan = rules_obj.plan(
+        list(source_keys), None if target_keys is None else list(target_keys)
+    )
+    return mapping
 
 
 SourceView = tuple[
@@ -120,6 +123,9 @@ class LoadPlan:
     tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name written through)
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
     pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
+    loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
+    piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
+    partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
     # DTensor destinations (fastckpt.sharded): model names, their sources and tensors'
     # groups; the file bytes of this rank's shards.
     sharded: list[str] = field(default_factory=list)
@@ -149,7 +155,8 @@ class LoadPlan:
 
     @property
     def checkpoint(self) -> Checkpoint:
-        return self._ckpt
+        ckpt: Checkpoint = self._ckpt
+        return ckpt
 
     def entries(self) -> list[PlanEntry]:
         """One ``PlanEntry`` per loaded tensor, in model order."""
@@ -378,13 +385,15 @@ def build(
     if plain:
         try:
             every_target = _core.Targets(tensors, DTYPE_NAMES)
-        except Exception:  # noqa: BLE001 - raised again below if it matters
+        except Exception:
             every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
     p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
     p.any_sharded = any_sharded
 
     rules_obj = as_rules(rules)
+    if rules_obj is None:
+        rules_obj = _transformers_rules(model, mt, ckpt)
     ignored_sources: set[str] = set()
     ignored_targets: set[str] = set()
     picks: dict[str, Any] | None = None  # rules only; exact names need no pick objects
@@ -403,7 +412,9 @@ def build(
         )
         picks = {}
         used_sources = set()
-        for a in mapping.assignments:
+        plain_assignments = _add_pieces(p, mt, ckpt, entries, mapping.assignments)
+        used_sources.update(pc.source for pc in p.pieces)
+        for a in plain_assignments:
             if a.target not in target_set:
                 raise CheckpointError(
                     f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
@@ -443,6 +454,9 @@ def build(
             if via is None:
                 p.missing += [n for n in mt.group(g) if n not in ignored_targets]
     p._vias_of = vias
+    if p.loaded_by_pieces:
+        by_pieces = {n for pc in p.pieces for n in mt.group(pc.group)}
+        p.missing = [n for n in p.missing if n not in by_pieces]
     cand_picks: list[Any] | None = None
     if picks is None:
         if locs is not None and len(cand) == len(locs):
@@ -491,13 +505,13 @@ def build(
         targets = every_target if len(cand) == len(tensors) else every_target.subset(cand)
     for k in targets.lazy_views():
         g = cand[k]
-        raise CheckpointError(f"{ckpt.path}: {refusal(vias[g], tensors[g])}")  # type: ignore[arg-type]
+        raise CheckpointError(f"{ckpt.path}: {refusal(str(vias[g]), tensors[g])}")
     bad = targets.mismatched(ckpt._core_indexes, cand_sources, dim0)
     if bad:
         for k in bad:
             g, h = cand[k], cand_sources[k]
             p.mismatched.append(
-                Mismatch(vias[g], ckpt._handle_shape(h), tuple(tensors[g].shape))  # type: ignore[arg-type]
+                Mismatch(str(vias[g]), ckpt._handle_shape(h), tuple(tensors[g].shape))
             )
         bad_set = set(bad)
         keep = [k for k in range(len(cand)) if k not in bad_set]
@@ -545,8 +559,101 @@ def build(
             if g not in loaded_set and vias[g] is None
             for n in groups[g][1:]
         ]
-    _find_meta_leftovers(p, model, mt, set(loadable) | set(p.sharded_groups), want)
+    _find_meta_leftovers(
+        p, model, mt, set(loadable) | {pc.group for pc in p.pieces} | set(p.sharded_groups), want
+    )
     return p
+
+
+def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) -> Any:
+    """transformers' own conversions (fastckpt.hf_conversions) for one of its models whose
+    checkpoint names differ from the model's; None otherwise."""
+    from fastckpt.hf_conversions import is_transformers_model, rules_for
+
+    if not is_transformers_model(model):
+        return None
+    handles = ckpt._handles()
+    names = mt.all_names()
+    if len(handles) == len(names) and all(n in handles for n in names):
+        return None  # the model's own names: nothing to convert
+    return rules_for(model, lambda k: ckpt._handle_shape(handles[k]))
+
+
+def _add_pieces(
+    p: LoadPlan, mt: ModelTensors, ckpt: Checkpoint, handles: dict[str, int], assignments: list[Any]
+) -> list[Any]:
+    """Assignments that convert (a region, a transpose, a row permutation, several sources
+    for one target) become ``p.pieces``, checked before anything is written; the plain
+    whole-tensor ones are returned."""
+    from fastckpt.views import check_parts, source_view, target_view
+
+    count: dict[str, int] = {}
+    for a in assignments:
+        count[a.target] = count.get(a.target, 0) + 1
+    converting: dict[str, list[Any]] = {}
+    plain = []
+    for a in assignments:
+        if getattr(a, "converts", False) or count[a.target] > 1:
+            converting.setdefault(a.target, []).append(a)
+        else:
+            plain.append(a)
+    if not converting:
+        return plain
+    group_of = (
+        {n: g for g, n in enumerate(mt.names)}
+        if mt.groups is None
+        else {n: g for g, names in enumerate(mt.groups) for n in names}
+    )
+    for target, asgs in converting.items():
+        if target not in group_of:
+            raise CheckpointError(
+                f"{ckpt.path}: rules map {asgs[0].source!r} onto {target!r}, "
+                "which the model does not have"
+            )
+        for a in asgs:
+            if a.source not in handles:
+                raise CheckpointError(
+                    f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks"
+                )
+        g = group_of[target]
+        shapes = {a.source: ckpt._handle_shape(handles[a.source]) for a in asgs}
+        # One source into the first rows of a larger tensor (a grown vocabulary): the rule
+        # places it, the rows after it are reported as not loaded.
+        one_prefix = len(asgs) == 1 and _first_rows(asgs[0])
+        try:
+            left = check_parts(target, tuple(mt.tensors[g].shape), asgs, shapes, partial=one_prefix)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        p.partly_loaded += [
+            (target, f"{'rows' if s.dim == 0 else f'dim {s.dim}'} {s.start}:{s.stop}") for s in left
+        ]
+        for a in asgs:
+            h = handles[a.source]
+            _, shape, strides, offset = ckpt._handle_view(h)
+            p.pieces.append(
+                Piece(
+                    g,
+                    target,
+                    a.source,
+                    h,
+                    source_view(offset, tuple(shape), tuple(strides), a),
+                    lambda t, a=a: target_view(t, a),
+                    None,  # rows are part of the source view
+                    a.dtype,
+                )
+            )
+        p.loaded_by_pieces.append(target)
+        if asgs[0].rule is not None:
+            p.piece_rules[target] = asgs[0].rule
+    return plain
+
+
+def _first_rows(a: Any) -> bool:
+    """``cat[0:N]`` alone: a source placed at the start of the target's dim 0."""
+    from fastckpt.mapping import Span, regions
+
+    r = regions(a.into)
+    return len(r) == 1 and isinstance(r[0], Span) and r[0].dim == 0 and r[0].start == 0
 
 
 def _find_meta_leftovers(
@@ -570,8 +677,8 @@ def meta_message(p: LoadPlan) -> str:
     hidden = [n for n in p.left_on_meta if n in p._hidden_buffers]
     other = [n for n in p.left_on_meta if n not in p._hidden_buffers]
     lines = [
-        f"{p.path}: the load would leave {len(p.left_on_meta)} tensors of the model on the meta "
-        "device, where they have no values; nothing was loaded"
+        (f"{p.path}: the load would leave {len(p.left_on_meta)} tensors of the model on the meta "
+        "device, where they have no values; nothing was loaded")
     ]
     if hidden:
         lines.append(f"  non-persistent buffers, which no checkpoint holds ({len(hidden)}):")
@@ -599,7 +706,7 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         for name, t in zip(names, tensors, strict=True):
             try:
                 _core.Targets([t], DTYPE_NAMES)
-            except Exception as e:  # noqa: BLE001 - becomes the message
+            except Exception as e:
                 raise CheckpointError(
                     f"{path}: the model's {name!r} cannot be loaded into "
                     f"({type(e).__name__}: {e}); fastckpt writes dense (strided) tensors"
@@ -607,4 +714,4 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         raise
 
 
-__all__ = ["LoadPlan", "PlanEntry", "Piece", "match", "plan"]
+__all__ = ["LoadPlan", "Piece", "PlanEntry", "match", "plan"]

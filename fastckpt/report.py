@@ -36,6 +36,9 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)  # names rules said to skip
     unused_rules: list[str] = field(default_factory=list)
     rule_for: dict[str, str] = field(default_factory=dict)  # model name -> rule text
+    # (model name, the part no source filled: "rows 50:60"), when a rule puts a
+    # smaller source into part of a larger tensor (cat[0:50] into 60 rows)
+    partly_loaded: list[tuple[str, str]] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
 
@@ -95,6 +98,7 @@ class LoadReport:
                     for m in self.mismatched
                 ],
             ),
+            ("partly loaded", [f"{n} ({what} not loaded)" for n, what in self.partly_loaded]),
             ("ignored", self.ignored),
             ("unused rules", self.unused_rules),
         ]

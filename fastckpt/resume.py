@@ -29,9 +29,6 @@ import contextlib
 import itertools
 import json
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastckpt.atomic import atomic_write
+from fastckpt.atomic import atomic_folder, atomic_write
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import Assignment, MappingPlan
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
@@ -136,9 +133,7 @@ def save(
         raise FileExistsError(
             f"{target}: exists and is not a fastckpt save; refusing to replace it"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         tensors, aliases = _model_tensors(model)
         _write_tensors(
             tmp / MODEL_FILE, tensors, {"format": "pt", "fastckpt.aliases": json.dumps(aliases)}
@@ -159,11 +154,6 @@ def save(
                 "files": files,
             },
         )
-        _fsync_dir(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -203,25 +193,6 @@ def _save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         folder / OPT_JSON,
         {"class": type(optimizer).__name__, "param_groups": groups, "state": state},
     )
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, old / "save")
-        os.rename(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)
-    _fsync_dir(target.parent)
 
 
 # -- report -------------------------------------------------------------------------
@@ -282,8 +253,8 @@ class ResumeReport:
 
     def __str__(self) -> str:
         lines = [
-            f"resumed from {self.path} ({self.layout}): {self.model_loaded} model tensors, "
-            f"optimizer state for {len(self.restored)} parameters"
+            (f"resumed from {self.path} ({self.layout}): {self.model_loaded} model tensors, "
+            f"optimizer state for {len(self.restored)} parameters")
         ]
         lines += [f"  {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
@@ -441,20 +412,35 @@ def _apply_named_state(
             report.dropped_tied.append((name, names[id(all_named[name])]))
         else:
             report.dropped.append(name)
-    # Hyperparameters (lr as a scheduler left it, betas, ...) come back group by group.
-    groups: list[dict[str, Any]] = []
+    # Hyperparameters (lr as a scheduler left it, betas, ...) come back group by group:
+    # each current group from the saved group that held its parameters, whatever the order.
     saved_groups = named["param_groups"]
+    saved_group_of = {n: j for j, g in enumerate(saved_groups) for n in g["params"]}
+    current_groups = []
     pos = 0
-    if len(saved_groups) != len(optimizer.param_groups):
-        report.notes.append(
-            f"saved optimizer has {len(saved_groups)} param groups, the current one "
-            f"{len(optimizer.param_groups)}: hyperparameters kept as they are now"
-        )
-    for i, group in enumerate(optimizer.param_groups):
-        if len(saved_groups) == len(optimizer.param_groups):
-            g = {k: v for k, v in saved_groups[i].items() if k != "params"}
+    for group in optimizer.param_groups:
+        current_groups.append(current[pos : pos + len(group["params"])])
+        pos += len(group["params"])
+    sources = [{saved_group_of[n] for n in ns if n in saved_group_of} for ns in current_groups]
+    taken = [next(iter(js)) for js in sources if len(js) == 1]
+    groups: list[dict[str, Any]] = []
+    pos = 0
+    for i, (group, js) in enumerate(zip(optimizer.param_groups, sources, strict=True)):
+        if len(js) == 1 and taken.count(next(iter(js))) == 1:
+            g = {k: v for k, v in saved_groups[next(iter(js))].items() if k != "params"}
         else:
             g = {k: v for k, v in group.items() if k != "params"}
+            report.notes.append(
+                f"param group {i}: "
+                + (
+                    "no saved parameter in it"
+                    if not js
+                    else f"its parameters were in saved groups {sorted(js)}"
+                    if len(js) > 1
+                    else f"shares saved group {next(iter(js))} with another group"
+                )
+                + ": hyperparameters kept as they are now"
+            )
         g["params"] = list(range(pos, pos + len(group["params"])))
         pos += len(group["params"])
         groups.append(g)
@@ -462,42 +448,167 @@ def _apply_named_state(
 
 
 # -- position-keyed states (torch.optim, Hugging Face Trainer) -----------------------
-_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+# Beyond this many reachable (count per group) states the alignment is refused as
+# too open to prove (only when shapes barely constrain many groups of many parameters).
+_MAX_STATES = 2_000_000
 
-
-def _no_decay(model: nn.Module, name: str, legacy: bool) -> bool:
-    """The Trainer's rule: no weight decay inside a LayerNorm module or for bias/norm names.
-
-    ``legacy`` is the rule of transformers < 4.50: LayerNorm modules and "bias" only.
-    """
-    patterns = ("bias",) if legacy else _NO_DECAY_PATTERNS
-    if any(re.search(p, name.lower()) for p in patterns):
-        return True
-    parts = name.split(".")
-    module: nn.Module | None = model
-    for part in parts[:-1]:
-        module = getattr(module, part, None) if module is not None else None
-        if isinstance(module, nn.LayerNorm):
-            return True
-    return False
+# Group entries compared between the saved and the current optimizer, when both have
+# them ("lr" as the value before any scheduler: "initial_lr" when a scheduler set it).
+_HYPER_KEYS = (
+    "lr", "weight_decay", "betas", "eps", "momentum", "dampening", "nesterov", "amsgrad",
+    "alpha", "centered", "name",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class _Hypothesis:
     tied_at_save: tuple[str, ...]
-    legacy_decay: bool
     groups: tuple[tuple[str, ...], ...]
+
+
+@dataclass(slots=True)
+class _Alignment:
+    """Every way to put ``params`` (model order) into the saved groups, each group
+    keeping model order: ``choices[t]`` holds the groups parameter ``t`` takes in at
+    least one complete assignment (empty lists when there is none)."""
+
+    params: list[str]
+    choices: list[list[int]]
+    blocked: str | None = None  # why no assignment exists
+
+    @property
+    def unique(self) -> bool:
+        return self.blocked is None and all(len(c) == 1 for c in self.choices)
+
+    def groups(self, k: int) -> tuple[tuple[str, ...], ...]:
+        return tuple(
+            tuple(n for n, c in zip(self.params, self.choices, strict=True) if c == [g])
+            for g in range(k)
+        )
+
+    def ambiguous(self) -> list[str]:
+        return [
+            f"{n} (group {' or '.join(map(str, c))})"
+            for n, c in zip(self.params, self.choices, strict=True)
+            if len(c) > 1
+        ]
+
+
+def _align(
+    params: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    saved_groups: Sequence[Mapping[str, Any]],
+    saved_state: Mapping[Any, Mapping[str, Any]],
+    allowed: Mapping[str, Sequence[int]] | None = None,
+) -> _Alignment:
+    """Forward: the (parameters placed per group) states reachable after each parameter;
+    backward: those from which the saved group sizes are still reachable. A parameter
+    may go to group g at the j-th free place when that place's saved state tensors
+    (if any) have its shape and, with ``allowed``, g is among its allowed groups."""
+    k = len(saved_groups)
+    sizes = tuple(len(g["params"]) for g in saved_groups)
+    n = len(params)
+    if n != sum(sizes):
+        return _Alignment(
+            list(params), [[] for _ in params],
+            f"{n} parameters for {sum(sizes)} saved positions",
+        )
+    fits: dict[tuple[int, int, tuple[int, ...]], str | None] = {}
+
+    def reason(g: int, j: int, shape: tuple[int, ...]) -> str | None:
+        key = (g, j, shape)
+        if key not in fits:
+            entry = saved_state.get(saved_groups[g]["params"][j])
+            fits[key] = None if entry is None else _state_shape_ok(entry, shape)
+        return fits[key]
+
+    def moves(t: int, c: tuple[int, ...]) -> list[int]:
+        groups = allowed.get(params[t], range(k)) if allowed else range(k)
+        return [g for g in groups if c[g] < sizes[g] and reason(g, c[g], shapes[params[t]]) is None]
+
+    forward: list[set[tuple[int, ...]]] = [{(0,) * k}]
+    total = 1
+    for t in range(n):
+        nxt = set()
+        for c in forward[t]:
+            for g in moves(t, c):
+                nxt.add(c[:g] + (c[g] + 1,) + c[g + 1 :])
+        if not nxt:
+            c = next(iter(forward[t]))
+            why = next(
+                (r for g in range(k) if c[g] < sizes[g]
+                 and (r := reason(g, c[g], shapes[params[t]])) is not None),
+                "no group with a free place may hold it",
+            )
+            return _Alignment(list(params), [[] for _ in params], f"{params[t]}: {why}")
+        total += len(nxt)
+        if total > _MAX_STATES:
+            return _Alignment(
+                list(params), [[] for _ in params],
+                f"too many possible alignments to check ({k} groups of {list(sizes)})",
+            )
+        forward.append(nxt)
+    choices: list[list[int]] = [[] for _ in params]
+    back = {sizes}
+    for t in range(n - 1, -1, -1):
+        prev = set()
+        seen: set[int] = set()
+        for c in forward[t]:
+            for g in moves(t, c):
+                if c[:g] + (c[g] + 1,) + c[g + 1 :] in back:
+                    prev.add(c)
+                    seen.add(g)
+        choices[t] = sorted(seen)
+        back = prev
+    return _Alignment(list(params), choices)
+
+
+def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in _HYPER_KEYS:
+        if key == "lr":
+            value = group.get("initial_lr", group.get("lr"))
+        else:
+            value = group.get(key)
+        if value is not None:
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _allowed_by_hyperparameters(
+    saved_groups: Sequence[Mapping[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+) -> dict[str, list[int]]:
+    """Parameter name -> the saved groups whose hyper-parameters equal those of the group
+    holding the parameter in ``optimizer`` now (where at least one does)."""
+    names = _param_names(model)
+    saved = [_hyper(g) for g in saved_groups]
+    allowed: dict[str, list[int]] = {}
+    for group in optimizer.param_groups:
+        now = _hyper(group)
+        same = [
+            j for j, s in enumerate(saved)
+            if all(s[key] == now[key] for key in s.keys() & now.keys())
+        ]
+        if not same or len(same) == len(saved):
+            continue
+        for p in group["params"]:
+            if id(p) in names:
+                allowed[names[id(p)]] = same
+    return allowed
 
 
 def remap_optimizer_state(
     optimizer_state: Mapping[str, Any],
     checkpoint: PathLike,
     model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[NamedOptimizerState, list[str]]:
     """Name the parameters of a position-keyed ``torch.optim`` state dict. Returns (state, notes).
 
-    Recovers the saving model's parameter list and checks it against the state.
-    Assumptions (each checked where the data allows):
+    Recovers the saving model's parameter list and proves its alignment with the
+    state. Assumptions (each checked where the data allows):
 
     - the saving model had the current model's architecture: its parameters are
       the current model's names (``named_parameters(remove_duplicate=False)``
@@ -511,14 +622,18 @@ def remap_optimizer_state(
       current alias the checkpoint does hold may have been tied or not — both
       are tried;
     - frozen parameters (``requires_grad=False`` now) were not in the optimizer;
-    - the groups are one group of all parameters, or the Trainer's two:
-      weight-decay parameters then the others, each in ``named_parameters`` order;
-      both the current and the older Trainer rule for "no decay" are tried.
+    - every parameter was in exactly one group, and each group lists its
+      parameters in ``named_parameters`` order (as groups built by filtering
+      ``named_parameters()`` do: one group, the Trainer's decay / no-decay split,
+      ``no_decay = ["bias", "norm"]`` lists, per-module groups, in any group order).
 
-    Each candidate must give the saved group sizes exactly and every saved
-    per-parameter state tensor (``exp_avg``...) the shape of its parameter.
-    Zero candidates, or several that name positions differently, raise
-    ``CheckpointError`` with the reason; one parameter's moments are never
+    Every assignment of parameters to the saved groups that gives the saved group
+    sizes and every saved per-parameter state tensor (``exp_avg``...) the shape of
+    its parameter is found. Exactly one: it is used. Several: when ``optimizer``
+    (the current one) is given, a parameter is further held to the saved groups
+    whose hyper-parameters (initial lr, weight decay, betas...) equal those of the
+    group it is in now; still several, or none, raise ``CheckpointError`` naming
+    the ambiguous parameters or the reason. One parameter's moments are never
     given to another on a guess.
     """
     import fastckpt
@@ -528,13 +643,10 @@ def remap_optimizer_state(
     saved_state = optimizer_state.get("state")
     if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
         raise CheckpointError(f"{where}: not a torch.optim state dict (no 'state'/'param_groups')")
+    if not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in saved_groups):
+        raise CheckpointError(f"{where}: a param group has no 'params' list")
     sizes = tuple(len(g["params"]) for g in saved_groups)
     flat_positions = [i for g in saved_groups for i in g["params"]]
-    if len(saved_groups) not in (1, 2):
-        raise CheckpointError(
-            f"{where}: the optimizer has {len(saved_groups)} param groups; only one group or the "
-            "Trainer's two (weight decay, no decay) can be aligned with parameter names"
-        )
     with fastckpt.open(checkpoint) as ckpt:
         ck_keys = ckpt.keys()
         ck_set = set(ck_keys)
@@ -554,40 +666,42 @@ def remap_optimizer_state(
     ]
     if len(maybe_tied) > 10:
         raise CheckpointError(f"{where}: too many tied parameters to align ({len(maybe_tied)})")
+    allowed = (
+        _allowed_by_hyperparameters(saved_groups, optimizer, model) if optimizer else {}
+    )
 
     failures: list[str] = []
     passing: list[_Hypothesis] = []
+    ambiguous: list[tuple[_Hypothesis, list[str]]] = []
+    by_hyper: list[str] = []
     for r in range(len(maybe_tied) + 1):
         for tied in itertools.combinations(maybe_tied, r):
             params = [n for n in order if n not in known_tied and n not in tied]
-            for legacy in (False, True):
-                if len(saved_groups) == 1:
-                    groups: tuple[tuple[str, ...], ...] = (tuple(params),)
-                else:
-                    decay = tuple(n for n in params if not _no_decay(model, n, legacy))
-                    groups = (decay, tuple(n for n in params if _no_decay(model, n, legacy)))
-                h = _Hypothesis(tuple(sorted(tied)), legacy, groups)
-                got = tuple(len(g) for g in groups)
-                if got != sizes:
-                    failures.append(
-                        f"{_describe(h)}: group sizes {list(got)} != saved {list(sizes)}"
-                    )
-                    continue
-                names = [n for g in groups for n in g]
-                bad = next(
-                    (
-                        (n, reason)
-                        for n, pos in zip(names, flat_positions, strict=True)
-                        if pos in saved_state
-                        and (reason := _state_shape_ok(saved_state[pos], shapes[n])) is not None
-                    ),
-                    None,
-                )
-                if bad is not None:
-                    failures.append(f"{_describe(h)}: {bad[0]}: {bad[1]}")
-                    continue
-                if all(p.groups != h.groups for p in passing):
-                    passing.append(h)
+            tied_h = tuple(sorted(tied))
+            a = _align(params, shapes, saved_groups, saved_state)
+            if a.blocked is not None:
+                failures.append(f"{_describe(tied_h, len(sizes))}: {a.blocked}")
+                continue
+            if not a.unique and allowed:
+                narrowed = _align(params, shapes, saved_groups, saved_state, allowed)
+                if narrowed.unique:
+                    by_hyper += [
+                        n for n, c in zip(a.params, a.choices, strict=True) if len(c) > 1
+                    ]
+                    a = narrowed
+            h = _Hypothesis(tied_h, a.groups(len(sizes)))
+            if not a.unique:
+                ambiguous.append((h, a.ambiguous()))
+            elif all(p.groups != h.groups for p in passing):
+                passing.append(h)
+    if ambiguous:
+        h, names = ambiguous[0]
+        raise CheckpointError(
+            f"{where}: ambiguous optimizer state: with {_describe(h.tied_at_save, len(sizes))}, "
+            f"more than one assignment of parameters to the saved groups of {list(sizes)} fits "
+            f"the group sizes, the model's order and the state shapes; the ambiguous parameters: "
+            f"{', '.join(names)}; refusing to guess"
+        )
     if not passing:
         detail = "; ".join(dict.fromkeys(failures)) or "no candidate"
         raise CheckpointError(
@@ -596,16 +710,17 @@ def remap_optimizer_state(
             + detail
         )
     if len(passing) > 1:
-        a, b = passing[0], passing[1]
-        fa = [n for g in a.groups for n in g]
-        fb = [n for g in b.groups for n in g]
+        ha, hb = passing[0], passing[1]
+        fa = [n for g in ha.groups for n in g]
+        fb = [n for g in hb.groups for n in g]
         differ = [
             f"position {i}: {x} or {y}"
             for i, (x, y) in enumerate(zip(fa, fb, strict=True))
             if x != y
         ]
         raise CheckpointError(
-            f"{where}: ambiguous optimizer state: {_describe(a)} and {_describe(b)} both fit "
+            f"{where}: ambiguous optimizer state: {_describe(ha.tied_at_save, len(sizes))} and "
+            f"{_describe(hb.tied_at_save, len(sizes))} both fit "
             f"the group sizes and state shapes but name positions differently "
             f"({'; '.join(differ[:3])}); refusing to guess"
         )
@@ -621,18 +736,22 @@ def remap_optimizer_state(
         d = {k: v for k, v in g.items() if k != "params"}
         d["params"] = list(names_g)
         groups_named.append(d)
-    notes = [f"position-keyed optimizer state aligned by {_describe(h)}"]
+    notes = [f"position-keyed optimizer state aligned by {_describe(h.tied_at_save, len(sizes))}"]
+    if by_hyper:
+        notes.append(
+            "placed by the hyper-parameters of their group in the current optimizer: "
+            + ", ".join(dict.fromkeys(by_hyper))
+        )
     if known_tied:
         notes.append(f"tied when saved (stored as views): {', '.join(sorted(known_tied))}")
     return {"state": state, "param_groups": groups_named}, notes
 
 
-def _describe(h: _Hypothesis) -> str:
-    tied = f"{', '.join(h.tied_at_save)} tied when saved" if h.tied_at_save else "no extra ties"
-    if len(h.groups) == 1:
+def _describe(tied_at_save: tuple[str, ...], n_groups: int) -> str:
+    tied = f"{', '.join(tied_at_save)} tied when saved" if tied_at_save else "no extra ties"
+    if n_groups == 1:
         return f"one group ({tied})"
-    rule = "older Trainer no-decay rule" if h.legacy_decay else "Trainer no-decay rule"
-    return f"decay/no-decay groups by the {rule} ({tied})"
+    return f"{n_groups} groups, each in model order ({tied})"
 
 
 # -- resume -------------------------------------------------------------------------
@@ -684,9 +803,9 @@ def resume(
             try:
                 # weights_only: the safe unpickler (tensors and python containers/numbers only).
                 raw = torch.load(opt_file, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            except Exception as e:
                 raise CheckpointError(f"{opt_file}: cannot read optimizer state: {e}") from None
-            named, notes = remap_optimizer_state(raw, weights, model)
+            named, notes = remap_optimizer_state(raw, weights, model, optimizer)
             report.notes += notes
         new_state = _apply_named_state(named, model, optimizer, report)
 

@@ -22,9 +22,9 @@ import torch
 from fastckpt import _core
 from fastckpt.dtypes import short_name, to_torch
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, MappingPlan, RowSelection
+from fastckpt.mapping import Assignment, MappingPlan, Region, Rope, RowSelection, Select, Span
 
-__all__ = ["Rule", "RuleMatch", "Rules", "RulesLike", "as_rules", "select"]
+__all__ = ["Conversion", "Rule", "RuleMatch", "Rules", "RulesLike", "as_rules", "select"]
 
 KEYWORDS = ("ignore", "ignore-target", "freeze", "unfreeze")
 
@@ -43,9 +43,39 @@ class Rule:
     line: int
     column: int
     text: str  # canonical text: parsing it gives this rule back
+    convert: Conversion | None = None  # stack / cat / pick / split / transpose / rope
 
     def __str__(self) -> str:
         return self.text
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """A rule's conversions (``stack[e] cat[0:8]``, ``split[:,0:8] transpose``, ``rope[32]``).
+
+    ``into`` / ``part``: regions of the target / source in the order written; a
+    ``Select`` whose index is a capture name (``stack[e]``) takes its value from
+    each source key (``capture_at``: that capture's segment position, counted
+    from the end when negative).
+    """
+
+    into: tuple[tuple[str, int, int | str, int | None], ...] = ()  # (kind, dim, start|name, length)
+    part: tuple[tuple[str, int, int, int | None], ...] = ()
+    transpose: bool = False
+    rope: Rope | None = None
+    capture_at: int | None = None
+
+    def regions(self, key: str, target: int = 0) -> tuple[tuple[Region, ...], tuple[Region, ...]]:
+        """(into, part) for the source ``key`` and the rule's ``target``-th target."""
+        return (
+            tuple(_region(r, key, self.capture_at, target) for r in self.into),
+            tuple(_region(r, key, self.capture_at, target) for r in self.part),
+        )
+
+    @property
+    def per_target(self) -> bool:
+        """Whether the targets read different parts (``split[0:4|4:8]``)."""
+        return any(isinstance(r[2], tuple) for r in self.part)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +194,73 @@ class Rules:
             line += " wins"
         return self._with(line)
 
+    def convert(
+        self,
+        source: str,
+        target: str | Sequence[str],
+        *,
+        stack: str | int | None = None,
+        cat: slice | tuple[int, slice] | None = None,
+        pick: int | tuple[int, int] | None = None,
+        split: slice | tuple[int, slice] | None = None,
+        splits: Sequence[tuple[int, int]] | tuple[int, Sequence[tuple[int, int]]] | None = None,
+        transpose: bool = False,
+        rope: int | None = None,
+        unrope: int | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> Rules:
+        """``source -> target`` with conversions, as the text attributes (docs/RULES.md):
+        ``stack="e"`` (or an index) puts the source at that index of the target's dim 0;
+        ``cat=slice(0, 8)`` or ``(dim, slice)`` at a range; ``pick`` / ``split`` read an
+        index / a range of the source, ``splits=[(0, 4), (4, 8)]`` (or ``(dim, [...])``)
+        one range per target; ``transpose`` (2-D); ``rope=heads`` permutes
+        Meta's interleaved rotary rows into Hugging Face's halves, ``unrope`` back."""
+        line = _item_line((source, target))
+        if dtype is not None:
+            line += f" dtype={short_name(dtype) if isinstance(dtype, torch.dtype) else dtype}"
+        if stack is not None:
+            line += f" stack[{stack}]"
+        if cat is not None:
+            line += " cat" + _index_attr(cat)
+        if pick is not None:
+            dim, i = pick if isinstance(pick, tuple) else (0, pick)
+            line += f" pick[{':,' * dim}{i}]"
+        if split is not None:
+            line += " split" + _index_attr(split)
+        if splits is not None:
+            dim, parts = splits if isinstance(splits[0], int) else (0, splits)  # type: ignore[misc]
+            line += f" split[{':,' * dim}" + "|".join(f"{a}:{b}" for a, b in parts) + "]"
+        if transpose:
+            line += " transpose"
+        if rope is not None:
+            line += f" rope[{rope}]"
+        if unrope is not None:
+            line += f" unrope[{unrope}]"
+        return self._with(line)
+
+    def unstack(
+        self,
+        source: str,
+        targets: str | Sequence[str],
+        count: int,
+        *,
+        splits: Sequence[tuple[int, int]] | None = None,
+        capture: str = "e",
+    ) -> Rules:
+        """The reverse of a stack, as one rule: index ``i`` of ``source``'s dim 0 feeds
+        each of ``targets`` with ``{capture}`` replaced by ``i``, for i < ``count``
+        (``pick[0|1|...]``); ``splits``: one row range per template (``w1`` rows 0:8,
+        ``w3`` rows 8:16 of a stacked gate_up)."""
+        templates = [targets] if isinstance(targets, str) else list(targets)
+        names = [t.replace(f"{{{capture}}}", str(i)) for t in templates for i in range(count)]
+        line = _item_line((source, names))
+        line += " pick[" + "|".join(str(i) for _ in templates for i in range(count)) + "]"
+        if splits is not None:
+            if len(splits) != len(templates):
+                raise ValueError(f"{len(splits)} splits for {len(templates)} target templates")
+            line += " split[" + "|".join(f"{a}:{b}" for a, b in splits for _ in range(count)) + "]"
+        return self._with(line)
+
     def ignore(self, pattern: str) -> Rules:
         """Source keys that are not wanted (``cls.**``)."""
         return self._with(f"ignore {pattern}")
@@ -192,9 +289,7 @@ class Rules:
                 out.append(RuleMatch(self._rules[r], tuple(targets[begin[i] : begin[i + 1]])))
         return out
 
-    def plan(
-        self, source_keys: Sequence[str], target_keys: Sequence[str] | None
-    ) -> MappingPlan:
+    def plan(self, source_keys: Sequence[str], target_keys: Sequence[str] | None) -> MappingPlan:
         """Which source feeds which target.
 
         - A source key no rule matches feeds the target of the same name, if any.
@@ -213,9 +308,26 @@ class Rules:
         names, src_of, rule_of, ign_src, ign_tgt, unused = self._core.plan(sources, targets)
         # One (text, rows, dtype) per rule, not per assignment; None for same-name pairs.
         attrs = [(r.text, r.rows, r.dtype) for r in self._rules]
+        triples = list(zip(names, _u32(src_of), _u32(rule_of), strict=True))
+        # Which of its rule's targets each assignment is, where the targets read
+        # different parts of one source (split[0:4|4:8]): the rule's targets in order.
+        per_target = [
+            r != NO_RULE and (c := self._rules[r].convert) is not None and c.per_target
+            for _, _, r in triples
+        ]
+        order: dict[str, tuple[str, ...]] = {}
+        if any(per_target):
+            keys = sorted(
+                {sources[s] for (_, s, _), p in zip(triples, per_target, strict=True) if p}
+            )
+            order = {k: m.targets for k, m in zip(keys, self.match(keys), strict=True) if m}
         assignments = [
-            Assignment(t, sources[s]) if r == NO_RULE else Assignment(t, sources[s], *attrs[r])
-            for t, s, r in zip(names, _u32(src_of), _u32(rule_of), strict=True)
+            Assignment(t, sources[s])
+            if r == NO_RULE
+            else Assignment(t, sources[s], *attrs[r])
+            if self._rules[r].convert is None
+            else _converted(t, sources[s], self._rules[r], order[sources[s]].index(t) if p else 0)
+            for (t, s, r), p in zip(triples, per_target, strict=True)
         ]
         return MappingPlan(
             assignments=assignments,
@@ -227,7 +339,7 @@ class Rules:
     # -- internals ---------------------------------------------------------
 
     def _make_rule(self, t: tuple) -> Rule:
-        kind, source, targets, rows_spec, dtype_name, wins, line, column, text = t
+        kind, source, targets, rows_spec, dtype_name, wins, line, column, text, conv, cols = t
         rows: RowSelection | None = None
         rows_file: str | None = None
         if rows_spec is not None and rows_spec[0] == "range":
@@ -236,7 +348,14 @@ class Rules:
             rows_file = rows_spec[1]
             rows = RowSelection(index=self._read_rows_file(rows_file, line, rows_spec[2]))
         dtype = to_torch(dtype_name) if dtype_name is not None else None
-        return Rule(kind, source, tuple(targets), rows, rows_file, dtype, wins, line, column, text)
+        convert = (
+            _parse_conversion(conv, cols, source, len(targets), f"{self.source}:{line}")
+            if conv
+            else None
+        )
+        return Rule(
+            kind, source, tuple(targets), rows, rows_file, dtype, wins, line, column, text, convert
+        )
 
     def _read_rows_file(self, name: str, line: int, column: int) -> tuple[int, ...]:
         where = f"{self.source}:{line}:{column}"
@@ -262,6 +381,126 @@ class Rules:
         if not index:
             raise CheckpointError(f"{where}: rows file {path} lists no rows")
         return tuple(index)
+
+
+def _converted(target: str, source: str, rule: Rule, index: int) -> Assignment:
+    conv = rule.convert
+    assert conv is not None
+    into, part = conv.regions(source, index)
+    return Assignment(
+        target,
+        source,
+        rule.text,
+        rule.rows,
+        rule.dtype,
+        into=into or None,
+        part=part or None,
+        transpose=conv.transpose,
+        rope=conv.rope,
+    )
+
+
+def _region(r: tuple, key: str, capture_at: int | None, target: int) -> Region:
+    kind, dim, start, length = r
+    if isinstance(start, tuple):
+        start, length = start[target]
+    elif isinstance(start, str):
+        assert capture_at is not None
+        start = int(key.split(".")[capture_at])
+    return Select(dim, start) if kind == "select" else Span(dim, start, length)
+
+
+def _parse_conversion(
+    attrs: Sequence[str], cols: Sequence[int], pattern: str, n_targets: int, where: str
+) -> Conversion:
+    """The conversion attributes of one rule (the core checked their form)."""
+    into: list[tuple] = []
+    part: list[tuple] = []
+    transpose = False
+    rope: Rope | None = None
+    capture_at: int | None = None
+    for attr, col in zip(attrs, cols, strict=True):
+        at = f"{where}:{col}: {attr}"
+        if attr == "transpose":
+            if transpose:
+                raise CheckpointError(f"{at}: transpose given twice")
+            if rope is not None:
+                raise CheckpointError(f"{at}: transpose must come before rope[...]")
+            transpose = True
+            continue
+        name, _, inner = attr[:-1].partition("[")
+        items = inner.split(",")
+        if any(i != ":" for i in items[:-1]):
+            raise CheckpointError(f"{at}: only ':' may come before the last index (one per dim)")
+        dim, last = len(items) - 1, items[-1]
+        if name in ("rope", "unrope"):
+            if rope is not None:
+                raise CheckpointError(f"{at}: a second rotary permutation")
+            if dim or not last.isdigit() or int(last) == 0:
+                raise CheckpointError(f"{at}: expected the number of heads, rope[32]")
+            rope = Rope(int(last), to_halves=name == "rope")
+            continue
+        if name == "pick" and "|" in last:
+            picks = last.split("|")
+            if not all(p.isdigit() for p in picks):
+                raise CheckpointError(f"{at}: expected an index per target, pick[0|1|2]")
+            if len(picks) != n_targets:
+                raise CheckpointError(
+                    f"{at}: {len(picks)} indices for {n_targets} targets (one index per target)"
+                )
+            part.append(("select", dim, tuple((int(p), None) for p in picks), None))
+            continue
+        if name in ("stack", "pick"):
+            if last.isdigit():
+                index: int | str = int(last)
+            elif name == "pick":
+                raise CheckpointError(f"{at}: expected an index, pick[3]")
+            else:
+                index, capture_at = last, _capture_position(pattern, last, at)
+            (into if name == "stack" else part).append(("select", dim, index, None))
+            continue
+        ranges = []
+        for text in last.split("|"):
+            lo, colon, hi = text.partition(":")
+            if not colon or not lo.isdigit() or not hi.isdigit() or int(hi) < int(lo):
+                raise CheckpointError(f"{at}: expected a range A:B with A <= B, {name}[0:8]")
+            ranges.append((int(lo), int(hi) - int(lo)))
+        if len(ranges) == 1:
+            (into if name == "cat" else part).append(("span", dim, *ranges[0]))
+        elif name == "cat":
+            raise CheckpointError(f"{at}: cat[...] takes one range")
+        elif len(ranges) != n_targets:
+            raise CheckpointError(
+                f"{at}: {len(ranges)} ranges for {n_targets} targets (one range per target)"
+            )
+        else:
+            part.append(("span", dim, tuple(ranges), None))
+        if name == "split" and (transpose or rope is not None):
+            raise CheckpointError(f"{at}: split[...] must come before transpose and rope[...]")
+    return Conversion(tuple(into), tuple(part), transpose, rope, capture_at)
+
+
+def _capture_position(pattern: str, name: str, at: str) -> int:
+    """The segment of a key that ``{name}`` of ``pattern`` matches: counted from the start
+    when no multi-segment wildcard comes before it, else from the end."""
+    segs = pattern.split(".")
+    k = segs.index(f"{{{name}}}")
+
+    def many(seg: str) -> bool:
+        return seg == "**" or (seg.startswith("{") and seg.endswith("*}"))
+
+    if not any(many(s) for s in segs[:k]):
+        return k
+    if not any(many(s) for s in segs[k + 1 :]):
+        return k - len(segs)
+    raise CheckpointError(f"{at}: {{{name}}} lies between two multi-segment wildcards")
+
+
+def _index_attr(x: slice | tuple[int, slice]) -> str:
+    dim, sl = x if isinstance(x, tuple) else (0, x)
+    if sl.step not in (None, 1) or sl.stop is None:
+        raise ValueError(f"a range with a stop and no step, not {sl}")
+    return f"[{':,' * dim}{sl.start or 0}:{sl.stop}]"
 
 
 RulesLike = Rules | str | os.PathLike | None

@@ -7,7 +7,7 @@ onto it and the shapes agree. The best candidate that beats doing nothing wins.
 
 New kinds of prefix/rename candidates are added by appending a generator to
 ``CANDIDATE_SOURCES``. Keys no candidate explains are then paired by shape and
-position (``fastckpt.pairing``): this module is the one suggestion engine; the
+name (``fastckpt.pairing``): this module is the one suggestion engine; the
 strict-mode error of ``load_into`` and ``fastckpt diff A B --suggest`` print it.
 """
 
@@ -17,15 +17,23 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fastckpt.pairing import Pairs, pair_by_position, pattern_lines
+from fastckpt.pairing import Pairs, pair_by_shape, pattern_lines
 from fastckpt.rules import Rules
+from fastckpt.suggest_convert import suggest_conversions
 
 Shapes = Mapping[str, tuple[int, ...]]
 ShapesIn = Mapping[str, Sequence[int]]  # what callers pass: tuples, lists, torch.Size
 
 # Segment names that mean the same parameter in other code bases (TF-converted
-# LayerNorm: gamma/beta).
-SEGMENT_RENAMES: dict[str, str] = {"gamma": "weight", "beta": "bias"}
+# LayerNorm: gamma/beta; the legacy ``torch.nn.utils.weight_norm`` names of the
+# magnitude and direction, which ``parametrizations.weight_norm`` stores as
+# original0 / original1).
+SEGMENT_RENAMES: dict[str, str] = {
+    "gamma": "weight",
+    "beta": "bias",
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,19 @@ class Suggestion:
         then the model names still without a source."""
         out = [f"# {header}"] if header else []
         out += [f"# {line}" for line in self.lines]
-        return "\n".join(out) + ("\n" if out else "") + self.rules_text + "".join(
-            n + "\n" for n in self.notes
+        return (
+            "\n".join(out)
+            + ("\n" if out else "")
+            + self.rules_text
+            + "".join(n + "\n" for n in self.notes)
         )
 
     def __bool__(self) -> bool:
         return bool(self.rules_text)
+
+    def as_rules(self) -> Rules | None:
+        """The suggested rules as a ``fastckpt.Rules`` (None when nothing helps)."""
+        return Rules.parse(self.rules_text, "<suggested rules>") if self.rules_text else None
 
 
 def _score(c: Candidate, sources: Shapes, targets: Shapes) -> tuple[int, set[str]]:
@@ -85,7 +100,10 @@ def _common_prefixes(names: Iterable[str], limit: int = 3) -> list[str]:
         parts = n.split(".")
         for k in range(1, min(4, len(parts))):
             counts[".".join(parts[:k]) + "."] += 1
-    return [p for p, _ in counts.most_common(limit * 3)][: limit * 3]
+    # Ties broken by name, not by which key came first: the suggestion must not
+    # depend on the order of the keys (a sharded folder lists them differently).
+    ranked = sorted(counts.items(), key=lambda pc: (-pc[1], pc[0]))
+    return [p for p, _ in ranked[: limit * 3]]
 
 
 def _prefix_candidate(strip: str, add: str, renames: Mapping[str, str]) -> Candidate:
@@ -136,12 +154,15 @@ CANDIDATE_SOURCES: list[Callable[[Shapes, Shapes], Iterable[Candidate]]] = [
 ]
 
 
-def _ignore_lines(sources: Shapes, used: set[str], targets: Shapes) -> list[tuple[str, int]]:
+def _ignore_lines(
+    sources: Shapes, used: set[str], targets: Shapes, unfilled: set[tuple[int, ...]]
+) -> list[tuple[str, int]]:
     """`ignore G.**` for the shortest groups of checkpoint keys of which nothing is used.
 
     ``cls.**`` next to a stripped ``bert.``; ``module.cls.**`` next to a stripped
-    ``module.bert.``. A group whose name the model also has (``G.x`` targets)
-    is left out: its keys are more likely misnamed than unwanted.
+    ``module.bert.``. A group whose name the model also has (``G.x`` targets),
+    or with a key shaped like a model tensor left without a source (``unfilled``
+    shapes), is left out: its keys are more likely misnamed than unwanted.
     """
     live: set[str] = set()  # prefixes (with a trailing dot) of a used or same-name key
     for s in sources:
@@ -152,6 +173,7 @@ def _ignore_lines(sources: Shapes, used: set[str], targets: Shapes) -> list[tupl
         ".".join(t.split(".")[:d]) + "." for t in targets for d in range(1, t.count(".") + 1)
     }
     groups: dict[str, int] = {}
+    misnamed: set[str] = set()
     for s in sources:
         if s in used or s in targets:
             continue
@@ -161,10 +183,12 @@ def _ignore_lines(sources: Shapes, used: set[str], targets: Shapes) -> list[tupl
             if g not in live:
                 if g not in target_heads:
                     groups[g] = groups.get(g, 0) + 1
+                    if sources[s] in unfilled:
+                        misnamed.add(g)
                 break
     if not live:
         return []  # nothing is used: ignoring would hide the whole checkpoint
-    return [(f"ignore {g}**", n) for g, n in groups.items()]
+    return [(f"ignore {g}**", n) for g, n in groups.items() if g not in misnamed]
 
 
 @dataclass(frozen=True)
@@ -174,23 +198,39 @@ class _Assembled:
     pairs: Pairs  # source -> (target, rows), every source the rules feed a target from
 
 
+def suggested_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Rules | None:
+    """``suggest_rules(...)`` as a ``fastckpt.Rules``, None when nothing helps (what
+    ``StrictLoadError.suggested_rules`` holds)."""
+    return suggest_rules(source_shapes, target_shapes).as_rules()
+
+
 def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestion:
     """The rules that fill the most model names (shapes must agree), if any beat no rules.
 
     In order of trust: a prefix change and known segment renames (scored over
-    every key), then pairs of the keys still unexplained by shape and position
+    every key), then pairs of the keys still unexplained by shape (unique) and name
     (``fastckpt.pairing``), then ``ignore`` lines for checkpoint groups nothing
     uses. Targets left without a source are listed in ``notes``.
     """
-    sources = {k: tuple(v) for k, v in source_shapes.items()}
-    targets = {k: tuple(v) for k, v in target_shapes.items()}
+    # Sorted: the same keys give the same suggestion, in whatever order they come.
+    sources = {k: tuple(source_shapes[k]) for k in sorted(source_shapes)}
+    targets = {k: tuple(target_shapes[k]) for k in sorted(target_shapes)}
     identity = Candidate("", (), lambda n: n)
     best, (best_score, best_used) = identity, _score(identity, sources, targets)
+    tops: list[tuple[Candidate, set[str]]] = []
     for make in CANDIDATE_SOURCES:
         for c in make(sources, targets):
             score, used = _score(c, sources, targets)
             if score > best_score:
-                best, best_score, best_used = c, score, used
+                tops, best_score = [(c, used)], score
+            elif score == best_score and tops:
+                tops.append((c, used))
+    # Candidates that fill as many names but pair them differently (blk.0.mix_a.
+    # onto blk.0.left. or onto blk.0.right.) are a guess: none is taken.
+    if tops and len({frozenset((s, c.transform(s)) for s in u) for c, u in tops}) == 1:
+        best, best_used = tops[0]
+    else:
+        best_score, best_used = _score(identity, sources, targets)
 
     pairs: Pairs = {}
     for s in best_used:
@@ -198,10 +238,20 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
         assert t is not None
         pairs[s] = (t, None)
     taken = {t for t, _ in pairs.values()}
-    extra = pair_by_position(sources, targets, set(pairs), taken)
+    extra = pair_by_shape(sources, targets, set(pairs), taken)
     pairs |= extra
     used = set(pairs)
-    ignores = _ignore_lines(sources, used, targets)
+    # Stacks, concatenations and transposes among the keys still unexplained.
+    filled_now = {t for t, _ in pairs.values()}
+    conv_lines, conv_used, conv_filled = suggest_conversions(
+        {s: sh for s, sh in sources.items() if s not in used},
+        {t: sh for t, sh in targets.items() if t not in filled_now},
+    )
+    used |= conv_used
+    unfilled = {
+        shape for t, shape in targets.items() if t not in filled_now and t not in conv_filled
+    }
+    ignores = _ignore_lines(sources, used, targets, unfilled)
     base = [line for line, _ in ignores] + list(best.rules)
     # Pairs the prefix / rename rules get wrong need rules of their own, placed first.
     keys = list(sources)
@@ -211,9 +261,9 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
         for s, m in zip(keys, base_rules.match(keys), strict=True)
     }
     needed = {s: p for s, p in extra.items() if base_target[s] != p[0] or p[1] is not None}
-    specific = pattern_lines(needed, pairs, keys)
+    specific = conv_lines + pattern_lines(needed, pairs, keys)
 
-    filled = {t for t, _ in pairs.values()}
+    filled = {t for t, _ in pairs.values()} | conv_filled
     total = len(targets)
     notes = [
         f"# no source found for {t} {list(shape)}"
@@ -227,8 +277,13 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
         cuts = sum(1 for _, rows in extra.values() if rows is not None)
         how = f" ({cuts} with a vocabulary cut)" if cuts else ""
         lines.append(
-            f"pair {len(extra)}{' more' if best.rules else ''} keys by shape and position{how}: "
+            f"pair {len(extra)}{' more' if best.rules else ''} keys by shape and name{how}: "
             f"matches {len(filled)}/{total} keys"
+        )
+    if conv_lines:
+        lines.append(
+            f"stack / concatenate / transpose {len(conv_used)} keys into {len(conv_filled)} "
+            f"model tensors: matches {len(filled)}/{total} keys"
         )
     lines += [f"{line}: skips {n} checkpoint keys nothing uses" for line, n in ignores]
     rules = specific + base

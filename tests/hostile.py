@@ -499,9 +499,11 @@ def safetensors_cases() -> dict[str, tuple[bytes, str]]:
             ),
             "data_offsets span 16 bytes but F32 shape needs 8",
         ),
-        "st-unknown-dtype": (
-            safetensors_raw({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}, b"\0"),
-            "unknown dtype 'Q7'",
+        # A dtype fastckpt does not know is listed, not refused; its bytes must
+        # still tile the data section like any tensor's.
+        "st-unknown-dtype-gap": (
+            safetensors_raw({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [1, 2]}}, b"\0\0"),
+            "hole in the data before tensor 'w'",
         ),
         "st-missing-fields": (
             safetensors_raw({"w": {"dtype": "F32"}}),
@@ -728,6 +730,47 @@ def valid_fixtures() -> dict[str, bytes]:
     out["state.safetensors"] = save(flat, metadata={"format": "pt"})
     out["empty.safetensors"] = save({"e": torch.empty(0, 3)})
     out["writer.zip.pt"] = write_zip(_valid_zip_layout())
+    out.update(_dtype_fixtures())
+    return out
+
+
+def _dtype_fixtures() -> dict[str, bytes]:
+    """Every dtype torch saves, and tensors fastckpt lists but cannot load (quantized,
+    sparse, nested, numpy, a dtype it does not know), in each format."""
+    import warnings
+
+    import torch
+    from safetensors.torch import save
+
+    raw = torch.arange(16, dtype=torch.int32).to(torch.uint8).reshape(2, 8)
+    names = (
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float4_e2m1fn_x2", "complex32", "bits8", "bits16", "uint16", "uint32", "uint64",
+    )
+    dtypes = {n: raw.clone().view(getattr(torch, n)) for n in names}
+    out = {}
+    with warnings.catch_warnings():  # complex32 is experimental, quantized deprecated
+        warnings.simplefilter("ignore")
+        odd = {
+            "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.quint8),
+            "qc": torch.quantize_per_channel(
+                torch.randn(2, 3), torch.tensor([0.1, 0.2]), torch.tensor([1, 2]), 0, torch.qint8
+            ),
+            "coo": torch.randn(3, 3).to_sparse(),
+            "nested": torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
+            "array": torch.arange(3.0).numpy(),
+            "w": torch.ones(2),
+        }
+        for zipped, ext in ((True, "zip.pt"), (False, "legacy.pt")):
+            for name, obj in (("dtypes", dtypes), ("unloadable", odd)):
+                buf = io.BytesIO()
+                torch.save(obj, buf, _use_new_zipfile_serialization=zipped)
+                out[f"{name}.{ext}"] = buf.getvalue()
+    out["dtypes.safetensors"] = save({n: dtypes[n] for n in names[:6]})
+    out["unknown-dtype.safetensors"] = safetensors_raw(
+        {"a": _f32(1), "s": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [4, 7]}},
+        b"\0" * 7,
+    )
     return out
 
 
@@ -816,7 +859,7 @@ def run_files(files: list[str]) -> None:
                 result.update(outcome="ok", tensors=len(ckpt), byte_sum=total)
         except fastckpt.CheckpointError as e:
             result.update(outcome="CheckpointError", type=type(e).__name__, message=str(e))
-        except BaseException as e:  # noqa: BLE001 - reported, never swallowed silently
+        except BaseException as e:
             result.update(outcome="other", type=type(e).__name__, message=str(e)[:2000])
         print(json.dumps(result), flush=True)
 

@@ -22,7 +22,7 @@ MB = 1 << 20
 
 
 def cachestat_works(path: Path) -> bool:
-    return _core._cached_pages(str(path), 0, 1) >= 0
+    return _core._testing.cached_pages(str(path), 0, 1) >= 0
 
 
 def warm(path: Path) -> None:
@@ -107,7 +107,7 @@ def test_cached_file_is_copied_from_the_page_cache_bit_for_bit(tmp_path, sink):
     if not cachestat_works(path):
         pytest.skip("this kernel has no cachestat(2): every read goes through pread")
     warm(path)
-    assert _core._cached_pages(str(path), 0, path.stat().st_size) == pages_of(path)
+    assert _core._testing.cached_pages(str(path), 0, path.stat().st_size) == pages_of(path)
     job = r.make(sink)
     job.run()
     for k in r.dst:
@@ -122,7 +122,7 @@ def test_evicted_file_is_read_with_pread_bit_for_bit(tmp_path):
     r = jobs(tmp_path)
     path = r.path
     evict([str(path)])
-    cached = _core._cached_pages(str(path), 0, path.stat().st_size)
+    cached = _core._testing.cached_pages(str(path), 0, path.stat().st_size)
     if cached < 0:
         pytest.skip("this kernel has no cachestat(2)")
     if cached > pages_of(path) // 2:

@@ -358,15 +358,19 @@ PARSE_ERRORS = [
     ("{x}.{x} -> c", "rules.txt:1:5: capture {x} appears twice"),
     (
         "a.** -> b.**",
-        "rules.txt:1:11: wildcards are not allowed in a target; "
-        "name a capture in the source, like {name*}",
+        ("rules.txt:1:11: wildcards are not allowed in a target; "
+        "name a capture in the source, like {name*}"),
     ),
     ("a b", "rules.txt:1:3: expected '->' after the source pattern, found 'b'"),
     ("a", "rules.txt:1:2: expected '->' after the source pattern"),
     ("a ->", "rules.txt:1:5: expected a target after '->'"),
     ("a -> b,", "rules.txt:1:8: expected a target after ','"),
     ("-> b", "rules.txt:1:1: expected a source pattern before '->'"),
-    ("a -> b c", "rules.txt:1:8: unknown attribute 'c' (expected rows[...], dtype=... or wins)"),
+    (
+        "a -> b c",
+        ("rules.txt:1:8: unknown attribute 'c' (expected rows[...], dtype=..., wins, stack[...], "
+        "cat[...], pick[...], split[...], transpose, rope[...] or unrope[...])"),
+    ),
     ("a -> b rows[:10", "rules.txt:1:12: unclosed '['"),
     ("a -> b rows[5]", "rules.txt:1:13: rows[...] takes a range A:B or @file"),
     ("a -> b rows[x:10]", "rules.txt:1:13: bad row number 'x'"),
@@ -528,7 +532,7 @@ def test_plan_agrees_with_matches(rule_lines, keys, extra_targets):
     assert len(plan.assignments) == len(expected)
 
 
-# -- SCENARIOS.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
+# -- docs/STORIES.md story 2: DDP prefix, gamma/beta, BertForPreTraining -> BertModel -----
 
 
 def tiny_bert_keys() -> tuple[list[str], list[str]]:

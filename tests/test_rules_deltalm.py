@@ -1,4 +1,4 @@
-"""SCENARIOS.md story 1 at small scale: pretrained DeltaLM keys -> fairseq DeltaLM
+"""docs/STORIES.md story 1 at small scale: pretrained DeltaLM keys -> fairseq DeltaLM
 keys, with the vocabulary cut from 1040 to 1001 rows and a tied output projection.
 
 The plan is checked target by target against the story's table, and applied
@@ -243,23 +243,24 @@ def test_a_typo_in_the_rules_shows_as_an_unused_rule_and_a_missing_target(rules_
     }
 
 
-def test_story1_via_suggestions_pairs_everything_but_the_tied_projection():
+def test_story1_via_suggestions_pairs_what_names_and_shapes_prove():
+    """The decoder's two feed-forward blocks (ffn_1.fc1 / ffn_2.fc1 -> fc1 / fc3) have
+    the same shapes and no name that tells them apart: only the story's table does,
+    so the suggestion leaves them to a hand-written rule rather than guess by order."""
     src, dst = pretrained_shapes(), model_shapes()
     lines = suggest_pairings(src, dst)
     # Layer numbers collapse into {i} because the pattern holds for every layer.
     assert "encoder.layers.{i}.ffn.fc1.{p} -> encoder.layers.{i}.fc1.{p}" in lines
-    assert "decoder.layers.{i}.ffn_2.fc2.{p} -> decoder.layers.{i}.fc4.{p}" in lines
     assert "src_embedding.embed_tokens.{p} -> encoder.embed_tokens.{p} rows[:1001]" in lines
-    assert lines[-3:] == [
-        "# no source found for encoder.version [1]",
-        "# no source found for decoder.output_projection.weight [1001, 16]",
-        "# no source found for decoder.version [1]",
-    ]
+    assert not any("ffn_1" in line or "ffn_2" in line for line in lines)
+    undecided = {f"decoder.layers.0.fc{n}.{p}" for n in (1, 2, 3, 4) for p in ("weight", "bias")}
+    notes = [line for line in lines if line.startswith("#")]
+    assert {n.split()[5] for n in notes if ".fc" in n} == undecided
     plan = Rules(lines).plan(list(src), list(dst))
     got = {a.target: a for a in plan.assignments}
     for t in dst:
         exp = expected_source(t)
-        if exp is None or t == "decoder.output_projection.weight":
+        if exp is None or t == "decoder.output_projection.weight" or t in undecided:
             assert t not in got
             continue
         assert got[t].source == exp[0], t

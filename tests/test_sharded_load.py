@@ -58,7 +58,7 @@ def run_ranks(world: int, folder: Path, scenarios: list[str]) -> list[dict]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for r in range(world)
     ]
     outputs = []

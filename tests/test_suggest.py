@@ -95,7 +95,7 @@ def test_pairs_by_position_after_the_prefix_with_a_vocabulary_cut():
     )
     assert s.lines == [
         "strip prefix 'module.': matches 3/6 keys",
-        "pair 2 more keys by shape and position (1 with a vocabulary cut): matches 5/6 keys",
+        "pair 2 more keys by shape and name (1 with a vocabulary cut): matches 5/6 keys",
     ]
     assert (s.matches, s.total) == (5, 6)
     assert s.notes == ["# no source found for bert.pooler.weight [8, 8]"]
@@ -110,3 +110,101 @@ def test_a_prefix_that_fits_by_chance_is_not_suggested():
     model = {"enc.pos.weight": (6, 4), "enc.tok.weight": (20, 4), "enc.ln.weight": (5,)}
     s = suggest_rules(ckpt, model)
     assert "tgt.{rest*} -> enc.{rest*}" not in s.rules_text
+
+
+# -- conversions: stack, concatenate, transpose --------------------------------
+
+MOE_SRC = {
+    f"l.{i}.experts.{e}.{w}.weight": shape
+    for i in range(2)
+    for e in range(3)
+    for w, shape in (("w1", (8, 5)), ("w3", (8, 5)), ("w2", (5, 8)))
+}
+MOE_DST = {f"l.{i}.gate_up": (3, 16, 5) for i in range(2)} | {
+    f"l.{i}.down": (3, 5, 8) for i in range(2)
+}
+
+
+def test_per_expert_tensors_are_suggested_as_a_stack_and_concatenation():
+    s = suggest_rules(MOE_SRC, MOE_DST)
+    assert s.rules_text == (
+        "l.{i}.experts.{e}.w2.weight -> l.{i}.down stack[e]\n"
+        "l.{i}.experts.{e}.w1.weight -> l.{i}.gate_up stack[e] cat[0:8]\n"
+        "l.{i}.experts.{e}.w3.weight -> l.{i}.gate_up stack[e] cat[8:16]\n"
+    )
+    assert (s.matches, s.total) == (4, 4)
+
+
+def test_the_conversion_suggestion_does_not_depend_on_key_order():
+    import random
+
+    keys = list(MOE_SRC)
+    random.Random(3).shuffle(keys)
+    assert suggest_rules({k: MOE_SRC[k] for k in keys}, MOE_DST) == suggest_rules(MOE_SRC, MOE_DST)
+
+
+def test_a_stack_with_a_missing_expert_is_not_suggested():
+    src = {k: v for k, v in MOE_SRC.items() if k != "l.1.experts.1.w2.weight"}
+    s = suggest_rules(src, MOE_DST)
+    assert "l.1.down" not in s.rules_text and "l.{i}.down" not in s.rules_text
+    assert "# no source found for l.1.down [3, 5, 8]" in s.notes
+
+
+def test_families_the_target_name_does_not_order_are_not_concatenated():
+    src = {k.replace(".w1.", ".a.").replace(".w3.", ".b."): v for k, v in MOE_SRC.items()}
+    dst = {k.replace("gate_up", "fused"): v for k, v in MOE_DST.items()}
+    s = suggest_rules(src, dst)
+    assert "cat[" not in s.rules_text
+    assert "l.{i}.experts.{e}.w2.weight -> l.{i}.down stack[e]\n" in s.rules_text
+
+
+def test_qkv_concatenated_in_the_order_the_name_gives():
+    src = {f"b.{i}.attn.{p}.weight": (16 if p == "q" else 8, 16) for i in range(2) for p in "vkq"}
+    dst = {f"b.{i}.attn.qkv_proj.weight": (32, 16) for i in range(2)}
+    s = suggest_rules(src, dst)
+    assert s.rules_text == (
+        "b.{i}.attn.q.weight -> b.{i}.attn.qkv_proj.weight cat[0:16]\n"
+        "b.{i}.attn.k.weight -> b.{i}.attn.qkv_proj.weight cat[16:24]\n"
+        "b.{i}.attn.v.weight -> b.{i}.attn.qkv_proj.weight cat[24:32]\n"
+    )
+
+
+def test_an_exact_transpose_of_shape():
+    src = {"h.0.c_fc.weight": (6, 24), "h.0.ln.weight": (6,)}
+    dst = {"h.0.fc.weight": (24, 6), "h.0.ln.weight": (6,)}
+    assert suggest_rules(src, dst).rules_text == "h.{i}.c_fc.weight -> h.{i}.fc.weight transpose\n"
+    # a square tensor's transpose has its own shape: nothing shows it is transposed
+    square = suggest_rules({"h.0.c_fc.weight": (6, 6)}, {"h.0.fc.weight": (6, 6)})
+    assert square.rules_text == "h.0.c_fc.{rest*} -> h.0.fc.{rest*}\n"
+
+
+def test_the_strict_error_suggests_rules_that_load_exactly(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    import fastckpt
+
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(*v, generator=g) for k, v in MOE_SRC.items()}
+    save_file(state, tmp_path / "experts.safetensors")
+    model = nn.Module()
+    model.l = nn.ModuleList(nn.Module() for _ in range(2))
+    for m in model.l:
+        m.gate_up = nn.Parameter(torch.zeros(3, 16, 5))
+        m.down = nn.Parameter(torch.zeros(3, 5, 8))
+    with pytest.raises(fastckpt.StrictLoadError) as info:
+        fastckpt.load_into(model, tmp_path / "experts.safetensors")
+    assert "stack[e] cat[0:8]" in str(info.value)
+    report = fastckpt.load_into(
+        model, tmp_path / "experts.safetensors", rules=info.value.suggested_rules
+    )
+    assert report.missing == [] and report.unexpected == []
+    for i, m in enumerate(model.l):
+        w = {
+            n: torch.stack([state[f"l.{i}.experts.{e}.{n}.weight"] for e in range(3)])
+            for n in ("w1", "w2", "w3")
+        }
+        assert torch.equal(m.gate_up.detach(), torch.cat([w["w1"], w["w3"]], dim=1))
+        assert torch.equal(m.down.detach(), w["w2"])

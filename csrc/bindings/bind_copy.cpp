@@ -269,8 +269,10 @@ void register_copy(py::module_& m) {
       .def_property_readonly("bytes_from_cache", &CopyEngine::bytes_from_cache,
                              "Source bytes copied straight out of the page cache, not read().");
 
-  m.def(
-      "_cached_pages",
+  // Entry points only the tests use.
+  py::module_ testing = m.def_submodule("_testing", "test-only entry points of the core");
+  testing.def(
+      "cached_pages",
       [](const std::string& path, uint64_t offset, uint64_t length) {
         return FileView::cached_pages(*MappedFile::open(path), offset, length);
       },
@@ -279,8 +281,26 @@ void register_copy(py::module_& m) {
       "(cachestat, Linux 6.5+).");
 
   // Scalar kernels, for tests that compare them with torch directly.
-  m.def("_float_to_bf16", &float_to_bf16);
-  m.def("_float_to_half", &float_to_half);
+  testing.def("float_to_bf16", &float_to_bf16);
+  testing.def("float_to_half", &float_to_half);
+  // The kernel load_into would use for a from -> to cast, on raw bytes: for
+  // tests that compare every cast pair with Tensor.to().
+  testing.def(
+      "cast",
+      [](const py::bytes& src, const std::string& from, const std::string& to) {
+        const DType f = dtype_arg(from);
+        const DType t = dtype_arg(to);
+        const std::string_view in = src;
+        if (in.size() % dtype_itemsize(f) != 0) throw py::value_error("source bytes are not whole elements");
+        const auto fn = find_cast(f, t);
+        if (!fn) throw CheckpointError(unsupported_cast_text(f, t));
+        const size_t n = in.size() / dtype_itemsize(f);
+        std::string out(n * dtype_itemsize(t), '\0');
+        (*fn)(in.data(), out.data(), n);
+        return py::bytes(out);
+      },
+      py::arg("src"), py::arg("from_dtype"), py::arg("to_dtype"));
+  testing.def("cast_kernels", &cast_kernel_set, "Which cast kernels run: 'avx2+f16c' or 'portable'.");
 }
 
 }  // namespace fastckpt::bindings

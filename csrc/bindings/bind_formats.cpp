@@ -28,9 +28,24 @@ py::tuple int_tuple(const Dims& v) {
   return out;
 }
 
-py::tuple tensor_tuple(const TensorRecord& t) {
-  return py::make_tuple(t.name, std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides),
-                        t.storage_offset, t.storage);
+// One tensor's view of its storage, with the storage's place in the file:
+// everything Checkpoint.info() and tensor() need, as named fields.
+struct TensorView {
+  std::string dtype;
+  py::tuple shape;
+  py::tuple strides;
+  uint64_t storage_offset;  // elements
+  size_t storage;           // storage index in the file
+  std::string storage_key;
+  uint64_t file_offset;     // of the storage
+  uint64_t storage_nbytes;
+};
+
+TensorView tensor_view(const CheckpointIndex& i, size_t k) {
+  const auto& t = i.tensors.at(k);
+  const auto& s = i.storages.at(t.storage);
+  return TensorView{std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides), t.storage_offset,
+                    t.storage, s.key, s.file_offset, s.nbytes};
 }
 
 }  // namespace
@@ -43,6 +58,16 @@ void register_formats(py::module_& m) {
                                /*readonly=*/false);
       })
       .def_property_readonly("size", [](const FileBuffer& b) { return b.file->size(); });
+
+  py::class_<TensorView>(m, "TensorView")
+      .def_readonly("dtype", &TensorView::dtype)
+      .def_readonly("shape", &TensorView::shape)
+      .def_readonly("strides", &TensorView::strides)
+      .def_readonly("storage_offset", &TensorView::storage_offset, "elements")
+      .def_readonly("storage", &TensorView::storage, "storage index in the file")
+      .def_readonly("storage_key", &TensorView::storage_key)
+      .def_readonly("file_offset", &TensorView::file_offset, "byte offset of the storage in the file")
+      .def_readonly("storage_nbytes", &TensorView::storage_nbytes);
 
   py::class_<CheckpointIndex, std::shared_ptr<CheckpointIndex>>(m, "FileIndex")
       .def_property_readonly("path", &CheckpointIndex::path)
@@ -60,6 +85,16 @@ void register_formats(py::module_& m) {
            [](const CheckpointIndex& i) {
              py::list out(i.tensors.size());
              for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = py::tuple(py::cast(path_of(i.tensors[k])));
+             return out;
+           })
+      // (name, container path, what it is) of every tensor listed but not loadable.
+      .def("unloadable",
+           [](const CheckpointIndex& i) {
+             py::list out;
+             for (const auto& u : i.unloadable) {
+               const auto path = u.path.empty() ? std::vector<std::string>{u.name} : u.path;
+               out.append(py::make_tuple(u.name, py::tuple(py::cast(path)), u.what));
+             }
              return out;
            })
       // Storage index of every tensor: plain ints, cheap to build for 30k tensors.
@@ -83,29 +118,8 @@ void register_formats(py::module_& m) {
              for (const auto& t : i.tensors) longest = std::max<size_t>(longest, t.path.empty() ? 1 : t.path.size());
              return longest;
            })
-      // (dtype, shape, strides, storage_offset_elems, storage_index, storage_key,
-      // storage_file_offset): everything Checkpoint.info() needs in one call.
-      .def("tensor_view",
-           [](const CheckpointIndex& i, size_t k) {
-             const auto& t = i.tensors.at(k);
-             const auto& s = i.storages.at(t.storage);
-             return py::make_tuple(std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides),
-                                   t.storage_offset, t.storage, s.key, s.file_offset);
-           })
-      // (name, dtype, shape, strides, storage_offset_elems, storage_index)
-      .def("tensor_info", [](const CheckpointIndex& i, size_t k) { return tensor_tuple(i.tensors.at(k)); })
-      .def("tensor_infos",
-           [](const CheckpointIndex& i) {
-             py::list out(i.tensors.size());
-             for (size_t k = 0; k < i.tensors.size(); ++k) out[k] = tensor_tuple(i.tensors[k]);
-             return out;
-           })
-      // (key, file_offset, nbytes, dtype)
-      .def("storage_info",
-           [](const CheckpointIndex& i, size_t k) {
-             const auto& s = i.storages.at(k);
-             return py::make_tuple(s.key, s.file_offset, s.nbytes, std::string(dtype_name(s.dtype)));
-           })
+      .def("tensor_view", &tensor_view, py::arg("tensor"),
+           "The tensor's dtype, shape, strides and storage offset, and its storage's place in the file.")
       .def_property_readonly("num_storages", [](const CheckpointIndex& i) { return i.storages.size(); })
       .def("buffer", [](const CheckpointIndex& i) { return FileBuffer{i.file}; })
       .def("drop_from_page_cache", [](const CheckpointIndex& i) { i.file->drop_from_page_cache(); });

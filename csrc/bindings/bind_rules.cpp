@@ -27,8 +27,8 @@ const char* kind_name(rules::RuleKind k) {
   return "?";
 }
 
-// (kind, source, targets, rows, dtype, wins, line, column, text); rows is None,
-// ("range", start, stop_or_None) or ("file", path, column).
+// (kind, source, targets, rows, dtype, wins, line, column, text, convert,
+// convert_columns); rows is None, ("range", start, stop_or_None) or ("file", path, column).
 py::tuple rule_tuple(const rules::Rule& r) {
   py::object rows = py::none();
   if (r.rows.kind == rules::RowSpec::Kind::Range)
@@ -38,7 +38,8 @@ py::tuple rule_tuple(const rules::Rule& r) {
     rows = py::make_tuple("file", r.rows.file, r.rows.column);
   py::object dtype = r.dtype ? py::object(py::str(std::string(dtype_name(*r.dtype)))) : py::object(py::none());
   return py::make_tuple(kind_name(r.kind), r.source_text, py::tuple(py::cast(r.target_texts)), rows, dtype,
-                        r.wins, r.line, r.column, r.text());
+                        r.wins, r.line, r.column, r.text(), py::tuple(py::cast(r.convert)),
+                        py::tuple(py::cast(r.convert_columns)));
 }
 
 // A uint32 array as bytes (kNoRule stays 0xFFFFFFFF); Python reads it with memoryview.cast("I").

@@ -1,7 +1,13 @@
 #include "copy/cast.h"
 
+#include <array>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+
+#include "copy/cast_simd.h"
 
 namespace fastckpt {
 namespace {
@@ -18,13 +24,106 @@ float float_of(uint32_t u) {
   return f;
 }
 
-// Storage-only wrappers so templates can tell the 16-bit float formats apart.
+// Storage-only wrappers so templates can tell the narrow float formats apart.
 struct Half {
   uint16_t bits;
 };
 struct BFloat16 {
   uint16_t bits;
 };
+template <DType K>
+struct F8 {
+  static constexpr DType kind = K;
+  uint8_t bits;
+};
+template <typename T>
+struct IsF8 : std::false_type {};
+template <DType K>
+struct IsF8<F8<K>> : std::true_type {};
+
+// The four fp8 formats with a sign, exponent and mantissa, as torch rounds
+// fp32 into them: the first fp32 value (as bits, sign cleared) that no longer
+// rounds to a finite value, and what it and NaN become.
+struct Fp8Format {
+  int mantissa_bits;
+  int bias;
+  uint32_t overflow_from;
+  bool fnuz;           // no infinity, no -0, NaN is 0x80
+  uint8_t nan;         // or'ed with the sign unless fnuz
+  uint8_t overflow;    // or'ed with the sign unless fnuz
+};
+
+constexpr Fp8Format fp8_format(DType k) {
+  switch (k) {
+    case DType::F8_E4M3: return {3, 7, 1087u << 20, false, 0x7f, 0x7e};     // 480: saturates to 448
+    case DType::F8_E5M2: return {2, 15, 143u << 23, false, 0x7f, 0x7c};     // 65536: inf
+    case DType::F8_E4M3FNUZ: return {3, 8, 0x87u << 23, true, 0x80, 0x80};  // 256: NaN
+    case DType::F8_E5M2FNUZ: return {2, 16, 0x8Fu << 23, true, 0x80, 0x80}; // 65536: NaN
+    default: return {0, 0, 0, false, 0, 0};
+  }
+}
+
+template <DType K>
+uint8_t encode_fp8(float f) {
+  if constexpr (K == DType::F8_E8M0) {
+    // An exponent only, no sign: the magnitude's exponent rounded to nearest
+    // even on the mantissa (the implied 1 of a normal number is the odd bit).
+    const uint32_t u = bits_of(f);
+    const uint32_t exponent = (u >> 23) & 0xffu;
+    if (exponent == 0xffu) return 0xff;  // inf, NaN
+    const uint32_t mantissa = u & 0x7fffffu;
+    const bool up = mantissa > 0x400000u || (mantissa == 0x400000u && exponent > 0);
+    return static_cast<uint8_t>(exponent + (up ? 1u : 0u));  // 254 rounding up is 255: NaN
+  } else {
+    constexpr Fp8Format fmt = fp8_format(K);
+    constexpr int shift = 23 - fmt.mantissa_bits;
+    uint32_t u = bits_of(f);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    const auto sign_bit = static_cast<uint8_t>(sign >> 24);
+    if (u >= fmt.overflow_from) {
+      const uint8_t r = u > 0x7f800000u ? fmt.nan : fmt.overflow;
+      return fmt.fnuz ? r : static_cast<uint8_t>(r | sign_bit);
+    }
+    constexpr uint32_t min_normal = static_cast<uint32_t>(127 - fmt.bias + 1) << 23;
+    uint8_t r;
+    if (u < min_normal) {
+      // Below the smallest normal: an FP add aligns the value to the subnormal
+      // step and rounds it (to nearest even) in one go.
+      constexpr uint32_t magic = static_cast<uint32_t>((127 - fmt.bias) + shift + 1) << 23;
+      r = static_cast<uint8_t>(bits_of(float_of(u) + float_of(magic)) - magic);
+      if (fmt.fnuz && r == 0) return 0;  // no negative zero
+    } else {
+      const uint32_t odd = (u >> shift) & 1u;
+      u += (static_cast<uint32_t>(fmt.bias - 127) << 23) + ((1u << (shift - 1)) - 1u) + odd;
+      r = static_cast<uint8_t>(u >> shift);
+      // e4m3fn: values in (464, 480) round up to the NaN code; torch saturates them.
+      if (!fmt.fnuz && r == fmt.nan) r = fmt.overflow;
+    }
+    return static_cast<uint8_t>(r | sign_bit);
+  }
+}
+
+float decode_fp8(DType k, uint8_t v) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (k == DType::F8_E8M0) return v == 0xff ? nan : std::ldexp(1.0f, int{v} - 127);
+  const Fp8Format fmt = fp8_format(k);
+  const int m = fmt.mantissa_bits;
+  const int e_max = (1 << (7 - m)) - 1;
+  const bool negative = (v & 0x80) != 0;
+  const int exponent = (v >> m) & e_max;
+  const int mantissa = v & ((1 << m) - 1);
+  if (fmt.fnuz && v == 0x80) return nan;
+  if (k == DType::F8_E4M3 && (v & 0x7f) == 0x7f) return negative ? -nan : nan;
+  if (k == DType::F8_E5M2 && exponent == e_max) {
+    const float inf = std::numeric_limits<float>::infinity();
+    return mantissa == 0 ? (negative ? -inf : inf) : (negative ? -nan : nan);
+  }
+  const float magnitude = exponent == 0
+                              ? std::ldexp(static_cast<float>(mantissa), 1 - fmt.bias - m)
+                              : std::ldexp(static_cast<float>((1 << m) + mantissa), exponent - fmt.bias - m);
+  return negative ? -magnitude : magnitude;
+}
 
 template <typename T>
 float to_float(T v) {
@@ -33,20 +132,42 @@ float to_float(T v) {
   } else if constexpr (std::is_same_v<T, BFloat16>) {
     return bf16_to_float(v.bits);
   } else {
-    return static_cast<float>(v);
+    return static_cast<float>(v);  // fp64 rounds to fp32 first, as torch does
   }
+}
+
+template <typename To>
+To from_float(float f) {
+  if constexpr (std::is_same_v<To, Half>) {
+    return Half{float_to_half(f)};
+  } else if constexpr (std::is_same_v<To, BFloat16>) {
+    return BFloat16{float_to_bf16(f)};
+  } else if constexpr (IsF8<To>::value) {
+    return To{encode_fp8<To::kind>(f)};
+  } else {
+    return static_cast<To>(f);
+  }
+}
+
+bool portable_forced() {
+  const char* v = std::getenv("FASTCKPT_CAST_KERNELS");
+  return v != nullptr && std::strcmp(v, "portable") == 0;
+}
+
+bool use_simd() {
+  static const bool use = !portable_forced() && simd::available();
+  return use;
 }
 
 template <typename From, typename To>
 To convert(From v) {
-  if constexpr (std::is_same_v<To, Half>) {
-    return Half{float_to_half(to_float(v))};  // fp64 rounds to fp32 first, as torch does
-  } else if constexpr (std::is_same_v<To, BFloat16>) {
-    return BFloat16{float_to_bf16(to_float(v))};
-  } else if constexpr (std::is_same_v<From, Half> || std::is_same_v<From, BFloat16>) {
-    return static_cast<To>(to_float(v));
+  if constexpr (std::is_same_v<To, double>) {
+    if constexpr (std::is_same_v<From, double>) return v;
+    else return static_cast<double>(to_float(v));  // exact
+  } else if constexpr (std::is_same_v<From, double> && std::is_same_v<To, float>) {
+    return static_cast<float>(v);
   } else {
-    return static_cast<To>(v);
+    return from_float<To>(to_float(v));
   }
 }
 
@@ -55,6 +176,33 @@ void cast_kernel(const void* src, void* dst, size_t n) {
   const auto* in = static_cast<const From*>(src);
   auto* out = static_cast<To*>(dst);
   for (size_t i = 0; i < n; ++i) out[i] = convert<From, To>(in[i]);
+}
+
+// From an 8-bit format every result is one of 256: a table, made once.
+template <DType K, typename To>
+struct Fp8Table {
+  std::array<To, 256> values;
+  Fp8Table() {
+    for (size_t b = 0; b < 256; ++b) {
+      const float f = decode_fp8(K, static_cast<uint8_t>(b));
+      if constexpr (std::is_same_v<To, double>) values[b] = static_cast<double>(f);
+      else values[b] = from_float<To>(f);
+    }
+  }
+};
+
+template <DType K, typename To>
+void fp8_kernel(const void* src, void* dst, size_t n) {
+  static const Fp8Table<K, To> table;
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<To*>(dst);
+  for (size_t i = 0; i < n; ++i) out[i] = table.values[in[i]];
+}
+
+// complex32 <-> complex64 and complex64 <-> complex128: part by part.
+template <typename From, typename To>
+void complex_kernel(const void* src, void* dst, size_t n) {
+  cast_kernel<From, To>(src, dst, 2 * n);
 }
 
 template <size_t Itemsize>
@@ -68,23 +216,58 @@ struct CastEntry {
   CastFn fn;
 };
 
+// Every floating type to every other, as Tensor.to() converts them.
+template <typename From>
+constexpr CastFn float_cast_to(DType to) {
+  switch (to) {
+    case DType::F16: return &cast_kernel<From, Half>;
+    case DType::BF16: return &cast_kernel<From, BFloat16>;
+    case DType::F32: return &cast_kernel<From, float>;
+    case DType::F64: return &cast_kernel<From, double>;
+    case DType::F8_E4M3: return &cast_kernel<From, F8<DType::F8_E4M3>>;
+    case DType::F8_E5M2: return &cast_kernel<From, F8<DType::F8_E5M2>>;
+    case DType::F8_E4M3FNUZ: return &cast_kernel<From, F8<DType::F8_E4M3FNUZ>>;
+    case DType::F8_E5M2FNUZ: return &cast_kernel<From, F8<DType::F8_E5M2FNUZ>>;
+    case DType::F8_E8M0: return &cast_kernel<From, F8<DType::F8_E8M0>>;
+    default: return nullptr;
+  }
+}
+
+template <DType K>
+constexpr CastFn fp8_cast_to(DType to) {
+  switch (to) {
+    case DType::F16: return &fp8_kernel<K, Half>;
+    case DType::BF16: return &fp8_kernel<K, BFloat16>;
+    case DType::F32: return &fp8_kernel<K, float>;
+    case DType::F64: return &fp8_kernel<K, double>;
+    case DType::F8_E4M3: return &fp8_kernel<K, F8<DType::F8_E4M3>>;
+    case DType::F8_E5M2: return &fp8_kernel<K, F8<DType::F8_E5M2>>;
+    case DType::F8_E4M3FNUZ: return &fp8_kernel<K, F8<DType::F8_E4M3FNUZ>>;
+    case DType::F8_E5M2FNUZ: return &fp8_kernel<K, F8<DType::F8_E5M2FNUZ>>;
+    case DType::F8_E8M0: return &fp8_kernel<K, F8<DType::F8_E8M0>>;
+    default: return nullptr;
+  }
+}
+
+CastFn portable_float_cast(DType from, DType to) {
+  switch (from) {
+    case DType::F16: return float_cast_to<Half>(to);
+    case DType::BF16: return float_cast_to<BFloat16>(to);
+    case DType::F32: return float_cast_to<float>(to);
+    case DType::F64: return float_cast_to<double>(to);
+    case DType::F8_E4M3: return fp8_cast_to<DType::F8_E4M3>(to);
+    case DType::F8_E5M2: return fp8_cast_to<DType::F8_E5M2>(to);
+    case DType::F8_E4M3FNUZ: return fp8_cast_to<DType::F8_E4M3FNUZ>(to);
+    case DType::F8_E5M2FNUZ: return fp8_cast_to<DType::F8_E5M2FNUZ>(to);
+    case DType::F8_E8M0: return fp8_cast_to<DType::F8_E8M0>(to);
+    default: return nullptr;
+  }
+}
+
 #define FASTCKPT_CAST(F, TF, T, TT) {DType::F, DType::T, &cast_kernel<TF, TT>}
 
-// Float casts torch users meet when a checkpoint's precision differs from the
-// model's, and lossless integer widening. Anything else is refused by name.
-const CastEntry kCasts[] = {
-    FASTCKPT_CAST(F32, float, BF16, BFloat16),
-    FASTCKPT_CAST(BF16, BFloat16, F32, float),
-    FASTCKPT_CAST(F32, float, F16, Half),
-    FASTCKPT_CAST(F16, Half, F32, float),
-    FASTCKPT_CAST(F16, Half, BF16, BFloat16),
-    FASTCKPT_CAST(BF16, BFloat16, F16, Half),
-    FASTCKPT_CAST(F64, double, F32, float),
-    FASTCKPT_CAST(F64, double, F16, Half),
-    FASTCKPT_CAST(F64, double, BF16, BFloat16),
-    FASTCKPT_CAST(F32, float, F64, double),
-    FASTCKPT_CAST(F16, Half, F64, double),
-    FASTCKPT_CAST(BF16, BFloat16, F64, double),
+// Lossless integer widening and the complex widths; floats are above.
+const CastEntry kOtherCasts[] = {
     FASTCKPT_CAST(I8, int8_t, I16, int16_t),
     FASTCKPT_CAST(I8, int8_t, I32, int32_t),
     FASTCKPT_CAST(I8, int8_t, I64, int64_t),
@@ -103,6 +286,12 @@ const CastEntry kCasts[] = {
     FASTCKPT_CAST(U16, uint16_t, U64, uint64_t),
     FASTCKPT_CAST(U32, uint32_t, I64, int64_t),
     FASTCKPT_CAST(U32, uint32_t, U64, uint64_t),
+    {DType::C32, DType::C64, &complex_kernel<Half, float>},
+    {DType::C64, DType::C32, &complex_kernel<float, Half>},
+    {DType::C32, DType::C128, &complex_kernel<Half, double>},
+    {DType::C128, DType::C32, &complex_kernel<double, Half>},
+    {DType::C64, DType::C128, &complex_kernel<float, double>},
+    {DType::C128, DType::C64, &complex_kernel<double, float>},
 };
 
 #undef FASTCKPT_CAST
@@ -160,6 +349,21 @@ float half_to_float(uint16_t h) {
   return float_of(o);
 }
 
+float fp8_to_float(DType format, uint8_t v) { return decode_fp8(format, v); }
+
+uint8_t float_to_fp8(DType format, float f) {
+  switch (format) {
+    case DType::F8_E4M3: return encode_fp8<DType::F8_E4M3>(f);
+    case DType::F8_E5M2: return encode_fp8<DType::F8_E5M2>(f);
+    case DType::F8_E4M3FNUZ: return encode_fp8<DType::F8_E4M3FNUZ>(f);
+    case DType::F8_E5M2FNUZ: return encode_fp8<DType::F8_E5M2FNUZ>(f);
+    case DType::F8_E8M0: return encode_fp8<DType::F8_E8M0>(f);
+    default: return 0;
+  }
+}
+
+const char* cast_kernel_set() { return use_simd() ? simd::name() : "portable"; }
+
 std::optional<CastFn> find_cast(DType from, DType to) {
   if (from == to) {
     switch (dtype_itemsize(from)) {
@@ -171,14 +375,26 @@ std::optional<CastFn> find_cast(DType from, DType to) {
       default: return std::nullopt;
     }
   }
-  for (const auto& c : kCasts)
+  if (use_simd()) {
+    if (CastFn fn = simd::find(from, to)) return fn;
+  }
+  if (CastFn fn = portable_float_cast(from, to)) return fn;
+  for (const auto& c : kOtherCasts)
     if (c.from == from && c.to == to) return c.fn;
+  return std::nullopt;
+}
+
+std::optional<CastFn> find_streaming_cast(DType from, DType to) {
+  if (use_simd()) {
+    if (CastFn fn = simd::find_streaming(from, to)) return fn;
+  }
   return std::nullopt;
 }
 
 std::string unsupported_cast_text(DType from, DType to) {
   return "cannot cast " + std::string(dtype_name(from)) + " to " + std::string(dtype_name(to)) +
-         " (supported: F32/F16/BF16/F64 among each other and widening integer casts)";
+         " (supported: every floating type (F64, F32, F16, BF16, F8_*) to every other, complex"
+         " widths among each other and widening integer casts)";
 }
 
 }  // namespace fastckpt

@@ -26,11 +26,9 @@ constexpr uint64_t kMinHostBytes = uint64_t{1} << 20;
 // Large same-dtype reads into host memory that the page cache does not hold
 // (cached ones come out of the FileView, below) go through a cache-sized bounce
 // buffer and non-temporal stores (copy/stream_copy.h) rather than read()
-// straight into the destination. Measured on the 2-core VM (session 3's host),
-// 1.4 GB warm: a C microbenchmark gave 0.063-0.069 s against 0.072-0.078 s for
-// pread into the destination; in
-// load_into, paired with a torch memcpy in one process, the median ratio to
-// memcpy went from 0.936-0.950 to 0.946-0.966 (bench/RESULTS.md).
+// straight into the destination: the write-allocate reads of cached stores cost
+// more than the extra copy out of an L2-sized buffer (1.4 GB warm, a C
+// microbenchmark: 0.063-0.069 s against 0.072-0.078 s; bench/RESULTS.md).
 constexpr uint64_t kStreamMinBytes = uint64_t{1} << 20;
 constexpr uint64_t kBounceBytes = uint64_t{256} << 10;
 // Dense source ranges at least this large are copied out of the file's FileView
@@ -68,6 +66,7 @@ struct CopyEngine::TaskInfo {
   bool two_casts = false;    // src -> via -> dst
   CastFn first_cast = nullptr;   // src -> (via or dst)
   CastFn second_cast = nullptr;  // via -> dst
+  CastFn stream_cast = nullptr;  // src -> dst with non-temporal stores, if there is one
 };
 
 namespace {
@@ -119,9 +118,11 @@ class CopyEngine::Worker {
         produce(t, info, u, staged);
         e_.sink_->copy_async(t.dst + u.first * info.dst_item, staged, out_bytes, slot);
       } else if (info.dst_dense) {
-        stream_ = info.same_dtype && out_bytes >= kStreamMinBytes && e_.bounce_bytes_ > 0;
+        const bool large = out_bytes >= kStreamMinBytes;
+        stream_ = info.same_dtype && large && e_.bounce_bytes_ > 0;
+        stream_cast_ = large && info.stream_cast != nullptr;
         produce(t, info, u, t.dst + u.first * info.dst_item);
-        stream_ = false;
+        stream_ = stream_cast_ = false;
       } else {
         uint8_t* staged = out_.get(out_bytes);
         produce(t, info, u, staged);
@@ -180,7 +181,7 @@ class CopyEngine::Worker {
       info.first_cast(raw, mid, u.count);
       info.second_cast(mid, out, u.count);
     } else {
-      info.first_cast(raw, out, u.count);
+      (stream_cast_ ? info.stream_cast : info.first_cast)(raw, out, u.count);
     }
     if (from_view) copied_from_view(t, info, src_first, u.count);
   }
@@ -338,6 +339,7 @@ class CopyEngine::Worker {
   StagingRing* ring_;
   std::vector<struct iovec> iov_;
   bool stream_ = false;  // the current read lands in its final (host) destination
+  bool stream_cast_ = false;  // the current cast writes a large final (host) destination
   Buffer bounce_;
   Buffer gap_;
   Buffer src_;
@@ -388,6 +390,7 @@ CopyEngine::CopyEngine(std::vector<CopyTask> tasks, EngineOptions options,
     in.src_start = t.storage_file_offset + t.src_offset * in.src_item;
     in.first_cast = *find_cast(t.src_dtype, in.two_casts ? mid : t.dst_dtype);
     if (in.two_casts) in.second_cast = *find_cast(mid, t.dst_dtype);
+    if (!in.same_dtype && !in.two_casts) in.stream_cast = find_streaming_cast(t.src_dtype, t.dst_dtype).value_or(nullptr);
     total_bytes_ += in.out_elems * in.src_item;
   }
 

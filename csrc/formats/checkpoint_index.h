@@ -35,6 +35,14 @@ struct TensorRecord {
   uint32_t storage = 0;          // index into CheckpointIndex::storages
 };
 
+// A tensor the file holds that fastckpt cannot represent (a sparse or quantized
+// tensor, a numpy array, a dtype it does not know): listed, never read.
+struct UnloadableRecord {
+  std::string name;               // dotted path, as TensorRecord::name
+  std::vector<std::string> path;  // as TensorRecord::path (empty: just {name})
+  std::string what;               // "a sparse COO tensor", ...
+};
+
 struct CheckpointIndex {
   CheckpointIndex() = default;
   // Moves keep `by_name` valid (the records stay where they are); a copy would not.
@@ -47,6 +55,7 @@ struct CheckpointIndex {
   std::string format;  // "safetensors" | "torch_zip" | "torch_legacy"
   std::vector<StorageRecord> storages;
   std::vector<TensorRecord> tensors;
+  std::vector<UnloadableRecord> unloadable;
   // safetensors: the __metadata__ object; torch: plain (non-tensor) values of the
   // pickled tree, placeholders for objects of other classes. A JSON object text.
   std::string metadata_json = "{}";

@@ -69,7 +69,8 @@ class TreeWalker {
       enter(root, /*write=*/true, /*collect=*/true, /*module_state=*/false, /*is_root=*/true);
     } else {
       out_ += "{\"__root__\":";
-      if (root.kind == Kind::Tensor) components_.push_back("");  // a bare tensor: the name ""
+      if (root.kind == Kind::Tensor || root.kind == Kind::Unloadable)
+        components_.push_back("");  // a bare tensor: the name ""
       visit(root, true, true, false);
     }
     run();
@@ -82,6 +83,9 @@ class TreeWalker {
       if (!result_.by_name.emplace(name, static_cast<uint32_t>(k)).second)
         fail(path_, "two tensors have the dotted name '" + name + "' (keys containing dots collide)");
     }
+    for (const auto& u : result_.unloadable)
+      if (result_.by_name.find(u.name) != nullptr)
+        fail(path_, "two tensors have the dotted name '" + u.name + "' (keys containing dots collide)");
     result_.metadata_json = std::move(out_);
     return std::move(result_);
   }
@@ -121,6 +125,22 @@ class TreeWalker {
       case Kind::Global: return std::string(vm_.node(k).text);
       default: return std::string("<") + (k.kind == Kind::Tuple ? "tuple" : "object") + ">";
     }
+  }
+
+  std::string dotted_name() const {
+    std::string name;
+    for (size_t i = 0; i < components_.size(); ++i) {
+      if (i) name.push_back('.');
+      name += components_[i];
+    }
+    return name;
+  }
+
+  void record_unloadable(const Value& v) {
+    if (result_.tensors.size() + result_.unloadable.size() >= limits_.max_tensors)
+      throw LimitError(path_ + ": more than " + std::to_string(limits_.max_tensors) +
+                       " tensor entries (the tensor limit)");
+    result_.unloadable.push_back(UnloadableRecord{dotted_name(), components_, std::string(vm_.node(v).text)});
   }
 
   void record_tensor(const Value& v) {
@@ -179,6 +199,14 @@ class TreeWalker {
           out_ += "{\"__tensor__\":";
           if (collect) append_json_string(out_, result_.tensors.back().name);
           else out_ += "null";
+          out_ += "}";
+        }
+        return;
+      case Kind::Unloadable:
+        if (collect) record_unloadable(v);
+        if (write) {
+          out_ += "{\"__unloadable__\":";
+          append_json_string(out_, vm_.node(v).text);
           out_ += "}";
         }
         return;

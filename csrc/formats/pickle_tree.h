@@ -23,6 +23,7 @@ struct TreeLimits {
 struct PickleTree {
   // TensorRecord::storage indexes PickleVM::storages().
   std::vector<TensorRecord> tensors;
+  std::vector<UnloadableRecord> unloadable;  // Kind::Unloadable values where tensors are listed
   std::string metadata_json;
   FlatStringMap by_name;  // name -> position in tensors (views into their names)
 };

@@ -77,7 +77,7 @@ struct DTypeName {
   std::string_view name;
   DType type;
 };
-constexpr std::array<DTypeName, 27> kTorchDTypes = {{
+constexpr std::array<DTypeName, 36> kTorchDTypes = {{
     {"torch.float64", DType::F64},        {"torch.double", DType::F64},
     {"torch.float32", DType::F32},        {"torch.float", DType::F32},
     {"torch.float16", DType::F16},        {"torch.half", DType::F16},
@@ -90,8 +90,12 @@ constexpr std::array<DTypeName, 27> kTorchDTypes = {{
     {"torch.uint64", DType::U64},         {"torch.float8_e4m3fn", DType::F8_E4M3},
     {"torch.float8_e5m2", DType::F8_E5M2}, {"torch.complex64", DType::C64},
     {"torch.cfloat", DType::C64},         {"torch.complex128", DType::C128},
-    {"torch.cdouble", DType::C128},       {"torch.chalf", DType::F16},  // never written for storages
-    {"torch.complex32", DType::F16},
+    {"torch.cdouble", DType::C128},       {"torch.complex32", DType::C32},
+    {"torch.chalf", DType::C32},          {"torch.float8_e4m3fnuz", DType::F8_E4M3FNUZ},
+    {"torch.float8_e5m2fnuz", DType::F8_E5M2FNUZ}, {"torch.float8_e8m0fnu", DType::F8_E8M0},
+    {"torch.float4_e2m1fn_x2", DType::F4_X2}, {"torch.bits8", DType::BITS8},
+    {"torch.bits16", DType::BITS16},      {"torch.bits1x8", DType::BITS1x8},
+    {"torch.bits2x4", DType::BITS2x4},    {"torch.bits4x2", DType::BITS4x2},
 }};
 
 const char* kind_name(Kind k) {
@@ -111,6 +115,7 @@ const char* kind_name(Kind k) {
     case Kind::Object: return "object";
     case Kind::Tensor: return "tensor";
     case Kind::Storage: return "storage";
+    case Kind::Unloadable: return "tensor";
   }
   return "?";
 }
@@ -443,7 +448,7 @@ class PickleVM::Run {
     return v;
   }
   void add_items(const Value& target, const Value* items, size_t count, Kind want) {
-    if (target.kind == Kind::Object) return;  // a placeholder ignores appends/setitems
+    if (target.kind == Kind::Object || target.kind == Kind::Unloadable) return;  // placeholders ignore appends/setitems
     if (target.kind != want)
       bad(std::string("cannot add items to a ") + kind_name(target.kind));
     auto& dst = vm_.at(target).items;
@@ -504,10 +509,13 @@ class PickleVM::Run {
     if (name == "torch._utils._rebuild_tensor_v2") return rebuild_tensor(args, name, 6, false);
     if (name == "torch._utils._rebuild_tensor_v3") return rebuild_tensor(args, name, 7, true);
     if (name == "torch._utils._rebuild_tensor") return rebuild_tensor(args, name, 4, false);
-    if (name == "torch._utils._rebuild_parameter" || name == "torch._utils._rebuild_parameter_with_state") {
+    if (name == "torch._utils._rebuild_parameter" || name == "torch._utils._rebuild_parameter_with_state" ||
+        name == "torch._utils._rebuild_device_tensor_from_cpu_tensor") {
       const auto& items = tuple_items(args, name, 1);
-      return items[0].kind == Kind::Tensor ? items[0] : placeholder(name, args);
+      const bool tensor = items[0].kind == Kind::Tensor || items[0].kind == Kind::Unloadable;
+      return tensor ? items[0] : placeholder(name, args);
     }
+    if (auto what = unloadable_kind(name, args)) return unloadable(std::move(*what));
     if (name == "torch._tensor._rebuild_from_type_v2") {
       // (func, new_type, args, state): the tensor is func(*args); the subclass and its state are dropped.
       const auto items = tuple_items(args, name, 3);
@@ -577,6 +585,64 @@ class PickleVM::Run {
     return placeholder(name, args);
   }
 
+  Value unloadable(std::string what) { return vm_.make_owned(Kind::Unloadable, std::move(what)); }
+
+  // What a call to one of torch's rebuild functions for tensors fastckpt cannot
+  // represent makes ("a sparse COO tensor"), or nothing for other callees.
+  std::optional<std::string> unloadable_kind(std::string_view name, const Value& args) {
+    static const std::pair<std::string_view, std::string_view> kFixed[] = {
+        {"torch._utils._rebuild_nested_tensor", "a nested tensor"},
+        {"torch._utils._rebuild_wrapper_subclass", "a tensor subclass saved without its data"},
+        {"torch._utils._rebuild_meta_tensor_no_storage", "a meta tensor (no data)"},
+        {"torch._utils._rebuild_device_tensor_from_numpy", "a device tensor saved as a numpy array"},
+        {"torch._utils._rebuild_xla_tensor", "an XLA tensor"},
+        {"numpy.core.multiarray._reconstruct", "a numpy array"},
+        {"numpy._core.multiarray._reconstruct", "a numpy array"},
+    };
+    for (const auto& [fn, what] : kFixed)
+      if (name == fn) return std::string(what);
+    const std::pmr::vector<Value>* items =
+        args.kind == Kind::Tuple ? &vm_.at(args).items : nullptr;
+    if (name == "torch._utils._rebuild_sparse_tensor") {
+      // (layout, data); the layout is torch.serialization._get_layout("torch.sparse_coo")
+      // or, from older torch, the global itself.
+      std::string_view layout;
+      if (items != nullptr && !items->empty()) {
+        const Value l = (*items)[0];
+        if (l.kind == Kind::Global) layout = text_of(l);
+        if (l.kind == Kind::Object && vm_.at(l).items[0].kind == Kind::Tuple) {
+          const auto& largs = vm_.at(vm_.at(l).items[0]).items;
+          if (!largs.empty() && largs[0].kind == Kind::String) layout = text_of(largs[0]);
+        }
+      }
+      static const std::pair<std::string_view, std::string_view> kLayouts[] = {
+          {"torch.sparse_coo", "COO"}, {"torch.sparse_csr", "CSR"}, {"torch.sparse_csc", "CSC"},
+          {"torch.sparse_bsr", "BSR"}, {"torch.sparse_bsc", "BSC"},
+      };
+      for (const auto& [l, short_name] : kLayouts)
+        if (layout == l) return "a sparse " + std::string(short_name) + " tensor";
+      return std::string("a sparse tensor");
+    }
+    if (name == "torch._utils._rebuild_qtensor") {
+      // (storage, offset, size, stride, (qscheme, ...), requires_grad, hooks)
+      std::string what = "a quantized tensor";
+      if (items != nullptr && !items->empty() && (*items)[0].kind == Kind::Storage) {
+        const PickledStorage& st = vm_.storages_[vm_.at((*items)[0]).aux];
+        if (!st.quantized.empty()) what = "a " + std::string(st.quantized) + " quantized tensor";
+      }
+      if (items != nullptr && items->size() > 4 && (*items)[4].kind == Kind::Tuple) {
+        const auto& q = vm_.at((*items)[4]).items;
+        if (!q.empty() && q[0].kind == Kind::Global) {
+          std::string_view scheme = text_of(q[0]);
+          if (scheme.substr(0, 6) == "torch.") scheme.remove_prefix(6);
+          what += " (" + std::string(scheme) + ")";
+        }
+      }
+      return what;
+    }
+    return std::nullopt;
+  }
+
   Value new_object(const Value& cls, const Value& args) {
     if (cls.kind != Kind::Global && cls.kind != Kind::Object)
       bad(std::string("NEWOBJ on a ") + kind_name(cls.kind) + " value");
@@ -595,16 +661,28 @@ class PickleVM::Run {
     bad(what + " must be a string");
   }
 
-  // The storage class named by a Global: its dtype, and whether it is untyped.
-  std::pair<DType, bool> storage_class(const Value& cls) {
+  // A storage's class, named by a Global: the fields of PickledStorage it sets.
+  // An unknown class is recorded, not refused: tensors of it become Unloadable
+  // and the rest of the file stays readable.
+  void storage_class(const Value& cls, PickledStorage& s) {
+    if (cls.kind != Kind::Global) bad("storage persistent id has no storage class");
     const std::string_view full = text_of(cls);
     const size_t dot = full.rfind('.');
     const std::string_view module = dot == std::string_view::npos ? std::string_view() : full.substr(0, dot);
     const std::string_view name = dot == std::string_view::npos ? full : full.substr(dot + 1);
-    if (name == "UntypedStorage" && (module == "torch" || module == "torch.storage")) return {DType::U8, true};
-    auto dt = (module == "torch" || module == "torch.cuda") ? dtype_from_storage_class(name) : std::nullopt;
-    if (!dt) bad("unknown storage class '" + std::string(full) + "'");
-    return {*dt, false};
+    s.dtype = DType::U8;
+    if (name == "UntypedStorage" && (module == "torch" || module == "torch.storage")) {
+      s.untyped = true;
+      return;
+    }
+    const bool torch_module = module == "torch" || module == "torch.cuda";
+    auto dt = torch_module ? dtype_from_storage_class(name) : std::nullopt;
+    if (!dt) {
+      s.unknown_class = std::string(full);
+      return;
+    }
+    s.dtype = *dt;
+    if (auto q = quantized_storage_class(name)) s.quantized = *q;
   }
 
   Value persistent_load(const Value& pid) {
@@ -619,8 +697,8 @@ class PickleVM::Run {
     if (type == "module" && count >= 2) return items[1];  // legacy nn.Module class + source
     if (type != "storage") bad("unknown persistent id type '" + std::string(type) + "'");
     if (count != 5 && count != 6) bad("storage persistent id has " + std::to_string(count) + " fields");
-    if (items[1].kind != Kind::Global) bad("storage persistent id has no storage class");
-    const auto [dtype, untyped] = storage_class(items[1]);
+    PickledStorage s;
+    storage_class(items[1], s);
     const std::string_view key = key_text(items[2], "storage key");
     if (items[4].kind != Kind::Int || items[4].i < 0) bad("storage '" + std::string(key) + "' size must be a non-negative integer");
     const auto numel = static_cast<uint64_t>(items[4].i);
@@ -629,10 +707,7 @@ class PickleVM::Run {
     if (!is_view) {
       if (const uint32_t* found = vm_.storage_by_key_.find(key)) return storage_value(*found);
     }
-    PickledStorage s;
     s.key = std::string(key);
-    s.dtype = dtype;
-    s.untyped = untyped;
     s.numel = numel;
     if (is_view) {
       if (items[5].kind != Kind::Tuple || vm_.at(items[5]).items.size() != 3) bad("storage view metadata is malformed");
@@ -692,14 +767,19 @@ class PickleVM::Run {
     t.shape = int_tuple(items[2], fn, "size");
     t.strides = int_tuple(items[3], fn, "stride");
     if (t.shape.size() != t.strides.size()) bad(std::string(fn) + ": size and stride differ in length");
+    const PickledStorage& storage = vm_.storages_[t.storage];
     if (v3) {
       if (items[6].kind != Kind::Global) bad(std::string(fn) + ": argument 6 is not a dtype");
       auto dt = dtype_from_torch_global(text_of(items[6]));
-      if (!dt) bad(std::string(fn) + ": unknown dtype '" + std::string(text_of(items[6])) + "'");
+      if (!dt) return unloadable("a tensor of dtype " + std::string(text_of(items[6])) + ", which fastckpt does not know");
       t.dtype = *dt;
     } else {
-      t.dtype = vm_.storages_[t.storage].dtype;
+      t.dtype = storage.dtype;
     }
+    if (!storage.unknown_class.empty())
+      return unloadable("a tensor of storage class " + storage.unknown_class + ", which fastckpt does not know");
+    if (!storage.quantized.empty())
+      return unloadable("a " + std::string(storage.quantized) + " tensor outside torch's quantized rebuild");
     if (vm_.tensors_.size() >= vm_.limits_.max_tensors)
       limit("more than " + std::to_string(vm_.limits_.max_tensors) + " tensors (the tensor limit)");
     Value v = vm_.make(Kind::Tensor);

@@ -38,6 +38,9 @@ enum class Kind : uint8_t {
   Object,   // placeholder; Node::text the class, items [args tuple, state]
   Tensor,   // Node::aux indexes PickleVM::tensors()
   Storage,  // Node::aux indexes PickleVM::storages()
+  // A tensor fastckpt cannot represent (sparse, quantized, nested, a numpy
+  // array, an unknown dtype): Node::text says what it is.
+  Unloadable,
 };
 
 struct Value {
@@ -64,6 +67,12 @@ struct PickledStorage {
   std::string key;
   DType dtype;
   bool untyped = false;  // torch.UntypedStorage: bytes, the tensor carries the dtype
+  // A quantized storage (QUInt8Storage, ...): torch's dtype name ("quint8");
+  // dtype is then its integer representation.
+  std::string_view quantized;
+  // A storage class fastckpt does not know: its name; dtype is then U8 and
+  // numel is not a byte count, so no tensor of it is read.
+  std::string unknown_class;
   uint64_t numel = 0;    // in elements of dtype
   // Legacy storage views: (root key, offset in elements). Empty root: not a view.
   std::string view_root;

@@ -97,6 +97,7 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
     uint64_t begin, end;
     size_t entry;
     DType dtype;
+    bool unloadable;  // in index.unloadable: covers its bytes, gets no record
   };
   std::vector<Checked> checked;
   checked.reserve(parsed.entries.size());
@@ -110,8 +111,13 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
     if (!entry.has_dtype || !entry.shape.present || !entry.offsets.present)
       bad(": entry needs dtype, shape and data_offsets");
     if (!entry.dtype_is_string) bad(": dtype is not a string");
-    auto dtype = dtype_from_name(entry.dtype);
-    if (!dtype) bad(": unknown dtype '" + entry.dtype + "'");
+    // "F4" counts 4-bit values: torch holds them as float4_e2m1fn_x2 pairs, so
+    // the last dimension halves. A dtype fastckpt does not know (or an F4 shape
+    // torch cannot pair) is listed as unloadable, its bytes still accounted for.
+    const bool f4 = entry.dtype == "F4";
+    auto dtype = f4 ? std::optional<DType>(DType::F4_X2) : dtype_from_name(entry.dtype);
+    std::string unloadable;
+    if (!dtype) unloadable = "a tensor of dtype '" + entry.dtype + "', which fastckpt does not know";
     const HeaderList& sh = entry.shape;
     const HeaderList& off = entry.offsets;
     if (!sh.is_list) bad(": shape is not a list");
@@ -130,15 +136,20 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
       if (!next) bad(": element count overflows 64 bits");
       numel = *next;
     }
-    const auto nbytes = checked_mul(numel, dtype_itemsize(*dtype));
-    if (!nbytes) bad(": byte size overflows 64 bits");
+    if (f4 && (sh.count == 0 || parsed.values[sh.begin + sh.count - 1] % 2 != 0))
+      unloadable = "an F4 tensor whose last dimension is odd (torch packs F4 values in pairs)";
+    if (f4 && unloadable.empty()) numel /= 2;
     if (off.first_bad < 2) bad(" data_offsets must be a non-negative integer");
     const uint64_t begin = parsed.values[off.begin];
     const uint64_t end = parsed.values[off.begin + 1];
     if (end < begin) bad(": data_offsets end before they begin");
-    if (end - begin != *nbytes)
-      bad(": data_offsets span " + std::to_string(end - begin) + " bytes but " +
-          std::string(dtype_name(*dtype)) + " shape needs " + std::to_string(*nbytes));
+    if (unloadable.empty()) {
+      const auto nbytes = checked_mul(numel, dtype_itemsize(*dtype));
+      if (!nbytes) bad(": byte size overflows 64 bits");
+      if (end - begin != *nbytes)
+        bad(": data_offsets span " + std::to_string(end - begin) + " bytes but " + entry.dtype +
+            " shape needs " + std::to_string(*nbytes));
+    }
     if (!range_fits(begin, end - begin, data_size))
       bad(": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
           ") lie past the end of the data (" + std::to_string(data_size) + " bytes)");
@@ -150,7 +161,9 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
       if (!next || *next > static_cast<uint64_t>(INT64_MAX)) bad(": strides overflow 64 bits");
       stride = *next;
     }
-    checked.push_back({begin, end, e, *dtype});
+    const bool listed_only = !unloadable.empty();
+    if (listed_only) index.unloadable.push_back(UnloadableRecord{name, {}, std::move(unloadable)});
+    checked.push_back({begin, end, e, dtype.value_or(DType::U8), listed_only});
   }
 
   // Tensors in file order; their byte ranges must tile the data exactly, as the
@@ -173,22 +186,26 @@ CheckpointIndex read_safetensors(std::shared_ptr<MappedFile> file) {
 
   // Records in file order. A safetensors tensor's path is just its name, left
   // empty here (see TensorRecord::path); the storage key is the name too.
-  index.tensors.resize(checked.size());
-  index.storages.reserve(checked.size());
+  const size_t n_tensors = checked.size() - index.unloadable.size();
+  index.tensors.resize(n_tensors);
+  index.storages.reserve(n_tensors);
   seen.clear();  // its views point into the names moved below
-  for (size_t k = 0; k < checked.size(); ++k) {
-    const Checked& c = checked[k];
+  size_t k = 0;
+  for (const Checked& c : checked) {
+    if (c.unloadable) continue;
     HeaderEntry& entry = parsed.entries[c.entry];
     TensorRecord& t = index.tensors[k];
     t.dtype = c.dtype;
     t.shape.fill(entry.shape.count, 0);
     for (size_t i = 0; i < entry.shape.count; ++i)  // checked above to fit int64
       t.shape[i] = static_cast<int64_t>(parsed.values[entry.shape.begin + i]);
+    if (entry.dtype == "F4") t.shape[entry.shape.count - 1] /= 2;  // F4 counts halves of a byte
     t.strides.fill(t.shape.size(), 1);
     for (size_t i = t.shape.size(); i-- > 1;) t.strides[i - 1] = t.strides[i] * t.shape[i];
     t.storage = static_cast<uint32_t>(k);
     index.storages.push_back({entry.name, data_start + c.begin, c.end - c.begin, c.dtype});
     t.name = std::move(entry.name);
+    ++k;
   }
   validate_index(index);
   return index;

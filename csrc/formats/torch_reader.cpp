@@ -67,6 +67,7 @@ CheckpointIndex finish(std::shared_ptr<MappedFile> file, const char* format, con
   index.storages = std::move(storages);
   index.tensors = std::move(tree.tensors);  // the records stay put: by_name's views hold
   index.by_name = std::move(tree.by_name);
+  index.unloadable = std::move(tree.unloadable);
   index.metadata_json = std::move(tree.metadata_json);
   validate_index(index);
   return index;
@@ -108,7 +109,9 @@ CheckpointIndex read_torch_zip(std::shared_ptr<MappedFile> file) {
     const ZipEntry* e = zip.find(record);
     if (!e) fail(path, "record '" + record + "' (storage '" + s.key + "') is missing from the archive");
     out.file_offset = zip.data_offset(*file, *e);
-    out.nbytes = declared_nbytes(path, s);
+    // A class fastckpt does not know has no known item size: its tensors are
+    // listed as unloadable and never read, so the record's size stands in.
+    out.nbytes = s.unknown_class.empty() ? declared_nbytes(path, s) : e->uncompressed_size;
     if (out.nbytes > e->uncompressed_size)
       fail(path, "record '" + record + "' holds " + num(e->uncompressed_size) + " bytes but its storage declares " +
                      num(out.nbytes));
@@ -168,6 +171,9 @@ CheckpointIndex read_torch_legacy(std::shared_ptr<MappedFile> file) {
     const auto i = static_cast<size_t>(idx);
     if (seen[i]++) fail(path, "legacy storage '" + key + "' is listed twice");
     const PickledStorage& s = vm.storages()[i];
+    if (!s.unknown_class.empty())
+      fail(path, "legacy storage '" + key + "' has the storage class " + s.unknown_class +
+                     ", which fastckpt does not know: its size, and where the data after it starts, are unknown");
     const uint8_t* count_bytes = file->span(pos, 8, "legacy storage '" + key + "' size");
     uint64_t count = 0;
     for (int b = 7; b >= 0; --b) count = (count << 8) | count_bytes[b];

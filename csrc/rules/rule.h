@@ -55,11 +55,20 @@ struct Rule {
   std::optional<DType> dtype;
   std::string dtype_text;  // as written, for round trips
   bool wins = false;       // this rule's source wins over any other source for its targets
+  // Conversions, as written (`stack[e]`, `cat[:,0:8]`, `split[0:8]`, `pick[2]`,
+  // `transpose`, `rope[32]`, `unrope[32]`), in order; their meaning is read by
+  // fastckpt.rules. convert_columns: where each starts, for errors.
+  std::vector<std::string> convert;
+  std::vector<int> convert_columns;
   int line = 0;            // 1-based position of the rule in its file
   int column = 0;
 
   // The rule in canonical text form: parse(text()) gives the same rule back.
   std::string text() const;
+
+  // Whether its source fills a region of the target (`stack[...]` / `cat[...]`):
+  // then several sources of such rules feed one target together.
+  bool fills_part() const;
 };
 
 }  // namespace fastckpt::rules

@@ -33,7 +33,10 @@ std::optional<DType> dtype_from_alias(std::string_view text) {
       {"float", DType::F32},      {"fp64", DType::F64},       {"f64", DType::F64},
       {"float64", DType::F64},    {"double", DType::F64},     {"fp8_e4m3", DType::F8_E4M3},
       {"float8_e4m3fn", DType::F8_E4M3}, {"fp8_e5m2", DType::F8_E5M2},
-      {"float8_e5m2", DType::F8_E5M2},   {"bool", DType::BOOL},  {"uint8", DType::U8},
+      {"float8_e5m2", DType::F8_E5M2},   {"fp8_e4m3fnuz", DType::F8_E4M3FNUZ},
+      {"float8_e4m3fnuz", DType::F8_E4M3FNUZ}, {"fp8_e5m2fnuz", DType::F8_E5M2FNUZ},
+      {"float8_e5m2fnuz", DType::F8_E5M2FNUZ}, {"fp8_e8m0", DType::F8_E8M0},
+      {"float8_e8m0fnu", DType::F8_E8M0},  {"bool", DType::BOOL},  {"uint8", DType::U8},
       {"int8", DType::I8},        {"int16", DType::I16},      {"int32", DType::I32},
       {"int64", DType::I64},      {"uint16", DType::U16},     {"uint32", DType::U32},
       {"uint64", DType::U64},
@@ -128,13 +131,46 @@ class LineParser {
       } else if (attr == "wins") {
         if (rule.wins) error(a_start, "wins given twice");
         rule.wins = true;
+      } else if (is_conversion(attr)) {
+        check_conversion(attr, a_start, rule.source);
+        rule.convert.emplace_back(attr);
+        rule.convert_columns.push_back(static_cast<int>(a_start) + 1);
       } else {
         error(a_start, "unknown attribute '" + std::string(attr) +
-                           "' (expected rows[...], dtype=... or wins)");
+                           "' (expected rows[...], dtype=..., wins, stack[...], cat[...], "
+                           "pick[...], split[...], transpose, rope[...] or unrope[...])");
       }
       skip_spaces();
     }
     return true;
+  }
+
+  // `stack[...]` and the other conversions: the bracket's content is read by
+  // fastckpt.rules; here only its form and, for `stack[name]`, the capture.
+  static bool is_conversion(std::string_view attr) {
+    if (attr == "transpose") return true;
+    for (std::string_view head : {"stack[", "cat[", "pick[", "split[", "rope[", "unrope["})
+      if (attr.substr(0, head.size()) == head) return true;
+    return false;
+  }
+
+  void check_conversion(std::string_view attr, size_t at, const Pattern& source) {
+    if (attr == "transpose") return;
+    const size_t open = attr.find('[');
+    if (attr.back() != ']' || attr.find(']') != attr.size() - 1)
+      error(at, "'" + std::string(attr) + "': expected one [...] at the end");
+    std::string_view inner = attr.substr(open + 1, attr.size() - open - 2);
+    if (inner.empty()) error(at + open + 1, "'" + std::string(attr) + "': empty [...]");
+    if (attr.substr(0, open) != "stack" && attr.substr(0, open) != "pick") return;
+    const size_t comma = inner.rfind(',');
+    const std::string_view index = comma == std::string_view::npos ? inner : inner.substr(comma + 1);
+    bool digits = !index.empty();
+    for (char c : index) digits = digits && c >= '0' && c <= '9';
+    if (digits || attr.substr(0, open) == "pick") return;
+    for (const auto& e : source)
+      if (e.kind == PatternElem::Kind::One && e.capture == index) return;
+    error(at + open + 1, "'" + std::string(attr) + "': the source pattern has no one-segment capture {" +
+                             std::string(index) + "}");
   }
 
   // Parses a whole pattern token that starts at line offset `start`.
@@ -335,7 +371,14 @@ std::string Rule::text() const {
   }
   if (dtype) out += " dtype=" + dtype_text;
   if (wins) out += " wins";
+  for (const auto& c : convert) out += " " + c;
   return out;
+}
+
+bool Rule::fills_part() const {
+  for (const auto& c : convert)
+    if (c.rfind("stack[", 0) == 0 || c.rfind("cat[", 0) == 0) return true;
+  return false;
 }
 
 std::vector<Rule> parse_rules(std::string_view text, const std::string& source_name) {

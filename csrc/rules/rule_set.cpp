@@ -136,6 +136,15 @@ Plan RuleSet::plan(const std::vector<std::string_view>& sources,
         for (uint32_t g : group) dup = dup || sources[cands[g].source] == sources[cands[c].source];
         if (!dup) group.push_back(c);
       }
+      bool parts = group.size() > 1;
+      for (uint32_t c : group)
+        parts = parts && cands[c].rule != kNoRule && rules_[cands[c].rule].fills_part();
+      if (parts) {
+        // Stacked or concatenated sources feed the target together.
+        const uint32_t pos = target_pos.find(cands[head].target);
+        for (uint32_t c : group) kept.emplace_back(pos == StringIndex::kAbsent ? no_pos : pos, c);
+        continue;
+      }
       if (group.size() > 1) {
         std::vector<uint32_t> winners;
         for (uint32_t c : group)

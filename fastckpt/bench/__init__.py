@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastckpt.bench.workloads import SIZES, default_cache_dir, ensure_files
+from fastckpt.bench.workloads import CAST_SIZES, SIZES, default_cache_dir, ensure_files
 
 FASTCKPT = "fastckpt"
 PEERS = {
@@ -41,7 +41,18 @@ PEERS = {
     ],
     "torch": ["torch.load(mmap)+load_state_dict"],
 }
-OPTIONAL = {"fastsafetensors": "fastsafetensors", "runai-model-streamer": "runai_model_streamer"}
+# Cast loads: the one peer that casts on the way, and torch's conversion of the
+# tensors already in memory (Tensor.copy_ into the model: what .to() computes).
+CAST_CONTENDERS = ["safetensors.load_file+load_state_dict", "torch-cast-in-memory"]
+# Peers that read a Hugging Face folder (every .safetensors file of the folder is the
+# checkpoint's); from_pretrained also needs its config.json.
+HF_FOLDER = "torch.dcp HuggingFaceStorageReader"
+HF_MODEL = "transformers from_pretrained"
+OPTIONAL = {
+    "fastsafetensors": "fastsafetensors",
+    "runai-model-streamer": "runai_model_streamer",
+    HF_MODEL: "transformers",
+}
 
 
 @dataclass
@@ -83,6 +94,7 @@ class BenchResult:
     cold: bool
     repeat: int
     size: str | None
+    fresh: bool = False  # one load per fresh worker process
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -104,53 +116,27 @@ def read_layout(path: Path) -> dict:
     """Files, state-dict prefix, and (name, shape, dtype) of every tensor, for the workers."""
     import fastckpt
 
-    try:
-        with fastckpt.open(path) as ck:
-            return {
-                "format": "safetensors" if ck.format == "safetensors" else "torch",
-                "files": [str(f) for f in ck.files],
-                "prefix": list(ck.prefix),
-                "layout": [
-                    (k, list(ck.info(k).shape), str(ck.info(k).dtype).removeprefix("torch."))
-                    for k in ck.keys()
-                ],
-            }
-    except fastckpt.CheckpointError:
-        if str(path).endswith(".safetensors") or path.is_dir():
-            raise
-    return _layout_with_torch(path)  # a torch file this build's readers cannot open yet
+    with fastckpt.open(path) as ck:
+        return {
+            "format": "safetensors" if ck.format == "safetensors" else "torch",
+            "files": [str(f) for f in ck.files],
+            "prefix": list(ck.prefix),
+            "layout": [
+                (k, list(ck.info(k).shape), str(ck.info(k).dtype).removeprefix("torch."))
+                for k in ck.keys()
+            ],
+        }
 
 
-def _layout_with_torch(path: Path) -> dict:
-    import torch
-
-    from fastckpt.checkpoint import pick_state_dict
-
-    found: list[tuple[tuple[str, ...], torch.Tensor]] = []
-
-    def walk(obj: object, at: tuple[str, ...]) -> None:
-        if isinstance(obj, torch.Tensor):
-            found.append((at, obj))
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, at + (str(k),))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, at + (str(i),))
-
-    walk(torch.load(path, mmap=True, weights_only=True, map_location="cpu"), ())
-    prefix = pick_state_dict([p for p, _ in found])
-    n = len(prefix)
-    return {
-        "format": "torch",
-        "files": [str(path)],
-        "prefix": list(prefix),
-        "layout": [
-            (".".join(p[n:]), list(t.shape), str(t.dtype).removeprefix("torch."))
-            for p, t in found
-            if p[:n] == prefix and len(p) > n
-        ],
-    }
+def hf_folder_of(files: list[str]) -> str | None:
+    """The folder when ``files`` are exactly the .safetensors files it holds (a Hugging
+    Face folder's weights), else None."""
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return None
+    folder = Path(files[0]).parent
+    if {Path(f).resolve() for f in files} != {p.resolve() for p in folder.glob("*.safetensors")}:
+        return None
+    return str(folder)
 
 
 # -- page cache -----------------------------------------------------------------------
@@ -205,7 +191,7 @@ class Worker:
         self.name = spec["contender"]
         spec_path = folder / f"spec-{abs(hash(self.name))}.json"
         spec_path.write_text(json.dumps(spec))
-        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")  # noqa: SIM115
+        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastckpt.bench.worker", str(spec_path)],
             stdin=subprocess.PIPE,
@@ -268,10 +254,29 @@ class Worker:
 
 
 # -- the run ----------------------------------------------------------------------------
-def contenders_for(fmt: str, device: str, cold: bool) -> tuple[list[str], list[str]]:
+def contenders_for(
+    fmt: str,
+    device: str,
+    cold: bool,
+    cast: bool = False,
+    hf_folder: str | None = None,
+    hf_config: bool = False,
+) -> tuple[list[str], list[str]]:
     """(contenders to run, notes about the ones left out)."""
-    names = [FASTCKPT, *PEERS[fmt]]
+    names = [FASTCKPT, *(CAST_CONTENDERS if cast else PEERS[fmt])]
     notes = []
+    if fmt == "safetensors" and not cast:
+        if hf_folder is not None:
+            names.append(HF_FOLDER)
+            if hf_config:
+                names.append(HF_MODEL)
+            else:
+                notes.append(f"{HF_MODEL}: no config.json beside the checkpoint, not run")
+        else:
+            notes.append(
+                f"{HF_FOLDER}, {HF_MODEL}: the checkpoint is not a whole Hugging Face "
+                "folder, not run"
+            )
     for name, module in OPTIONAL.items():
         if name in names and importlib.util.find_spec(module) is None:
             names.remove(name)
@@ -328,7 +333,13 @@ def bench_target(
     repeat: int,
     notes: list[str],
     on_run: Callable[[str], None] | None = None,
+    fresh: bool = False,
+    model_dtype: str | None = None,
 ) -> TargetResult:
+    """``fresh``: every timed run is the first load of a new worker process (the
+    model built the usual way, one load, exit), the figure a user who loads once
+    lives with; otherwise one long-lived worker per contender (steady state).
+    ``model_dtype``: the model's dtype when it is not the file's (a cast load)."""
     info = read_layout(path)
     files = info["files"]
     nbytes = 0
@@ -340,22 +351,32 @@ def bench_target(
             numel *= d
         nbytes += numel * getattr(torch, dtype).itemsize
     target = TargetResult(workload, info["format"], str(path), files, nbytes, len(info["layout"]))
-    names, left_out = contenders_for(info["format"], device, cold)
+    if model_dtype is not None:  # nbytes stays what is read: the file's bytes
+        info["layout"] = [(n, shape, model_dtype) for n, shape, _ in info["layout"]]
+    folder = hf_folder_of(files) if info["format"] == "safetensors" else None
+    has_config = folder is not None and (Path(folder) / "config.json").is_file()
+    names, left_out = contenders_for(
+        info["format"], device, cold, model_dtype is not None, folder, has_config
+    )
     notes.extend(f"{workload}/{info['format']}: {n}" for n in left_out)
     results = {n: ContenderResult(n) for n in names}
     target.results = list(results.values())
     with tempfile.TemporaryDirectory(prefix="fastckpt-bench-") as tmp:
         workers: dict[str, Worker] = {}
+        specs = {
+            n: {
+                "contender": n,
+                "path": str(path),
+                "device": device,
+                "nbytes": nbytes,
+                "hf_folder": folder,
+                **info,
+            }
+            for n in names
+        }
         try:
             for n in names:
-                spec = {
-                    "contender": n,
-                    "path": str(path),
-                    "device": device,
-                    "nbytes": nbytes,
-                    **info,
-                }
-                workers[n] = Worker(spec, Path(tmp))
+                workers[n] = Worker(specs[n], Path(tmp))
             if not cold:
                 warm(files)
             for round_ in range(repeat + 1):  # round 0: warm-up and value check, untimed
@@ -371,6 +392,9 @@ def bench_target(
                             r.resident_before.append(res)
                     if on_run is not None:
                         on_run(f"{workload}/{info['format']}: {n} ({round_}/{repeat})")
+                    if fresh and round_ > 0:
+                        workers[n].close()
+                        workers[n] = Worker(specs[n], Path(tmp))
                     reply = workers[n].measure()
                     if "skipped" in reply:
                         r.status, r.note = "skipped", reply["skipped"]
@@ -400,8 +424,11 @@ def run_bench(
     size: str = "full",
     cache_dir: str | os.PathLike | None = None,
     on_run: Callable[[str], None] | None = None,
+    fresh: bool = False,
+    casts: bool = False,
 ) -> BenchResult:
-    """Bench ``path``, or (None) the default workloads of ``size`` ("full" or "small")."""
+    """Bench ``path``, or (None) the default workloads of ``size`` ("full" or "small");
+    ``casts``: the cast workloads (``CAST_SIZES``) instead."""
     if repeat < 1:
         raise ValueError(f"--repeat must be at least 1, not {repeat}")
     if size not in SIZES:
@@ -413,22 +440,30 @@ def run_bench(
             raise ValueError("--device cuda: torch sees no CUDA device here")
     elif device != "cpu":
         raise ValueError(f"--device must be cpu or cuda, not {device!r}")
-    result = BenchResult(device, cold, repeat, None if path is not None else size)
+    result = BenchResult(device, cold, repeat, None if path is not None else size, fresh)
     if cold and resident_bytes([sys.executable]) is None:
         result.notes.append("fincore not found: eviction is not double-checked")
     if path is not None:
         p = Path(path)
-        targets = [(p.name, p)]
+        targets: list[tuple[str, Path, str | None]] = [(p.name, p, None)]
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         targets = []
-        for w in SIZES[size]:
+        for w in (CAST_SIZES if casts else SIZES)[size]:
             files = ensure_files(w, cache, size)
-            targets += [(w.name, files["safetensors"]), (w.name, files["torch"])]
-    for name, p in targets:
+            targets += [(w.name, files[fmt], w.model_dtype) for fmt in w.formats]
+    for name, p, model_dtype in targets:
         result.targets.append(
             bench_target(
-                name, p, device=device, cold=cold, repeat=repeat, notes=result.notes, on_run=on_run
+                name,
+                p,
+                device=device,
+                cold=cold,
+                repeat=repeat,
+                notes=result.notes,
+                on_run=on_run,
+                fresh=fresh,
+                model_dtype=model_dtype,
             )
         )
     return result

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
 from fastckpt.bench import BenchResult, ContenderResult, TargetResult
+from fastckpt.listing import Listing, print_line
 
 COLUMNS = (
     "contender",
@@ -47,6 +47,8 @@ def _row(r: ContenderResult) -> list[str]:
 
 def _title(t: TargetResult, result: BenchResult) -> str:
     cache = "cold" if result.cold else "warm"
+    if result.fresh:
+        cache += " · one load per fresh process"
     size = f"{t.nbytes / 1e9:.2f} GB" if t.nbytes >= 1e9 else f"{t.nbytes / 1e6:.1f} MB"
     return (
         f"{t.workload} · {t.format} · {size}, {t.tensors} tensors · "
@@ -55,24 +57,24 @@ def _title(t: TargetResult, result: BenchResult) -> str:
 
 
 def print_tables(result: BenchResult, console: Console) -> None:
-    if not console.is_terminal:
-        console = Console(width=150)  # piped: keep rows on one line
+    """One table per checkpoint; it fits the terminal (columns wrap, then one block per
+    contender), and is plain text with nothing cut when piped."""
     for t in result.targets:
-        table = Table(title=_title(t, result), title_justify="left")
-        for c in COLUMNS:
-            left = c in ("contender", "note")
-            table.add_column(c, justify="left" if left else "right", no_wrap=c != "note")
-        for r in t.results:
-            table.add_row(*_row(r))
-        console.print(table)
+        Listing(
+            columns=COLUMNS,
+            rows=[_row(r) for r in t.results],
+            title=_title(t, result),
+            right=frozenset(c for c in COLUMNS if c not in ("contender", "note")),
+        ).print(console)
         if t.ceiling:
-            console.print(f"  ceiling: {t.ceiling}", style="dim")
+            print_line(console, f"  ceiling: {t.ceiling}", style="dim")
         for r in t.results:
             if r.status != "ok":
-                console.print(f"  {r.contender} {r.status}: {r.note}", style="dim", highlight=False)
+                print_line(console, f"  {r.contender} {r.status}: {r.note}", style="dim")
     for note in result.notes:
-        console.print(f"note: {note}", style="dim")
-    console.print(
+        print_line(console, f"note: {note}", style="dim")
+    print_line(
+        console,
         "× ceiling: GB/s as a fraction of the slowest ceiling's; time / fastckpt: >1 means "
         "slower than fastckpt (both ratios are medians of per-round ratios; a round runs "
         "every contender once, back to back); +private: peak RssAnon above the pre-load "

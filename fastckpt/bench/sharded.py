@@ -176,7 +176,7 @@ def run_sharded_bench(ranks: int, layers: int, hidden: int, repeat: int, folder:
                     [sys.executable, "-m", "fastckpt.bench.sharded", str(r), str(ranks), port,
                      str(folder), contender, str(layers), str(hidden)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                )  # fmt: skip
+                )
                 for r in range(ranks)
             ]
             outs = [p.communicate(timeout=1200) for p in procs]

@@ -6,18 +6,24 @@
 
 ``--size small`` scales both down to tens of MB so tests and ``make demo`` stay fast.
 Each is written as ``model.safetensors`` and as a torch zip ``model.pt`` (same tensors).
+
+``--casts`` adds loads whose file dtype differs from the model's (``CAST_SIZES``):
+40 tensors of 1024x1024 (10 of 512x512 at ``small``) saved as bf16, fp16, fp32
+and fp8 (e4m3fn), loaded into fp32 / bf16 models, next to the same-dtype loads
+of the same destination bytes. These are written as safetensors only.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastckpt.atomic import atomic_write
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
 Layout = list[tuple[str, tuple[int, ...]]]
@@ -67,14 +73,36 @@ def many_small_layout(layers: int, experts: int, shape: tuple[int, int] = (64, 3
     ]
 
 
+def bert_config(layers: int, hidden: int, vocab: int, intermediate: int) -> dict[str, object]:
+    """The config.json of a ``BertModel`` with ``bert_layout``'s names and shapes, so the
+    workload's folder is one ``transformers`` can load with ``from_pretrained``."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),
+        "intermediate_size": intermediate,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "torch_dtype": "float32",
+    }
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     layout: Layout
+    file_dtype: str = "float32"  # torch dtype name the tensors are saved as
+    model_dtype: str | None = None  # the model's dtype when it differs: a cast load
+    formats: tuple[str, ...] = ("safetensors", "torch")
+    hf_config: dict[str, object] | None = None  # written as config.json beside the files
 
     @property
     def nbytes(self) -> int:
-        return sum(4 * _numel(s) for _, s in self.layout)
+        itemsize = getattr(torch, self.file_dtype).itemsize
+        return sum(itemsize * _numel(s) for _, s in self.layout)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -86,13 +114,34 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 SIZES: dict[str, list[Workload]] = {
     "full": [
-        Workload("bert-large", bert_layout(24, 1024, 50_000, 4096)),
+        Workload(
+            "bert-large", bert_layout(24, 1024, 50_000, 4096), bert_config(24, 1024, 50_000, 4096)
+        ),
         Workload("many-small", many_small_layout(40, 256)),
     ],
     "small": [
-        Workload("bert-small", bert_layout(4, 256, 8_000, 1024)),
+        Workload("bert-small", bert_layout(4, 256, 8_000, 1024), bert_config(4, 256, 8_000, 1024)),
         Workload("many-small", many_small_layout(4, 48)),
     ],
+}
+
+
+def _cast_workloads(count: int, side: int) -> list[Workload]:
+    layout: Layout = [(f"layers.{n}.weight", (side, side)) for n in range(count)]
+    casts = [
+        ("cast-bf16-to-fp32", "bfloat16", "float32"),
+        ("cast-fp16-to-fp32", "float16", "float32"),
+        ("cast-fp32-to-bf16", "float32", "bfloat16"),
+        ("cast-fp8-to-bf16", "float8_e4m3fn", "bfloat16"),
+        ("same-fp32", "float32", None),  # the destination bytes of the fp32 models
+        ("same-bf16", "bfloat16", None),  # ... and of the bf16 ones
+    ]
+    return [Workload(n, layout, f, m, ("safetensors",)) for n, f, m in casts]
+
+
+CAST_SIZES: dict[str, list[Workload]] = {
+    "full": _cast_workloads(40, 1024),
+    "small": _cast_workloads(10, 512),
 }
 
 
@@ -103,31 +152,33 @@ def default_cache_dir() -> Path:
     return Path(base) / "fastckpt" / "bench"
 
 
-def _values(layout: Layout) -> Iterator[tuple[str, torch.Tensor]]:
+def _values(layout: Layout, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1234)
     for name, shape in layout:
-        yield name, torch.randn(shape, generator=g)
+        yield name, torch.randn(shape, generator=g).to(dtype)
 
 
 def ensure_files(workload: Workload, cache: Path, size: str) -> dict[str, Path]:
-    """``{"safetensors": path, "torch": path}`` for the workload, writing them if missing."""
+    """``{"safetensors": path, "torch": path}`` for the workload (the formats it has),
+    writing them if missing."""
     folder = cache / size / workload.name
     folder.mkdir(parents=True, exist_ok=True)
     st, pt = folder / "model.safetensors", folder / "model.pt"
+    dtype = getattr(torch, workload.file_dtype)
+    config = folder / "config.json"
+    if workload.hf_config is not None and not config.is_file():
+        with atomic_write(config) as f:
+            f.write(json.dumps(workload.hf_config, indent=2).encode())
     if not st.is_file():
-        values = _values(workload.layout)
-        specs = [TensorSpec(n, torch.float32, s) for n, s in workload.layout]
+        values = _values(workload.layout, dtype)
+        specs = [TensorSpec(n, dtype, s) for n, s in workload.layout]
         write_safetensors(st, specs, lambda spec: next(values)[1], {"format": "pt"})
+    if "torch" not in workload.formats:
+        return {"safetensors": st}
     if not pt.is_file():
         from safetensors.torch import load_file
 
         state = load_file(str(st))  # once per cache: generation may hold the whole dict
-        fd, tmp = tempfile.mkstemp(prefix=".model.pt.", suffix=".partial", dir=folder)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, pt)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(pt) as f:
+            torch.save(state, f)
     return {"safetensors": st, "torch": pt}

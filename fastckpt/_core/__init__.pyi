@@ -1,7 +1,8 @@
 """fastckpt compiled core (private): readers, rules, copy engine.
 
 Type stub for the pybind11 module: generated with pybind11-stubgen, then edited
-(the exception classes). Regenerate after changing csrc/bindings/.
+(the exception classes). Regenerate after changing csrc/bindings/;
+tests/test_core_stub.py checks it against the module (mypy's stubtest).
 """
 
 from __future__ import annotations
@@ -9,13 +10,46 @@ from __future__ import annotations
 import collections.abc
 import typing
 
+from . import _testing as _testing
+
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'all_distinct', 'locate', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'TensorView', 'all_distinct', 'locate', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
 class FileBuffer:
     @property
     def size(self) -> int:
+        ...
+class TensorView:
+    @property
+    def dtype(self) -> str:
+        ...
+    @property
+    def file_offset(self) -> int:
+        """
+        byte offset of the storage in the file
+        """
+    @property
+    def shape(self) -> tuple:
+        ...
+    @property
+    def storage(self) -> int:
+        """
+        storage index in the file
+        """
+    @property
+    def storage_key(self) -> str:
+        ...
+    @property
+    def storage_nbytes(self) -> int:
+        ...
+    @property
+    def storage_offset(self) -> int:
+        """
+        elements
+        """
+    @property
+    def strides(self) -> tuple:
         ...
 class FileIndex:
     def __len__(self) -> int:
@@ -32,16 +66,12 @@ class FileIndex:
         ...
     def shapes(self) -> list:
         ...
-    def storage_info(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> tuple[str, int, int, str]:
-        ...
-    def tensor_info(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> tuple:
-        ...
-    def tensor_infos(self) -> list:
-        ...
     def tensor_storages(self) -> list:
         ...
-    def tensor_view(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> tuple[str, tuple, tuple, int, int, str, int]:
-        ...
+    def tensor_view(self, tensor: typing.SupportsInt | typing.SupportsIndex) -> TensorView:
+        """
+        The tensor's dtype, shape, strides and storage offset, and its storage's place in the file.
+        """
     @property
     def file_size(self) -> int:
         ...
@@ -57,6 +87,11 @@ class FileIndex:
     @property
     def path(self) -> str:
         ...
+class PendingIndexes:
+    def wait(self) -> list[FileIndex]:
+        """
+        The files' indexes, in order, once all are read; or the first file's error.
+        """
 class RuleSet:
     def __len__(self) -> int:
         ...
@@ -77,6 +112,8 @@ class Targets:
         Read every destination tensor's address, shape, strides, dtype and device once.
         """
     def __len__(self) -> int:
+        ...
+    def lazy_views(self) -> list[int]:
         ...
     def mismatched(self, indexes: list, sources: list, dim0: typing.Any = None) -> list:
         ...
@@ -112,19 +149,11 @@ class CopyJob:
     @property
     def total_bytes(self) -> int:
         ...
-def _float_to_bf16(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
-    ...
-def _float_to_half(arg0: typing.SupportsFloat | typing.SupportsIndex) -> int:
-    ...
-def _cached_pages(path: str, offset: typing.SupportsInt | typing.SupportsIndex, length: typing.SupportsInt | typing.SupportsIndex) -> int:
-    """
-    Pages of the file's [offset, +length) in the page cache; -1 when the kernel cannot say (cachestat, Linux 6.5+).
-    """
 def all_distinct(items: list) -> bool:
     """
     True when no object appears twice in the list (compared by identity).
     """
-def locate(indexes: list[FileIndex], names: list) -> list:
+def locate(indexes: collections.abc.Sequence[FileIndex], names: list) -> list:
     """
     Per name, file_index << 32 | tensor_index of the first file holding it, or None.
     """
@@ -136,20 +165,15 @@ def open_file(path: str) -> FileIndex:
     """
     Read one checkpoint file's index (safetensors, torch zip or legacy torch).
     """
-class PendingIndexes:
-    def wait(self) -> list[FileIndex]:
-        """
-        The files' indexes, in order, once all are read; or the first file's error.
-        """
-def start_open(paths: list[str], threads: typing.SupportsInt | typing.SupportsIndex, exact_reads: bool = False) -> PendingIndexes:
-    """
-    Start reading the files' indexes on background threads (no GIL needed); wait() for them.
-    """
 def parse_rules(text: str, source_name: str) -> RuleSet:
     """
     Parse and compile a rules text.
     """
-def state_tensors(model: typing.Any, base_save: typing.Any, base_extra_state: typing.Any) -> dict | None:
+def start_open(paths: collections.abc.Sequence[str], threads: typing.SupportsInt | typing.SupportsIndex) -> PendingIndexes:
+    """
+    Start reading the files' indexes on background threads (no GIL needed); wait() for them.
+    """
+def state_tensors(model: typing.Any, base_save: typing.Any, base_extra_state: typing.Any) -> typing.Any:
     """
     model.state_dict(keep_vars=True)'s tensors by a walk over the module tree's dicts; None when a module customises state_dict (its class or a hook).
     """

@@ -1,0 +1,208 @@
+"""transformers' own conversions, loaded without rules: a folder written by
+save_pretrained (per-expert tensors, legacy names) loads into the same v5 model
+exactly as from_pretrained does, tensor for tensor; an op with no strided view is
+refused by name; hand-written conversions (rope, transpose, split) through the
+same assignments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastckpt
+from fastckpt import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.core_model_loading import (  # noqa: E402
+    Chunk,
+    ConversionOps,
+    PermuteForRope,
+    Transpose,
+    WeightConverter,
+)
+
+from fastckpt.hf_conversions import HFConversions, rules_for  # noqa: E402
+
+TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(
+            a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)
+        ), k
+
+
+MOE_MODELS = {
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**TINY, intermediate_size=8, num_key_value_heads=1,
+                                   num_local_experts=3, num_experts_per_tok=2)
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(**TINY, intermediate_size=8, moe_intermediate_size=6,
+                                    shared_expert_intermediate_size=8, num_key_value_heads=1,
+                                    num_experts=4, num_experts_per_tok=2)
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(**TINY, intermediate_size=8, moe_intermediate_size=6,
+                                    num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                                    head_dim=8)
+    ),
+    "olmoe": lambda: transformers.OlmoeForCausalLM(
+        transformers.OlmoeConfig(**TINY, intermediate_size=6, num_key_value_heads=2,
+                                 num_experts=4, num_experts_per_tok=2)
+    ),
+    "deepseek_v3": lambda: transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(**TINY, intermediate_size=12, moe_intermediate_size=6,
+                                      num_key_value_heads=2, n_routed_experts=4,
+                                      num_experts_per_tok=2, n_shared_experts=1,
+                                      first_k_dense_replace=1, n_group=1, topk_group=1,
+                                      q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=4,
+                                      qk_nope_head_dim=4, v_head_dim=4)
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(MOE_MODELS))
+def test_moe_folder_loads_like_from_pretrained(name, tmp_path):
+    torch.manual_seed(0)
+    model = MOE_MODELS[name]()
+    model.save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert set(on_disk) != set(
+        model.state_dict()
+    )  # per-expert tensors on disk, stacked in the model
+    reference = type(model).from_pretrained(tmp_path)
+    torch.manual_seed(1)
+    fresh = MOE_MODELS[name]()
+    report = fastckpt.load_into(fresh, tmp_path)  # strict, no rules
+    assert report.missing == [] and report.unexpected == []
+    same_bytes(reference.state_dict(), fresh.state_dict())
+    stacked = [k for k in fresh.state_dict() if k.endswith("experts.gate_up_proj")]
+    assert stacked and all(k in report.loaded for k in stacked)
+    assert report.rule_for[stacked[0]].startswith(f"transformers {model.config.model_type}")
+
+
+def test_a_sharded_folder_loads_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = MOE_MODELS["mixtral"]()
+    model.save_pretrained(tmp_path, max_shard_size="2KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    reference = type(model).from_pretrained(tmp_path)
+    fresh = MOE_MODELS["mixtral"]()
+    fastckpt.load_into(fresh, tmp_path)
+    same_bytes(reference.state_dict(), fresh.state_dict())
+
+
+def test_a_missing_expert_is_an_error_naming_it_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    model = MOE_MODELS["mixtral"]()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    fresh = MOE_MODELS["mixtral"]()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.1.mlp.experts.gate_up_proj: the checkpoint's parts do not fit "
+        r"together \(3 x .experts.\*.w1.weight, 2 x .experts.\*.w3.weight\)",
+    ):
+        fastckpt.load_into(fresh, tmp_path)
+    same_bytes(before, fresh.state_dict())
+
+
+def test_not_a_transformers_model_gets_no_conversions():
+    assert rules_for(torch.nn.Linear(2, 2), lambda k: (2, 2)) is None
+
+
+class Cube(ConversionOps):
+    """An op fastckpt has no view for."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        return {target_patterns[0]: next(iter(input_dict.values()))[0] ** 3}
+
+
+def llama(**kw):
+    cfg = transformers.LlamaConfig(**TINY, intermediate_size=12, num_key_value_heads=2, **kw)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_an_op_without_a_view_is_refused_by_name(tmp_path):
+    model = llama()
+    state = {k.replace("q_proj", "wq"): v for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "m.safetensors")
+    conv = WeightConverter("self_attn.wq.weight", "self_attn.q_proj.weight", operations=[Cube()])
+    rules = HFConversions(model, [conv], lambda k: state[k].shape)
+    with pytest.raises(
+        CheckpointError,
+        match=r"transformers conversion Cube for model type 'llama' "
+        r"\(\['self_attn.wq.weight'\] -> \['self_attn.q_proj.weight'\]\) cannot be "
+        r"loaded by fastckpt: no strided view expresses it",
+    ):
+        fastckpt.load_into(model, tmp_path / "m.safetensors", rules=rules)
+
+
+def meta_layout(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face rows back to Meta's interleaved pairs (inverse of the conversion
+    script's permute)."""
+    rows, cols = w.shape
+    return w.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def test_meta_layout_llama_through_permute_for_rope(tmp_path):
+    """wq/wk in Meta's rotary layout -> q_proj/k_proj, as transformers' PermuteForRope."""
+    torch.manual_seed(0)
+    model = llama()
+    heads = model.config.num_attention_heads
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".q_proj." in k or ".k_proj." in k:
+            k, v = k.replace("q_proj", "wq").replace("k_proj", "wk"), meta_layout(v, heads)
+        state[k] = v.contiguous()
+    save_file(state, tmp_path / "meta.safetensors")
+    convs = [
+        WeightConverter(
+            f"self_attn.{a}.weight", f"self_attn.{b}.weight", operations=[PermuteForRope()]
+        )
+        for a, b in (("wq", "q_proj"), ("wk", "k_proj"))
+    ]
+    fresh = llama()
+    fastckpt.load_into(
+        fresh,
+        tmp_path / "meta.safetensors",
+        rules=HFConversions(fresh, convs, lambda k: state[k].shape),
+    )
+    same_bytes(model.state_dict(), fresh.state_dict())
+
+
+def test_a_fused_qkv_split_by_chunk_and_a_transposed_weight(tmp_path):
+    torch.manual_seed(0)
+    model = llama()
+    sd = model.state_dict()
+    state = {k: v for k, v in sd.items() if ".q_proj." not in k and ".k_proj." not in k}
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn"
+        # q and k have the same shape here: a chunk in two gives them back
+        state[f"{p}.qk.weight"] = torch.cat([sd[f"{p}.q_proj.weight"], sd[f"{p}.k_proj.weight"]])
+        state[f"{p}.o_proj.weight"] = sd[f"{p}.o_proj.weight"].t().contiguous()
+    save_file(state, tmp_path / "fused.safetensors")
+    convs = [
+        WeightConverter("self_attn.qk.weight",
+                        ["self_attn.q_proj.weight", "self_attn.k_proj.weight"],
+                        operations=[Chunk(dim=0)]),
+        WeightConverter("self_attn.o_proj.weight", "self_attn.o_proj.weight",
+                        operations=[Transpose(0, 1)]),
+    ]  # fmt: skip
+    fresh = llama()
+    report = fastckpt.load_into(
+        fresh,
+        tmp_path / "fused.safetensors",
+        rules=HFConversions(fresh, convs, lambda k: state[k].shape),
+    )
+    assert report.missing == [] and report.unexpected == []
+    same_bytes(sd, fresh.state_dict())
