@@ -10,6 +10,10 @@ BUILD_DEPS := "scikit-build-core>=0.11" "pybind11>=3" nlohmann-json==3.12.0 ninj
 
 .PHONY: env build test demo lint clean bench-deps
 
+# The public API that `mypy --strict` holds to (the rest of the package: plain mypy).
+STRICT_API := fastckpt/__init__.py fastckpt/planning.py fastckpt/load.py fastckpt/destinations.py \
+              fastckpt/errors.py fastckpt/report.py fastckpt/checkpoint.py
+
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -34,6 +38,7 @@ lint: env
 	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check fastckpt tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict $(STRICT_API)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis

@@ -2,9 +2,10 @@
 
 from fastckpt.checkpoint import Checkpoint, TensorInfo, open
 from fastckpt.diff import DiffReport, diff
-from fastckpt.errors import CheckpointError, LimitError
+from fastckpt.errors import CheckpointError, LimitError, StrictLoadError, UninitializedWarning
 from fastckpt.freeze import FreezeSummary, freeze
-from fastckpt.load import StrictLoadError, UninitializedWarning, load_into
+from fastckpt.load import load_into
+from fastckpt.planning import LoadPlan, PlanEntry, plan
 from fastckpt.report import LoadReport
 from fastckpt.resume import ResumeReport, resume, save
 from fastckpt.rules import Rules, as_rules
@@ -15,7 +16,9 @@ __all__ = [
     "DiffReport",
     "FreezeSummary",
     "LimitError",
+    "LoadPlan",
     "LoadReport",
+    "PlanEntry",
     "ResumeReport",
     "Rules",
     "StrictLoadError",
@@ -26,6 +29,7 @@ __all__ = [
     "freeze",
     "load_into",
     "open",
+    "plan",
     "resume",
     "save",
 ]

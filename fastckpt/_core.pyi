@@ -89,7 +89,7 @@ class Targets:
         ...
 class CopyJob:
     @staticmethod
-    def from_targets(indexes: list, sources: list, targets: Targets, names: list, source_names: typing.Any, rows: typing.Any, vias: typing.Any, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> CopyJob:
+    def from_targets(indexes: list, sources: list, targets: Targets, names: list, source_names: typing.Any, rows: typing.Any, vias: typing.Any, threads: typing.SupportsInt | typing.SupportsIndex, max_host_bytes: typing.SupportsInt | typing.SupportsIndex, device_sink: str = '', cudart_path: str = '', device_index: typing.SupportsInt | typing.SupportsIndex = 0, views: typing.Any = None) -> CopyJob:
         """
         Tasks straight from destination tensors read into Targets (see tasks_from_targets).
         """

@@ -33,7 +33,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -61,7 +61,7 @@ FOLDER_CANDIDATES = (
     "pytorch_model.bin.index.json",
 )
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 class TensorInfo(NamedTuple):
@@ -223,6 +223,7 @@ class Checkpoint:
         if self.prefix:
             self._entries_map = self._picked(paths or [index.paths() for index in self._indexes])
         self._shared: list[dict[int, list[str]]] | None = None
+        self._shape_lists: list[list[tuple[int, ...]]] | None = None
 
     @property
     def _all(self) -> dict[str, int]:
@@ -266,6 +267,34 @@ class Checkpoint:
             return _core.locate(self._indexes, names)
         return list(map(self._entries_map.get, names))
 
+    # -- the loader's view (fastckpt.plan): opaque source handles ------------------
+    # A handle stands for one tensor of one file; only this class and the core read it.
+
+    def _handles(self) -> dict[str, int]:
+        """Picked name -> source handle."""
+        return self._entries
+
+    def _handle_shape(self, handle: int) -> tuple[int, ...]:
+        if self._shape_lists is None:  # only rules, mismatches and refusals need them
+            self._shape_lists = [index.shapes() for index in self._indexes]
+        return self._shape_lists[handle >> 32][handle & 0xFFFFFFFF]
+
+    def _handle_view(
+        self, handle: int
+    ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
+        """(dtype, shape, strides, storage offset in elements) of the tensor a handle names."""
+        dtype, shape, strides, soff, _, _, _ = self._indexes[handle >> 32].tensor_view(
+            handle & 0xFFFFFFFF
+        )
+        return TORCH_DTYPES[dtype], shape, strides, soff
+
+    def _handle_file(self, handle: int) -> str:
+        return self._file_names[handle >> 32]
+
+    @property
+    def _core_indexes(self) -> list[_core.FileIndex]:
+        return self._indexes
+
     def _raise_duplicate(self, names: list[list[str]], upto: int) -> None:
         seen: set[str] = set()
         for file_names in names[: upto + 1]:
@@ -302,9 +331,9 @@ class Checkpoint:
 
     # -- metadata ---------------------------------------------------------------
     @property
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         """safetensors ``__metadata__`` (merged over shards), or a torch file's plain values."""
-        merged: dict = {}
+        merged: dict[str, Any] = {}
         for index in self._indexes:
             merged.update(json.loads(index.metadata_json))
         return merged
@@ -407,7 +436,7 @@ class Checkpoint:
         self.close()
 
 
-def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:  # noqa: A001
+def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:
     """Open a checkpoint file, shard index or model folder; reads metadata only."""
     return Checkpoint(path, key=key)
 

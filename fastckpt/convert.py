@@ -48,6 +48,7 @@ from fastckpt.atomic import atomic_folder, atomic_write
 from fastckpt.checkpoint import Checkpoint, PathLike
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import Assignment, MappingPlan
+from fastckpt.planning import as_rules, match
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
 DTYPE_CHOICES: dict[str, torch.dtype] = {
@@ -103,21 +104,6 @@ class ConvertReport:
         return d
 
 
-def _rules_object(rules: object):
-    """Turns rules (path, text, object) into something with ``.plan``; None stays None."""
-    if rules is None:
-        return None
-    try:
-        from fastckpt.rules import as_rules  # type: ignore[import-not-found,attr-defined]
-    except ImportError:
-        if hasattr(rules, "plan"):
-            return rules
-        raise ValueError(
-            "rules given as a file or text need fastckpt.rules, which this build lacks"
-        ) from None
-    return as_rules(rules)
-
-
 def rules_digest(rules: object, plan: MappingPlan) -> str:
     """sha256 of the rules text (file bytes, or the string), else of the resulting mapping."""
     if rules is None:
@@ -136,17 +122,16 @@ def rules_digest(rules: object, plan: MappingPlan) -> str:
     return h.hexdigest()
 
 
+_rules_object = as_rules  # the one coercion of rules (fastckpt.planning)
+
+
 def build_plan(ckpt: Checkpoint, rules: object) -> MappingPlan:
     """Identity without rules; otherwise the rules' plan over the checkpoint's keys.
 
-    There is no target model, so the rules engine is asked with ``target_keys=None``:
-    every source a rule maps (or identity for the rest) becomes a target.
+    There is no target model: every source a rule maps (or identity for the rest)
+    becomes a target.
     """
-    keys = ckpt.keys()
-    rules_obj = _rules_object(rules)
-    if rules_obj is None:
-        return MappingPlan(assignments=[Assignment(k, k) for k in keys])
-    plan = rules_obj.plan(keys, None)
+    plan = match(ckpt.keys(), None, _rules_object(rules))
     seen: dict[str, str] = {}
     for a in plan.assignments:
         if a.target in seen:

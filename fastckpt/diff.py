@@ -34,7 +34,8 @@ from torch import nn
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.dtypes import short_name
 from fastckpt.listing import Listing, collapse, split_numbers
-from fastckpt.mapping import Assignment, MappingPlan, RowSelection, plain_plan
+from fastckpt.mapping import Assignment, RowSelection
+from fastckpt.planning import match
 
 # Elements per comparison chunk: 1 Mi elements is 8 MB as float64 per side; the
 # arithmetic holds about ten such temporaries (~80 MB), whatever the file size.
@@ -192,17 +193,17 @@ class DiffReport:
             title=f"a = {self.a_name}\nb = {self.b_name}",
         )
 
-    def select(self, match: Callable[[str], bool]) -> DiffReport:
-        """The report restricted to pairs and names for which ``match`` (of a name) holds."""
+    def select(self, keep_name: Callable[[str], bool]) -> DiffReport:
+        """The report restricted to pairs and names for which ``keep_name`` holds."""
 
         def keep(d: TensorDiff) -> bool:
-            return match(d.a) or match(d.b)
+            return keep_name(d.a) or keep_name(d.b)
 
         return DiffReport(
             a_name=self.a_name,
             b_name=self.b_name,
-            only_in_a=[n for n in self.only_in_a if match(n)],
-            only_in_b=[n for n in self.only_in_b if match(n)],
+            only_in_a=[n for n in self.only_in_a if keep_name(n)],
+            only_in_b=[n for n in self.only_in_b if keep_name(n)],
             shape_mismatch=[d for d in self.shape_mismatch if keep(d)],
             dtype_mismatch=[d for d in self.dtype_mismatch if keep(d)],
             compared=[d for d in self.compared if keep(d)],
@@ -244,8 +245,7 @@ def _group(
         if key in worst:
             a, r = worst[key]
             detail = "; ".join(p for p in (detail, f"max abs {a:.3g}, max rel {r:.3g}") if p)
-        for name, _ in collapse(template, tuples):
-            rows.append((name, status, detail))
+        rows.extend((name, status, detail) for name, _ in collapse(template, tuples))
     order = {"only in a": 0, "only in b": 1, "shape differs": 2, "dtype differs": 3, "changed": 4}
     rows.sort(key=lambda r: order.get(r[1], 9))  # stable: keeps name order within a status
     return rows
@@ -378,19 +378,6 @@ def compare_values(
     return bit_equal, max_abs, max_rel
 
 
-def _plan(rules: Any, a_keys: list[str], b_keys: list[str]) -> MappingPlan:
-    if rules is None:
-        return plain_plan(a_keys, b_keys)
-    if not hasattr(rules, "plan"):
-        try:
-            from fastckpt.rules import as_rules  # lazy: the rules engine is optional here
-        except ImportError:
-            raise ImportError("rules need fastckpt.rules, which this build does not have") from None
-
-        rules = as_rules(rules)
-    return rules.plan(a_keys, b_keys)
-
-
 def diff(
     a: Side,
     b: Side,
@@ -407,7 +394,7 @@ def diff(
     sa, sb = _Side(a), _Side(b)
     try:
         a_keys, b_keys = sa.keys(), sb.keys()
-        plan = _plan(rules, a_keys, b_keys)
+        plan = match(a_keys, b_keys, rules)
         report = DiffReport(a_name=sa.name, b_name=sb.name, values=values, atol=atol)
         used_a = set(plan.ignored_sources)
         used_b = set(plan.ignored_targets)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -51,6 +51,10 @@ class LoadReport:
     @property
     def unexpected_keys(self) -> list[str]:
         return self.unexpected
+
+    def __iter__(self) -> Iterator[list[str]]:
+        """``missing, unexpected = report``, as ``load_state_dict``'s result unpacks."""
+        return iter((self.missing, self.unexpected))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -253,8 +253,8 @@ class ResumeReport:
 
     def __str__(self) -> str:
         lines = [
-            f"resumed from {self.path} ({self.layout}): {self.model_loaded} model tensors, "
-            f"optimizer state for {len(self.restored)} parameters"
+            (f"resumed from {self.path} ({self.layout}): {self.model_loaded} model tensors, "
+            f"optimizer state for {len(self.restored)} parameters")
         ]
         lines += [f"  {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
@@ -803,7 +803,7 @@ def resume(
             try:
                 # weights_only: the safe unpickler (tensors and python containers/numbers only).
                 raw = torch.load(opt_file, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            except Exception as e:
                 raise CheckpointError(f"{opt_file}: cannot read optimizer state: {e}") from None
             named, notes = remap_optimizer_state(raw, weights, model, optimizer)
             report.notes += notes

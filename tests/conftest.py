@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,26 @@ ALL_DTYPES = [
     torch.uint32,
     torch.uint64,
 ]
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Parameters on the meta device, buffers real: what accelerate.init_empty_weights() does."""
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        p = module._parameters[name]
+        if p is not None and not p.is_meta:  # a meta one is kept as it is: it may be tied
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

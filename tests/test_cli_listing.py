@@ -145,7 +145,7 @@ def test_shared_storage_column_shown_only_when_used(tmp_path):
 
 
 def test_diff_piped_filter_and_exit_status(bert_folder, tmp_path):
-    folder, names = bert_folder
+    folder, _ = bert_folder
     import fastckpt
 
     with fastckpt.open(folder) as ckpt:

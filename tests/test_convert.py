@@ -215,7 +215,7 @@ def test_sharded_output_and_index(tmp_path):
 
 
 def test_folder_without_split_is_one_model_file(mixed_file, tmp_path):
-    src, tensors = mixed_file
+    src, _tensors = mixed_file
     report = convert(src, tmp_path / "out", max_shard_size="1GB")
     assert report.files == ["model.safetensors"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
@@ -266,7 +266,7 @@ def test_existing_destination_needs_overwrite(mixed_file, tmp_path):
 
 
 def test_overwrite_replaces_a_folder(mixed_file, tmp_path):
-    src, tensors = mixed_file
+    src, _tensors = mixed_file
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "stale.txt").write_text("old")
@@ -288,7 +288,7 @@ def test_single_file_destination_cannot_be_split(mixed_file, tmp_path):
     src, _ = mixed_file
     with pytest.raises(ValueError, match="give a folder as destination for sharded output"):
         convert(src, tmp_path / "out.safetensors", max_shard_size="100B")
-    assert list(p.name for p in tmp_path.iterdir()) == ["mixed.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mixed.safetensors"]
 
 
 def test_bad_dtype_is_refused(mixed_file, tmp_path):

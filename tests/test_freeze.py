@@ -50,8 +50,8 @@ def test_pattern_matching_nothing_is_an_error_with_close_names():
 
 def test_rules_object_patterns():
     class Rules:
-        freeze_patterns = ["*"]
-        unfreeze_patterns = ["linear.2.*"]
+        freeze_patterns = ("*",)
+        unfreeze_patterns = ("linear.2.*",)
 
         def plan(self, a, b):  # pragma: no cover - not used by freeze
             raise AssertionError

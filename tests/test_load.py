@@ -20,7 +20,7 @@ import fastckpt
 import fastckpt.load as load_module
 from fastckpt import _core
 from fastckpt.mapping import Assignment, MappingPlan, RowSelection
-from tests.conftest import assert_same_bytes, tf_names, tiny_hf_config
+from tests.conftest import assert_same_bytes, empty_weights, tf_names, tiny_hf_config
 
 
 class Zoo(nn.Module):
@@ -143,7 +143,7 @@ def test_sharded_checkpoint(tmp_path):
     first, second = names[: len(names) // 2], names[len(names) // 2 :]
     save_file({k: state[k] for k in first}, str(tmp_path / "a.safetensors"))
     save_file({k: state[k] for k in second}, str(tmp_path / "b.safetensors"))
-    weight_map = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
+    weight_map = dict.fromkeys(first, "a.safetensors") | dict.fromkeys(second, "b.safetensors")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ours, ref = Zoo(), Zoo()
     fastckpt.load_into(ours, tmp_path)
@@ -499,7 +499,7 @@ def test_meta_model_is_allocated_on_device(tmp_path):
     state = {k: v.clone() for k, v in state.items()}
     path = tmp_path / "r.safetensors"
     save_file(state, str(path))
-    with torch.device("meta"):
+    with empty_weights():  # non-persistent buffers (position_ids) stay real
         model = tiny_roberta_mlm()
     model.lm_head.decoder.weight.requires_grad_(False)
     report = fastckpt.load_into(model, path, device="cpu")
@@ -516,7 +516,7 @@ def test_meta_model_is_allocated_on_device(tmp_path):
 def test_meta_model_with_dtype(tmp_path):
     state = randomized_state(Zoo(), seed=2)
     save_file(state, str(tmp_path / "z.safetensors"))
-    with torch.device("meta"):
+    with empty_weights():
         model = Zoo()
     fastckpt.load_into(model, tmp_path / "z.safetensors", device="cpu", dtype=torch.bfloat16)
     assert model.body[0].weight.dtype == torch.bfloat16
@@ -873,7 +873,7 @@ def test_vectored_read_across_zip_records_of_a_truncated_file(tmp_path):
     ckpt = fastckpt.open(path)
     cut = ckpt.info("t150").file_offset + 100
     os.truncate(path, cut)
-    model = Flat({k: ((256,), torch.float32) for k in state})
+    model = Flat(dict.fromkeys(state, ((256,), torch.float32)))
     with pytest.raises(
         fastckpt.CheckpointError,
         match=r"file ended at offset \d+ while reading; .*\(while copying 't150' -> 't150'\)",

@@ -358,8 +358,8 @@ PARSE_ERRORS = [
     ("{x}.{x} -> c", "rules.txt:1:5: capture {x} appears twice"),
     (
         "a.** -> b.**",
-        "rules.txt:1:11: wildcards are not allowed in a target; "
-        "name a capture in the source, like {name*}",
+        ("rules.txt:1:11: wildcards are not allowed in a target; "
+        "name a capture in the source, like {name*}"),
     ),
     ("a b", "rules.txt:1:3: expected '->' after the source pattern, found 'b'"),
     ("a", "rules.txt:1:2: expected '->' after the source pattern"),

@@ -116,14 +116,28 @@ uint64_t source_location(const py::list& sources, size_t i) {
   return loc;
 }
 
+// A task's source view replaced by (offset, shape, strides) in elements of the
+// source's storage: a slice, transpose or shard of the checkpoint tensor.
+// validate_task checks it stays inside the storage.
+void set_view(CopyTask& t, const py::handle& view) {
+  auto v = view.cast<std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>>>();
+  if (std::get<0>(v) < 0) throw CheckpointError("a source view starts before its storage");
+  if (std::get<1>(v).size() != std::get<2>(v).size())
+    throw CheckpointError("a source view's shape and strides differ in rank");
+  t.src_offset = static_cast<uint64_t>(std::get<0>(v));
+  t.src_shape = std::get<1>(v);
+  t.src_strides = std::get<2>(v);
+}
+
 // Tasks for a whole model in one call, from the destinations read once into
 // `targets` (one Python tuple per tensor cost more than the copy itself for 30k
-// small tensors). sources[i] is file_index << 32 | tensor_index; rows / vias are
-// None or per-task lists.
+// small tensors). sources[i] is file_index << 32 | tensor_index; rows / vias /
+// views are None or per-task lists.
 LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources,
                                 const Targets& targets, const py::list& names,
                                 const py::object& source_names, const py::object& rows,
-                                const py::object& vias, bool on_device) {
+                                const py::object& vias, const py::object& views,
+                                bool on_device) {
   const size_t n = targets.items.size();
   if (sources.size() != n || names.size() != n)
     throw py::value_error("sources, targets and names differ in length");
@@ -132,8 +146,9 @@ LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources
   const py::list src_names = source_names.is_none() ? names : source_names.cast<py::list>();
   const py::list row_list = rows.is_none() ? py::list() : rows.cast<py::list>();
   const py::list via_list = vias.is_none() ? py::list() : vias.cast<py::list>();
+  const py::list view_list = views.is_none() ? py::list() : views.cast<py::list>();
   if (src_names.size() != n || (!rows.is_none() && row_list.size() != n) ||
-      (!vias.is_none() && via_list.size() != n))
+      (!vias.is_none() && via_list.size() != n) || (!views.is_none() && view_list.size() != n))
     throw py::value_error("per-task lists differ in length");
   LabeledTasks out;
   out.tasks.resize(n);
@@ -160,6 +175,7 @@ LabeledTasks tasks_from_targets(const py::list& indexes, const py::list& sources
     append_quoted(*out.text, dst_name);
     out.end_label(start);
     set_source(t, *files[fi], static_cast<size_t>(loc & 0xFFFFFFFFu));
+    if (!views.is_none() && !view_list[i].is_none()) set_view(t, view_list[i]);
     if (!rows.is_none()) set_rows(t, row_list[i]);
     if (!vias.is_none() && !via_list[i].is_none()) t.via_dtype = dtype_arg(via_list[i].cast<std::string>());
     if (!dst.dtype)
@@ -214,15 +230,16 @@ void register_copy(py::module_& m) {
           [](const py::list& indexes, const py::list& sources, const Targets& targets,
              const py::list& names, const py::object& source_names, const py::object& rows,
              const py::object& vias, size_t threads, uint64_t max_host_bytes,
-             const std::string& device_sink, const std::string& cudart_path, int device_index) {
+             const std::string& device_sink, const std::string& cudart_path, int device_index,
+             const py::object& views) {
             return tasks_from_targets(indexes, sources, targets, names, source_names, rows, vias,
-                                      !device_sink.empty())
+                                      views, !device_sink.empty())
                 .engine(engine_options(threads, max_host_bytes),
                         make_sink(device_sink, cudart_path, device_index));
           },
           py::arg("indexes"), py::arg("sources"), py::arg("targets"), py::arg("names"),
           py::arg("source_names"), py::arg("rows"), py::arg("vias"), py::arg("threads"), py::arg("max_host_bytes"), py::arg("device_sink") = "",
-          py::arg("cudart_path") = "", py::arg("device_index") = 0,
+          py::arg("cudart_path") = "", py::arg("device_index") = 0, py::arg("views") = py::none(),
           "Tasks straight from destination tensors read into Targets (see tasks_from_targets).")
       // (task index, source dtype, destination dtype) of every task that converts.
       .def("casts",

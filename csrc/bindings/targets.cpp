@@ -20,7 +20,7 @@ namespace {
 // per-call argument packing, which cost as much as torch's getters themselves.
 struct Names {
   py::str data_ptr{"data_ptr"}, shape{"shape"}, is_contiguous{"is_contiguous"}, stride{"stride"},
-      dtype{"dtype"}, is_cpu{"is_cpu"};
+      dtype{"dtype"}, is_cpu{"is_cpu"}, is_neg{"is_neg"}, is_conj{"is_conj"};
 };
 
 py::object call0(const py::handle& obj, const py::str& method) {
@@ -75,6 +75,8 @@ Targets read_targets(const py::list& tensors, const py::dict& dtype_names) {
     t.dtype_object = found->second.second;
     t.on_cpu = tensor.attr(names->is_cpu).ptr() == Py_True;
     out.all_cpu = out.all_cpu && t.on_cpu;
+    t.lazy_bits = call0(tensor, names->is_neg).ptr() == Py_True || call0(tensor, names->is_conj).ptr() == Py_True;
+    out.any_lazy_bits = out.any_lazy_bits || t.lazy_bits;
   }
   return out;
 }
@@ -85,6 +87,15 @@ void register_targets(py::module_& m) {
            "Read every destination tensor's address, shape, strides, dtype and device once.")
       .def("__len__", [](const Targets& t) { return t.items.size(); })
       .def_property_readonly("all_cpu", [](const Targets& t) { return t.all_cpu; })
+      // Positions of conjugate or negative views (their memory does not read as their values).
+      .def("lazy_views",
+           [](const Targets& t) {
+             std::vector<size_t> out;
+             if (t.any_lazy_bits)
+               for (size_t k = 0; k < t.items.size(); ++k)
+                 if (t.items[k].lazy_bits) out.push_back(k);
+             return out;
+           })
       // Positions whose checkpoint tensor (sources[k] = file << 32 | tensor), with
       // its first dimension replaced by dim0[k] where that is not None (a row
       // selection), differs in shape from the destination.
@@ -122,6 +133,7 @@ void register_targets(py::module_& m) {
             for (size_t k : keep) {
               out.items.push_back(t.items.at(k));
               out.all_cpu = out.all_cpu && t.items[k].on_cpu;
+              out.any_lazy_bits = out.any_lazy_bits || t.items[k].lazy_bits;
             }
             return out;
           },

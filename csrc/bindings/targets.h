@@ -23,12 +23,14 @@ struct Target {
   std::optional<DType> dtype;    // nullopt: a torch dtype fastckpt cannot load into
   uint32_t dtype_object = 0;     // index into Targets::dtype_objects
   bool on_cpu = true;
+  bool lazy_bits = false;        // a conjugate or negative view: memory differs from its values
 };
 
 struct Targets {
   std::vector<Target> items;
   std::vector<pybind11::object> dtype_objects;  // each distinct torch dtype once (for messages)
   bool all_cpu = true;
+  bool any_lazy_bits = false;
 };
 
 // dtype_names maps torch dtypes to fastckpt dtype names (fastckpt.dtypes.DTYPE_NAMES).

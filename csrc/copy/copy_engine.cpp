@@ -26,11 +26,9 @@ constexpr uint64_t kMinHostBytes = uint64_t{1} << 20;
 // Large same-dtype reads into host memory that the page cache does not hold
 // (cached ones come out of the FileView, below) go through a cache-sized bounce
 // buffer and non-temporal stores (copy/stream_copy.h) rather than read()
-// straight into the destination. Measured on the 2-core VM (session 3's host),
-// 1.4 GB warm: a C microbenchmark gave 0.063-0.069 s against 0.072-0.078 s for
-// pread into the destination; in
-// load_into, paired with a torch memcpy in one process, the median ratio to
-// memcpy went from 0.936-0.950 to 0.946-0.966 (bench/RESULTS.md).
+// straight into the destination: the write-allocate reads of cached stores cost
+// more than the extra copy out of an L2-sized buffer (1.4 GB warm, a C
+// microbenchmark: 0.063-0.069 s against 0.072-0.078 s; bench/RESULTS.md).
 constexpr uint64_t kStreamMinBytes = uint64_t{1} << 20;
 constexpr uint64_t kBounceBytes = uint64_t{256} << 10;
 // Dense source ranges at least this large are copied out of the file's FileView

@@ -112,21 +112,16 @@ def read_layout(path: Path) -> dict:
     """Files, state-dict prefix, and (name, shape, dtype) of every tensor, for the workers."""
     import fastckpt
 
-    try:
-        with fastckpt.open(path) as ck:
-            return {
-                "format": "safetensors" if ck.format == "safetensors" else "torch",
-                "files": [str(f) for f in ck.files],
-                "prefix": list(ck.prefix),
-                "layout": [
-                    (k, list(ck.info(k).shape), str(ck.info(k).dtype).removeprefix("torch."))
-                    for k in ck.keys()
-                ],
-            }
-    except fastckpt.CheckpointError:
-        if str(path).endswith(".safetensors") or path.is_dir():
-            raise
-    return _layout_with_torch(path)  # a torch file this build's readers cannot open yet
+    with fastckpt.open(path) as ck:
+        return {
+            "format": "safetensors" if ck.format == "safetensors" else "torch",
+            "files": [str(f) for f in ck.files],
+            "prefix": list(ck.prefix),
+            "layout": [
+                (k, list(ck.info(k).shape), str(ck.info(k).dtype).removeprefix("torch."))
+                for k in ck.keys()
+            ],
+        }
 
 
 def hf_folder_of(files: list[str]) -> str | None:
@@ -138,38 +133,6 @@ def hf_folder_of(files: list[str]) -> str | None:
     if {Path(f).resolve() for f in files} != {p.resolve() for p in folder.glob("*.safetensors")}:
         return None
     return str(folder)
-
-
-def _layout_with_torch(path: Path) -> dict:
-    import torch
-
-    from fastckpt.checkpoint import pick_state_dict
-
-    found: list[tuple[tuple[str, ...], torch.Tensor]] = []
-
-    def walk(obj: object, at: tuple[str, ...]) -> None:
-        if isinstance(obj, torch.Tensor):
-            found.append((at, obj))
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, at + (str(k),))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, at + (str(i),))
-
-    walk(torch.load(path, mmap=True, weights_only=True, map_location="cpu"), ())
-    prefix = pick_state_dict([p for p, _ in found])
-    n = len(prefix)
-    return {
-        "format": "torch",
-        "files": [str(path)],
-        "prefix": list(prefix),
-        "layout": [
-            (".".join(p[n:]), list(t.shape), str(t.dtype).removeprefix("torch."))
-            for p, t in found
-            if p[:n] == prefix and len(p) > n
-        ],
-    }
 
 
 # -- page cache -----------------------------------------------------------------------
@@ -224,7 +187,7 @@ class Worker:
         self.name = spec["contender"]
         spec_path = folder / f"spec-{abs(hash(self.name))}.json"
         spec_path.write_text(json.dumps(spec))
-        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")  # noqa: SIM115
+        self.log = open(folder / f"worker-{abs(hash(self.name))}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastckpt.bench.worker", str(spec_path)],
             stdin=subprocess.PIPE,

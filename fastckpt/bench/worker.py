@@ -345,7 +345,7 @@ def serve(spec: dict, stdin=sys.stdin) -> None:
             _reply({"skipped": f"{type(e).__name__}: {e}"})
             if contender is not None:
                 contender.finish(verify=False)
-        except Exception as e:  # noqa: BLE001 - reported to the harness, which shows it
+        except Exception as e:
             _reply({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
             if contender is not None:
                 contender.finish(verify=False)

@@ -1,0 +1,329 @@
+"""fastckpt.plan and the loads built on it: the plan, its refusals, and the meta-device recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import fastckpt
+from tests.conftest import assert_same_bytes, empty_weights, tiny_hf_config
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 6)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+
+def _state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+        if k != "head.weight"
+    }
+
+
+def test_plan_describes_the_load_and_writes_nothing(tmp_path):
+    path = tmp_path / "n.safetensors"
+    state = _state(Net())
+    save_file(state, str(path))
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p = fastckpt.plan(model, path)
+    assert p.loaded == ["embed.weight", "proj.weight", "proj.bias"] or set(p.loaded) == {
+        "embed.weight",
+        "proj.weight",
+        "proj.bias",
+    }
+    assert p.tied == [("head.weight", "embed.weight")]
+    assert not p.problems and p.missing == [] and p.unexpected == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # planning wrote nothing
+    entries = {e.target: e for e in p.entries()}
+    assert entries["proj.weight"].nbytes == 6 * 4 * 4
+    assert entries["embed.weight"].tied == ("head.weight",)
+    assert sum(p.bytes_per_file().values()) == sum(v.numel() * 4 for v in state.values())
+    text = p.explain()
+    assert "head.weight = embed.weight" in text and str(path) in text
+    assert "embed.weight" in p.explain(full=True).split("tied")[0]
+    doc = json.loads(json.dumps(p.to_dict()))
+    assert {e["target"] for e in doc["entries"]} == set(state)
+    report = fastckpt.load_into(model, p)  # executes the plan as it is
+    assert sorted(report.loaded) == sorted(state)
+    for k, v in state.items():
+        assert_same_bytes(model.state_dict()[k], v)
+
+
+def test_plan_explains_rules_rows_casts_and_problems(tmp_path):
+    path = tmp_path / "n.safetensors"
+    state = {f"module.{k}": v for k, v in _state(Net()).items()}
+    state["module.embed.weight"] = torch.randn(12, 4)  # two extra vocabulary rows
+    state["extra"] = torch.ones(3)
+    save_file(state, str(path))
+    model = Net().to(torch.bfloat16)
+    p = fastckpt.plan(
+        model, path, "module.embed.weight -> embed.weight rows[:10]\nmodule.{rest*} -> {rest*}"
+    )
+    assert p.unexpected == ["extra"]
+    text = p.explain(full=True)
+    for piece in ("module.embed.weight", "[0:10]", "float32->bfloat16", "extra"):
+        assert piece in text
+    e = {x.target: x for x in p.entries()}["embed.weight"]
+    assert e.rows is not None and e.shape == (10, 4) and e.nbytes == 10 * 4 * 4
+
+
+def test_plan_rejects_a_model_that_is_not_a_module(tmp_path):
+    with pytest.raises(TypeError, match="needs a torch.nn.Module"):
+        fastckpt.plan({"a": torch.ones(1)}, tmp_path / "x")  # type: ignore[arg-type]
+
+
+def test_load_into_refuses_a_plan_made_for_another_model(tmp_path):
+    path = tmp_path / "n.safetensors"
+    save_file(_state(Net()), str(path))
+    p = fastckpt.plan(Net(), path)
+    with pytest.raises(ValueError, match="another model"):
+        fastckpt.load_into(Net(), p)
+
+
+# -- as torch users expect -------------------------------------------------------------------
+
+
+def test_strict_error_is_a_runtime_error_with_usable_suggested_rules(tmp_path):
+    path = tmp_path / "ddp.safetensors"
+    state = _state(Net())
+    save_file({f"module.{k}": v for k, v in state.items()}, str(path))
+    model = Net()
+    try:
+        fastckpt.load_into(model, path)
+    except RuntimeError as e:  # what code written for load_state_dict catches
+        assert isinstance(e, fastckpt.StrictLoadError) and isinstance(e, fastckpt.CheckpointError)
+        assert isinstance(e.suggested_rules, fastckpt.Rules)
+        report = fastckpt.load_into(model, path, rules=e.suggested_rules)
+    else:
+        pytest.fail("a DDP-prefixed checkpoint loaded without rules")
+    missing, unexpected = report  # unpacks like _IncompatibleKeys
+    assert missing == [] and unexpected == []
+    for k, v in state.items():
+        assert_same_bytes(model.state_dict()[k], v)
+
+
+def test_strict_error_without_a_suggestion_has_none(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"unrelated": torch.ones(7, 7, 7)}, str(path))
+    with pytest.raises(fastckpt.StrictLoadError) as info:
+        fastckpt.load_into(Net(), path)
+    assert info.value.suggested_rules is None
+
+
+def test_dtype_applies_to_a_model_that_is_not_on_meta(tmp_path):
+    path = tmp_path / "n.safetensors"
+    state = _state(Net())
+    save_file(state, str(path))
+    model = Net()
+    report = fastckpt.load_into(model, path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.head.weight is model.embed.weight  # the tie survives the new tensors
+    assert isinstance(model.embed.weight, nn.Parameter)
+    for k, v in state.items():
+        assert_same_bytes(model.state_dict()[k], v.to(torch.bfloat16))
+    assert {c[0] for c in report.cast} == set(state)
+
+
+def test_dtype_must_be_a_floating_dtype(tmp_path):
+    path = tmp_path / "n.safetensors"
+    save_file(_state(Net()), str(path))
+    with pytest.raises(ValueError, match="int8 is not one"):
+        fastckpt.load_into(Net(), path, dtype=torch.int8)
+
+
+# -- destinations fastckpt must not write through ------------------------------------------
+
+
+class Wrapper(torch.Tensor):
+    """A wrapper subclass: its data_ptr is not where its values live."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype)
+
+    def __init__(self, inner: torch.Tensor) -> None:
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        def unwrap(t):
+            return t.inner if isinstance(t, Wrapper) else t
+
+        def wrap(t):
+            return Wrapper(t) if isinstance(t, torch.Tensor) else t
+
+        return tree_map(wrap, func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {})))
+
+
+def test_a_dispatch_subclass_parameter_is_refused_by_name_before_writing(tmp_path):
+    path = tmp_path / "n.safetensors"
+    save_file({"a.weight": torch.ones(3, 2), "b.weight": torch.ones(2, 2)}, str(path))
+    model = nn.Module()
+    model.a = nn.Linear(2, 3, bias=False)
+    model.b = nn.Linear(2, 2, bias=False)
+    nn.init.zeros_(model.a.weight)
+    model.b.weight = nn.Parameter(Wrapper(torch.zeros(2, 2)), requires_grad=False)
+    with pytest.raises(fastckpt.CheckpointError) as info:
+        fastckpt.load_into(model, path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the model's 'b.weight' is a ")
+    assert "Wrapper (a tensor subclass" in msg
+    assert torch.equal(model.a.weight.detach(), torch.zeros(3, 2))  # nothing written
+
+
+def test_a_conjugate_view_destination_is_refused(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_file({"c": torch.ones(3, dtype=torch.complex64)}, str(path))
+    model = nn.Module()
+    model.register_buffer("c", torch.zeros(3, dtype=torch.complex64).conj())
+    with pytest.raises(fastckpt.CheckpointError, match="'c' is a conjugate or negated view"):
+        fastckpt.load_into(model, path)
+
+
+def test_a_lazy_parameter_is_refused_by_name(tmp_path):
+    path = tmp_path / "l.safetensors"
+    save_file({"weight": torch.ones(3, 2), "bias": torch.ones(3)}, str(path))
+    with pytest.raises(fastckpt.CheckpointError, match="uninitialised lazy parameter"):
+        fastckpt.load_into(nn.LazyLinear(3), path)
+
+
+FSDP_SCRIPT = r"""
+import os, sys, torch
+import torch.distributed as dist
+from torch import nn
+from safetensors.torch import save_file
+import fastckpt
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+path, file_dtype, meta = sys.argv[1], getattr(torch, sys.argv[3]), sys.argv[4] == "meta"
+g = torch.Generator().manual_seed(0)
+state = {"0.weight": torch.randn(8, 4, generator=g), "0.bias": torch.randn(8, generator=g),
+         "1.weight": torch.randn(2, 8, generator=g), "1.bias": torch.randn(2, generator=g)}
+save_file({k: v.to(file_dtype) for k, v in state.items()}, path)
+if meta:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+else:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+fully_shard(model)
+if meta:
+    model.to_empty(device="cpu")
+with torch.no_grad():
+    for p in model.parameters():
+        p.to_local().fill_(7.0)
+try:
+    fastckpt.load_into(model, path)
+except fastckpt.CheckpointError as e:
+    print("REFUSED", e)
+    untouched = all(bool((p.to_local() == 7.0).all()) for p in model.parameters())
+    print("UNTOUCHED", untouched)
+else:
+    ok = all(
+        torch.equal(p.full_tensor().view(torch.uint8),
+                    state[n].to(file_dtype).to(p.dtype).view(torch.uint8))
+        for n, p in model.named_parameters()
+    )
+    print("LOADED", ok)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("file_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("init", ["cpu", "meta"])
+def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(tmp_path, file_dtype, init):
+    from tests.conftest import run_python
+
+    port = str(29500 + (hash((file_dtype, init, str(tmp_path))) % 2000))
+    done = run_python(FSDP_SCRIPT, tmp_path / "f.safetensors", port, file_dtype, init, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    if "REFUSED" in out:
+        assert "the model's '0.weight' is a torch.distributed.tensor.DTensor" in out, out
+        assert "UNTOUCHED True" in out, out
+    else:
+        assert "LOADED True" in out, out
+
+
+# -- the large-model recipe: meta device, then device= ---------------------------------------
+
+
+def _hf_folder(tmp_path, cls_name: str, config_name: str, **config):
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config)).eval()
+    folder = tmp_path / cls_name
+    model.save_pretrained(folder)
+    return folder
+
+
+HF_CASES = [
+    (
+        "BertForPreTraining",
+        "BertConfig",
+        {},
+        ["bert.embeddings.position_ids", "bert.embeddings.token_type_ids"],
+    ),
+    ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}, ["model.rotary_emb.inv_freq"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config_name", "config", "buffers"), HF_CASES, ids=[c[0] for c in HF_CASES]
+)
+def test_meta_transformers_model_is_refused_naming_the_buffers_left_on_meta(
+    tmp_path, cls_name, config_name, config, buffers
+):
+    import transformers
+
+    folder = _hf_folder(tmp_path, cls_name, config_name, **config)
+    with torch.device("meta"):
+        model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config))
+    with pytest.raises(fastckpt.CheckpointError) as info:
+        fastckpt.load_into(model, folder, device="cpu")
+    msg = str(info.value)
+    assert "would leave" in msg and "on the meta device" in msg and "nothing was loaded" in msg
+    for name in buffers:
+        head = name.rsplit(".", 1)[-1]
+        assert head in msg, (name, msg)
+    assert "init_empty_weights" in msg
+    assert all(p.is_meta for p in model.parameters())  # nothing was assigned
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config_name", "config", "buffers"), HF_CASES, ids=[c[0] for c in HF_CASES]
+)
+def test_params_on_meta_model_loads_to_from_pretrained_outputs(
+    tmp_path, cls_name, config_name, config, buffers
+):
+    import transformers
+
+    folder = _hf_folder(tmp_path, cls_name, config_name, **config)
+    ref = getattr(transformers, cls_name).from_pretrained(folder).eval()
+    with empty_weights():
+        model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config))
+    report = fastckpt.load_into(model, folder, device="cpu")
+    model.eval()
+    assert report.missing == [] and report.unexpected == []
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    ids = torch.tensor([[1, 5, 7, 3, 2]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids), ref(input_ids=ids)
+    key = "prediction_logits" if "prediction_logits" in want else "logits"
+    assert_same_bytes(got[key], want[key])
