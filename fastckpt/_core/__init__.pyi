@@ -72,6 +72,8 @@ class FileIndex:
         """
         The tensor's dtype, shape, strides and storage offset, and its storage's place in the file.
         """
+    def unloadable(self) -> list:
+        ...
     @property
     def file_size(self) -> int:
         ...
@@ -169,7 +171,7 @@ def parse_rules(text: str, source_name: str) -> RuleSet:
     """
     Parse and compile a rules text.
     """
-def start_open(paths: collections.abc.Sequence[str], threads: typing.SupportsInt | typing.SupportsIndex) -> PendingIndexes:
+def start_open(paths: collections.abc.Sequence[str], threads: typing.SupportsInt | typing.SupportsIndex, exact_reads: bool = False) -> PendingIndexes:
     """
     Start reading the files' indexes on background threads (no GIL needed); wait() for them.
     """
