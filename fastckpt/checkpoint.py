@@ -433,18 +433,26 @@ class Checkpoint:
         The mapping is private: writing to the returned tensor never changes the file.
         """
         fi, ti = self._locate(name)
-        index = self._indexes[fi]
-        view = index.tensor_view(ti)
+        return self._tensor_at(fi, ti)[0]
+
+    def _handle_tensor(self, handle: int) -> tuple[torch.Tensor, bool]:
+        """``tensor()`` of the tensor a handle names, and whether it views the file."""
+        return self._tensor_at(handle >> 32, handle & 0xFFFFFFFF)
+
+    def _tensor_at(self, fi: int, ti: int) -> tuple[torch.Tensor, bool]:
+        view = self._indexes[fi].tensor_view(ti)
         shape, foff, nbytes = view.shape, view.file_offset, view.storage_nbytes
         dtype = to_torch(view.dtype)
         if math.prod(shape) == 0:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype), False
         raw = self._file_bytes(fi)[foff : foff + nbytes]
-        if foff % dtype.itemsize != 0:
+        aligned = foff % dtype.itemsize == 0
+        if not aligned:
             raw = raw.clone()  # unaligned storage: torch cannot view it as `dtype`
         typed = raw.view(dtype)
         # as_strided offsets count from the start of the underlying (whole-file) storage.
-        return typed.as_strided(shape, view.strides, typed.storage_offset() + view.storage_offset)
+        offset = typed.storage_offset() + view.storage_offset
+        return typed.as_strided(shape, view.strides, offset), aligned
 
     def _file_bytes(self, fi: int) -> torch.Tensor:
         if fi not in self._buffers:

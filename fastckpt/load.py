@@ -78,6 +78,11 @@ def _strict_message(
     if report.missing:
         lines.append(f"  missing from the checkpoint ({len(report.missing)}):")
         lines += format_groups(report.missing)
+    if report.unloadable:
+        lines.append(
+            f"  present in the checkpoint but not loadable ({len(report.unloadable)}):"
+        )
+        lines += [f"    {name}: {what}" for name, what in report.unloadable]
     if report.unexpected:
         lines.append(f"  unexpected in the checkpoint ({len(report.unexpected)}):")
         lines += format_groups(report.unexpected)
@@ -116,6 +121,7 @@ def load_into(
     threads: int | None = None,
     progress: bool = False,
     key: str | Sequence[str] | None = None,
+    mmap: bool = False,
 ) -> LoadReport:
     """Copy the checkpoint at ``path`` into ``model``'s parameters and persistent buffers.
 
@@ -130,6 +136,12 @@ def load_into(
     - ``dtype``: the floating dtype of the loaded model: floating tensors of
       another dtype are replaced by new ones of this dtype (cast on the way).
     - ``max_host_bytes``: host staging budget beyond the destinations.
+    - ``mmap``: tensors fastckpt allocates on the CPU (a meta model with
+      ``device="cpu"``) whose bytes in the file need no conversion become views of
+      the file's private mapping instead of copies, as ``from_pretrained`` does:
+      nothing is read until used, and writes go to private copy-on-write pages,
+      never to the file. Prefer copying (the default) for GPU destinations and for
+      training that rewrites every weight (each written page is copied then).
 
     ``path`` may also be a ``LoadPlan`` from ``fastckpt.plan(model, ...)``.
     A load that would leave any tensor on the meta device is refused by name.
@@ -166,12 +178,14 @@ def load_into(
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
-        report = _execute(p, model, max_host_bytes, threads, progress)
+        report = _execute(p, model, max_host_bytes, threads, progress, mmap)
     finally:
         if collecting:
             gc.enable()
     report.seconds = time.perf_counter() - started
-    uninitialised = report.missing + [m.name for m in report.mismatched]
+    uninitialised = (
+        report.missing + [n for n, _ in report.unloadable] + [m.name for m in report.mismatched]
+    )
     if uninitialised:
         warnings.warn(
             UninitializedWarning(
@@ -193,6 +207,7 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.ignored = list(p.ignored)
     report.unused_rules = list(p.unused_rules)
     report.tied = list(p.tied)
+    report.unloadable = list(p.unloadable)
     report.loaded += p.loaded_by_pieces
     report.rule_for.update(p.piece_rules)
     report.partly_loaded = list(p.partly_loaded)
@@ -239,7 +254,12 @@ def _refuse(p: LoadPlan) -> None:
 
 
 def _execute(
-    p: LoadPlan, model: nn.Module, max_host_bytes: int, threads: int | None, progress: bool
+    p: LoadPlan,
+    model: nn.Module,
+    max_host_bytes: int,
+    threads: int | None,
+    progress: bool,
+    mmap: bool = False,
 ) -> LoadReport:
     """Allocate what the plan allocates, copy every source, then assign new tensors."""
     assert p._model is not None
@@ -264,6 +284,8 @@ def _execute(
     names = p.loaded + [pc.target for pc in p.pieces]
     handles = p._handles + [pc.handle for pc in p.pieces]
     fresh: dict[int, torch.Tensor] = {}
+    viewed = _file_views(p, fresh, needs_new) if mmap else set()
+    report.mapped = [p.loaded[k] for k in sorted(viewed)]
     targets = p._targets
     dsts: list[torch.Tensor] | None = None  # only read off the model when something may differ
     if want is not None or dtype is not None or not targets.all_cpu or p.pieces:
@@ -319,10 +341,14 @@ def _execute(
     by_device: dict[tuple[str, int], list[int]] = {}
     if len(devices) <= 1:
         d = next(iter(devices), torch.device("cpu"))
-        by_device[(d.type, (d.index or 0) if d.type == "cuda" else 0)] = list(range(len(groups)))
+        by_device[(d.type, (d.index or 0) if d.type == "cuda" else 0)] = [
+            k for k in range(len(groups)) if k not in viewed
+        ]
     else:
         assert dsts is not None  # several devices: read above
         for k, t in enumerate(dsts):
+            if k in viewed:
+                continue
             on_cuda = t.device.type == "cuda"
             dev_key = ("cuda", t.device.index or 0) if on_cuda else ("cpu", 0)
             by_device.setdefault(dev_key, []).append(k)
@@ -384,6 +410,34 @@ def _execute(
             if buf is not None and not buf.is_meta and needs_new(buf):
                 module._buffers[attr] = _moved(buf, want, dtype)
     return report
+
+
+def _file_views(
+    p: LoadPlan, fresh: dict[int, torch.Tensor], needs_new: Any
+) -> set[int]:
+    """``mmap=True``: entries that need a new CPU tensor whose file bytes are exactly that
+    tensor (same dtype, no rows, contiguous, aligned) get a view of the checkpoint's
+    private mapping instead of a copy; returns their positions. Writes to such a
+    tensor go to private copy-on-write pages, never to the file."""
+    assert p._model is not None
+    if p.device is not None and p.device.type != "cpu":
+        return set()
+    tensors, ckpt, dtype = p._model.tensors, p.checkpoint, p.dtype
+    viewed: set[int] = set()
+    for k, g in enumerate(p._groups):
+        t = tensors[g]
+        if g in fresh or not needs_new(t) or (p.device is None and not t.is_meta):
+            continue
+        if (p._rows is not None and p._rows[k] is not None) or (
+            p._vias is not None and p._vias[k] is not None
+        ):
+            continue
+        new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        view, in_file = ckpt._handle_tensor(p._handles[k])
+        if in_file and view.dtype == new_dtype and view.is_contiguous():
+            fresh[g] = view
+            viewed.add(k)
+    return viewed
 
 
 def _moved(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:

@@ -122,6 +122,8 @@ class LoadPlan:
     unused_rules: list[str] = field(default_factory=list)
     tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name written through)
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
+    # (model name, what it is): in the checkpoint, but not loadable (a sparse tensor, ...)
+    unloadable: list[tuple[str, str]] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
@@ -151,7 +153,7 @@ class LoadPlan:
     @property
     def problems(self) -> bool:
         """Strict mode refuses this plan."""
-        return bool(self.missing or self.unexpected or self.mismatched)
+        return bool(self.missing or self.unexpected or self.mismatched or self.unloadable)
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -227,6 +229,7 @@ class LoadPlan:
             ],
             "bytes_per_file": self.bytes_per_file(),
             "missing": list(self.missing),
+            "unloadable": [list(u) for u in self.unloadable],
             "unexpected": list(self.unexpected),
             "mismatched": [
                 {
@@ -303,6 +306,7 @@ class LoadPlan:
                 [f"{a} = {b}" for a, b in self.tied],
             ),
             ("missing from the checkpoint", self.missing),
+            ("present but not loadable", [f"{n} ({w})" for n, w in self.unloadable]),
             ("unexpected in the checkpoint", self.unexpected),
             ("ignored by rules", self.ignored),
             ("rules that matched nothing", self.unused_rules),
@@ -454,6 +458,9 @@ def build(
             if via is None:
                 p.missing += [n for n in mt.group(g) if n not in ignored_targets]
     p._vias_of = vias
+    if p.missing and (present := ckpt.unloadable()):
+        p.unloadable = [(n, present[n]) for n in p.missing if n in present]
+        p.missing = [n for n in p.missing if n not in present]
     if p.loaded_by_pieces:
         by_pieces = {n for pc in p.pieces for n in mt.group(pc.group)}
         p.missing = [n for n in p.missing if n not in by_pieces]

@@ -27,10 +27,13 @@ class LoadReport:
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint name, model name)
     sliced: list[str] = field(default_factory=list)  # model names filled from selected rows
     cast: list[tuple[str, str, str]] = field(default_factory=list)  # (model name, from, to)
+    mapped: list[str] = field(default_factory=list)  # views of the file (mmap=True), not copies
     tied: list[tuple[str, str]] = field(
         default_factory=list
     )  # (alias, name it was written through)
     missing: list[str] = field(default_factory=list)  # model names the checkpoint did not fill
+    # (model name, what it is): the checkpoint has it, fastckpt cannot load it (sparse, ...)
+    unloadable: list[tuple[str, str]] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)  # checkpoint names nothing used
     mismatched: list[Mismatch] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # names rules said to skip
@@ -72,6 +75,7 @@ class LoadReport:
         d["renamed"] = [list(p) for p in self.renamed]
         d["cast"] = [list(c) for c in self.cast]
         d["tied"] = [list(t) for t in self.tied]
+        d["unloadable"] = [list(u) for u in self.unloadable]
         d["gbps"] = self.gbps
         return d
 
@@ -90,6 +94,7 @@ class LoadReport:
             ("cast", [f"{n} ({a}->{b})" for n, a, b in self.cast]),
             ("tied", [f"{a} = {b}" for a, b in self.tied]),
             ("missing", self.missing),
+            ("not loadable", [f"{n} ({what})" for n, what in self.unloadable]),
             ("unexpected", self.unexpected),
             (
                 "mismatched",

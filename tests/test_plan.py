@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,3 +328,69 @@ def test_params_on_meta_model_loads_to_from_pretrained_outputs(
         got, want = model(input_ids=ids), ref(input_ids=ids)
     key = "prediction_logits" if "prediction_logits" in want else "logits"
     assert_same_bytes(got[key], want[key])
+
+
+def test_a_tensor_present_but_not_loadable_is_named_as_such(tmp_path):
+    path = tmp_path / "sparse.pt"
+    torch.save({"w": torch.ones(2, 3), "s": torch.eye(3).to_sparse()}, path)
+    model = nn.Module()
+    model.register_buffer("w", torch.zeros(2, 3))
+    model.register_buffer("s", torch.zeros(3, 3))
+    with pytest.raises(fastckpt.StrictLoadError) as info:
+        fastckpt.load_into(model, path)
+    msg = str(info.value)
+    assert "present in the checkpoint but not loadable (1):\n    s: a sparse COO tensor" in msg
+    assert "missing from the checkpoint" not in msg
+    assert torch.equal(model.w, torch.zeros(2, 3))  # nothing written
+    with pytest.warns(fastckpt.UninitializedWarning, match="1 tensors of the model"):
+        report = fastckpt.load_into(model, path, strict=False)
+    assert report.missing == [] and report.unloadable == [("s", "a sparse COO tensor")]
+    assert torch.equal(model.w, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_mmap_views_the_file_and_writes_never_reach_it(tmp_path, fmt):
+    import hashlib
+
+    import transformers
+
+    torch.manual_seed(0)
+    ref = transformers.BertForPreTraining(tiny_hf_config()).eval()
+    path = tmp_path / f"bert.{fmt}"
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if fmt == "pt":
+        torch.save(state, path)
+    else:
+        tied = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+        save_file({k: v for k, v in state.items() if k not in tied}, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with empty_weights():
+        model = transformers.BertForPreTraining(tiny_hf_config())
+    report = fastckpt.load_into(model, path, device="cpu", mmap=True, strict=False)
+    model.eval()
+    assert report.mapped and set(report.mapped) <= set(report.loaded)
+    word = model.bert.embeddings.word_embeddings.weight
+    maps = Path("/proc/self/maps").read_text()
+    line = next(x for x in maps.splitlines() if str(path) in x and " rw-p " in x)
+    lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+    assert lo <= word.data_ptr() < hi  # a view of the file's private mapping, not a copy
+    ids = torch.tensor([[1, 5, 7, 3, 2]])
+    with torch.no_grad():
+        assert_same_bytes(model(input_ids=ids).prediction_logits,
+                          ref(input_ids=ids).prediction_logits)
+        word.add_(1.0)  # writes go to private pages
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert_same_bytes(fastckpt.open(path).tensor("bert.embeddings.word_embeddings.weight"),
+                      state["bert.embeddings.word_embeddings.weight"])
+
+
+def test_mmap_copies_what_needs_a_cast(tmp_path):
+    path = tmp_path / "n.safetensors"
+    state = _state(Net())
+    save_file(state, str(path))
+    with empty_weights():
+        model = Net()
+    report = fastckpt.load_into(model, path, device="cpu", dtype=torch.bfloat16, mmap=True)
+    assert report.mapped == []
+    for k, v in state.items():
+        assert_same_bytes(model.state_dict()[k], v.to(torch.bfloat16))

@@ -115,12 +115,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 SIZES: dict[str, list[Workload]] = {
     "full": [
         Workload(
-            "bert-large", bert_layout(24, 1024, 50_000, 4096), bert_config(24, 1024, 50_000, 4096)
+            "bert-large",
+            bert_layout(24, 1024, 50_000, 4096),
+            hf_config=bert_config(24, 1024, 50_000, 4096),
         ),
         Workload("many-small", many_small_layout(40, 256)),
     ],
     "small": [
-        Workload("bert-small", bert_layout(4, 256, 8_000, 1024), bert_config(4, 256, 8_000, 1024)),
+        Workload(
+            "bert-small",
+            bert_layout(4, 256, 8_000, 1024),
+            hf_config=bert_config(4, 256, 8_000, 1024),
+        ),
         Workload("many-small", many_small_layout(4, 48)),
     ],
 }
