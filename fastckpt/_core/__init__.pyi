@@ -169,7 +169,7 @@ def parse_rules(text: str, source_name: str) -> RuleSet:
     """
     Parse and compile a rules text.
     """
-def start_open(paths: collections.abc.Sequence[str], threads: typing.SupportsInt | typing.SupportsIndex) -> PendingIndexes:
+def start_open(paths: collections.abc.Sequence[str], threads: typing.SupportsInt | typing.SupportsIndex, exact_reads: bool = False) -> PendingIndexes:
     """
     Start reading the files' indexes on background threads (no GIL needed); wait() for them.
     """
