@@ -193,17 +193,17 @@ class DiffReport:
             title=f"a = {self.a_name}\nb = {self.b_name}",
         )
 
-    def select(self, match: Callable[[str], bool]) -> DiffReport:
-        """The report restricted to pairs and names for which ``match`` (of a name) holds."""
+    def select(self, keep_name: Callable[[str], bool]) -> DiffReport:
+        """The report restricted to pairs and names for which ``keep_name`` holds."""
 
         def keep(d: TensorDiff) -> bool:
-            return match(d.a) or match(d.b)
+            return keep_name(d.a) or keep_name(d.b)
 
         return DiffReport(
             a_name=self.a_name,
             b_name=self.b_name,
-            only_in_a=[n for n in self.only_in_a if match(n)],
-            only_in_b=[n for n in self.only_in_b if match(n)],
+            only_in_a=[n for n in self.only_in_a if keep_name(n)],
+            only_in_b=[n for n in self.only_in_b if keep_name(n)],
             shape_mismatch=[d for d in self.shape_mismatch if keep(d)],
             dtype_mismatch=[d for d in self.dtype_mismatch if keep(d)],
             compared=[d for d in self.compared if keep(d)],

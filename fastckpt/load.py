@@ -24,7 +24,7 @@ from torch import nn
 
 from fastckpt import _core
 from fastckpt.checkpoint import Checkpoint
-from fastckpt.destinations import assign, owners, same_device, state_tensors
+from fastckpt.destinations import assign, owners, refusal, same_device, state_tensors
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
 from fastckpt.planning import LoadPlan, build, meta_message
@@ -45,19 +45,6 @@ def _distributed() -> bool:
 
 def _default_threads() -> int:
     return max(2, min(8, os.cpu_count() or 2))
-
-
-def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
-    out: dict[str, tuple[nn.Module, str, bool]] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = prefix + "." if prefix else ""
-        for name, p in module._parameters.items():
-            if p is not None:
-                out[dot + name] = (module, name, True)
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                out[dot + name] = (module, name, False)
-    return out
 
 
 def _find_cudart() -> str:
@@ -298,6 +285,12 @@ def _execute(
             final[n_main + i] if pc.dst_view is None else pc.dst_view(final[n_main + i])
             for i, pc in enumerate(p.pieces)
         ]
+        # A piece's view must itself be a tensor fastckpt may write (a view of a
+        # DTensor, say, is not): checked before anything is written.
+        for k in range(n_main, len(dsts)):
+            why = refusal(names[k], dsts[k])
+            if why is not None:
+                raise CheckpointError(f"{p.path}: {why}")
         if fresh or p.pieces:
             targets = _core.Targets(dsts, DTYPE_NAMES)
     devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}

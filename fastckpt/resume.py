@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ import torch
 from torch import nn
 
 from fastckpt.atomic import atomic_folder, atomic_write
-from fastckpt.errors import CheckpointError
+from fastckpt.destinations import state_tensors, tie_groups
+from fastckpt.errors import CheckpointError, UninitializedWarning
 from fastckpt.mapping import Assignment, MappingPlan
 from fastckpt.safetensors_writer import TensorSpec, write_safetensors
 
@@ -86,22 +88,13 @@ def _from_json(value: Any) -> Any:
     return value
 
 
-def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
-
-
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """state_dict tensors stored once each, and ``alias -> stored name`` for tied ones."""
-    stored: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[Any, ...], str] = {}
-    for name, t in model.state_dict().items():
-        ident = _tensor_identity(t)
-        if t.numel() and ident in seen:
-            aliases[name] = seen[ident]
-            continue
-        seen[ident] = name
-        stored[name] = t
+    """state_dict tensors stored once each, and ``alias -> stored name`` for tied ones
+    (one tensor object under several names: ``fastckpt.destinations.tie_groups``)."""
+    state = state_tensors(model)
+    groups = tie_groups(list(state), list(state.values())) or [[n] for n in state]
+    stored = {g[0]: state[g[0]].detach() for g in groups}
+    aliases = {n: g[0] for g in groups for n in g[1:]}
     return stored, aliases
 
 
@@ -262,86 +255,22 @@ class ResumeReport:
 
 
 # -- model weights ------------------------------------------------------------------
-def _tie_sets(model: nn.Module) -> dict[str, list[str]]:
-    """state_dict name -> every state_dict name of the same tensor (itself included)."""
-    by_ident: dict[tuple[Any, ...], list[str]] = {}
-    for name, t in model.state_dict().items():
-        ident = _tensor_identity(t) if t.numel() else (name,)  # empty tensors share no memory
-        by_ident.setdefault(ident, []).append(name)
-    return {n: names for names in by_ident.values() for n in names}
-
-
-def _check_model_keys(
-    model: nn.Module, file_shapes: Mapping[str, tuple[int, ...]], aliases: Mapping[str, str]
-) -> tuple[list[str], list[str], list[str], dict[str, str]]:
-    """(missing, unexpected, shape mismatches, model name -> file name to load it from)."""
-    file_keys = list(file_shapes)
-    available = set(file_keys)
-    sources = {k: k for k in file_keys}
-    for alias, stored in aliases.items():  # saved tied: the alias reads the stored tensor
-        if stored in available:
-            sources.setdefault(alias, stored)
-    ties = _tie_sets(model)
-    model_sd = model.state_dict()
-    model_keys = list(model_sd)
-    plan: dict[str, str] = {}
-    covered: set[str] = set()
-    mismatched: list[str] = []
-    for key in model_keys:
-        if key in covered:
-            continue
-        # One tensor in the model: load it once, from the first of its names the file has.
-        group = ties.get(key, [key])
-        src = next((sources[n] for n in group if n in sources), None)
-        if src is None:
-            continue
-        covered.update(group)
-        want = tuple(model_sd[key].shape)
-        if file_shapes[src] != want:
-            mismatched.append(f"{key} (file {list(file_shapes[src])}, model {list(want)})")
-        else:
-            plan[key] = src
-    missing = [k for k in model_keys if k not in covered]
-    model_set = set(model_keys)
-    unexpected = [k for k in file_keys if k not in model_set]
-    return missing, unexpected, mismatched, plan
-
-
 @dataclass(frozen=True)
-class _ExactPlan:
-    """The rules object ``load_into`` takes, for a mapping ``resume`` already checked:
-    each target from its planned source; every other file key and every model name
-    the plan leaves out is declared ignored (tied aliases are ``load_into``'s job)."""
+class _SavedNames:
+    """Rules for ``fastckpt.plan``: every name reads itself, and a name that was tied
+    when saving (stored once, under another name) reads the stored tensor."""
 
-    plan_map: Mapping[str, str]  # model name -> checkpoint name
+    aliases: Mapping[str, str]  # alias -> stored name
 
     def plan(self, source_keys: Sequence[str], target_keys: Sequence[str] | None) -> MappingPlan:
-        used = set(self.plan_map.values())
-        planned = set(self.plan_map)
-        return MappingPlan(
-            assignments=[Assignment(t, s) for t, s in self.plan_map.items()],
-            ignored_sources=[k for k in source_keys if k not in used],
-            ignored_targets=[k for k in (target_keys or ()) if k not in planned],
-        )
-
-
-def restore_model_weights(model: nn.Module, path: PathLike, plan: Mapping[str, str]) -> int:
-    """Copy ``plan`` (model name -> checkpoint name) into ``model``. Returns tensors loaded.
-
-    Through ``fastckpt.load_into`` (the one way weights get into a model): the plan
-    holds one name per tied group, and ``load_into`` writes the group once.
-    """
-    import fastckpt
-
-    ties = _tie_sets(model)
-    # A tied alias the plan does not name is filled through the name it does.
-    covered = {n for key in plan for n in ties.get(key, [key])}
-    exact = _ExactPlan(dict(plan))
-    report = fastckpt.load_into(model, path, exact, strict=True)
-    not_loaded = covered - set(report.loaded) - {a for a, _ in report.tied}
-    if not_loaded:
-        raise CheckpointError(f"{path}: internal error: not restored {sorted(not_loaded)}")
-    return len(plan)
+        sources = set(source_keys)
+        out = []
+        for t in target_keys if target_keys is not None else source_keys:
+            if t in sources:
+                out.append(Assignment(t, t))
+            elif (stored := self.aliases.get(t)) is not None and stored in sources:
+                out.append(Assignment(t, stored))
+        return MappingPlan(assignments=out)
 
 
 # -- optimizer state ----------------------------------------------------------------
@@ -782,11 +711,13 @@ def resume(
     else:
         report = ResumeReport(path=str(folder), layout="position-keyed")
         weights, aliases = folder, {}
-    with fastckpt.open(weights) as ckpt:
-        file_shapes = {k: tuple(ckpt.info(k).shape) for k in ckpt.keys()}
-    missing, unexpected, mismatched, plan = _check_model_keys(model, file_shapes, aliases)
-    report.model_missing, report.model_unexpected = missing, unexpected
-    report.model_shape_mismatch = mismatched
+    weights_plan = fastckpt.plan(model, weights, _SavedNames(aliases))
+    report.model_missing = list(weights_plan.missing)
+    report.model_unexpected = list(weights_plan.unexpected)
+    report.model_shape_mismatch = [
+        f"{m.name} (file {list(m.source_shape)}, model {list(m.target_shape)})"
+        for m in weights_plan.mismatched
+    ]
 
     new_state: dict[str, Any] | None = None
     if optimizer is not None:
@@ -815,7 +746,9 @@ def resume(
             + "\n  ".join(report.problems)
             + "\npass strict=False to resume anyway; these are then listed in the report"
         )
-    report.model_loaded = restore_model_weights(model, weights, plan)
+    with warnings.catch_warnings():  # what stays unloaded is in this report already
+        warnings.simplefilter("ignore", UninitializedWarning)
+        report.model_loaded = len(fastckpt.load_into(model, weights_plan, strict=False).loaded)
     if optimizer is not None and new_state is not None:
         optimizer.load_state_dict(new_state)
     if (folder / EXTRA_JSON).is_file():

@@ -406,7 +406,12 @@ def _region(r: tuple, key: str, capture_at: int | None, target: int) -> Region:
         start, length = start[target]
     elif isinstance(start, str):
         assert capture_at is not None
-        start = int(key.split(".")[capture_at])
+        value = key.split(".")[capture_at]
+        if not value.isdigit():
+            raise CheckpointError(
+                f"{key}: stack[{start}] needs a number where {{{start}}} matches, not {value!r}"
+            )
+        start = int(value)
     return Select(dim, start) if kind == "select" else Span(dim, start, length)
 
 

@@ -87,6 +87,16 @@ def assert_same_bytes(a: torch.Tensor, b: torch.Tensor) -> None:
     )
 
 
+def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Two state dicts with the same names, shapes and bytes."""
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(
+            a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)
+        ), k
+
+
 @pytest.fixture
 def tmp_ckpt_dir(tmp_path):
     return tmp_path

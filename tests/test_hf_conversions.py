@@ -24,17 +24,9 @@ from transformers.core_model_loading import (  # noqa: E402
 )
 
 from fastckpt.hf_conversions import HFConversions, rules_for  # noqa: E402
+from tests.conftest import same_bytes  # noqa: E402
 
 TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
-
-
-def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert torch.equal(
-            a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)
-        ), k
 
 
 MOE_MODELS = {

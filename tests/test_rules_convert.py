@@ -13,16 +13,7 @@ from torch import nn
 import fastckpt
 from fastckpt import CheckpointError, Rules
 from fastckpt.mapping import Rope, Select, Span
-
-
-def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert torch.equal(
-            a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)
-        ), k
-
+from tests.conftest import same_bytes
 
 TEXT = """\
 l.{i}.experts.{e}.w1.weight -> l.{i}.gate_up stack[e] cat[0:8]
@@ -374,3 +365,11 @@ def test_a_smaller_source_fills_the_first_rows_of_a_grown_vocabulary(tmp_path):
         fastckpt.load_into(
             model, tmp_path / "v.safetensors", rules="emb.weight -> emb.weight rows[:55] cat[0:55]"
         )
+
+
+def test_a_stack_capture_that_is_not_a_number_is_an_error():
+    with pytest.raises(
+        CheckpointError,
+        match=r"experts.gate.w: stack\[e\] needs a number where \{e\} matches, not 'gate'",
+    ):
+        Rules.parse("experts.{e}.w -> t stack[e]").plan(["experts.gate.w"], None)

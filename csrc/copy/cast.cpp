@@ -161,7 +161,9 @@ bool use_simd() {
 
 template <typename From, typename To>
 To convert(From v) {
-  if constexpr (std::is_same_v<To, double>) {
+  if constexpr (std::is_integral_v<From> && std::is_integral_v<To>) {
+    return static_cast<To>(v);  // integer widening: exact
+  } else if constexpr (std::is_same_v<To, double>) {
     if constexpr (std::is_same_v<From, double>) return v;
     else return static_cast<double>(to_float(v));  // exact
   } else if constexpr (std::is_same_v<From, double> && std::is_same_v<To, float>) {

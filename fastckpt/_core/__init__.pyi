@@ -72,6 +72,8 @@ class FileIndex:
         """
         The tensor's dtype, shape, strides and storage offset, and its storage's place in the file.
         """
+    def unloadable(self) -> list:
+        ...
     @property
     def file_size(self) -> int:
         ...
