@@ -232,12 +232,12 @@ def scenario_pages(folder: Path) -> dict:
         Wide(), world_mesh(), {"a": RowwiseParallel(), "b": ColwiseParallel()}
     )
     evict([str(own)])
-    before = _core._cached_pages(str(own), 0, own.stat().st_size)
+    before = _core._testing.cached_pages(str(own), 0, own.stat().st_size)
     p = fastckpt.plan(model, own)
     shard_pages = set()
     for piece in p.pieces:
         index = p.checkpoint._core_indexes[0]
-        base = index.tensor_view(index.names().index(piece.source))[6]
+        base = index.tensor_view(index.names().index(piece.source)).file_offset
         offset, shape, strides = piece.src_view
         rows = torch.arange(shape[0]) * strides[0]
         for start in rows.tolist():
@@ -245,7 +245,7 @@ def scenario_pages(folder: Path) -> dict:
             last = first + shape[1] * 4 - 1
             shard_pages.update(range(first // 4096, last // 4096 + 1))
     report = fastckpt.load_into(model, p)
-    fetched = _core._cached_pages(str(own), 0, own.stat().st_size)
+    fetched = _core._testing.cached_pages(str(own), 0, own.stat().st_size)
     full = dict(load_file(folder / "wide.safetensors").items())
     ok = same_as(model, full)
     return ok | {

@@ -63,8 +63,9 @@ def test_strided_sources_give_the_same_bytes(tmp_path, exact):
 
 def view_pages(index, name: str, rows: range | None = None) -> int:
     """Pages of the file that the named tensor's elements (rows of dim 0) lie on."""
-    dtype, shape, strides, offset, _, _, base = index.tensor_view(index.names().index(name))
-    item = torch.empty(0, dtype=getattr(torch, {"F32": "float32"}[dtype])).element_size()
+    view = index.tensor_view(index.names().index(name))
+    shape, strides, offset, base = view.shape, view.strides, view.storage_offset, view.file_offset
+    item = {"F32": 4}[view.dtype]
     pages: set[int] = set()
     # Row-major runs over the last dim (contiguous in every test here).
     assert strides[-1] == 1
@@ -81,7 +82,7 @@ def view_pages(index, name: str, rows: range | None = None) -> int:
 
 
 def cached_pages(path: Path) -> int:
-    return _core._cached_pages(str(path), 0, path.stat().st_size)
+    return _core._testing.cached_pages(str(path), 0, path.stat().st_size)
 
 
 def pages_fetched(path: Path, name: str, dst: torch.Tensor, exact: bool, rows=None) -> int:
@@ -101,7 +102,7 @@ def test_cold_column_block_fetches_only_its_pages(tmp_path, block):
     cols = slice(block * 2048, (block + 1) * 2048)
     # "block" is a view of the weight's storage: its source is the column block.
     torch.save({"w": weight, "block": weight[:, cols]}, path)
-    if _core._cached_pages(str(path), 0, 1) < 0:
+    if _core._testing.cached_pages(str(path), 0, 1) < 0:
         pytest.skip("this kernel has no cachestat(2)")
     dst = torch.zeros(1024, 2048)
     fetched = pages_fetched(path, "block", dst, exact=True)
@@ -119,7 +120,7 @@ def test_cold_row_block_fetches_only_its_pages(tmp_path):
 
     weight = torch.randn(4096, 2048)
     save_file({"w": weight}, str(path))
-    if _core._cached_pages(str(path), 0, 1) < 0:
+    if _core._testing.cached_pages(str(path), 0, 1) < 0:
         pytest.skip("this kernel has no cachestat(2)")
     dst = torch.zeros(1024, 2048)
     fetched = pages_fetched(path, "w", dst, exact=True, rows=(2048, 1024))

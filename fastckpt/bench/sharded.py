@@ -82,7 +82,7 @@ class PeakPrivate:
 def _cached_bytes(path: Path) -> int:
     from fastckpt import _core
 
-    return _core._cached_pages(str(path), 0, path.stat().st_size) * 4096
+    return _core._testing.cached_pages(str(path), 0, path.stat().st_size) * 4096
 
 
 def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, layers: int,
