@@ -15,7 +15,9 @@ from fastckpt.bench.worker import Contender
 from fastckpt.bench.workloads import Workload, bert_config, bert_layout, ensure_files
 from tests.conftest import assert_same_bytes
 
-TINY = Workload("bert-tiny", bert_layout(2, 64, 120, 128), bert_config(2, 64, 120, 128))
+TINY = Workload(
+    "bert-tiny", bert_layout(2, 64, 120, 128), hf_config=bert_config(2, 64, 120, 128)
+)
 
 PEERS = {
     "fastsafetensors": "fastsafetensors",
@@ -63,7 +65,7 @@ def test_peer_loads_every_tensor_bit_for_bit(hf_folder, contender):
 def test_peers_that_need_a_hugging_face_folder(tmp_path, hf_folder):
     folder = str(hf_folder.parent)
     assert hf_folder_of([str(hf_folder)]) == folder
-    names, notes = contenders_for("safetensors", "cpu", False, folder, True)
+    names, notes = contenders_for("safetensors", "cpu", False, hf_folder=folder, hf_config=True)
     assert "torch.dcp HuggingFaceStorageReader" in names
     if importlib.util.find_spec("transformers") is not None:
         assert names.index("transformers from_pretrained") > names.index("fastckpt")
@@ -73,10 +75,10 @@ def test_peers_that_need_a_hugging_face_folder(tmp_path, hf_folder):
     for n in ("a", "b"):
         (other / f"{n}.safetensors").write_bytes(hf_folder.read_bytes())
     assert hf_folder_of([str(other / "a.safetensors")]) is None
-    names, notes = contenders_for("safetensors", "cpu", False, None, False)
+    names, notes = contenders_for("safetensors", "cpu", False, hf_folder=None, hf_config=False)
     assert not {"torch.dcp HuggingFaceStorageReader", "transformers from_pretrained"} & set(names)
     assert any("not a whole Hugging Face folder" in n for n in notes)
-    names, notes = contenders_for("safetensors", "cpu", False, folder, False)
+    names, notes = contenders_for("safetensors", "cpu", False, hf_folder=folder, hf_config=False)
     assert "transformers from_pretrained" not in names
     assert any("no config.json" in n for n in notes)
 

@@ -258,6 +258,7 @@ def contenders_for(
     fmt: str,
     device: str,
     cold: bool,
+    *,
     cast: bool = False,
     hf_folder: str | None = None,
     hf_config: bool = False,
@@ -356,7 +357,12 @@ def bench_target(
     folder = hf_folder_of(files) if info["format"] == "safetensors" else None
     has_config = folder is not None and (Path(folder) / "config.json").is_file()
     names, left_out = contenders_for(
-        info["format"], device, cold, model_dtype is not None, folder, has_config
+        info["format"],
+        device,
+        cold,
+        cast=model_dtype is not None,
+        hf_folder=folder,
+        hf_config=has_config,
     )
     notes.extend(f"{workload}/{info['format']}: {n}" for n in left_out)
     results = {n: ContenderResult(n) for n in names}
