@@ -258,19 +258,31 @@ class ResumeReport:
 @dataclass(frozen=True)
 class _SavedNames:
     """Rules for ``fastckpt.plan``: every name reads itself, and a name that was tied
-    when saving (stored once, under another name) reads the stored tensor."""
+    when saving (stored once, under another name) reads the stored tensor. A tensor
+    tied in the model now is read from the first of its names the file has (the one
+    whose optimizer state is kept); the file's other names for it are ignored."""
 
     aliases: Mapping[str, str]  # alias -> stored name
+    ties: Sequence[Sequence[str]] = ()  # the model's tie groups, in state_dict order
 
     def plan(self, source_keys: Sequence[str], target_keys: Sequence[str] | None) -> MappingPlan:
         sources = set(source_keys)
-        out = []
+        picked: dict[str, str] = {}
         for t in target_keys if target_keys is not None else source_keys:
             if t in sources:
-                out.append(Assignment(t, t))
+                picked[t] = t
             elif (stored := self.aliases.get(t)) is not None and stored in sources:
-                out.append(Assignment(t, stored))
-        return MappingPlan(assignments=out)
+                picked[t] = stored
+        skipped: list[str] = []
+        for group in self.ties:
+            first = next((n for n in group if n in picked), None)
+            for n in group:
+                if n != first and n in picked:
+                    if picked.pop(n) == n:
+                        skipped.append(n)
+        return MappingPlan(
+            assignments=[Assignment(t, s) for t, s in picked.items()], ignored_sources=skipped
+        )
 
 
 # -- optimizer state ----------------------------------------------------------------
@@ -711,7 +723,11 @@ def resume(
     else:
         report = ResumeReport(path=str(folder), layout="position-keyed")
         weights, aliases = folder, {}
-    weights_plan = fastckpt.plan(model, weights, _SavedNames(aliases))
+    state = state_tensors(model)
+    ties = tie_groups(list(state), list(state.values())) or []
+    weights_plan = fastckpt.plan(
+        model, weights, _SavedNames(aliases, [g for g in ties if len(g) > 1])
+    )
     report.model_missing = list(weights_plan.missing)
     report.model_unexpected = list(weights_plan.unexpected)
     report.model_shape_mismatch = [
