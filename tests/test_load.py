@@ -618,7 +618,7 @@ def test_row_index_out_of_range_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_gil_is_released_while_copying(tmp_path, monkeypatch):
-    n = 24 << 20  # 96 MB of fp32, cast to bf16 on one thread: long enough to observe
+    n = 64 << 20  # 256 MB of fp32, cast to bf16 on one thread: long enough to observe
     save_file({"x": torch.ones(n)}, str(tmp_path / "big.safetensors"))
     model = OneTensor((n,), torch.bfloat16)
     window: list[float] = []
