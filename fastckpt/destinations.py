@@ -45,7 +45,9 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     ``state_dict()``, ~42 ms as a Python loop, 30-40 ms in C (bound by memory
     latency: every module's dicts are read once).
     """
-    walked = _core.state_tensors(model, _BASE_SAVE, _BASE_EXTRA_STATE)
+    walked: dict[str, torch.Tensor] | None = _core.state_tensors(
+        model, _BASE_SAVE, _BASE_EXTRA_STATE
+    )
     if walked is not None:
         return walked
     full = model.state_dict(keep_vars=True)

@@ -53,7 +53,7 @@ def rules_for(
         return None
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    transforms = get_model_conversion_mapping(model)
+    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
     if not transforms:
         return None
     return HFConversions(model, transforms, source_shape)
@@ -196,13 +196,13 @@ class HFConversions:
                 d = op.dim
                 if not 0 <= d <= len(shape):
                     raise self._refuse(op, conv, f"dim {d} of {len(shape)}-D tensors")
-                pieces = tuple(
+                stacked = tuple(
                     replace(pc, into=(Select(d, e), *pc.into))
                     for e, s in enumerate(syms)
                     for pc in s.pieces
                 )
                 key = conv.target_patterns[0] if len(state) == 1 else p
-                out[key] = [_Sym(shape[:d] + (len(syms),) + shape[d:], pieces)]
+                out[key] = [_Sym(shape[:d] + (len(syms),) + shape[d:], stacked)]
             return out
         if kind == "Concatenate":
             syms = [s for p in conv.source_patterns for s in state.get(p, [])]
@@ -230,7 +230,7 @@ class HFConversions:
             shape = syms[0].shape[:d] + (at,) + syms[0].shape[d + 1 :]
             return {conv.target_patterns[0]: [_Sym(shape, tuple(pieces))]}
         if kind in ("Chunk", "Split"):
-            (syms,) = state.values() if len(state) == 1 else (None,)
+            (syms,) = state.values() if len(state) == 1 else (None,)  # type: ignore[assignment]
             if syms is None or len(syms) != 1 or syms[0].single() is None:
                 raise self._refuse(op, conv, "it splits a tensor built from several sources")
             sym, pc = syms[0], syms[0].single()
@@ -243,7 +243,7 @@ class HFConversions:
             tps = list(conv.target_patterns)
             if kind == "Chunk":
                 if getattr(op, "num_shards_attribute", None) is not None:
-                    count = getattr(self.config.get_text_config(), op.num_shards_attribute)
+                    count = getattr(self.config.get_text_config(), op.num_shards_attribute)  # type: ignore[union-attr,operator]
                     if len(tps) != 1:
                         raise self._refuse(op, conv, "a shard count with several targets")
                     tps = [tps[0].replace("*", str(i)) for i in range(count)]
@@ -256,7 +256,7 @@ class HFConversions:
             else:
                 sizes = []
                 for tp in tps:
-                    shape = self._model_shape(names[tp])
+                    shape = self._model_shape(names[tp])  # type: ignore[assignment]
                     if shape is None or d >= len(shape):
                         raise self._refuse(op, conv, f"the model has no tensor {names[tp]!r}")
                     sizes.append(shape[d])
@@ -316,7 +316,7 @@ class HFConversions:
             t = self.model.get_parameter(name)
         except AttributeError:
             try:
-                t = self.model.get_buffer(name)
+                t = self.model.get_buffer(name)  # type: ignore[assignment]
             except AttributeError:
                 return None
         return tuple(t.shape)

@@ -124,8 +124,8 @@ def name_pairs(sources: Sequence[str], targets: Sequence[str]) -> dict[str, str]
 
     out = {}
     for s in sources:
-        t = only_best(targets, lambda t, s=s: score[s, t])
-        if t is not None and only_best(sources, lambda s2, t=t: score[s2, t]) == s:
+        t = only_best(targets, lambda t, s=s: score[s, t])  # type: ignore[misc]
+        if t is not None and only_best(sources, lambda s2, t=t: score[s2, t]) == s:  # type: ignore[misc]
             out[s] = t
     return out
 

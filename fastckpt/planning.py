@@ -644,7 +644,7 @@ def _add_pieces(
                     a.source,
                     h,
                     source_view(offset, tuple(shape), tuple(strides), a),
-                    lambda t, a=a: target_view(t, a),
+                    lambda t, a=a: target_view(t, a),  # type: ignore[misc]
                     None,  # rows are part of the source view
                     a.dtype,
                 )

@@ -228,8 +228,8 @@ class Rules:
         if split is not None:
             line += " split" + _index_attr(split)
         if splits is not None:
-            dim, parts = splits if isinstance(splits[0], int) else (0, splits)  # type: ignore[misc]
-            line += f" split[{':,' * dim}" + "|".join(f"{a}:{b}" for a, b in parts) + "]"
+            dim, parts = splits if isinstance(splits[0], int) else (0, splits)  # type: ignore[misc,assignment]
+            line += f" split[{':,' * dim}" + "|".join(f"{a}:{b}" for a, b in parts) + "]"  # type: ignore[misc]
         if transpose:
             line += " transpose"
         if rope is not None:

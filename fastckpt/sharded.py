@@ -57,7 +57,7 @@ def has_dtensors(model: nn.Module) -> bool:
 
 def _local_view(box: tuple[tuple[int, int], ...]) -> Any:
     def view(t: torch.Tensor) -> torch.Tensor:
-        local = t.to_local() if is_dtensor(t) else t
+        local = t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
         return narrow(local, box)
 
     return view

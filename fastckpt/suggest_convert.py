@@ -61,7 +61,7 @@ def _families(sources: Mapping[str, Shape]) -> dict[str, tuple[Shape, list[str]]
         shapes = {sources[k] for k in keys if k is not None}
         if len(keys) >= 2 and None not in keys and len(shapes) == 1:
             out[template] = (shapes.pop(), keys)  # type: ignore[arg-type]
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _word(template: str, others: list[str]) -> str | None:
@@ -167,10 +167,10 @@ def suggest_conversions(
             if len(cands) < 2:
                 continue
             named = []
-            words = {s: _word(s, [o for o in cands if o != s]) for s in cands}
-            letters = {w for w in words.values() if w and len(w) == 1}
+            word_of = {s: _word(s, [o for o in cands if o != s]) for s in cands}
+            letters = {w for w in word_of.values() if w and len(w) == 1}
             for s in cands:
-                w = words[s]
+                w = word_of[s]
                 pos = _order_in(t, [w], letters) if w is not None else None
                 if pos is not None:
                     named.append((pos[0], s))

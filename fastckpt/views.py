@@ -311,7 +311,7 @@ def check_parts(
     if at < size:
         left.append(Span(d, at, size - at))
     if left and not partial:
-        covered = sum(regions(a.into)[0].length for a in spans)  # type: ignore[union-attr]
+        covered = sum(regions(a.into)[0].length for a in spans)  # type: ignore[union-attr,misc]
         raise CheckpointError(
             f"{target}: its parts ({_names(spans)}) add up to {covered} along dim {d}, "
             f"the target has {size}"

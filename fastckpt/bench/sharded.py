@@ -104,7 +104,7 @@ def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, la
     model.to_empty(device="cpu")
     with torch.no_grad():  # the shards' pages are resident before the baseline is taken
         for p in model.parameters():
-            p.to_local().zero_()
+            p.to_local().zero_()  # type: ignore[attr-defined]
     files = [own / "model.safetensors", own / "model.pt"]
     evict([str(f) for f in files])
     dist.barrier()
@@ -134,15 +134,15 @@ def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, la
         dist.barrier()
         seconds = time.perf_counter() - start
     fetched = sum(_cached_bytes(f) for f in files)
-    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())  # type: ignore[attr-defined]
     from safetensors import safe_open
 
     wrong = 0
     with safe_open(str(own / "model.safetensors"), "pt") as f:
         for name, p in model.named_parameters():
-            want = distribute_tensor(f.get_tensor(name), p.device_mesh, p.placements,
+            want = distribute_tensor(f.get_tensor(name), p.device_mesh, p.placements,  # type: ignore[attr-defined]
                                      src_data_rank=None).to_local()  # fmt: skip
-            wrong += not torch.equal(p.to_local().view(torch.uint8), want.view(torch.uint8))
+            wrong += not torch.equal(p.to_local().view(torch.uint8), want.view(torch.uint8))  # type: ignore[attr-defined]
     dist.destroy_process_group()
     return {
         "seconds": seconds,
