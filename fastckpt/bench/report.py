@@ -46,13 +46,13 @@ def _row(r: ContenderResult) -> list[str]:
 
 
 def _title(t: TargetResult, result: BenchResult) -> str:
-    cache = "cold" if result.cold else "warm"
+    cache = ("cold" if result.cold else "warm") + " page cache"
     if result.fresh:
         cache += " · one load per fresh process"
     size = f"{t.nbytes / 1e9:.2f} GB" if t.nbytes >= 1e9 else f"{t.nbytes / 1e6:.1f} MB"
     return (
         f"{t.workload} · {t.format} · {size}, {t.tensors} tensors · "
-        f"{cache} page cache · {result.device} · median of {result.repeat}"
+        f"{cache} · {result.device} · median of {result.repeat}"
     )
 
 
