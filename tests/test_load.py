@@ -288,7 +288,7 @@ def test_unsupported_cast_is_refused_before_writing(tmp_path):
     assert torch.equal(model.x, torch.zeros(4))
 
 
-# -- strict mode: SCENARIOS.md story 2 -------------------------------------------------------
+# -- strict mode: docs/STORIES.md story 2 -------------------------------------------------------
 
 
 class MiniBert(nn.Module):
