@@ -75,8 +75,7 @@ class ModelTensors:
         tensors = list(state.values())
         groups = tie_groups(names, tensors)
         if groups is not None:
-            first = {n: state[n] for n in (g[0] for g in groups)}
-            tensors = list(first.values())
+            tensors = [state[g[0]] for g in groups]
         return cls(state, names, tensors, groups)
 
     def group(self, g: int) -> list[str]:

@@ -32,18 +32,10 @@ from fastckpt.dtypes import DTYPE_NAMES, short_name
 from fastckpt.errors import CheckpointError
 from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.report import Mismatch, format_groups, group_names
+from fastckpt.rules import as_rules
 from fastckpt.sharded import any_dtensor, dtensors_possible, is_dtensor, plan_shards
 
 PathLike = str | os.PathLike[str]
-
-
-def as_rules(rules: Any) -> Any:
-    """None, or an object with ``.plan(source_keys, target_keys)``: the one coercion of rules."""
-    if rules is None or hasattr(rules, "plan"):
-        return rules
-    from fastckpt.rules import as_rules as parse  # the rules engine is loaded only when used
-
-    return parse(rules)
 
 
 def match(
@@ -147,7 +139,6 @@ class LoadPlan:
     _rules: list[str | None] | None = None
     _rows: list[RowSelection | None] | None = None
     _vias: list[torch.dtype | None] | None = None
-    _vias_of: list[str | None] = field(default_factory=list)  # per group: the name written
     _hidden_buffers: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
 
     @property
@@ -457,7 +448,6 @@ def build(
         for g, via in enumerate(vias):
             if via is None:
                 p.missing += [n for n in mt.group(g) if n not in ignored_targets]
-    p._vias_of = vias
     if p.missing and (present := ckpt.unloadable()):
         p.unloadable = [(n, present[n]) for n in p.missing if n in present]
         p.missing = [n for n in p.missing if n not in present]
