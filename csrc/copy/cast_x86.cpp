@@ -3,6 +3,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define FASTCKPT_X86 1
 #endif
@@ -263,8 +264,14 @@ CastFn fp8_kernel(DType from, DType to, bool stream) {
 
 }  // namespace
 
+// F16C is read from CPUID leaf 1 directly: clang's __builtin_cpu_supports does
+// not know "f16c" (gcc's does). AVX2 support implies the OS saves the YMM state.
 bool available() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+    return f16c && __builtin_cpu_supports("avx2");
+  }();
   return ok;
 }
 
