@@ -27,6 +27,7 @@ from fastckpt.checkpoint import Checkpoint
 from fastckpt.destinations import assign, owners, refusal, same_device, state_tensors
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
+from fastckpt.hf_model import broken_ties, initialise
 from fastckpt.planning import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, format_groups
 from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
@@ -66,7 +67,11 @@ def _find_cudart() -> str:
 
 
 def _strict_message(
-    path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
+    path: str,
+    report: LoadReport,
+    suggestion_lines: list[str],
+    rules_text: str,
+    untied: Sequence[tuple[str, str]] = (),
 ) -> str:
     lines = [
         (
@@ -78,6 +83,12 @@ def _strict_message(
     if report.missing:
         lines.append(f"  missing from the checkpoint ({len(report.missing)}):")
         lines += format_groups(report.missing)
+    if untied:
+        lines.append(
+            f"  declared tied by the model but separate tensors now ({len(untied)}), as "
+            "model.to_empty() leaves them: call model.tie_weights() before loading"
+        )
+        lines += [f"    {name} -> {source}" for name, source in untied]
     if report.unloadable:
         lines.append(
             f"  present in the checkpoint but not loadable ({len(report.unloadable)}):"
@@ -135,6 +146,8 @@ def load_into(
       other tensors, non-persistent buffers included, move there too.
     - ``dtype``: the floating dtype of the loaded model: floating tensors of
       another dtype are replaced by new ones of this dtype (cast on the way).
+      A transformers model's non-persistent buffers keep theirs, as with
+      ``from_pretrained(dtype=...)``.
     - ``max_host_bytes``: host staging budget beyond the destinations.
     - ``mmap``: tensors fastckpt allocates on the CPU (a meta model with
       ``device="cpu"``) whose bytes in the file need no conversion become views of
@@ -145,6 +158,10 @@ def load_into(
 
     ``path`` may also be a ``LoadPlan`` from ``fastckpt.plan(model, ...)``.
     A load that would leave any tensor on the meta device is refused by name.
+    A transformers model's non-persistent buffers (``rotary_emb.inv_freq``,
+    ``position_ids``), which no checkpoint holds, get their values from the model's
+    own ``_init_weights``, as ``from_pretrained`` gives them: on meta they are
+    allocated on ``device``, and after ``model.to_empty()`` their garbage is replaced.
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -248,8 +265,9 @@ def _refuse(p: LoadPlan) -> None:
 
         suggested = Rules.parse(sug.rules_text)
     report = _report_of(p)
+    untied = broken_ties(p._model_ref, report.missing)
     raise StrictLoadError(
-        _strict_message(str(p.path), report, sug.lines, sug.rules_text), report, suggested
+        _strict_message(str(p.path), report, sug.lines, sug.rules_text, untied), report, suggested
     )
 
 
@@ -393,6 +411,9 @@ def _execute(
             )
     report.cast = [c[1:] for c in sorted(casts.values())]
 
+    if p.initialised:
+        initialise(model, p.initialised, p._hidden_buffers, want, ckpt.path)
+        report.initialised = list(p.initialised)
     # Everything is checked: from here on the model is written.
     for job, _ in built:
         report.bytes += job.total_bytes
@@ -405,10 +426,11 @@ def _execute(
         for g, old in enumerate(tensors):
             if g not in fresh and not old.is_meta and needs_new(old):
                 assign(mt.group(g), old, _moved(old, want, dtype), where)
-        for module, attr in p._hidden_buffers.values():
+        own_dtype = set(p.initialised)
+        for name, (module, attr) in p._hidden_buffers.items():
             buf = module._buffers[attr]
             if buf is not None and not buf.is_meta and needs_new(buf):
-                module._buffers[attr] = _moved(buf, want, dtype)
+                module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
     return report
 
 
