@@ -3,12 +3,11 @@
 from fastckpt.checkpoint import Checkpoint, TensorInfo, open
 from fastckpt.diff import DiffReport, diff
 from fastckpt.errors import CheckpointError, LimitError, StrictLoadError, UninitializedWarning
-from fastckpt.freeze import FreezeSummary, freeze
 from fastckpt.load import load_into
 from fastckpt.planning import LoadPlan, PlanEntry, plan
 from fastckpt.report import LoadReport
-from fastckpt.resume import ResumeReport, resume, save
 from fastckpt.rules import Rules, as_rules
+from fastckpt.training import FreezeSummary, ResumeReport, freeze, resume, save
 
 __all__ = [
     "Checkpoint",

@@ -14,9 +14,6 @@ shape match for a plain tensor: loading a weight into it gives other values.
 ``pattern_lines`` writes such pairs as rules: layer numbers become ``{i}``
 (``{j}``, ...) and a shared last segment ``{p}`` when the pattern holds for
 every key it matches; otherwise the keys are written out.
-
-``suggest_pairings`` is ``suggest_rules`` as plain lines (rules, then a comment
-per target left without a source), kept for callers that want a list.
 """
 
 from __future__ import annotations
@@ -27,22 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from fastckpt.rules import Rules
 
-__all__ = ["name_pairs", "pair_by_shape", "pattern_lines", "suggest_pairings"]
+__all__ = ["name_pairs", "pair_by_shape", "pattern_lines"]
 
 CAPTURES = ("i", "j", "k", "l")
 Shape = tuple[int, ...]
 # source -> (target, rows stop for a vocabulary cut, or None)
 Pairs = dict[str, tuple[str, int | None]]
-
-
-def suggest_pairings(
-    source_shapes: Mapping[str, Sequence[int]], target_shapes: Mapping[str, Sequence[int]]
-) -> list[str]:
-    """The suggestion of ``fastckpt.suggest.suggest_rules`` as lines: rules, then notes."""
-    from fastckpt.suggest import suggest_rules
-
-    s = suggest_rules(source_shapes, target_shapes)
-    return s.rules_text.splitlines() + s.notes
 
 
 def _numbers(key: str) -> tuple[str, ...]:

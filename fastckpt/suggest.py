@@ -288,3 +288,9 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
     lines += [f"{line}: skips {n} checkpoint keys nothing uses" for line, n in ignores]
     rules = specific + base
     return Suggestion("\n".join(rules) + "\n", lines, len(filled), total, notes)
+
+
+def suggest_pairings(source_shapes: ShapesIn, target_shapes: ShapesIn) -> list[str]:
+    """``suggest_rules`` as plain lines: rules, then a note per target left without a source."""
+    s = suggest_rules(source_shapes, target_shapes)
+    return s.rules_text.splitlines() + s.notes

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastckpt import Rules
-from fastckpt.pairing import suggest_pairings
-from fastckpt.suggest import suggest_rules, suggested_rules
+from fastckpt.suggest import suggest_pairings, suggest_rules, suggested_rules
 from tests.conftest import tiny_hf_config
 
 

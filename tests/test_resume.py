@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
@@ -12,9 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fastckpt
+from fastckpt.training import remap_optimizer_state, saving
 from tests.conftest import assert_same_bytes
-
-resume_mod = importlib.import_module("fastckpt.resume")
 
 transformers = pytest.importorskip("transformers")
 from transformers import RobertaConfig, RobertaForMaskedLM  # noqa: E402
@@ -238,7 +236,7 @@ def test_ambiguous_alignment_is_refused(tmp_path):
     }
     model = ThreeNames()
     with pytest.raises(fastckpt.CheckpointError) as err:
-        resume_mod.remap_optimizer_state(state, tmp_path, model)
+        remap_optimizer_state(state, tmp_path, model)
     assert str(err.value) == (
         f"{tmp_path}: ambiguous optimizer state: one group (y tied when saved) and one group "
         "(z tied when saved) both fit the group sizes and state shapes but name positions "
@@ -259,12 +257,12 @@ def test_misaligned_shapes_are_refused(tmp_path):
         "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}],
     }
     with pytest.raises(fastckpt.CheckpointError) as err:
-        resume_mod.remap_optimizer_state(state, tmp_path, model)
+        remap_optimizer_state(state, tmp_path, model)
     assert "0.weight: exp_avg has shape [4], parameter has [4, 3]" in str(err.value)
     # Three groups: only 0.bias fits the [4] state and 0.weight the [4, 3] one; the
     # stateless third group takes the rest, in model order. One assignment: used.
     state["param_groups"] = [{"params": [0]}, {"params": [1]}, {"params": [2, 3]}]
-    named, _ = resume_mod.remap_optimizer_state(state, tmp_path, model)
+    named, _ = remap_optimizer_state(state, tmp_path, model)
     assert [g["params"] for g in named["param_groups"]] == [
         ["0.bias"], ["0.weight"], ["1.weight", "1.bias"]
     ]
@@ -286,7 +284,7 @@ def test_save_is_atomic_when_the_writer_fails(tmp_path, monkeypatch):
     good_model, good_opt = _small_save(tmp_path, 1.0)
     fastckpt.save(tmp_path / "ckpt", good_model, good_opt)
     bad_model, bad_opt = _small_save(tmp_path, 2.0)
-    real = resume_mod.write_safetensors
+    real = saving.write_safetensors
 
     def failing_writer(path, specs, produce, metadata=None):
         def produce_then_fail(spec):
@@ -296,7 +294,7 @@ def test_save_is_atomic_when_the_writer_fails(tmp_path, monkeypatch):
 
         return real(path, specs, produce_then_fail, metadata)
 
-    monkeypatch.setattr(resume_mod, "write_safetensors", failing_writer)
+    monkeypatch.setattr(saving, "write_safetensors", failing_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         fastckpt.save(tmp_path / "ckpt", bad_model, bad_opt)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folder left behind

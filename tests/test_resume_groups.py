@@ -5,7 +5,6 @@ naming the parameters; a parameter never gets another's moments."""
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
+from fastckpt.training import remap_optimizer_state
 from tests.conftest import assert_same_bytes
-
-resume_mod = importlib.import_module("fastckpt.resume")
 
 V, H = 20, 8
 
@@ -244,7 +242,7 @@ def test_ambiguous_groups_refused_naming_the_parameters_or_placed_by_hyperparame
     folder = trainer_folder(tmp_path / "ckpt", model, opt)
     raw = torch.load(folder / "optimizer.pt", weights_only=True)
     with pytest.raises(fastckpt.CheckpointError) as err:
-        resume_mod.remap_optimizer_state(raw, folder, Ambiguous(1))
+        remap_optimizer_state(raw, folder, Ambiguous(1))
     assert str(err.value) == (
         f"{folder}: ambiguous optimizer state: with 2 groups, each in model order (no extra "
         "ties), more than one assignment of parameters to the saved groups of [2, 2] fits "
@@ -305,7 +303,7 @@ def test_never_another_parameters_moments(data, n, k):
     with tempfile.TemporaryDirectory() as d:
         save_file({f"p{i}": torch.zeros(s) for i, s in enumerate(shapes)}, f"{d}/model.safetensors")
         try:
-            named, _ = resume_mod.remap_optimizer_state(
+            named, _ = remap_optimizer_state(
                 {"state": state, "param_groups": groups}, d, model
             )
         except fastckpt.CheckpointError as e:
@@ -321,11 +319,11 @@ def test_nothing_to_align_and_counts_that_cannot_fit(tmp_path):
     save_file({"b": torch.zeros(2)}, tmp_path / "model.safetensors")
     model = nn.Module()
     model.register_buffer("b", torch.zeros(2))
-    named, _ = resume_mod.remap_optimizer_state(
+    named, _ = remap_optimizer_state(
         {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]}, tmp_path, model
     )
     assert named == {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]}
     with pytest.raises(fastckpt.CheckpointError, match="0 parameters for 1 saved positions"):
-        resume_mod.remap_optimizer_state(
+        remap_optimizer_state(
             {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, tmp_path, model
         )

@@ -14,7 +14,7 @@ import torch
 
 from fastckpt import Rules
 from fastckpt.mapping import MappingPlan, RowSelection
-from fastckpt.pairing import suggest_pairings
+from fastckpt.suggest import suggest_pairings
 
 HIDDEN, FFN, POSITIONS = 16, 64, 34
 VOCAB_FILE, VOCAB_MODEL = 1040, 1001

@@ -1,292 +1,32 @@
-"""Training checkpoints keyed by parameter *name*: ``fastckpt.save`` / ``fastckpt.resume``.
-
-Layout written by ``save(path, ...)`` (a folder; no pickle anywhere)::
-
-    path/fastckpt.json          manifest: format, model class, tied aliases, files
-    path/model.safetensors      model state_dict; tied tensors stored once
-                                (aliases in the manifest and the file's metadata)
-    path/optimizer.safetensors  per-parameter optimizer state tensors
-    path/optimizer.json         optimizer class, param_groups with parameter NAMES,
-                                and per name: which state entries are tensors
-                                (stored under "state.<name>.<key>") and which are
-                                plain JSON values (python step counts etc.)
-    path/extra.json             ``extra`` (anything JSON can hold)
-
-The save is atomic as a whole: everything is written into a hidden temporary
-folder beside ``path`` which is then renamed into place. If ``path`` already
-holds a fastckpt save, it is renamed aside first and removed after the new one
-is in place; a crash between those two renames leaves the old save intact as
-``.<name>.old-*`` beside ``path`` (never a half-written one at ``path``).
-
-``resume(path, model, optimizer)`` also reads Hugging Face Trainer folders
-(``optimizer.pt`` beside ``model.safetensors`` / ``pytorch_model.bin``), whose
-optimizer state is keyed by position only; see ``remap_optimizer_state``.
-"""
+"""Optimizer state by parameter name: reading a ``save`` folder's, applying it to an
+optimizer, and aligning a position-keyed ``optimizer.pt`` (torch.optim, Hugging Face
+Trainer) to names (``remap_optimizer_state``)."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastckpt.atomic import atomic_folder, atomic_write
-from fastckpt.destinations import state_tensors, tie_groups
-from fastckpt.errors import CheckpointError, UninitializedWarning
-from fastckpt.mapping import Assignment, MappingPlan
-from fastckpt.safetensors_writer import TensorSpec, write_safetensors
-
-FORMAT = "fastckpt.train/1"
-MANIFEST = "fastckpt.json"
-MODEL_FILE = "model.safetensors"
-OPT_TENSORS = "optimizer.safetensors"
-OPT_JSON = "optimizer.json"
-EXTRA_JSON = "extra.json"
-TRAINER_OPTIMIZER = "optimizer.pt"
-
-PathLike = str | os.PathLike
-
-# A name-keyed optimizer state: {"state": {param name: {key: value}},
-# "param_groups": [{..., "params": [param names]}]}.
-NamedOptimizerState = dict[str, Any]
+from fastckpt.errors import CheckpointError
+from fastckpt.training.layout import (
+    OPT_JSON,
+    OPT_TENSORS,
+    NamedOptimizerState,
+    PathLike,
+    from_json,
+    param_names,
+)
+from fastckpt.training.report import ResumeReport
 
 
-# -- save ---------------------------------------------------------------------------
-def _write_json(path: Path, doc: Any) -> None:
-    with atomic_write(path) as f:
-        f.write(json.dumps(doc, indent=1, sort_keys=False).encode())
-
-
-def _to_json(value: Any, where: str) -> Any:
-    """Plain JSON for numbers, strings, lists; tuples are tagged so they come back as tuples."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple):
-        return {"__tuple__": [_to_json(v, where) for v in value]}
-    if isinstance(value, list):
-        return [_to_json(v, where) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _to_json(v, where) for k, v in value.items()}
-    raise TypeError(f"{where}: cannot store {type(value).__name__} value {value!r} as JSON")
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    if isinstance(value, dict):
-        if set(value) == {"__tuple__"}:
-            return tuple(_from_json(v) for v in value["__tuple__"])
-        return {k: _from_json(v) for k, v in value.items()}
-    return value
-
-
-def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """state_dict tensors stored once each, and ``alias -> stored name`` for tied ones
-    (one tensor object under several names: ``fastckpt.destinations.tie_groups``)."""
-    state = state_tensors(model)
-    groups = tie_groups(list(state), list(state.values())) or [[n] for n in state]
-    stored = {g[0]: state[g[0]].detach() for g in groups}
-    aliases = {n: g[0] for g in groups for n in g[1:]}
-    return stored, aliases
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> its name (the first name, for tied parameters)."""
-    return {id(p): n for n, p in model.named_parameters()}
-
-
-def _write_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
-    write_safetensors(path, specs, lambda s: tensors[s.name], metadata)
-
-
-def save(
-    path: PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    extra: Any = None,
-) -> Path:
-    """Save model, optimizer state (keyed by parameter name) and ``extra`` into the folder ``path``.
-
-    Atomic as a whole (see the module docstring). Returns the folder.
-    """
-    target = Path(path)
-    if target.exists() and not (target / MANIFEST).is_file():
-        raise FileExistsError(
-            f"{target}: exists and is not a fastckpt save; refusing to replace it"
-        )
-    with atomic_folder(target) as tmp:
-        tensors, aliases = _model_tensors(model)
-        _write_tensors(
-            tmp / MODEL_FILE, tensors, {"format": "pt", "fastckpt.aliases": json.dumps(aliases)}
-        )
-        files = [MODEL_FILE]
-        if optimizer is not None:
-            _save_optimizer(tmp, model, optimizer)
-            files += [OPT_TENSORS, OPT_JSON]
-        if extra is not None:
-            _write_json(tmp / EXTRA_JSON, _to_json(extra, "extra"))
-            files.append(EXTRA_JSON)
-        _write_json(
-            tmp / MANIFEST,
-            {
-                "format": FORMAT,
-                "model_class": type(model).__name__,
-                "aliases": aliases,
-                "files": files,
-            },
-        )
-    return target
-
-
-def _save_optimizer(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    names = _param_names(model)
-    sd = optimizer.state_dict()
-    # state_dict() numbers parameters 0, 1, ... across the groups in order.
-    position_names: list[str] = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in names:
-                raise ValueError(
-                    f"{folder}: the optimizer holds a parameter of shape {list(p.shape)} "
-                    "that is not a parameter of the model"
-                )
-            position_names.append(names[id(p)])
-    groups = []
-    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"], strict=True):
-        g = {k: _to_json(v, f"param group {k!r}") for k, v in sd_group.items() if k != "params"}
-        g["params"] = [names[id(p)] for p in group["params"]]
-        groups.append(g)
-    tensors: dict[str, torch.Tensor] = {}
-    state: dict[str, dict[str, Any]] = {}
-    for pos, entry in sd["state"].items():
-        name = position_names[pos]
-        record: dict[str, Any] = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tkey = f"state.{name}.{key}"
-                tensors[tkey] = value
-                record[key] = {"tensor": tkey}
-            else:
-                record[key] = {"value": _to_json(value, f"optimizer state {name}.{key}")}
-        state[name] = record
-    _write_tensors(folder / OPT_TENSORS, tensors, {"format": "pt"})
-    _write_json(
-        folder / OPT_JSON,
-        {"class": type(optimizer).__name__, "param_groups": groups, "state": state},
-    )
-
-
-# -- report -------------------------------------------------------------------------
-@dataclass(slots=True)
-class ResumeReport:
-    path: str
-    layout: str  # "fastckpt" (name-keyed) or "position-keyed" (torch.optim / HF Trainer)
-    model_loaded: int = 0
-    model_missing: list[str] = field(default_factory=list)  # model tensors the file lacks
-    model_unexpected: list[str] = field(default_factory=list)  # file tensors the model lacks
-    model_shape_mismatch: list[str] = field(default_factory=list)  # left as they are in the model
-    restored: list[str] = field(default_factory=list)  # parameters that got their saved state
-    new: list[str] = field(default_factory=list)  # parameters with no saved state: fresh state
-    dropped: list[str] = field(default_factory=list)  # saved state of parameters now gone
-    # saved state of a name that is now tied to (an alias of) another parameter: (alias, kept)
-    dropped_tied: list[tuple[str, str]] = field(default_factory=list)
-    # saved state whose tensor shapes do not fit the parameter: fresh state instead
-    shape_mismatch: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # how a position-keyed state was aligned
-    extra: Any = None
-
-    @property
-    def problems(self) -> list[str]:
-        """One line per case ``strict=True`` refuses."""
-        lines = []
-        for label, names in (
-            ("model tensors missing from the checkpoint", self.model_missing),
-            ("checkpoint tensors the model does not have", self.model_unexpected),
-            ("model tensors whose shape differs from the checkpoint", self.model_shape_mismatch),
-            ("parameters with no saved optimizer state (would start fresh)", self.new),
-            ("saved optimizer state of parameters the model no longer has", self.dropped),
-            ("saved optimizer state whose shapes do not fit the parameter", self.shape_mismatch),
-        ):
-            if names:
-                lines.append(f"{label}: {', '.join(names)}")
-        if self.dropped_tied:
-            pairs = ", ".join(f"{a} (now tied to {k})" for a, k in self.dropped_tied)
-            lines.append(
-                f"saved optimizer state dropped because the parameter is now tied: {pairs}"
-            )
-        return lines
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "layout": self.layout,
-            "model_loaded": self.model_loaded,
-            "model_missing": list(self.model_missing),
-            "model_unexpected": list(self.model_unexpected),
-            "model_shape_mismatch": list(self.model_shape_mismatch),
-            "restored": list(self.restored),
-            "new": list(self.new),
-            "dropped": list(self.dropped),
-            "dropped_tied": [list(p) for p in self.dropped_tied],
-            "shape_mismatch": list(self.shape_mismatch),
-            "notes": list(self.notes),
-        }
-
-    def __str__(self) -> str:
-        lines = [
-            (f"resumed from {self.path} ({self.layout}): {self.model_loaded} model tensors, "
-            f"optimizer state for {len(self.restored)} parameters")
-        ]
-        lines += [f"  {p}" for p in self.problems]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-# -- model weights ------------------------------------------------------------------
-@dataclass(frozen=True)
-class _SavedNames:
-    """Rules for ``fastckpt.plan``: every name reads itself, and a name that was tied
-    when saving (stored once, under another name) reads the stored tensor. A tensor
-    tied in the model now is read from the first of its names the file has (the one
-    whose optimizer state is kept); the file's other names for it are ignored."""
-
-    aliases: Mapping[str, str]  # alias -> stored name
-    ties: Sequence[Sequence[str]] = ()  # the model's tie groups, in state_dict order
-
-    def plan(self, source_keys: Sequence[str], target_keys: Sequence[str] | None) -> MappingPlan:
-        sources = set(source_keys)
-        picked: dict[str, str] = {}
-        for t in target_keys if target_keys is not None else source_keys:
-            if t in sources:
-                picked[t] = t
-            elif (stored := self.aliases.get(t)) is not None and stored in sources:
-                picked[t] = stored
-        skipped: list[str] = []
-        for group in self.ties:
-            first = next((n for n in group if n in picked), None)
-            for n in group:
-                if n != first and n in picked:
-                    if picked.pop(n) == n:
-                        skipped.append(n)
-        return MappingPlan(
-            assignments=[Assignment(t, s) for t, s in picked.items()], ignored_sources=skipped
-        )
-
-
-# -- optimizer state ----------------------------------------------------------------
-def _load_named_optimizer_state(folder: Path) -> NamedOptimizerState:
+def load_named_optimizer_state(folder: Path) -> NamedOptimizerState:
     import fastckpt
 
     try:
@@ -302,9 +42,9 @@ def _load_named_optimizer_state(folder: Path) -> NamedOptimizerState:
                     # Materialised: the optimizer owns and updates this memory in place.
                     entry[key] = ckpt.tensor(v["tensor"]).clone()
                 else:
-                    entry[key] = _from_json(v["value"])
+                    entry[key] = from_json(v["value"])
             state[name] = entry
-    groups = [_from_json(g) for g in doc["param_groups"]]
+    groups = [from_json(g) for g in doc["param_groups"]]
     return {"state": state, "param_groups": groups, "class": doc.get("class")}
 
 
@@ -316,14 +56,14 @@ def _state_shape_ok(entry: Mapping[str, Any], shape: tuple[int, ...]) -> str | N
     return None
 
 
-def _apply_named_state(
+def apply_named_state(
     named: NamedOptimizerState,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     report: ResumeReport,
 ) -> dict[str, Any]:
     """Fill ``report`` and build the position-keyed state_dict for ``optimizer``."""
-    names = _param_names(model)
+    names = param_names(model)
     all_named = dict(model.named_parameters(remove_duplicate=False))
     current: list[str] = []
     for group in optimizer.param_groups:
@@ -523,7 +263,7 @@ def _allowed_by_hyperparameters(
 ) -> dict[str, list[int]]:
     """Parameter name -> the saved groups whose hyper-parameters equal those of the group
     holding the parameter in ``optimizer`` now (where at least one does)."""
-    names = _param_names(model)
+    names = param_names(model)
     saved = [_hyper(g) for g in saved_groups]
     allowed: dict[str, list[int]] = {}
     for group in optimizer.param_groups:
@@ -693,81 +433,3 @@ def _describe(tied_at_save: tuple[str, ...], n_groups: int) -> str:
     if n_groups == 1:
         return f"one group ({tied})"
     return f"{n_groups} groups, each in model order ({tied})"
-
-
-# -- resume -------------------------------------------------------------------------
-def resume(
-    path: PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    strict: bool = True,
-) -> ResumeReport:
-    """Restore ``model`` (and ``optimizer``) from a ``save`` folder or a Trainer checkpoint folder.
-
-    Everything is checked before anything is changed: with ``strict=True`` any
-    missing / unexpected model tensor, new / vanished parameter, state dropped
-    because of a new tie, or misfitting state shape raises ``CheckpointError``
-    listing them, and the model and optimizer are left as they were.
-    """
-    import fastckpt
-
-    folder = Path(path)
-    if (folder / MANIFEST).is_file():
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{folder / MANIFEST}: unknown format {manifest.get('format')!r}")
-        report = ResumeReport(path=str(folder), layout="fastckpt")
-        weights: Path = folder / MODEL_FILE
-        aliases: dict[str, str] = manifest.get("aliases", {})
-    else:
-        report = ResumeReport(path=str(folder), layout="position-keyed")
-        weights, aliases = folder, {}
-    state = state_tensors(model)
-    ties = tie_groups(list(state), list(state.values())) or []
-    weights_plan = fastckpt.plan(
-        model, weights, _SavedNames(aliases, [g for g in ties if len(g) > 1])
-    )
-    report.model_missing = list(weights_plan.missing)
-    report.model_unexpected = list(weights_plan.unexpected)
-    report.model_shape_mismatch = [
-        f"{m.name} (file {list(m.source_shape)}, model {list(m.target_shape)})"
-        for m in weights_plan.mismatched
-    ]
-
-    new_state: dict[str, Any] | None = None
-    if optimizer is not None:
-        if report.layout == "fastckpt":
-            if not (folder / OPT_JSON).is_file():
-                raise CheckpointError(f"{folder}: saved without an optimizer")
-            named = _load_named_optimizer_state(folder)
-        else:
-            opt_file = folder / TRAINER_OPTIMIZER if folder.is_dir() else None
-            if opt_file is None or not opt_file.is_file():
-                raise CheckpointError(
-                    f"{folder}: no {TRAINER_OPTIMIZER} to resume the optimizer from"
-                )
-            try:
-                # weights_only: the safe unpickler (tensors and python containers/numbers only).
-                raw = torch.load(opt_file, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{opt_file}: cannot read optimizer state: {e}") from None
-            named, notes = remap_optimizer_state(raw, weights, model, optimizer)
-            report.notes += notes
-        new_state = _apply_named_state(named, model, optimizer, report)
-
-    if strict and report.problems:
-        raise CheckpointError(
-            f"{folder}: resume is not exact (strict=True):\n  "
-            + "\n  ".join(report.problems)
-            + "\npass strict=False to resume anyway; these are then listed in the report"
-        )
-    with warnings.catch_warnings():  # what stays unloaded is in this report already
-        warnings.simplefilter("ignore", UninitializedWarning)
-        report.model_loaded = len(fastckpt.load_into(model, weights_plan, strict=False).loaded)
-    if optimizer is not None and new_state is not None:
-        optimizer.load_state_dict(new_state)
-    if (folder / EXTRA_JSON).is_file():
-        with contextlib.suppress(OSError):
-            report.extra = _from_json(json.loads((folder / EXTRA_JSON).read_text("utf-8")))
-    return report

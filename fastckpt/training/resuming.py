@@ -1,0 +1,142 @@
+"""``fastckpt.resume``: a model and its optimizer from a ``save`` folder or a
+Hugging Face Trainer checkpoint folder, everything checked before anything changes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastckpt.destinations import state_tensors, tie_groups
+from fastckpt.errors import CheckpointError, UninitializedWarning
+from fastckpt.mapping import Assignment, MappingPlan
+from fastckpt.training.layout import (
+    EXTRA_JSON,
+    FORMAT,
+    MANIFEST,
+    MODEL_FILE,
+    OPT_JSON,
+    TRAINER_OPTIMIZER,
+    PathLike,
+    from_json,
+)
+from fastckpt.training.optimizer_state import (
+    apply_named_state,
+    load_named_optimizer_state,
+    remap_optimizer_state,
+)
+from fastckpt.training.report import ResumeReport
+
+
+@dataclass(frozen=True)
+class _SavedNames:
+    """Rules for ``fastckpt.plan``: every name reads itself, and a name that was tied
+    when saving (stored once, under another name) reads the stored tensor. A tensor
+    tied in the model now is read from the first of its names the file has (the one
+    whose optimizer state is kept); the file's other names for it are ignored."""
+
+    aliases: Mapping[str, str]  # alias -> stored name
+    ties: Sequence[Sequence[str]] = ()  # the model's tie groups, in state_dict order
+
+    def plan(self, source_keys: Sequence[str], target_keys: Sequence[str] | None) -> MappingPlan:
+        sources = set(source_keys)
+        picked: dict[str, str] = {}
+        for t in target_keys if target_keys is not None else source_keys:
+            if t in sources:
+                picked[t] = t
+            elif (stored := self.aliases.get(t)) is not None and stored in sources:
+                picked[t] = stored
+        skipped: list[str] = []
+        for group in self.ties:
+            first = next((n for n in group if n in picked), None)
+            for n in group:
+                if n != first and n in picked:
+                    if picked.pop(n) == n:
+                        skipped.append(n)
+        return MappingPlan(
+            assignments=[Assignment(t, s) for t, s in picked.items()], ignored_sources=skipped
+        )
+
+
+def resume(
+    path: PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    strict: bool = True,
+) -> ResumeReport:
+    """Restore ``model`` (and ``optimizer``) from a ``save`` folder or a Trainer checkpoint folder.
+
+    Everything is checked before anything is changed: with ``strict=True`` any
+    missing / unexpected model tensor, new / vanished parameter, state dropped
+    because of a new tie, or misfitting state shape raises ``CheckpointError``
+    listing them, and the model and optimizer are left as they were.
+    """
+    import fastckpt
+
+    folder = Path(path)
+    if (folder / MANIFEST).is_file():
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{folder / MANIFEST}: unknown format {manifest.get('format')!r}")
+        report = ResumeReport(path=str(folder), layout="fastckpt")
+        weights: Path = folder / MODEL_FILE
+        aliases: dict[str, str] = manifest.get("aliases", {})
+    else:
+        report = ResumeReport(path=str(folder), layout="position-keyed")
+        weights, aliases = folder, {}
+    state = state_tensors(model)
+    ties = tie_groups(list(state), list(state.values())) or []
+    weights_plan = fastckpt.plan(
+        model, weights, _SavedNames(aliases, [g for g in ties if len(g) > 1])
+    )
+    report.model_missing = list(weights_plan.missing)
+    report.model_unexpected = list(weights_plan.unexpected)
+    report.model_shape_mismatch = [
+        f"{m.name} (file {list(m.source_shape)}, model {list(m.target_shape)})"
+        for m in weights_plan.mismatched
+    ]
+
+    new_state: dict[str, Any] | None = None
+    if optimizer is not None:
+        if report.layout == "fastckpt":
+            if not (folder / OPT_JSON).is_file():
+                raise CheckpointError(f"{folder}: saved without an optimizer")
+            named = load_named_optimizer_state(folder)
+        else:
+            opt_file = folder / TRAINER_OPTIMIZER if folder.is_dir() else None
+            if opt_file is None or not opt_file.is_file():
+                raise CheckpointError(
+                    f"{folder}: no {TRAINER_OPTIMIZER} to resume the optimizer from"
+                )
+            try:
+                # weights_only: the safe unpickler (tensors and python containers/numbers only).
+                raw = torch.load(opt_file, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{opt_file}: cannot read optimizer state: {e}") from None
+            named, notes = remap_optimizer_state(raw, weights, model, optimizer)
+            report.notes += notes
+        new_state = apply_named_state(named, model, optimizer, report)
+
+    if strict and report.problems:
+        raise CheckpointError(
+            f"{folder}: resume is not exact (strict=True):\n  "
+            + "\n  ".join(report.problems)
+            + "\npass strict=False to resume anyway; these are then listed in the report"
+        )
+    with warnings.catch_warnings():  # what stays unloaded is in this report already
+        warnings.simplefilter("ignore", UninitializedWarning)
+        report.model_loaded = len(fastckpt.load_into(model, weights_plan, strict=False).loaded)
+    if optimizer is not None and new_state is not None:
+        optimizer.load_state_dict(new_state)
+    if (folder / EXTRA_JSON).is_file():
+        with contextlib.suppress(OSError):
+            report.extra = from_json(json.loads((folder / EXTRA_JSON).read_text("utf-8")))
+    return report
