@@ -1,22 +1,37 @@
 """MoE conversion: a Mixtral folder written by save_pretrained (per-expert tensors)
-loaded into the same model by fastckpt.load_into (no rules: transformers' own
-conversions as strided copies) and by from_pretrained, warm page cache, alternating.
+loaded into the same transformers v5 model (fused ``gate_up_proj``/``down_proj``), three ways:
 
-    .venv/bin/python bench/bench_moe.py --dir /tmp/moe --repeat 5
+- ``fastckpt``: build the model on the meta device, ``load_into(model, folder, device="cpu")``
+  (transformers' own conversions as strided copies, no rules, nothing materialised);
+- ``torch.cat``: build the same way, read every shard with ``safetensors.load_file``,
+  ``torch.stack``/``torch.cat`` the experts in Python, ``load_state_dict``;
+- ``from_pretrained``: transformers' own conversion.
+
+Each load runs in a fresh process (the figure users live with), the three alternating,
+warm page cache; timed from the model's construction (after one untimed construction on
+meta that imports transformers' modeling code, the same for all three) to a loaded
+model. Per load: seconds, and the peak growth of anonymous (private) memory beyond the
+model's own bytes, sampled from /proc/self/status every 2 ms. The loaded state is checked
+against from_pretrained's, byte for byte.
+
+    .venv/bin/python bench/bench_moe.py --dir /tmp/moe --layers 6 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from transformers.initialization import no_init_weights
 
-import fastckpt
+WAYS = ("fastckpt", "torch.cat", "from_pretrained")
 
 
 def config(layers: int, hidden: int, inner: int, experts: int) -> transformers.MixtralConfig:
@@ -27,47 +42,141 @@ def config(layers: int, hidden: int, inner: int, experts: int) -> transformers.M
     )  # fmt: skip
 
 
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class _Peak:
+    """Peak RssAnon while the block runs, sampled every 2 ms on a thread."""
+
+    def __enter__(self) -> _Peak:
+        self.start = self.peak = _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_bytes())
+
+
+def _cat_state(folder: Path, experts: int) -> dict[str, torch.Tensor]:
+    """The fused state dict, materialised: every per-expert tensor read, then stacked."""
+    from safetensors.torch import load_file
+
+    flat: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        flat.update(load_file(f))
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({int(k.split(".")[2]) for k in flat if ".block_sparse_moe." in k})
+    for i in layers:
+        moe = f"model.layers.{i}.block_sparse_moe"
+        w = {
+            p: [flat.pop(f"{moe}.experts.{e}.{p}.weight") for e in range(experts)]
+            for p in ("w1", "w2", "w3")
+        }
+        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([a, b]) for a, b in zip(w["w1"], w["w3"], strict=True)]
+        )
+        out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(w["w2"])
+        out[f"model.layers.{i}.mlp.gate.weight"] = flat.pop(f"{moe}.gate.weight")
+    out.update(flat)
+    return out
+
+
+def child(way: str, folder: Path, experts: int, check: Path | None) -> dict[str, float]:
+    from transformers.initialization import no_init_weights
+
+    import fastckpt
+
+    cfg = transformers.MixtralConfig.from_pretrained(folder)
+    # The first model built in a process imports the modeling code and sets up
+    # transformers' lazy machinery (seconds, the same for every way): done once, untimed.
+    with torch.device("meta"):
+        transformers.MixtralForCausalLM(cfg)
+    started = time.perf_counter()
+    with _Peak() as peak:
+        if way == "from_pretrained":
+            model = transformers.MixtralForCausalLM.from_pretrained(folder)
+        elif way == "fastckpt":
+            with torch.device("meta"):
+                model = transformers.MixtralForCausalLM(cfg)
+            fastckpt.load_into(model, folder, device="cpu")
+        else:
+            with no_init_weights():
+                model = transformers.MixtralForCausalLM(cfg)
+            model.load_state_dict(_cat_state(folder, experts))
+    seconds = time.perf_counter() - started
+    state = model.state_dict()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if check is not None:
+        if way == "from_pretrained":
+            torch.save({k: v.clone() for k, v in state.items()}, check)
+        else:
+            ref = torch.load(check, weights_only=True)
+            assert set(ref) == set(state), way
+            for k, v in state.items():
+                assert torch.equal(v.view(torch.uint8), ref[k].view(torch.uint8)), (way, k)
+    return {"seconds": seconds, "over_model": (peak.peak - peak.start - model_bytes) / 1e6}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp/bench_moe"))
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--inner", type=int, default=1792)
     ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--child", choices=WAYS)
+    ap.add_argument("--check", type=Path)
     args = ap.parse_args()
-    cfg = config(args.layers, args.hidden, args.inner, args.experts)
+    if args.child:
+        print(json.dumps(child(args.child, args.dir, args.experts, args.check)))
+        return
     folder = args.dir
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
+        cfg = config(args.layers, args.hidden, args.inner, args.experts)
         transformers.MixtralForCausalLM(cfg).save_pretrained(folder, max_shard_size="200MB")
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    model = transformers.MixtralForCausalLM(cfg)
-    ours, built, theirs = [], [], []
-    for _ in range(args.repeat):
-        t = time.perf_counter()
-        fastckpt.load_into(model, folder)
-        ours.append(time.perf_counter() - t)
-        t = time.perf_counter()  # what from_pretrained also does: build the model, then load
-        with no_init_weights():
-            fresh = transformers.MixtralForCausalLM(cfg)
-        fastckpt.load_into(fresh, folder)
-        built.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ref = transformers.MixtralForCausalLM.from_pretrained(folder)
-        theirs.append(time.perf_counter() - t)
-    a, b = ref.state_dict(), model.state_dict()
-    assert set(a) == set(b)
-    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
-    print(f"folder {size / 1e6:.0f} MB, {len(a)} model tensors, equal to from_pretrained")
-    rows = (
-        ("load_into (built)", ours),
-        ("no-init build+load", built),
-        ("from_pretrained", theirs),
-    )
-    for label, times in rows:
-        runs = [round(x, 3) for x in times]
-        print(f"{label:20s} median {statistics.median(times):.3f} s (all {runs})")
+    for f in folder.glob("*.safetensors"):  # warm: every contender finds the pages cached
+        f.read_bytes()
+    check = folder / "reference.pt"
+
+    def run(way: str, checked: bool) -> dict[str, float]:
+        cmd = [sys.executable, __file__, "--dir", str(folder), "--experts", str(args.experts)]
+        cmd += ["--child", way] + (["--check", str(check)] if checked else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    # First round: from_pretrained writes the reference the other two are checked against.
+    results: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
+    for r in range(args.repeat):
+        for way in ("from_pretrained", "fastckpt", "torch.cat"):
+            results[way].append(run(way, checked=(r == 0)))
+    check.unlink(missing_ok=True)
+    print(f"folder {size / 1e6:.0f} MB; one load per fresh process, {args.repeat} rounds; "
+          "fastckpt and torch.cat equal to from_pretrained byte for byte")  # fmt: skip
+    print("| way | median s | all runs (s) | peak private MB above the model |")
+    print("|---|---|---|---|")
+    base = statistics.median(r["seconds"] for r in results["from_pretrained"])
+    for way in WAYS:
+        secs = [r["seconds"] for r in results[way]]
+        mem = [r["over_model"] for r in results[way]]
+        print(f"| {way} | {statistics.median(secs):.3f} ({base / statistics.median(secs):.2f}x "
+              f"from_pretrained) | {', '.join(f'{s:.3f}' for s in secs)} | "
+              f"{statistics.median(mem):.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
