@@ -6,7 +6,7 @@ from fastckpt.errors import CheckpointError, LimitError, StrictLoadError, Uninit
 from fastckpt.freeze import FreezeSummary, freeze
 from fastckpt.load import load_into
 from fastckpt.planning import LoadPlan, PlanEntry, plan
-from fastckpt.report import LoadReport
+from fastckpt.report import LoadReport, SharedReads
 from fastckpt.resume import ResumeReport, resume, save
 from fastckpt.rules import Rules, as_rules
 
@@ -21,6 +21,7 @@ __all__ = [
     "PlanEntry",
     "ResumeReport",
     "Rules",
+    "SharedReads",
     "StrictLoadError",
     "TensorInfo",
     "UninitializedWarning",

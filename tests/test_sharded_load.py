@@ -40,14 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, folder: Path, scenarios: list[str]) -> list[dict]:
+def run_ranks(
+    world: int, folder: Path, scenarios: list[str], worker: str = "tests.sharded_worker"
+) -> list[dict]:
     port = str(free_port())
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "tests.sharded_worker",
+                worker,
                 str(r),
                 str(world),
                 port,
