@@ -231,6 +231,10 @@ def _read_mode(read: str, group: Any, mmap: bool) -> bool:
         raise ValueError(
             "mmap=True maps the file, read='once' receives bytes from other ranks: choose one"
         )
+    import torch.distributed as dist
+
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(f"this rank ({dist.get_rank()}) is not in the group= it was given")
     return True
 
 

@@ -190,16 +190,17 @@ def segments(needs: list[dict[int, torch.Tensor]], size: int, window: int) -> li
         # until the next change or gap.
         change = torch.ones(len(cover), dtype=torch.bool)
         change[1:] = (cover[1:] != cover[:-1]).any(1) | ~used[:-1]
-        starts = (change & used).nonzero().flatten().tolist()
+        first = (change & used).nonzero().flatten()
         stop_at = (change | ~used).nonzero().flatten().tolist() + [len(cover)]
+        # Sets of ranks as tuples once per distinct set, not once per segment.
+        sets, which = torch.unique(cover[first], dim=0, return_inverse=True)
+        named = [tuple(row.nonzero().flatten().tolist()) for row in sets]
         b = bounds.tolist()
         j = 0
-        for s in starts:
+        for s, w in zip(first.tolist(), which.tolist(), strict=True):
             while stop_at[j] <= s:
                 j += 1
-            e = stop_at[j]
-            needers = tuple(cover[s].nonzero().flatten().tolist())
-            out += _cut(Segment(f, b[s], b[e], needers), window)
+            out += _cut(Segment(f, b[s], b[stop_at[j]], named[w]), window)
     loads = [0] * size
     for seg in out:
         seg.owner = min(seg.needers, key=lambda g: (loads[g], g))
@@ -425,13 +426,14 @@ def _exchange(
     everyone = tuple(range(len(ranks)))
     received: list[tuple[list[Segment], torch.Tensor]] = []
     ops = []
+    pending = []  # broadcasts in flight: every reader's at once, not one after another
     for (owner, needers), segs in sorted(messages.items()):
         if me not in needers:
             continue
         buf = _buffer(segs, files, comm, fill=me == owner)
         nbytes = sum(s.nbytes for s in segs)
         if needers == everyone:
-            dist.broadcast(buf, src=ranks[owner], group=group)
+            pending.append(dist.broadcast(buf, src=ranks[owner], group=group, async_op=True))
         elif me == owner:
             ops += [dist.P2POp(dist.isend, buf, ranks[r], group) for r in needers if r != me]
         else:
@@ -442,8 +444,9 @@ def _exchange(
             counts.received += nbytes
             received.append((segs, buf))
     if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        pending += dist.batch_isend_irecv(ops)
+    for req in pending:
+        req.wait()
     for segs, buf in received:
         _unpack(segs, buf, files)
 

@@ -173,6 +173,18 @@ def scenario_small_window(folder: Path) -> dict:
     return same_as(model, load_file(path)) | {"read": report.shared.read}
 
 
+def scenario_dp_tp(folder: Path) -> dict:
+    """Tensor parallel on a 2 x 2 mesh's "tp" dimension, replicated over "dp", all four
+    ranks one group: each shard is needed by two ranks of four, so its runs (strided
+    for Shard(1)) are packed and sent point to point."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    path = folder / "net.safetensors"
+    return compare(lambda: parallelize_module(Net(), mesh["tp"], tp_plan()), path,
+                   load_file(path))  # fmt: skip
+
+
 def scenario_other_file(folder: Path) -> dict:
     """The last rank opens another checkpoint: every rank refuses, none hangs or writes."""
     model = Net()

@@ -29,7 +29,8 @@ def two(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return run_ranks(4, tmp_path_factory.mktemp("once4"), ["nodes"], "tests.read_once_worker")
+    folder = tmp_path_factory.mktemp("once4")
+    return run_ranks(4, folder, ["nodes", "dp_tp"], "tests.read_once_worker")
 
 
 def ok(per_rank: list[dict], scenario: str) -> list[dict]:
@@ -100,6 +101,15 @@ def test_each_node_reads_each_page_once(four):
         assert r["file_pages"] <= pages <= r["file_pages"] + 2 * len(ranks)
         # The work is spread: each rank fetched about half.
         assert all(abs(r["fetched_once"] - r["file_pages"] / 2) <= 8 for r in ranks)
+
+
+def test_shards_two_of_four_ranks_hold_travel_point_to_point(four):
+    got = ok(four, "dp_tp")
+    for rank, r in enumerate(got):
+        assert r["wrong"] == [] and r["differ_from_own"] == [], (rank, r)
+    sent = sum(r["sent"] for r in got)
+    assert sent > 0 and sum(r["received"] for r in got) == sent
+    assert sum(r["read"] for r in got) + sent == sum(r["bytes"] for r in got)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank (two)")
@@ -202,3 +212,13 @@ def test_read_modes_refuse_what_cannot_go_together(tmp_path):
         fastckpt.load_into(model, path, group=object())
     with pytest.raises(ValueError, match="init_process_group first"):
         fastckpt.load_into(model, path, read="once")
+
+
+def test_bench_refuses_an_unknown_read_mode():
+    from typer.testing import CliRunner
+
+    from fastckpt.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--ranks", "2", "--read", "twice"])
+    assert result.exit_code == 2
+    assert "--read must be 'own' or 'once'" in result.output

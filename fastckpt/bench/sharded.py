@@ -15,7 +15,8 @@ with its own copy of the checkpoint (so that what a rank fetches is its own):
 
 Per rank: seconds (between two barriers), bytes of its checkpoint copy fetched
 into the page cache (cachestat), and the peak growth of its private memory
-(RssAnon, sampled every 2 ms) over the model's own, whose local shards are
+(RssAnon + RssShmem, sampled every 2 ms: the memory file of read="once" is
+shmem) over the model's own, whose local shards are
 written (resident) before the baseline. Every rank then checks its
 local shards against ``distribute_tensor`` of the file's tensors.
 """
@@ -57,15 +58,16 @@ def write_checkpoint(folder: Path, layers: int, hidden: int) -> None:
 
 
 def _rss_anon() -> int:
+    total = 0
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 class PeakPrivate:
-    """Samples RssAnon on a thread while the block runs."""
+    """Samples RssAnon + RssShmem on a thread while the block runs."""
 
     def __enter__(self) -> PeakPrivate:
         self.base = self.peak = _rss_anon()
