@@ -40,6 +40,7 @@ def write_checkpoints(folder: Path) -> None:
     renamed["model.head.weight"] = big["head.weight"].t().contiguous()
     torch.save(renamed, folder / "renamed.pt")
     save_file({**state, "extra": torch.zeros(3)}, folder / "extra.safetensors")
+    torch.save(reference(tied=True).state_dict(), folder / "tied.pt")
     torch.manual_seed(1)
     save_file(
         {"a.weight": torch.randn(512, 4096), "b.weight": torch.randn(2048, 1024)},
@@ -91,6 +92,15 @@ def scenario_replicated(folder: Path) -> dict:
     """A plain model on every rank (as under DDP): every byte is shared."""
     path = folder / "net.safetensors"
     return compare(Net, path, load_file(path))
+
+
+def scenario_tied(folder: Path) -> dict:
+    """Tied embeddings under FSDP2, from a torch zip file: written once, still tied."""
+    path = folder / "tied.pt"
+    out = compare(lambda: fsdp(Net(tied=True), world_mesh()), path, torch.load(path))
+    model = fsdp(Net(tied=True), world_mesh())
+    fastckpt.load_into(model, path, read="once")
+    return out | {"tied": model.head.weight is model.embed.weight}
 
 
 def scenario_cast(folder: Path) -> dict:

@@ -19,7 +19,7 @@ import fastckpt
 from fastckpt.read_once import PAGE, Task, merge, segments
 from tests.test_sharded_load import run_ranks
 
-TWO = ["fsdp2", "tp", "replicated", "cast", "rows_rules", "small_window", "other_file"]
+TWO = ["fsdp2", "tp", "replicated", "tied", "cast", "rows_rules", "small_window", "other_file"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def ok(per_rank: list[dict], scenario: str) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("scenario", ["fsdp2", "tp", "replicated", "cast", "rows_rules"])
+@pytest.mark.parametrize("scenario", ["fsdp2", "tp", "replicated", "tied", "cast", "rows_rules"])
 def test_same_bytes_as_an_ordinary_load(two, scenario):
     got = ok(two, scenario)
     for rank, r in enumerate(got):
@@ -64,6 +64,10 @@ def test_fsdp2_shards_are_read_by_their_own_rank(two):
     got = ok(two, "fsdp2")
     # Only the plain (replicated) 20-byte buffer travels.
     assert sum(r["sent"] for r in got) == 5 * 4
+
+
+def test_tied_embeddings_stay_tied(two):
+    assert all(r["tied"] for r in ok(two, "tied"))
 
 
 def test_casts_and_renames_are_reported(two):
