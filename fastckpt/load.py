@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fastckpt.checkpoint import Checkpoint
 from fastckpt.destinations import assign, owners, refusal, same_device, state_tensors
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
+from fastckpt.hf_model import broken_ties, initialise
 from fastckpt.planning import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, SharedReads, format_groups
 from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
@@ -66,7 +67,11 @@ def _find_cudart() -> str:
 
 
 def _strict_message(
-    path: str, report: LoadReport, suggestion_lines: list[str], rules_text: str
+    path: str,
+    report: LoadReport,
+    suggestion_lines: list[str],
+    rules_text: str,
+    untied: Sequence[tuple[str, str]] = (),
 ) -> str:
     lines = [
         (
@@ -78,6 +83,12 @@ def _strict_message(
     if report.missing:
         lines.append(f"  missing from the checkpoint ({len(report.missing)}):")
         lines += format_groups(report.missing)
+    if untied:
+        lines.append(
+            f"  declared tied by the model but separate tensors now ({len(untied)}), as "
+            "model.to_empty() leaves them: call model.tie_weights() before loading"
+        )
+        lines += [f"    {name} -> {source}" for name, source in untied]
     if report.unloadable:
         lines.append(
             f"  present in the checkpoint but not loadable ({len(report.unloadable)}):"
@@ -137,6 +148,8 @@ def load_into(
       other tensors, non-persistent buffers included, move there too.
     - ``dtype``: the floating dtype of the loaded model: floating tensors of
       another dtype are replaced by new ones of this dtype (cast on the way).
+      A transformers model's non-persistent buffers keep theirs, as with
+      ``from_pretrained(dtype=...)``.
     - ``max_host_bytes``: host staging budget beyond the destinations.
     - ``mmap``: tensors fastckpt allocates on the CPU (a meta model with
       ``device="cpu"``) whose bytes in the file need no conversion become views of
@@ -156,6 +169,10 @@ def load_into(
 
     ``path`` may also be a ``LoadPlan`` from ``fastckpt.plan(model, ...)``.
     A load that would leave any tensor on the meta device is refused by name.
+    A transformers model's non-persistent buffers (``rotary_emb.inv_freq``,
+    ``position_ids``), which no checkpoint holds, get their values from the model's
+    own ``_init_weights``, as ``from_pretrained`` gives them: on meta they are
+    allocated on ``device``, and after ``model.to_empty()`` their garbage is replaced.
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -288,8 +305,9 @@ def _refuse(p: LoadPlan) -> None:
 
         suggested = Rules.parse(sug.rules_text)
     report = _report_of(p)
+    untied = broken_ties(p._model_ref, report.missing)
     raise StrictLoadError(
-        _strict_message(str(p.path), report, sug.lines, sug.rules_text), report, suggested
+        _strict_message(str(p.path), report, sug.lines, sug.rules_text, untied), report, suggested
     )
 
 
@@ -385,7 +403,7 @@ def _execute(
             dsts = [tensors[g] for g in groups]
         shared = _run_once(
             p, dsts, handles, names, src_names or names, rows, via_dtypes, views, group,
-            n_threads, max_host_bytes,
+            n_threads, max_host_bytes, lambda: _before_writing(p, report),
         )  # fmt: skip
         report.bytes = shared.copied
         report.shared = SharedReads(shared.read, shared.sent, shared.received)
@@ -403,10 +421,11 @@ def _execute(
         for g, old in enumerate(tensors):
             if g not in fresh and not old.is_meta and needs_new(old):
                 assign(mt.group(g), old, _moved(old, want, dtype), where)
-        for module, attr in p._hidden_buffers.values():
+        own_dtype = set(p.initialised)
+        for name, (module, attr) in p._hidden_buffers.items():
             buf = module._buffers[attr]
             if buf is not None and not buf.is_meta and needs_new(buf):
-                module._buffers[attr] = _moved(buf, want, dtype)
+                module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
     return report
 
 
@@ -473,16 +492,25 @@ def _copy_all(
         )  # fmt: skip
         built.append((job, ks))
     report.cast = _cast_list(names, [(ks[i], s, d) for job, ks in built for i, s, d in job.casts()])
+    _before_writing(p, report)
     # Everything is checked: from here on the model is written.
     for job, _ in built:
         report.bytes += job.total_bytes
     _run_jobs([job for job, _ in built], progress, str(ckpt.path))
 
 
+def _before_writing(p: LoadPlan, report: LoadReport) -> None:
+    """What happens once everything is checked, before the first copy: a transformers
+    model's non-persistent buffers get their values (fastckpt.hf_model)."""
+    if p.initialised:
+        initialise(p._model_ref, p.initialised, p._hidden_buffers, p.device, p.checkpoint.path)
+        report.initialised = list(p.initialised)
+
+
 def _run_once(
     p: LoadPlan, dsts: list[torch.Tensor], handles: list[int], names: list[str],
     src_names: list[str], rows: Any, via_dtypes: Any, views: Any, group: Any, n_threads: int,
-    max_host_bytes: int,
+    max_host_bytes: int, before_writing: Callable[[], None],
 ) -> read_once.Counts:  # fmt: skip
     """read="once": every task, its bytes read by one rank of the group (fastckpt.read_once)."""
     ckpt = p.checkpoint
@@ -515,7 +543,7 @@ def _run_once(
             jobs.append((job, [t.pos for t in ts]))
         return jobs
 
-    return read_once.run(tasks, indexes, group, max_host_bytes, make_jobs)
+    return read_once.run(tasks, indexes, group, max_host_bytes, make_jobs, before_writing)
 
 
 def _file_views(

@@ -114,6 +114,9 @@ class LoadPlan:
     unused_rules: list[str] = field(default_factory=list)
     tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name written through)
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
+    # non-persistent buffers of a transformers model that its _init_weights will fill
+    # (fastckpt.hf_buffers), as from_pretrained does
+    initialised: list[str] = field(default_factory=list)
     # (model name, what it is): in the checkpoint, but not loadable (a sparse tensor, ...)
     unloadable: list[tuple[str, str]] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
@@ -233,6 +236,7 @@ class LoadPlan:
             "ignored": list(self.ignored),
             "unused_rules": list(self.unused_rules),
             "left_on_meta": list(self.left_on_meta),
+            "initialised": list(self.initialised),
         }
 
     def explain(self, full: bool = False, width: int | None = None) -> str:
@@ -302,6 +306,7 @@ class LoadPlan:
             ("ignored by rules", self.ignored),
             ("rules that matched nothing", self.unused_rules),
             ("left on the meta device", self.left_on_meta),
+            ("initialised by the model's _init_weights, as from_pretrained does", self.initialised),
         ):
             if names:
                 console.print(f"  {label} ({len(names)}):")
@@ -661,6 +666,9 @@ def _find_meta_leftovers(
     p: LoadPlan, model: nn.Module, mt: ModelTensors, loaded: set[int], want: torch.device | None
 ) -> None:
     """Names that would keep no values: tensors on meta that nothing fills."""
+    from fastckpt.hf_conversions import is_transformers_model
+    from fastckpt.hf_model import fillable
+
     left = [
         name
         for g, t in enumerate(mt.tensors)
@@ -668,14 +676,22 @@ def _find_meta_leftovers(
         for name in mt.group(g)
     ]
     # Non-persistent buffers matter when the model is (partly) on meta or is moved
-    # (device=, dtype=): finding them walks every module, which for a model of 30k
+    # (device=, dtype=), and always for transformers models, whose own initialisation
+    # gives them values: finding them walks every module, which for a model of 30k
     # tensors on the CPU, loaded in place, would cost more than the load.
     moving = want is not None or p.dtype is not None
-    if moving or left or not p._targets.all_cpu:
+    if moving or left or not p._targets.all_cpu or is_transformers_model(model):
         p._hidden_buffers = non_persistent_buffers(model)
-        left += [n for n, (m, a) in p._hidden_buffers.items() if m._buffers[a].is_meta]  # type: ignore[union-attr]
+        fill = set(fillable(model, p._hidden_buffers))
+        for name, (module, attr) in p._hidden_buffers.items():
+            on_meta = module._buffers[attr].is_meta  # type: ignore[union-attr]
+            if name in fill and (want is not None or not on_meta):
+                p.initialised.append(name)
+            elif on_meta:
+                left.append(name)
     if want is not None and want.type == "meta":
         left = []
+        p.initialised = []
     p.left_on_meta = left
 
 

@@ -292,11 +292,13 @@ def run(
     group: Any,
     max_host_bytes: int,
     make_jobs: Any,
+    before_writing: Any,
 ) -> Counts:
     """Copies every task, each byte the group needs read from storage by one of its ranks.
 
     ``make_jobs(indexes, tasks)`` builds the copy engine's jobs for a list of tasks
-    over the given file indexes."""
+    over the given file indexes; ``before_writing()`` runs once every task is checked,
+    before the first is copied."""
     import torch.distributed as dist
 
     window = max(PAGE, max_host_bytes // 4)
@@ -314,12 +316,16 @@ def run(
     mine: dict[int, list[torch.Tensor]] = {}
     for t in cut:
         mine.setdefault(t.file, []).append(t.runs())
+    # Every task checked (shapes, casts, views inside their storages) before anything
+    # is read or written: jobs over the checkpoint's own files, built and dropped.
+    counts = Counts()
+    for job, positions in make_jobs(list(indexes), cut):
+        counts.casts += [(positions[i], src, dst) for i, src, dst in job.casts()]
     need = {f: merge(torch.cat(rs)) for f, rs in mine.items()}
     every: list[Any] = [None] * size
     dist.all_gather_object(every, need, group=group)
     segs = segments(every, size, window)
-
-    counts = Counts()
+    before_writing()
     files: dict[int, MemoryFile] = {}
     sources: dict[int, int] = {}  # file index -> descriptor of the checkpoint file
     comm = _comm_device(group)
@@ -348,7 +354,7 @@ def run(
             while ready < len(cut) and (cut[ready].file, hulls[ready][1]) <= (last.file, last.end):
                 ready += 1
             if ready > next_task:
-                counts.copied += _copy(make_jobs(over, cut[next_task:ready]), counts)
+                counts.copied += _copy(make_jobs(over, cut[next_task:ready]))
                 next_task = ready
             _release(files, cut, hulls, next_task, last)
         if next_task < len(cut):
@@ -364,11 +370,9 @@ def run(
     return counts
 
 
-def _copy(jobs: list[tuple[Any, list[int]]], counts: Counts) -> int:
+def _copy(jobs: list[tuple[Any, list[int]]]) -> int:
     total = 0
-    for job, positions in jobs:
-        for i, src, dst in job.casts():
-            counts.casts.append((positions[i], src, dst))
+    for job, _ in jobs:
         total += job.total_bytes
         job.run()
     return total

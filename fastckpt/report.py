@@ -51,6 +51,9 @@ class LoadReport:
     # (model name, the part no source filled: "rows 50:60"), when a rule puts a
     # smaller source into part of a larger tensor (cat[0:50] into 60 rows)
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)
+    # non-persistent buffers given values by the transformers model's own
+    # _init_weights, as from_pretrained does (no checkpoint holds them)
+    initialised: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
     shared: SharedReads | None = None  # read="once" only
@@ -114,6 +117,7 @@ class LoadReport:
                 ],
             ),
             ("partly loaded", [f"{n} ({what} not loaded)" for n, what in self.partly_loaded]),
+            ("initialised", self.initialised),
             ("ignored", self.ignored),
             ("unused rules", self.unused_rules),
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,14 @@ def run_python(script: str, *args: object, timeout: float = 300) -> subprocess.C
         cwd=REPO,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group's rendezvous: a fixed or
+    hashed port can collide with another run's and hang its ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 ALL_DTYPES = [

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
-from tests.conftest import assert_same_bytes, empty_weights, tiny_hf_config
+from tests.conftest import assert_same_bytes, empty_weights, free_port, tiny_hf_config
 
 
 class Net(nn.Module):
@@ -250,7 +250,7 @@ dist.destroy_process_group()
 def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(tmp_path, file_dtype, init):
     from tests.conftest import run_python
 
-    port = str(29500 + (hash((file_dtype, init, str(tmp_path))) % 2000))
+    port = str(free_port())
     done = run_python(FSDP_SCRIPT, tmp_path / "f.safetensors", port, file_dtype, init, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
@@ -281,30 +281,62 @@ HF_CASES = [
         {},
         ["bert.embeddings.position_ids", "bert.embeddings.token_type_ids"],
     ),
-    ("LlamaForCausalLM", "LlamaConfig", {"num_key_value_heads": 2}, ["model.rotary_emb.inv_freq"]),
+    (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {"num_key_value_heads": 2},
+        ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("cls_name", "config_name", "config", "buffers"), HF_CASES, ids=[c[0] for c in HF_CASES]
 )
-def test_meta_transformers_model_is_refused_naming_the_buffers_left_on_meta(
+def test_meta_transformers_model_loads_to_from_pretrained_outputs(
     tmp_path, cls_name, config_name, config, buffers
 ):
+    """Everything on meta, buffers included: the non-persistent buffers are allocated on
+    device= and filled by the model's own _init_weights, as from_pretrained does."""
     import transformers
 
     folder = _hf_folder(tmp_path, cls_name, config_name, **config)
+    ref = getattr(transformers, cls_name).from_pretrained(folder).eval()
     with torch.device("meta"):
         model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config))
-    with pytest.raises(fastckpt.CheckpointError) as info:
-        fastckpt.load_into(model, folder, device="cpu")
-    msg = str(info.value)
-    assert "would leave" in msg and "on the meta device" in msg and "nothing was loaded" in msg
+    plan = fastckpt.plan(model, folder, device="cpu")
+    assert sorted(plan.initialised) == sorted(buffers)
+    assert "as from_pretrained does" in plan.explain()
+    report = fastckpt.load_into(model, folder, device="cpu")
+    assert sorted(report.initialised) == sorted(buffers)
+    model.eval()
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     for name in buffers:
-        head = name.rsplit(".", 1)[-1]
-        assert head in msg, (name, msg)
+        assert_same_bytes(model.get_buffer(name), ref.get_buffer(name))
+    ids = torch.tensor([[1, 5, 7, 3, 2]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids), ref(input_ids=ids)
+    key = "prediction_logits" if "prediction_logits" in want else "logits"
+    assert_same_bytes(got[key], want[key])
+
+
+def test_a_plain_module_with_a_buffer_on_meta_is_refused_naming_it(tmp_path):
+    class Rope(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.register_buffer("inv_freq", torch.arange(2.0), persistent=False)
+
+    path = tmp_path / "r.safetensors"
+    save_file({k: v.contiguous() for k, v in Rope().state_dict().items()}, str(path))
+    with torch.device("meta"):
+        model = Rope()
+    with pytest.raises(fastckpt.CheckpointError) as info:
+        fastckpt.load_into(model, path, device="cpu")
+    msg = str(info.value)
+    assert "would leave" in msg and "inv_freq" in msg and "nothing was loaded" in msg
     assert "init_empty_weights" in msg
-    assert all(p.is_meta for p in model.parameters())  # nothing was assigned
+    assert all(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,13 @@ plain load of the same file. A rank that hangs fails the test by timeout.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 SCENARIOS = [
     "fsdp2",
@@ -32,12 +31,6 @@ SCENARIOS = [
 # Four ranks on two cores are slow to start: there, the scenarios whose geometry
 # changes with the rank count (2-D needs four) and the collective ones.
 FOUR_RANKS = ["fsdp2", "tp", "dp_tp", "meta_device", "strict_refusal", "other_file", "pages"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(

@@ -1,0 +1,223 @@
+"""transformers models after the large-model recipes: to_empty(), dtype=, FSDP2 on meta.
+
+Their non-persistent buffers come from the model's own _init_weights, as
+from_pretrained gives them; a broken tie is named with its fix; a model whose
+initialisation does not fill a buffer, or writes anything else, is refused.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import fastckpt
+from tests.conftest import REPO, assert_same_bytes, free_port, tiny_hf_config
+
+transformers = pytest.importorskip("transformers")
+hf_init = pytest.importorskip("transformers.initialization")
+
+IDS = torch.tensor([[1, 5, 7, 3, 2]])
+
+
+def _folder(tmp_path, cls_name: str, config_name: str, **config):
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config)).eval()
+    folder = tmp_path / cls_name
+    model.save_pretrained(folder)
+    return folder
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=IDS)
+    return out["prediction_logits"] if "prediction_logits" in out else out["logits"]
+
+
+def test_to_empty_llama_gets_its_rotary_buffers_back(tmp_path):
+    """to_empty() leaves inv_freq as whatever the allocator had: before this, the model
+    ran, with logits off by 2e-4."""
+    cfg = tiny_hf_config("LlamaConfig", num_key_value_heads=2)
+    folder = _folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    rotary = model.model.rotary_emb
+    rotary.inv_freq.fill_(float("nan"))  # the garbage made visible
+    rotary.original_inv_freq.fill_(float("nan"))
+    report = fastckpt.load_into(model, folder)
+    assert sorted(report.initialised) == [
+        "model.rotary_emb.inv_freq",
+        "model.rotary_emb.original_inv_freq",
+    ]
+    assert_same_bytes(rotary.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert_same_bytes(_logits(model), _logits(ref))
+
+
+def test_to_empty_bert_names_the_broken_ties_then_loads_after_tie_weights(tmp_path):
+    cfg = tiny_hf_config("BertConfig")
+    folder = _folder(tmp_path, "BertForPreTraining", "BertConfig")
+    ref = transformers.BertForPreTraining.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.BertForPreTraining(cfg)
+    model.to_empty(device="cpu")
+    with pytest.raises(fastckpt.StrictLoadError) as info:
+        fastckpt.load_into(model, folder)
+    msg = str(info.value)
+    assert "call model.tie_weights() before loading" in msg, msg
+    assert "cls.predictions.decoder.weight -> bert.embeddings.word_embeddings.weight" in msg
+    model.tie_weights()
+    report = fastckpt.load_into(model, folder)
+    assert report.missing == []
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert_same_bytes(model.bert.embeddings.position_ids, ref.bert.embeddings.position_ids)
+    assert_same_bytes(_logits(model), _logits(ref))
+
+
+def test_dtype_keeps_the_buffers_dtype_as_from_pretrained_does(tmp_path):
+    cfg = tiny_hf_config("LlamaConfig", num_key_value_heads=2)
+    folder = _folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    fastckpt.load_into(model, folder, device="cpu", dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert_same_bytes(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert_same_bytes(_logits(model), _logits(ref))
+
+
+# -- models whose _init_weights does not do what from_pretrained relies on ---------------
+
+
+class _Config(transformers.PretrainedConfig):
+    model_type = "fastckpt-tiny"
+
+
+class _Tiny(transformers.PreTrainedModel):
+    config_class = _Config
+
+    def __init__(self, config: _Config) -> None:
+        super().__init__(config)
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self:
+            hf_init.constant_(self.scale, 2.0)
+
+
+class _Forgets(_Tiny):
+    def _init_weights(self, module: nn.Module) -> None:
+        pass
+
+
+class _Clobbers(_Tiny):
+    def _init_weights(self, module: nn.Module) -> None:
+        if module is self:
+            self.scale.fill_(2.0)
+            self.proj.weight.mul_(0.0)  # not through transformers' guarded init
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "proj.weight": torch.randn(4, 4, generator=g),
+        "proj.bias": torch.randn(4, generator=g),
+    }
+    path = tmp_path / "tiny.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_a_model_whose_init_fills_the_buffer_loads_with_other_tensors_guarded(tiny_file):
+    path, state = tiny_file
+    with torch.device("meta"):
+        model = _Tiny(_Config())
+    report = fastckpt.load_into(model, path, device="cpu")
+    assert report.initialised == ["scale"]
+    assert torch.equal(model.scale, torch.full((4,), 2.0))
+    assert_same_bytes(model.proj.weight, state["proj.weight"])
+    # the guard flags fastckpt set are gone again
+    assert not hasattr(model.proj.weight, "_is_hf_initialized")
+
+
+def test_a_model_whose_init_leaves_a_buffer_unfilled_is_refused(tiny_file):
+    path, _ = tiny_file
+    with torch.device("meta"):
+        model = _Forgets(_Config())
+    with pytest.raises(fastckpt.CheckpointError) as info:
+        fastckpt.load_into(model, path, device="cpu")
+    msg = str(info.value)
+    assert "_init_weights gives no values" in msg and "scale" in msg and "nothing was loaded" in msg
+    assert str(path) in msg
+    assert all(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_an_init_that_writes_other_tensors_is_refused_by_name(tiny_file):
+    path, _ = tiny_file
+    model = _Clobbers(_Config())
+    bias = model.proj.bias.detach().clone()
+    with pytest.raises(fastckpt.CheckpointError) as info:
+        fastckpt.load_into(model, path)
+    assert "also wrote proj.weight" in str(info.value)
+    # the refusal comes before the copy: the file's values are nowhere in the model
+    assert not model.proj.weight.any()
+    assert_same_bytes(model.proj.bias, bias)
+
+
+FSDP_LLAMA = r"""
+import os, sys, torch, torch.distributed as dist, transformers, fastckpt
+from torch.distributed.fsdp import fully_shard
+
+def main(rank, world, folder, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    report = fastckpt.load_into(model, folder)
+    ids = torch.tensor([[1, 5, 7, 3, 2]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+    same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    print(f"rank {rank} initialised {len(report.initialised)} same {same}", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(main, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_fsdp2_llama_built_on_meta_and_to_empty_runs_like_from_pretrained(tmp_path):
+    folder = _folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    script = tmp_path / "fsdp_llama.py"
+    script.write_text(FSDP_LLAMA)
+    port = str(free_port())
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder), port],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} initialised 2 same True" in done.stdout, (
+            done.stdout + done.stderr[-2000:]
+        )
