@@ -9,10 +9,11 @@ reader: the rank that needs it alone, else the one of its ranks that has read
 the fewest bytes so far (a big shared segment is first cut into one part per
 rank, at page boundaries). Every rank computes the same segments and readers.
 
-Window by window (at most a quarter of ``max_host_bytes`` of the file), readers
-``pread`` their segments with no readahead; segments every rank of the group
-needs are broadcast, the others are sent point to point to the ranks that need
-them. A rank keeps the bytes it needs in a memory file the size of the
+Window by window (at most a quarter of ``max_host_bytes`` of the file; one
+window's messages in flight while the next is read and the one before copied),
+readers ``pread`` their segments with no readahead; segments every rank of the
+group needs are broadcast, the others are sent point to point to the ranks that
+need them. A rank keeps the bytes it needs in a memory file the size of the
 checkpoint file, at the same offsets, and runs the ordinary copy engine with the
 checkpoint's index over that memory file (``FileIndex.over``): casts, rows,
 views and ties are those of a plain load, byte for byte. After each window the
@@ -334,29 +335,41 @@ def run(
     hulls = [t.hull() for t in cut]
     next_task = 0
     over = list(indexes)
+    # One window's messages travel while the next is read and the one before is copied.
+    in_flight: tuple[list[Segment], Any] | None = None
     try:
-        for part in _windows(segs, window):
-            for seg in part:
-                if me in seg.needers and seg.file not in files:
-                    files[seg.file] = MemoryFile.create(indexes[seg.file].file_size)
-                    over[seg.file] = indexes[seg.file].over(f"/proc/self/fd/{files[seg.file].fd}")
-                if seg.owner == me:
-                    path = indexes[seg.file].path
-                    if seg.file not in sources:
-                        sources[seg.file] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                        # Only the pages asked for: no readahead into other readers' bytes.
-                        os.posix_fadvise(sources[seg.file], 0, 0, os.POSIX_FADV_RANDOM)
-                    _read(path, sources[seg.file], files[seg.file], seg.start, seg.end)
-                    counts.read += seg.nbytes
-            _exchange(part, files, me, ranks, group, comm, counts)
-            last = part[-1]
-            ready = next_task
-            while ready < len(cut) and (cut[ready].file, hulls[ready][1]) <= (last.file, last.end):
-                ready += 1
-            if ready > next_task:
-                counts.copied += _copy(make_jobs(over, cut[next_task:ready]))
-                next_task = ready
-            _release(files, cut, hulls, next_task, last)
+        for part in [*_windows(segs, window), None]:
+            started = None
+            if part is not None:
+                for seg in part:
+                    if me in seg.needers and seg.file not in files:
+                        files[seg.file] = MemoryFile.create(indexes[seg.file].file_size)
+                        fd_path = f"/proc/self/fd/{files[seg.file].fd}"
+                        over[seg.file] = indexes[seg.file].over(fd_path)
+                    if seg.owner == me:
+                        path = indexes[seg.file].path
+                        if seg.file not in sources:
+                            sources[seg.file] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                            # Only the pages asked for: no readahead into other readers' bytes.
+                            os.posix_fadvise(sources[seg.file], 0, 0, os.POSIX_FADV_RANDOM)
+                        _read(path, sources[seg.file], files[seg.file], seg.start, seg.end)
+                        counts.read += seg.nbytes
+                started = (part, _exchange(part, files, me, ranks, group, comm, counts))
+            if in_flight is not None:
+                done, finish = in_flight
+                finish()
+                last = done[-1]
+                ready = next_task
+                while ready < len(cut) and (cut[ready].file, hulls[ready][1]) <= (
+                    last.file,
+                    last.end,
+                ):
+                    ready += 1
+                if ready > next_task:
+                    counts.copied += _copy(make_jobs(over, cut[next_task:ready]))
+                    next_task = ready
+                _release(files, cut, hulls, next_task, last)
+            in_flight = started
         if next_task < len(cut):
             raise CheckpointError(
                 f"{indexes[cut[next_task].file].path}: read='once' found no window holding the "
@@ -418,9 +431,10 @@ def _exchange(
     group: Any,
     comm: torch.device,
     counts: Counts,
-) -> None:
-    """Sends each shared segment of the window from its reader to the ranks that need it:
-    one message per (reader, set of ranks), broadcast when that set is the whole group."""
+) -> Any:
+    """Starts sending each shared segment of the window from its reader to the ranks that
+    need it: one message per (reader, set of ranks), broadcast when that set is the whole
+    group. Returns what to call to wait for them and land what was received."""
     import torch.distributed as dist
 
     messages: dict[tuple[int, tuple[int, ...]], list[Segment]] = {}
@@ -449,10 +463,14 @@ def _exchange(
             received.append((segs, buf))
     if ops:
         pending += dist.batch_isend_irecv(ops)
-    for req in pending:
-        req.wait()
-    for segs, buf in received:
-        _unpack(segs, buf, files)
+
+    def finish() -> None:
+        for req in pending:
+            req.wait()
+        for segs, buf in received:
+            _unpack(segs, buf, files)
+
+    return finish
 
 
 def _buffer(segs: list[Segment], files: dict[int, MemoryFile], comm: torch.device,
