@@ -5,7 +5,7 @@ from fastckpt.diff import DiffReport, diff
 from fastckpt.errors import CheckpointError, LimitError, StrictLoadError, UninitializedWarning
 from fastckpt.load import load_into
 from fastckpt.planning import LoadPlan, PlanEntry, plan
-from fastckpt.report import LoadReport
+from fastckpt.report import LoadReport, SharedReads
 from fastckpt.rules import Rules, as_rules
 from fastckpt.training import FreezeSummary, ResumeReport, freeze, resume, save
 
@@ -20,6 +20,7 @@ __all__ = [
     "PlanEntry",
     "ResumeReport",
     "Rules",
+    "SharedReads",
     "StrictLoadError",
     "TensorInfo",
     "UninitializedWarning",

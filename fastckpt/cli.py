@@ -223,8 +223,9 @@ def convert_command(
 
 
 def _bench_ranks(
-    ranks: int, size: str, repeat: int, cache_dir: Path | None, markdown: bool, as_json: bool
-) -> None:
+    ranks: int, size: str, repeat: int, cache_dir: Path | None, markdown: bool, as_json: bool,
+    read: str = "own",
+) -> None:  # fmt: skip
     import sys
     import tempfile
 
@@ -235,13 +236,16 @@ def _bench_ranks(
     layers, hidden = (4, 512) if size == "small" else (16, 2048)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         with Console(stderr=True).status(f"benchmarking {ranks} ranks"):
-            result = run_sharded_bench(ranks, layers, hidden, repeat, Path(tmp))
+            result = run_sharded_bench(
+                ranks, layers, hidden, repeat, Path(tmp), replicated=read == "once"
+            )
     rows = summary(result)
     if as_json:
         typer.echo(json.dumps(result | {"summary": rows}, indent=2))
         return
     title = (
-        f"{ranks} gloo CPU ranks, FSDP2, {layers} x Linear({hidden}, {hidden}) fp32, "
+        f"{ranks} gloo CPU ranks, {'replicated' if read == 'once' else 'FSDP2'}, "
+        f"{layers} x Linear({hidden}, {hidden}) fp32, "
         f"{result['file_bytes'] / 1e6:.1f} MB, cold cache, median of {repeat} (slowest rank)"
     )
     head = ["contender", "seconds", "x fastckpt", "MB fetched / rank", "MB shard / rank",
@@ -290,6 +294,10 @@ def bench_command(
         0, "--ranks", help="N > 0: an FSDP2 model on N gloo CPU ranks, against torch DCP and "
         "rank-0 broadcast (cold cache, --size small: 4 x 512, full: 16 x 2048 Linear layers)"
     ),
+    read: str = typer.Option(
+        "own", "--read", help="with --ranks: 'once' loads a replicated model on every rank, "
+        "read=\"own\" against read=\"once\" (each byte read by one rank) and rank-0 broadcast"
+    ),
 ) -> None:
     """Time fastckpt load_into against torch.load, safetensors and the memcpy/read ceilings.
 
@@ -306,8 +314,10 @@ def bench_command(
     from fastckpt.bench.report import print_tables
 
     err = Console(stderr=True)
+    if read not in ("own", "once"):
+        raise _fail(f"--read must be 'own' or 'once', not {read!r}")
     if ranks > 0:
-        _bench_ranks(ranks, size, repeat, cache_dir, markdown, as_json)
+        _bench_ranks(ranks, size, repeat, cache_dir, markdown, as_json, read)
         return
     try:
         with err.status("benchmarking") as status:

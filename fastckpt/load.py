@@ -15,21 +15,21 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastckpt import _core
+from fastckpt import _core, read_once
 from fastckpt.checkpoint import Checkpoint
 from fastckpt.destinations import assign, owners, refusal, same_device, state_tensors
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
 from fastckpt.hf_model import broken_ties, initialise
 from fastckpt.planning import LoadPlan, build, meta_message
-from fastckpt.report import LoadReport, format_groups
+from fastckpt.report import LoadReport, SharedReads, format_groups
 from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.suggest import suggest_rules
 
@@ -133,6 +133,8 @@ def load_into(
     progress: bool = False,
     key: str | Sequence[str] | None = None,
     mmap: bool = False,
+    read: str = "own",
+    group: Any = None,
 ) -> LoadReport:
     """Copy the checkpoint at ``path`` into ``model``'s parameters and persistent buffers.
 
@@ -156,6 +158,15 @@ def load_into(
       never to the file. Prefer copying (the default) for GPU destinations and for
       training that rewrites every weight (each written page is copied then).
 
+    - ``read``: ``"own"`` (the default): each rank reads from storage the bytes it
+      needs itself. ``"once"``: the ranks of ``group`` (a ``torch.distributed``
+      process group; ``None``: every rank) share the reading: each byte any of them
+      needs is read from storage by one of them and sent over the group to the
+      others that need it (broadcast or send/recv, on the group's own backend).
+      Every rank of the group must call ``load_into`` together; pass each node's
+      group (``dist.new_subgroups()``) to read each byte once per node.
+      ``report.shared`` says how many bytes this rank read, sent and received.
+
     ``path`` may also be a ``LoadPlan`` from ``fastckpt.plan(model, ...)``.
     A load that would leave any tensor on the meta device is refused by name.
     A transformers model's non-persistent buffers (``rotary_emb.inv_freq``,
@@ -171,10 +182,14 @@ def load_into(
     # Planning makes a few small objects per tensor and none of them cyclic; with
     # 30k tensors the collector's passes (over every object torch ever made) cost
     # more than the plan itself. Collection resumes, unchanged, when we return.
+    once = _read_mode(read, group, mmap)
     collecting = gc.isenabled()
     gc.disable()
     try:
-        # Ranks of a sharded model agree before any writes: if one refuses, all do.
+        # Ranks of a sharded model (or sharing reads) agree before any writes: if
+        # one refuses, all do.
+        sharded = _distributed() and has_dtensors(model)
+        together = sharded or once
         error: BaseException | None = None
         try:
             if isinstance(path, LoadPlan):
@@ -182,20 +197,21 @@ def load_into(
                     raise ValueError("this LoadPlan was made for another model")
                 p = path
             else:
-                p = build(model, path, rules, key=key, device=device, dtype=dtype)
+                p = build(model, path, rules, key=key, device=device, dtype=dtype, exact=once)
         except (CheckpointError, ValueError, TypeError) as e:
-            if not (_distributed() and has_dtensors(model)):
+            if not together:
                 raise
             error = e
-        if error is not None or (p.any_sharded and _distributed()):
-            agree(p if error is None else None, error, strict)
+        if together:
+            # A sharded model is one over every rank; reads are shared within the group.
+            agree(p if error is None else None, error, strict, None if sharded else group)
         if strict and p.problems:
             _refuse(p)
         if p.device is None and (not p._targets.all_cpu or p.sharded):
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
-        report = _execute(p, model, max_host_bytes, threads, progress, mmap)
+        report = _execute(p, model, max_host_bytes, threads, progress, mmap, once, group)
     finally:
         if collecting:
             gc.enable()
@@ -213,6 +229,30 @@ def load_into(
             stacklevel=2,
         )
     return report
+
+
+def _read_mode(read: str, group: Any, mmap: bool) -> bool:
+    """Whether reads are shared (read="once"); ValueError for what cannot go together."""
+    if read not in ("own", "once"):
+        raise ValueError(f"read must be 'own' or 'once', not {read!r}")
+    if read == "own":
+        if group is not None:
+            raise ValueError("group= says which ranks share reads; it goes with read='once'")
+        return False
+    if not _distributed():
+        raise ValueError(
+            "read='once' shares reads between ranks over torch.distributed: call "
+            "init_process_group first"
+        )
+    if mmap:
+        raise ValueError(
+            "mmap=True maps the file, read='once' receives bytes from other ranks: choose one"
+        )
+    import torch.distributed as dist
+
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(f"this rank ({dist.get_rank()}) is not in the group= it was given")
+    return True
 
 
 def _report_of(p: LoadPlan) -> LoadReport:
@@ -278,6 +318,8 @@ def _execute(
     threads: int | None,
     progress: bool,
     mmap: bool = False,
+    once: bool = False,
+    group: Any = None,
 ) -> LoadReport:
     """Allocate what the plan allocates, copy every source, then assign new tensors."""
     assert p._model is not None
@@ -355,69 +397,22 @@ def _execute(
     if p.pieces:
         views = [None] * n_main + [pc.src_view for pc in p.pieces]
 
-    # One copy job per device; positions keep the report in model order.
-    by_device: dict[tuple[str, int], list[int]] = {}
-    if len(devices) <= 1:
-        d = next(iter(devices), torch.device("cpu"))
-        by_device[(d.type, (d.index or 0) if d.type == "cuda" else 0)] = [
-            k for k in range(len(groups)) if k not in viewed
-        ]
-    else:
-        assert dsts is not None  # several devices: read above
-        for k, t in enumerate(dsts):
-            if k in viewed:
-                continue
-            on_cuda = t.device.type == "cuda"
-            dev_key = ("cuda", t.device.index or 0) if on_cuda else ("cpu", 0)
-            by_device.setdefault(dev_key, []).append(k)
     n_threads = threads if threads is not None else _default_threads()
-    built: list[tuple[Any, list[int]]] = []
-    for (kind, dev_index), ks in by_device.items():
-        whole = len(ks) == len(groups)
-
-        def part(values: list[Any] | None, ks: list[int] = ks, whole: bool = whole) -> Any:
-            return values if values is None or whole else [values[k] for k in ks]
-
-        sink = ""
-        cudart = ""
-        if kind == "cuda":
-            torch.cuda.synchronize(dev_index)  # memory torch just handed out may still be in use
-            sink, cudart = "cuda", _find_cudart()
-        job = _core.CopyJob.from_targets(
-            ckpt._core_indexes,
-            part(handles),
-            targets if whole else targets.subset(ks),
-            part(names),
-            part(src_names),
-            part(rows),
-            part(via_dtypes),
-            n_threads,
-            max_host_bytes,
-            sink,
-            cudart,
-            dev_index,
-            part(views),
-            bool(p.sharded),
-        )
-        built.append((job, ks))
-
-    casts: dict[str, tuple[int, str, str, str]] = {}
-    for job, ks in built:
-        for i, src_dtype, dst_dtype in job.casts():
-            k = ks[i]
-            casts.setdefault(
-                names[k],
-                (k, names[k], short_name(to_torch(src_dtype)), short_name(to_torch(dst_dtype))),
-            )
-    report.cast = [c[1:] for c in sorted(casts.values())]
-
-    if p.initialised:
-        initialise(model, p.initialised, p._hidden_buffers, want, ckpt.path)
-        report.initialised = list(p.initialised)
-    # Everything is checked: from here on the model is written.
-    for job, _ in built:
-        report.bytes += job.total_bytes
-    _run_jobs([job for job, _ in built], progress, str(ckpt.path))
+    if once:
+        if dsts is None:
+            dsts = [tensors[g] for g in groups]
+        shared = _run_once(
+            p, dsts, handles, names, src_names or names, rows, via_dtypes, views, group,
+            n_threads, max_host_bytes, lambda: _before_writing(p, report),
+        )  # fmt: skip
+        report.bytes = shared.copied
+        report.shared = SharedReads(shared.read, shared.sent, shared.received)
+        report.cast = _cast_list(names, shared.casts)
+    else:
+        _copy_all(
+            p, groups, dsts, devices, viewed, targets, handles, names, src_names, rows,
+            via_dtypes, views, n_threads, max_host_bytes, progress, report,
+        )  # fmt: skip
 
     if want is not None or dtype is not None:
         where = owners(model)
@@ -432,6 +427,123 @@ def _execute(
             if buf is not None and not buf.is_meta and needs_new(buf):
                 module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
     return report
+
+
+def _device_key(d: torch.device) -> tuple[str, int]:
+    return ("cuda", d.index or 0) if d.type == "cuda" else ("cpu", 0)
+
+
+def _job(
+    indexes: list[Any], handles: list[int], targets: Any, names: list[str], src_names: Any,
+    rows: Any, vias: Any, views: Any, device: tuple[str, int], n_threads: int,
+    max_host_bytes: int, exact: bool,
+) -> Any:  # fmt: skip
+    """The copy engine's job for these tasks, all into tensors on ``device``."""
+    kind, dev_index = device
+    sink = cudart = ""
+    if kind == "cuda":
+        torch.cuda.synchronize(dev_index)  # memory torch just handed out may still be in use
+        sink, cudart = "cuda", _find_cudart()
+    return _core.CopyJob.from_targets(
+        indexes, handles, targets, names, src_names, rows, vias, n_threads, max_host_bytes,
+        sink, cudart, dev_index, views, exact,
+    )  # fmt: skip
+
+
+def _cast_list(names: list[str], casts: list[tuple[int, str, str]]) -> list[tuple[str, str, str]]:
+    """(model name, from, to) per model tensor, in task order, from the jobs' (task, from, to)."""
+    seen: dict[str, tuple[int, str, str, str]] = {}
+    for k, src_dtype, dst_dtype in casts:
+        seen.setdefault(
+            names[k],
+            (k, names[k], short_name(to_torch(src_dtype)), short_name(to_torch(dst_dtype))),
+        )
+    return [c[1:] for c in sorted(seen.values())]
+
+
+def _copy_all(
+    p: LoadPlan, groups: list[int], dsts: list[torch.Tensor] | None, devices: set[torch.device],
+    viewed: set[int], targets: Any, handles: list[int], names: list[str], src_names: Any,
+    rows: Any, via_dtypes: Any, views: Any, n_threads: int, max_host_bytes: int,
+    progress: bool, report: LoadReport,
+) -> None:  # fmt: skip
+    """Every task read by this rank from the file: one copy job per device."""
+    ckpt = p.checkpoint
+    by_device: dict[tuple[str, int], list[int]] = {}
+    if len(devices) <= 1:
+        d = next(iter(devices), torch.device("cpu"))
+        by_device[_device_key(d)] = [k for k in range(len(groups)) if k not in viewed]
+    else:
+        assert dsts is not None  # several devices: read above
+        for k, t in enumerate(dsts):
+            if k not in viewed:
+                by_device.setdefault(_device_key(t.device), []).append(k)
+    built: list[tuple[Any, list[int]]] = []
+    for device, ks in by_device.items():
+        whole = len(ks) == len(groups)
+
+        def part(values: list[Any] | None, ks: list[int] = ks, whole: bool = whole) -> Any:
+            return values if values is None or whole else [values[k] for k in ks]
+
+        job = _job(
+            ckpt._core_indexes, part(handles), targets if whole else targets.subset(ks),
+            part(names), part(src_names), part(rows), part(via_dtypes), part(views), device,
+            n_threads, max_host_bytes, bool(p.sharded),
+        )  # fmt: skip
+        built.append((job, ks))
+    report.cast = _cast_list(names, [(ks[i], s, d) for job, ks in built for i, s, d in job.casts()])
+    _before_writing(p, report)
+    # Everything is checked: from here on the model is written.
+    for job, _ in built:
+        report.bytes += job.total_bytes
+    _run_jobs([job for job, _ in built], progress, str(ckpt.path))
+
+
+def _before_writing(p: LoadPlan, report: LoadReport) -> None:
+    """What happens once everything is checked, before the first copy: a transformers
+    model's non-persistent buffers get their values (fastckpt.hf_model)."""
+    if p.initialised:
+        initialise(p._model_ref, p.initialised, p._hidden_buffers, p.device, p.checkpoint.path)
+        report.initialised = list(p.initialised)
+
+
+def _run_once(
+    p: LoadPlan, dsts: list[torch.Tensor], handles: list[int], names: list[str],
+    src_names: list[str], rows: Any, via_dtypes: Any, views: Any, group: Any, n_threads: int,
+    max_host_bytes: int, before_writing: Callable[[], None],
+) -> read_once.Counts:  # fmt: skip
+    """read="once": every task, its bytes read by one rank of the group (fastckpt.read_once)."""
+    ckpt = p.checkpoint
+    indexes = ckpt._core_indexes
+    tasks = []
+    with torch.no_grad():
+        for k, h in enumerate(handles):
+            dtype, shape, strides, offset = ckpt._handle_view(h)
+            view = views[k] if views is not None and views[k] is not None else None
+            if view is None:
+                view = (offset, tuple(shape), tuple(strides))
+            base = indexes[h >> 32].tensor_view(h & 0xFFFFFFFF).file_offset
+            tasks.append(read_once.Task(
+                k, h, view, None if rows is None else rows[k],
+                None if via_dtypes is None else via_dtypes[k], dsts[k], base, dtype.itemsize,
+            ))  # fmt: skip
+
+    def make_jobs(over: list[Any], part: list[read_once.Task]) -> list[tuple[Any, list[int]]]:
+        by_device: dict[tuple[str, int], list[read_once.Task]] = {}
+        for t in part:
+            by_device.setdefault(_device_key(t.dst.device), []).append(t)
+        jobs = []
+        for device, ts in by_device.items():
+            job = _job(
+                over, [t.handle for t in ts], _core.Targets([t.dst for t in ts], DTYPE_NAMES),
+                [names[t.pos] for t in ts], [src_names[t.pos] for t in ts],
+                [t.rows for t in ts], [t.via for t in ts], [t.view for t in ts], device,
+                n_threads, max_host_bytes, False,
+            )  # fmt: skip
+            jobs.append((job, [t.pos for t in ts]))
+        return jobs
+
+    return read_once.run(tasks, indexes, group, max_host_bytes, make_jobs, before_writing)
 
 
 def _file_views(

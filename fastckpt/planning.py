@@ -357,6 +357,7 @@ def build(
     key: str | Sequence[str] | None,
     device: str | torch.device | None,
     dtype: torch.dtype | None,
+    exact: bool = False,
 ) -> LoadPlan:
     want = torch.device(device) if device is not None else None
     if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -371,8 +372,11 @@ def build(
     # parsed with no readahead. Whether the model has DTensors is known only after
     # the walk the parsing overlaps; a process that made DTensors has imported
     # their module, so that decides (a plain load there only loses readahead while parsing).
+    # ``exact``: ranks sharing reads (read="once") fetch only the pages they are given.
     opening = (
-        None if isinstance(path, Checkpoint) else Opening(path, exact_reads=dtensors_possible())
+        None
+        if isinstance(path, Checkpoint)
+        else Opening(path, exact_reads=exact or dtensors_possible())
     )
     mt = ModelTensors.of(model)
     any_sharded = any_dtensor(mt.tensors)

@@ -16,6 +16,15 @@ class Mismatch(NamedTuple):
 
 
 @dataclass
+class SharedReads:
+    """``load_into(..., read="once")``: this rank's part in its group's shared reading."""
+
+    read: int  # bytes this rank read from storage (its share of what the group needs)
+    sent: int  # bytes it sent to other ranks (each receiver counted)
+    received: int  # bytes other ranks read and sent to it
+
+
+@dataclass
 class LoadReport:
     """The outcome of ``fastckpt.load_into``.
 
@@ -47,6 +56,7 @@ class LoadReport:
     initialised: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    shared: SharedReads | None = None  # read="once" only
 
     @property
     def gbps(self) -> float:

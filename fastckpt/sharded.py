@@ -174,24 +174,26 @@ def fingerprint(ckpt: Any) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def agree(p: Any, error: BaseException | None, strict: bool) -> None:
-    """Every rank calls this once before writing; it returns on every rank or raises on
-    every rank. Raises this rank's own error (or StrictLoadError) where it has one."""
+def agree(p: Any, error: BaseException | None, strict: bool, group: Any = None) -> None:
+    """Every rank of ``group`` (None: the world) calls this once before writing; it
+    returns on every rank or raises on every rank. Raises this rank's own error (or
+    StrictLoadError) where it has one."""
     import torch.distributed as dist
 
     status = _ERROR if error is not None else _STRICT if strict and p.problems else _OK
     mark = fingerprint(p.checkpoint) if error is None else -1
     device = "cpu"
-    if dist.get_backend() == "nccl":
+    if dist.get_backend(group) == "nccl":
         device = f"cuda:{torch.cuda.current_device()}"
     mine = torch.tensor([status, mark], dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    table = [tuple(int(v) for v in t.tolist()) for t in every]
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else range(len(every))
+    table = {r: tuple(int(v) for v in t.tolist()) for r, t in zip(ranks, every, strict=True)}
     rank = dist.get_rank()
     if error is not None:
         raise error
-    refusing = [r for r, (s, _) in enumerate(table) if s != _OK]
+    refusing = [r for r, (s, _) in table.items() if s != _OK]
     if status == _STRICT:
         return  # load_into raises this rank's StrictLoadError with its report
     if refusing:
@@ -201,10 +203,12 @@ def agree(p: Any, error: BaseException | None, strict: bool) -> None:
             f"{p.path}: {listed} refused the load, so every rank refuses; nothing was loaded "
             f"on any rank (this is rank {rank})"
         )
-    different = [r for r, (_, m) in enumerate(table) if m != table[0][1]]
+    first = next(iter(table))
+    different = [r for r, (_, m) in table.items() if m != table[first][1]]
     if different:
         raise CheckpointError(
-            f"{p.path}: the checkpoint that rank(s) {different} opened differs from rank 0's "
+            f"{p.path}: the checkpoint that rank(s) {different} opened differs from rank "
+            f"{first}'s "
             "(file sizes, tensor names or shapes); every rank must load the same checkpoint; "
             f"nothing was loaded on any rank (this is rank {rank})"
         )

@@ -33,14 +33,16 @@ SCENARIOS = [
 FOUR_RANKS = ["fsdp2", "tp", "dp_tp", "meta_device", "strict_refusal", "other_file", "pages"]
 
 
-def run_ranks(world: int, folder: Path, scenarios: list[str]) -> list[dict]:
+def run_ranks(
+    world: int, folder: Path, scenarios: list[str], worker: str = "tests.sharded_worker"
+) -> list[dict]:
     port = str(free_port())
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "tests.sharded_worker",
+                worker,
                 str(r),
                 str(world),
                 port,

@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "bindings/bindings.h"
+#include "common/error.h"
 #include "formats/open_checkpoint.h"
 #include "formats/pending_indexes.h"
 
@@ -46,6 +47,25 @@ TensorView tensor_view(const CheckpointIndex& i, size_t k) {
   const auto& s = i.storages.at(t.storage);
   return TensorView{std::string(dtype_name(t.dtype)), int_tuple(t.shape), int_tuple(t.strides), t.storage_offset,
                     t.storage, s.key, s.file_offset, s.nbytes};
+}
+
+// The index's records over the file at `path`, which must have the same size: a
+// rank loading with read="once" puts the bytes other ranks read into a memory
+// file and copies from it with the index it already parsed.
+std::shared_ptr<CheckpointIndex> index_over(const CheckpointIndex& i, const std::string& path) {
+  py::gil_scoped_release release;
+  auto out = std::make_shared<CheckpointIndex>();
+  out->file = MappedFile::open(path);
+  if (out->file->size() != i.file->size())
+    fail(path, "has " + std::to_string(out->file->size()) + " bytes, but the index is of " + i.path() +
+                   " (" + std::to_string(i.file->size()) + " bytes)");
+  out->format = i.format;
+  out->storages = i.storages;
+  out->tensors = i.tensors;
+  out->unloadable = i.unloadable;
+  out->metadata_json = i.metadata_json;
+  index_names(*out);
+  return out;
 }
 
 }  // namespace
@@ -122,7 +142,9 @@ void register_formats(py::module_& m) {
            "The tensor's dtype, shape, strides and storage offset, and its storage's place in the file.")
       .def_property_readonly("num_storages", [](const CheckpointIndex& i) { return i.storages.size(); })
       .def("buffer", [](const CheckpointIndex& i) { return FileBuffer{i.file}; })
-      .def("drop_from_page_cache", [](const CheckpointIndex& i) { i.file->drop_from_page_cache(); });
+      .def("drop_from_page_cache", [](const CheckpointIndex& i) { i.file->drop_from_page_cache(); })
+      .def("over", &index_over, py::arg("path"),
+           "The same tensors over another file of the same size (one holding their bytes).");
 
   // Where each name is among the files' tensors: file_index << 32 | tensor_index,
   // or None. Looked up in the maps built while the files were opened, so that

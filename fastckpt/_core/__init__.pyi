@@ -62,6 +62,10 @@ class FileIndex:
         ...
     def names(self) -> list:
         ...
+    def over(self, path: str) -> FileIndex:
+        """
+        The same tensors over another file of the same size (one holding their bytes).
+        """
     def paths(self) -> list:
         ...
     def shapes(self) -> list:

@@ -1,5 +1,9 @@
 """``fastckpt bench --ranks N``: loading an FSDP2-sharded model on N gloo CPU ranks.
 
+With ``--read once`` the model is replicated instead (a plain model on every rank,
+as under DDP) and ``fastckpt-once``, ``load_into(..., read="once")`` over all the
+ranks, joins: each byte is read from storage by one rank and broadcast.
+
 Contenders, each in fresh rank processes, from a cold page cache, every rank
 with its own copy of the checkpoint (so that what a rank fetches is its own):
 
@@ -11,7 +15,8 @@ with its own copy of the checkpoint (so that what a rank fetches is its own):
 
 Per rank: seconds (between two barriers), bytes of its checkpoint copy fetched
 into the page cache (cachestat), and the peak growth of its private memory
-(RssAnon, sampled every 2 ms) over the model's own, whose local shards are
+(RssAnon + RssShmem, sampled every 2 ms: the memory file of read="once" is
+shmem) over the model's own, whose local shards are
 written (resident) before the baseline. Every rank then checks its
 local shards against ``distribute_tensor`` of the file's tensors.
 """
@@ -33,6 +38,7 @@ import torch
 from torch import nn
 
 CONTENDERS = ("fastckpt", "dcp", "broadcast")
+REPLICATED_CONTENDERS = ("fastckpt", "fastckpt-once", "broadcast")
 
 
 class Stack(nn.Module):
@@ -52,15 +58,16 @@ def write_checkpoint(folder: Path, layers: int, hidden: int) -> None:
 
 
 def _rss_anon() -> int:
+    total = 0
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 class PeakPrivate:
-    """Samples RssAnon on a thread while the block runs."""
+    """Samples RssAnon + RssShmem on a thread while the block runs."""
 
     def __enter__(self) -> PeakPrivate:
         self.base = self.peak = _rss_anon()
@@ -86,7 +93,7 @@ def _cached_bytes(path: Path) -> int:
 
 
 def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, layers: int,
-              hidden: int) -> dict:  # fmt: skip
+              hidden: int, replicated: bool = False) -> dict:  # fmt: skip
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
@@ -98,22 +105,28 @@ def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, la
     own = folder / f"rank{rank}"
     with torch.device("meta"):
         model = Stack(layers, hidden)
-    for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    if not replicated:
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     model.to_empty(device="cpu")
+
+    def local(p: torch.Tensor) -> torch.Tensor:
+        return p if replicated else p.to_local()  # type: ignore[attr-defined]
+
     with torch.no_grad():  # the shards' pages are resident before the baseline is taken
         for p in model.parameters():
-            p.to_local().zero_()  # type: ignore[attr-defined]
+            local(p).zero_()
     files = [own / "model.safetensors", own / "model.pt"]
     evict([str(f) for f in files])
     dist.barrier()
     with PeakPrivate() as mem:
         start = time.perf_counter()
-        if contender == "fastckpt":
+        if contender in ("fastckpt", "fastckpt-once"):
             import fastckpt
 
-            fastckpt.load_into(model, own / "model.safetensors")
+            read = "once" if contender == "fastckpt-once" else "own"
+            fastckpt.load_into(model, own / "model.safetensors", read=read)
         elif contender == "dcp":
             import torch.distributed.checkpoint as dcp
 
@@ -134,20 +147,22 @@ def rank_main(rank: int, world: int, port: str, folder: Path, contender: str, la
         dist.barrier()
         seconds = time.perf_counter() - start
     fetched = sum(_cached_bytes(f) for f in files)
-    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())  # type: ignore[attr-defined]
+    local_bytes = sum(local(p).numel() * p.element_size() for p in model.parameters())
     from safetensors import safe_open
 
     wrong = 0
     with safe_open(str(own / "model.safetensors"), "pt") as f:
         for name, p in model.named_parameters():
-            want = distribute_tensor(f.get_tensor(name), p.device_mesh, p.placements,  # type: ignore[attr-defined]
-                                     src_data_rank=None).to_local()  # fmt: skip
-            wrong += not torch.equal(p.to_local().view(torch.uint8), want.view(torch.uint8))  # type: ignore[attr-defined]
+            want = f.get_tensor(name)
+            if not replicated:
+                want = distribute_tensor(want, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                                         src_data_rank=None).to_local()  # fmt: skip
+            wrong += not torch.equal(local(p).view(torch.uint8), want.view(torch.uint8))
     dist.destroy_process_group()
     return {
         "seconds": seconds,
         "fetched": fetched,
-        "local_bytes": local,
+        "local_bytes": local_bytes,
         "private_peak": mem.peak - mem.base,
         "wrong": wrong,
     }
@@ -159,22 +174,24 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_sharded_bench(ranks: int, layers: int, hidden: int, repeat: int, folder: Path) -> dict:
+def run_sharded_bench(ranks: int, layers: int, hidden: int, repeat: int, folder: Path,
+                      replicated: bool = False) -> dict:  # fmt: skip
     """Per contender, per run, per rank: the numbers of ``rank_main``."""
+    contenders = REPLICATED_CONTENDERS if replicated else CONTENDERS
     folder.mkdir(parents=True, exist_ok=True)
     write_checkpoint(folder, layers, hidden)
     for r in range(ranks):
         (folder / f"rank{r}").mkdir(exist_ok=True)
         for name in ("model.safetensors", "model.pt"):
             shutil.copyfile(folder / name, folder / f"rank{r}" / name)
-    results: dict[str, list[list[dict]]] = {c: [] for c in CONTENDERS}
+    results: dict[str, list[list[dict]]] = {c: [] for c in contenders}
     for _ in range(repeat):
-        for contender in CONTENDERS:  # in alternation, so drift hits every contender alike
+        for contender in contenders:  # in alternation, so drift hits every contender alike
             port = _free_port()
             procs = [
                 subprocess.Popen(
                     [sys.executable, "-m", "fastckpt.bench.sharded", str(r), str(ranks), port,
-                     str(folder), contender, str(layers), str(hidden)],
+                     str(folder), contender, str(layers), str(hidden), str(int(replicated))],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 )
                 for r in range(ranks)
@@ -186,7 +203,7 @@ def run_sharded_bench(ranks: int, layers: int, hidden: int, repeat: int, folder:
             results[contender].append([json.loads(out.splitlines()[-1]) for out, _ in outs])
     size = (folder / "model.safetensors").stat().st_size
     return {"ranks": ranks, "layers": layers, "hidden": hidden, "file_bytes": size,
-            "runs": results}  # fmt: skip
+            "replicated": replicated, "runs": results}  # fmt: skip
 
 
 def summary(result: dict) -> list[dict]:
@@ -206,6 +223,7 @@ def summary(result: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    rank, world, port, folder, contender, layers, hidden = sys.argv[1:8]
-    out = rank_main(int(rank), int(world), port, Path(folder), contender, int(layers), int(hidden))
+    rank, world, port, folder, contender, layers, hidden, replicated = sys.argv[1:9]
+    out = rank_main(int(rank), int(world), port, Path(folder), contender, int(layers), int(hidden),
+                    replicated == "1")  # fmt: skip
     print(json.dumps(out))
