@@ -292,6 +292,11 @@ class Checkpoint:
     def _handle_file(self, handle: int) -> str:
         return self._file_names[handle >> 32]
 
+    def _handle_storage(self, handle: int) -> tuple[int, int]:
+        """(position of its file in ``_core_indexes``, its storage's offset in that file)."""
+        file = handle >> 32
+        return file, self._indexes[file].tensor_view(handle & 0xFFFFFFFF).file_offset
+
     @property
     def _core_indexes(self) -> list[_core.FileIndex]:
         return self._indexes

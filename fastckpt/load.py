@@ -522,9 +522,9 @@ def _run_once(
             view = views[k] if views is not None and views[k] is not None else None
             if view is None:
                 view = (offset, tuple(shape), tuple(strides))
-            base = indexes[h >> 32].tensor_view(h & 0xFFFFFFFF).file_offset
+            file, base = ckpt._handle_storage(h)
             tasks.append(read_once.Task(
-                k, h, view, None if rows is None else rows[k],
+                k, h, file, view, None if rows is None else rows[k],
                 None if via_dtypes is None else via_dtypes[k], dsts[k], base, dtype.itemsize,
             ))  # fmt: skip
 

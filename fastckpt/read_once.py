@@ -41,17 +41,14 @@ class Task:
     """One copy from a source view (and rows of its dim 0) into a destination tensor."""
 
     pos: int  # position in load's task table: its names, for labels and the report
-    handle: int  # file_index << 32 | tensor_index
+    handle: int  # the source, as fastckpt.checkpoint names it (opaque here)
+    file: int  # its file's position in the checkpoint's indexes
     view: View
     rows: Any  # None | (start, count) | list of indices into the view's dim 0
     via: str | None
     dst: torch.Tensor
     base: int  # the storage's file offset, bytes
     itemsize: int
-
-    @property
-    def file(self) -> int:
-        return self.handle >> 32
 
     def shape(self) -> list[int]:
         """The source's shape after the row selection: the destination's."""
@@ -135,7 +132,7 @@ class Task:
             new_shape = list(vshape)
             new_shape[dim] = length
             view = (offset + start * strides[dim], tuple(new_shape), strides)
-        return Task(self.pos, self.handle, view, rows, self.via,
+        return Task(self.pos, self.handle, self.file, view, rows, self.via,
                     self.dst.narrow(dim, start, length), self.base, self.itemsize)  # fmt: skip
 
 

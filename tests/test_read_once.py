@@ -161,8 +161,8 @@ CASES = [
 
 @pytest.mark.parametrize("view,rows", CASES)
 def test_runs_hull_and_parts_cover_exactly_the_elements(view, rows):
-    dst = torch.empty(Task(0, 0, view, rows, None, torch.empty(0), 100, 4).shape())
-    t = Task(0, 0, view, rows, None, dst, 100, 4)
+    dst = torch.empty(Task(0, 0, 0, view, rows, None, torch.empty(0), 100, 4).shape())
+    t = Task(0, 0, 0, view, rows, None, dst, 100, 4)
     want = brute_bytes(t)
     assert run_bytes(t.runs()) == want
     lo, hi = t.hull()
