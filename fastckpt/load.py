@@ -178,7 +178,9 @@ def load_into(
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
+        planned = time.perf_counter()
         report = _execute(p, model, max_host_bytes, threads, progress, mmap)
+        report.phases = {"plan": planned - started, **report.phases}
     finally:
         if collecting:
             gc.enable()
@@ -262,6 +264,7 @@ def _execute(
     mmap: bool = False,
 ) -> LoadReport:
     """Allocate what the plan allocates, copy every source, then assign new tensors."""
+    prepared = time.perf_counter()
     assert p._model is not None
     mt = p._model
     ckpt = p.checkpoint
@@ -396,7 +399,9 @@ def _execute(
     # Everything is checked: from here on the model is written.
     for job, _ in built:
         report.bytes += job.total_bytes
+    copying = time.perf_counter()
     _run_jobs([job for job, _ in built], progress, str(ckpt.path))
+    report.phases = {"prepare": copying - prepared, "copy": time.perf_counter() - copying}
 
     if want is not None or dtype is not None:
         where = owners(model)

@@ -44,6 +44,9 @@ class LoadReport:
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    # Seconds of each phase of the call: "plan" (index, model walk, matching and
+    # checks), "prepare" (allocations and the copy jobs), "copy" (the bytes moved).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
