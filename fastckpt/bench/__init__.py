@@ -201,6 +201,17 @@ def resident_bytes(files: list[str]) -> int | None:
 
 
 def warm(files: list[str]) -> None:
+    """The files in the page cache as a first read from disk leaves them.
+
+    How a file got into the cache decides how its pages are mapped: one still
+    cached from being written sits in small folios, and reading it through a
+    mapping (as fastckpt does for cached ranges) takes a fault per 64 KB; a
+    sequential read from disk fills large folios, a fault per folio (1.42 GB:
+    21,670 faults against 848, 0.41 against 0.30 CPU s for the copy, this VM).
+    So the file is evicted and read once: the same state for every run and every
+    contender, whoever wrote it.
+    """
+    evict(files)
     buf = bytearray(16 << 20)
     for f in files:
         with open(f, "rb", buffering=0) as fh:
