@@ -283,6 +283,14 @@ def bench_command(
     fresh: bool = typer.Option(
         False, "--fresh", help="each timed run is the first load of a new process"
     ),
+    pairs: int = typer.Option(
+        0, "--pairs", help="N > 0: then N rounds of (peer, fastckpt) back to back in one "
+        "process, against the ceiling and the file's main peer (steady-state ratios)"
+    ),
+    memory: bool = typer.Option(
+        False, "--memory", help="a 5.4 GB file (--size small: 67 MB) loaded by fastckpt "
+        "alone: private memory stays flat"
+    ),
     size: str = typer.Option("full", "--size", help="default workload size: small or full"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
     markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
@@ -304,6 +312,8 @@ def bench_command(
     Each contender runs in its own process, in alternation; exit status 1 if one failed.
     With --fresh every timed run is a new process's first load (what a user who
     loads once waits for); without it, a long-lived process per contender.
+    --pairs N adds the steady-state ratios of N paired rounds in one process;
+    fastckpt's phase times (plan, prepare, copy) are printed under each table.
 
     Example: fastckpt bench --size small --repeat 5 --json
     """
@@ -324,7 +334,7 @@ def bench_command(
             result = run_bench(
                 path, device=device, cold=cold, repeat=repeat, size=size, cache_dir=cache_dir,
                 on_run=lambda what: status.update(f"benchmarking {what}"), fresh=fresh,
-                casts=casts,
+                casts=casts, pairs=pairs, memory=memory,
             )
     except _INPUT_ERRORS as e:
         raise _fail(_error_text(e)) from None

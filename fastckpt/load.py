@@ -211,7 +211,9 @@ def load_into(
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
+        planned = time.perf_counter()
         report = _execute(p, model, max_host_bytes, threads, progress, mmap, once, group)
+        report.phases = {"plan": planned - started, **report.phases}
     finally:
         if collecting:
             gc.enable()
@@ -322,6 +324,7 @@ def _execute(
     group: Any = None,
 ) -> LoadReport:
     """Allocate what the plan allocates, copy every source, then assign new tensors."""
+    prepared = time.perf_counter()
     assert p._model is not None
     mt = p._model
     ckpt = p.checkpoint
@@ -413,6 +416,9 @@ def _execute(
             p, groups, dsts, devices, viewed, targets, handles, names, src_names, rows,
             via_dtypes, views, n_threads, max_host_bytes, progress, report,
         )  # fmt: skip
+    spent = time.perf_counter() - prepared
+    copied = report.phases.get("copy", spent)  # read="once" reads, sends and copies at once
+    report.phases = {"prepare": spent - copied, "copy": copied}
 
     if want is not None or dtype is not None:
         where = owners(model)
@@ -496,7 +502,9 @@ def _copy_all(
     # Everything is checked: from here on the model is written.
     for job, _ in built:
         report.bytes += job.total_bytes
+    copying = time.perf_counter()
     _run_jobs([job for job, _ in built], progress, str(ckpt.path))
+    report.phases["copy"] = time.perf_counter() - copying
 
 
 def _before_writing(p: LoadPlan, report: LoadReport) -> None:

@@ -12,6 +12,7 @@ place rules are applied to names.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -574,6 +575,8 @@ def build(
 def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) -> Any:
     """transformers' own conversions (fastckpt.hf_conversions) for one of its models whose
     checkpoint names differ from the model's; None otherwise."""
+    if "transformers" not in sys.modules:  # not one of its models: spare the import
+        return None
     from fastckpt.hf_conversions import is_transformers_model, rules_for
 
     if not is_transformers_model(model):

@@ -270,3 +270,90 @@ def test_cast_contenders_replace_the_peers():
         "torch-cast-in-memory",
         "ceiling:memcpy",
     ]
+
+
+def test_worker_reports_cpu_faults_and_fastckpt_phases(tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    save_file({"x.weight": torch.randn(64, 64)}, str(path))
+    spec = {
+        "contender": "fastckpt",
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": 64 * 64 * 4,
+        "prefix": [],
+        "layout": [("x.weight", [64, 64], "float32")],
+    }
+    serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n{"cmd": "quit"}\n'))
+    reply = json.loads(capsys.readouterr().out.splitlines()[1])
+    assert reply["verified"] is True
+    assert reply["cpu_seconds"] >= 0 and reply["minor_faults"] >= 0
+    assert list(reply["phases"]) == ["plan", "prepare", "copy"]
+    assert all(v >= 0 for v in reply["phases"].values())
+    assert sum(reply["phases"].values()) <= reply["seconds"]
+
+
+def test_paired_rounds_give_one_ratio_per_round(tmp_path):
+    from fastckpt.bench.paired import run_pairs
+
+    path = tmp_path / "p.safetensors"
+    save_file({"a.weight": torch.randn(32, 32), "b.bias": torch.randn(32)}, str(path))
+    spec = {
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": (32 * 32 + 32) * 4,
+        "prefix": [],
+        "layout": [("a.weight", [32, 32], "float32"), ("b.bias", [32], "float32")],
+    }
+    out = run_pairs(spec, ["ceiling:memcpy", "safe_open+copy_"], 3)
+    assert set(out) == {"ceiling:memcpy", "safe_open+copy_"}
+    for r in out.values():
+        assert r["status"] == "ok" and r["pairs"] == 3, r
+        assert 0 < r["min_ratio"] <= r["median_ratio"] <= r["max_ratio"]
+        assert r["peer_seconds"] > 0 and r["fastckpt_seconds"] > 0
+
+
+def test_paired_rounds_report_a_peer_that_loads_wrong_values(tmp_path, monkeypatch):
+    from fastckpt.bench import paired
+    from fastckpt.bench.worker import Contender
+
+    path = tmp_path / "p.safetensors"
+    save_file({"a": torch.ones(8)}, str(path))
+    spec = {
+        "path": str(path),
+        "files": [str(path)],
+        "device": "cpu",
+        "nbytes": 32,
+        "prefix": [],
+        "layout": [("a", [8], "float32")],
+    }
+    monkeypatch.setattr(Contender, "_load_safe_open", lambda self: None)  # loads nothing
+    out = paired.run_pairs(spec, ["safe_open+copy_"], 2)
+    assert out == {
+        "safe_open+copy_": {"status": "error", "note": "safe_open+copy_: loaded values differ"}
+    }
+
+
+def test_bench_target_with_pairs_runs_them_in_another_process(tmp_path):
+    import fastckpt.bench as bench
+
+    path = tmp_path / "t.pt"
+    torch.save({"w": torch.randn(16, 16)}, path)
+    target = bench.bench_target("t", path, device="cpu", cold=False, repeat=1, notes=[], pairs=2)
+    assert set(target.paired) == {"ceiling:memcpy", "torch.load(mmap)+load_state_dict"}
+    assert all(p["status"] == "ok" and p["pairs"] == 2 for p in target.paired.values())
+    ours = next(r for r in target.results if r.contender == "fastckpt")
+    assert set(ours.median_phases) == {"plan", "prepare", "copy"}
+    assert ours.cpu is not None
+
+
+def test_memory_run_is_fastckpt_alone_on_a_5gb_file():
+    from fastckpt.bench.workloads import MEMORY_SIZES
+
+    (big,) = MEMORY_SIZES["full"]
+    assert 5.3e9 < big.nbytes < 5.5e9 and big.fastckpt_only
+    assert contenders_for("safetensors", "cpu", cold=False, fastckpt_only=True) == (
+        ["fastckpt"],
+        [],
+    )

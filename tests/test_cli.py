@@ -172,3 +172,29 @@ def test_demo_runs_without_failing():
     assert result.exit_code == 0, result.output
     for step in ("rename + slice", "strict error", "diff"):
         assert step in result.output
+
+
+def test_bench_pairs_and_phases_are_printed(small_file):
+    path, _ = small_file
+    result = runner.invoke(app, ["bench", str(path), "--repeat", "1", "--pairs", "2"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # the table may wrap
+    assert "paired with ceiling:memcpy, 2 rounds in one process: × ceiling" in out
+    assert "paired with safe_open+copy_, 2 rounds in one process: t / fastckpt" in out
+    assert "fastckpt phases (median): plan" in out
+
+
+def test_bench_memory_run_and_its_usage_errors(tmp_path):
+    result = runner.invoke(
+        app, ["bench", "--memory", "--size", "small", "--repeat", "1", "--cache-dir", str(tmp_path),
+              "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (t,) = doc["targets"]
+    assert t["workload"] == "big-small" and [r["contender"] for r in t["results"]] == ["fastckpt"]
+    assert t["results"][0]["verified"] is True
+    result = runner.invoke(app, ["bench", "--memory", "--casts"])
+    assert result.exit_code == 2 and "--casts and --memory" in result.output
+    result = runner.invoke(app, ["bench", "--pairs", "2", "--cold", "--size", "small"])
+    assert result.exit_code == 2 and "not with --cold" in result.output

@@ -11,6 +11,7 @@ COLUMNS = (
     "contender",
     "median s",
     "±",
+    "CPU s",
     "GB/s",
     "× ceiling",
     "t / fastckpt",
@@ -26,7 +27,7 @@ def _mb(n: int) -> str:
 
 def _row(r: ContenderResult) -> list[str]:
     if r.status != "ok" or r.median is None:
-        return [r.contender, "-", "-", "-", "-", "-", "-", "-", r.status]
+        return [r.contender, *["-"] * (len(COLUMNS) - 2), r.status]
     note = r.note
     if r.resident_before:
         note = (
@@ -36,6 +37,7 @@ def _row(r: ContenderResult) -> list[str]:
         r.contender,
         f"{r.median:.3f}",
         f"{100 * (r.spread or 0) / 2:.0f}%",
+        f"{r.cpu:.3f}" if r.cpu is not None else "-",
         f"{r.gbps:.2f}" if r.gbps else "-",
         f"{r.x_ceiling:.2f}" if r.x_ceiling else "-",
         f"{r.x_fastckpt:.2f}" if r.x_fastckpt else "-",
@@ -43,6 +45,27 @@ def _row(r: ContenderResult) -> list[str]:
         "-" if r.is_ceiling else _mb(r.peak_rss),
         note,
     ]
+
+
+def _details(t: TargetResult) -> list[str]:
+    """fastckpt's phase times and page faults, and the paired rounds, as lines."""
+    lines = []
+    ours = next((r for r in t.results if r.contender == "fastckpt" and r.median), None)
+    if ours is not None and ours.median_phases:
+        phases = " · ".join(f"{k} {1e3 * v:.1f} ms" for k, v in ours.median_phases.items())
+        faults = f"; {ours.median_faults:,} minor page faults" if ours.median_faults else ""
+        lines.append(f"fastckpt phases (median): {phases}{faults}")
+    for peer, p in t.paired.items():
+        if p.get("status") != "ok":
+            lines.append(f"paired with {peer}: {p.get('status')}: {p.get('note', '')}")
+            continue
+        what = "× ceiling" if peer.startswith("ceiling:") else "t / fastckpt"
+        lines.append(
+            f"paired with {peer}, {p['pairs']} rounds in one process: {what} "
+            f"{p['median_ratio']:.2f} median ({p['min_ratio']:.2f}-{p['max_ratio']:.2f}); "
+            f"{peer} {p['peer_seconds']:.3f} s, fastckpt {p['fastckpt_seconds']:.3f} s"
+        )
+    return lines
 
 
 def _title(t: TargetResult, result: BenchResult) -> str:
@@ -68,6 +91,8 @@ def print_tables(result: BenchResult, console: Console) -> None:
         ).print(console)
         if t.ceiling:
             print_line(console, f"  ceiling: {t.ceiling}", style="dim")
+        for line in _details(t):
+            print_line(console, f"  {line}")
         for r in t.results:
             if r.status != "ok":
                 print_line(console, f"  {r.contender} {r.status}: {r.note}", style="dim")
@@ -78,7 +103,8 @@ def print_tables(result: BenchResult, console: Console) -> None:
         "× ceiling: GB/s as a fraction of the slowest ceiling's; time / fastckpt: >1 means "
         "slower than fastckpt (both ratios are medians of per-round ratios; a round runs "
         "every contender once, back to back); +private: peak RssAnon above the pre-load "
-        "value (the model itself excluded); peak RSS: VmHWM during the load, model included.",
+        "value (the model itself excluded); peak RSS: VmHWM during the load, model included; "
+        "CPU s: CPU time of every thread of the contender's process during the load.",
         style="dim",
     )
 
@@ -92,6 +118,7 @@ def markdown(result: BenchResult, command: str) -> str:
         out.append("|" + "---|" * len(COLUMNS))
         out += ["| " + " | ".join(_row(r)) + " |" for r in t.results]
         out += [f"- {r.contender} {r.status}: {r.note}" for r in t.results if r.status != "ok"]
+        out += [f"- {line}" for line in _details(t)]
         out.append("")
     out += [f"- {n}" for n in result.notes]
     return "\n".join(out) + "\n"

@@ -6,7 +6,8 @@ JSON lines over stdin/stdout:
     harness -> {"cmd": "prepare"}   worker allocates and touches the destination
     worker  -> {"ready": true}      the harness samples RssAnon from now on
     harness -> {"cmd": "go"}        worker times one load
-    worker  -> {"seconds": ..., "peak_rss": ..., "verified": ...}
+    worker  -> {"seconds": ..., "cpu_seconds": ..., "minor_faults": ..., "peak_rss": ...,
+                "verified": ..., "phases": {...}}    (phases: fastckpt's LoadReport.phases)
     harness -> {"cmd": "quit"}
 
 Peak total RSS comes from the kernel (VmHWM, reset through /proc/self/clear_refs
@@ -17,6 +18,7 @@ outside, so the sampling never competes for this process's GIL.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 import traceback
@@ -150,6 +152,12 @@ class Contender:
         self.built: nn.Module | None = None
         self.buffers: dict[str, torch.Tensor] = {}
         self.checked = False
+        self.phases: dict[str, float] = {}  # the last fastckpt load's LoadReport.phases
+        # torch's copy_ (the memcpy ceiling, load_state_dict's copies) on as many
+        # threads as fastckpt's copy engine, so a ratio compares the same cores.
+        from fastckpt.load import _default_threads
+
+        torch.set_num_threads(_default_threads())
 
     # -- lifecycle ------------------------------------------------------------
     def prepare(self) -> None:
@@ -174,11 +182,25 @@ class Contender:
         _reset_peak_rss()
 
     def run(self) -> float:
+        return self.timed_run()["seconds"]
+
+    def timed_run(self) -> dict:
+        """One load: wall seconds, CPU seconds of every thread of this process, and
+        minor page faults (first touches of mappings and fresh memory) during it."""
         fn = getattr(self, METHODS[self.name])
+        before = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         fn()
         _sync(self.device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return {
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "minor_faults": after.ru_minflt - before.ru_minflt,
+            "phases": dict(self.phases),
+        }
 
     def finish(self, verify: bool = True) -> bool | None:
         """Checks the first load against the file (outside the timing); frees the destination."""
@@ -228,7 +250,8 @@ class Contender:
     def _load_fastckpt(self) -> None:
         import fastckpt
 
-        fastckpt.load_into(self.model, self.path, strict=True)  # type: ignore[attr-defined, arg-type]
+        report = fastckpt.load_into(self.model, self.path, strict=True)  # type: ignore[attr-defined, arg-type]
+        self.phases = dict(getattr(report, "phases", {}))
 
     def _load_torch_load(self) -> None:
         assert self.model is not None
@@ -344,10 +367,12 @@ def serve(spec: dict, stdin=sys.stdin) -> None:
 
     def go() -> dict:
         assert contender is not None
-        seconds = contender.run()
-        peak = _status("VmHWM")
-        verified = contender.finish()
-        return {"seconds": seconds, "peak_rss": peak, "verified": verified}
+        reply = contender.timed_run()
+        reply["peak_rss"] = _status("VmHWM")
+        # A fresh worker of a timed round skips the check: round 0 made it, and its
+        # reads (a clone of the file's tensors) would count as the load's memory.
+        reply["verified"] = contender.finish(verify=spec.get("verify", True))
+        return reply
 
     handlers = {"prepare": prepare, "go": go}
     for line in stdin:

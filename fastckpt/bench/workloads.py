@@ -7,6 +7,8 @@
 ``--size small`` scales both down to tens of MB so tests and ``make demo`` stay fast.
 Each is written as ``model.safetensors`` and as a torch zip ``model.pt`` (same tensors).
 
+``--memory`` loads one 5.4 GB file (``MEMORY_SIZES``) with fastckpt alone.
+
 ``--casts`` adds loads whose file dtype differs from the model's (``CAST_SIZES``):
 40 tensors of 1024x1024 (10 of 512x512 at ``small``) saved as bf16, fp16, fp32
 and fp8 (e4m3fn), loaded into fp32 / bf16 models, next to the same-dtype loads
@@ -98,6 +100,7 @@ class Workload:
     model_dtype: str | None = None  # the model's dtype when it differs: a cast load
     formats: tuple[str, ...] = ("safetensors", "torch")
     hf_config: dict[str, object] | None = None  # written as config.json beside the files
+    fastckpt_only: bool = False  # a memory run: no peer, no ceiling
 
     @property
     def nbytes(self) -> int:
@@ -148,6 +151,22 @@ def _cast_workloads(count: int, side: int) -> list[Workload]:
 CAST_SIZES: dict[str, list[Workload]] = {
     "full": _cast_workloads(40, 1024),
     "small": _cast_workloads(10, 512),
+}
+
+
+# ``--memory``: one file larger than the staging budget many times over, loaded by
+# fastckpt alone, to show that its private memory stays flat in the file's size
+# (full: 1,280 x 1024 x 1024 fp32, 5.4 GB; small: 64 x 256 x 1024, 67 MB).
+MEMORY_SIZES: dict[str, list[Workload]] = {
+    size: [
+        Workload(
+            name,
+            [(f"layers.{n}.weight", (rows, 1024)) for n in range(count)],
+            formats=("safetensors",),
+            fastckpt_only=True,
+        )
+    ]
+    for size, name, count, rows in (("full", "big-5g", 1280, 1024), ("small", "big-small", 64, 256))
 }
 
 
