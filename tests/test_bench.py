@@ -180,14 +180,13 @@ def test_worker_protocol(tmp_path, capsys):
     assert len(replies) == 2  # nothing after quit
 
 
-def test_worker_reports_a_missing_contender_as_skipped(tmp_path, capsys, monkeypatch):
-    import fastckpt
+def _serve_once(contender: str, tmp_path, capsys) -> dict:
+    from fastckpt.bench.worker import serve
 
-    monkeypatch.delattr(fastckpt, "load_into", raising=False)
     path = tmp_path / "w.safetensors"
     save_file({"x": torch.randn(2)}, str(path))
     spec = {
-        "contender": "fastckpt",
+        "contender": contender,
         "path": str(path),
         "files": [str(path)],
         "device": "cpu",
@@ -197,9 +196,25 @@ def test_worker_reports_a_missing_contender_as_skipped(tmp_path, capsys, monkeyp
     }
     serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n'))
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert replies[1] == {
-        "skipped": "AttributeError: module 'fastckpt' has no attribute 'load_into'"
-    }
+    return replies[-1]
+
+
+def test_worker_reports_a_contender_it_cannot_import_as_skipped(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastsafetensors", None)  # import fails: not installed
+    reply = _serve_once("fastsafetensors", tmp_path, capsys)
+    assert set(reply) == {"skipped"} and reply["skipped"].startswith("ModuleNotFoundError"), reply
+
+
+def test_worker_reports_an_attribute_error_as_an_error_not_a_skip(tmp_path, capsys, monkeypatch):
+    import fastckpt
+
+    monkeypatch.delattr(fastckpt, "load_into", raising=False)
+    reply = _serve_once("fastckpt", tmp_path, capsys)
+    assert "skipped" not in reply, reply
+    assert reply["error"] == "AttributeError: module 'fastckpt' has no attribute 'load_into'"
+    assert "Traceback" in reply["traceback"]
 
 
 def test_fresh_mode_gives_every_timed_run_a_new_process(tmp_path, monkeypatch):
