@@ -10,8 +10,8 @@ loaded into the same transformers v5 model (fused ``gate_up_proj``/``down_proj``
 Each load runs in a fresh process (the figure users live with), the three alternating,
 warm page cache; timed from the model's construction (after one untimed construction on
 meta that imports transformers' modeling code, the same for all three) to a loaded
-model. Per load: seconds, and the peak growth of anonymous (private) memory beyond the
-model's own bytes, sampled from /proc/self/status every 2 ms. The loaded state is checked
+model. Per load: seconds, and the peak growth of private memory (RssAnon + RssShmem)
+beyond the model's own bytes, sampled from /proc/self/status every 2 ms. The loaded state is checked
 against from_pretrained's, byte for byte.
 
     .venv/bin/python bench/bench_moe.py --dir /tmp/moe --layers 6 --repeat 3
@@ -24,12 +24,13 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 import transformers
+
+from fastckpt.bench.sharded import PeakPrivate
 
 WAYS = ("fastckpt", "torch.cat", "from_pretrained")
 
@@ -40,34 +41,6 @@ def config(layers: int, hidden: int, inner: int, experts: int) -> transformers.M
         num_attention_heads=8, num_key_value_heads=2, num_local_experts=experts,
         num_experts_per_tok=2,
     )  # fmt: skip
-
-
-def _anon_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class _Peak:
-    """Peak RssAnon while the block runs, sampled every 2 ms on a thread."""
-
-    def __enter__(self) -> _Peak:
-        self.start = self.peak = _anon_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _anon_bytes())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _anon_bytes())
 
 
 def _cat_state(folder: Path, experts: int) -> dict[str, torch.Tensor]:
@@ -105,7 +78,7 @@ def child(way: str, folder: Path, experts: int, check: Path | None) -> dict[str,
     with torch.device("meta"):
         transformers.MixtralForCausalLM(cfg)
     started = time.perf_counter()
-    with _Peak() as peak:
+    with PeakPrivate() as peak:
         if way == "from_pretrained":
             model = transformers.MixtralForCausalLM.from_pretrained(folder)
         elif way == "fastckpt":
@@ -127,7 +100,7 @@ def child(way: str, folder: Path, experts: int, check: Path | None) -> dict[str,
             assert set(ref) == set(state), way
             for k, v in state.items():
                 assert torch.equal(v.view(torch.uint8), ref[k].view(torch.uint8)), (way, k)
-    return {"seconds": seconds, "over_model": (peak.peak - peak.start - model_bytes) / 1e6}
+    return {"seconds": seconds, "over_model": (peak.peak - peak.base - model_bytes) / 1e6}
 
 
 def main() -> None:

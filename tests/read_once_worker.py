@@ -9,12 +9,7 @@ of the same model and with the file's values as torch reads them.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,7 +22,16 @@ from torch.distributed.tensor.parallel import parallelize_module
 import fastckpt
 from fastckpt import _core
 from fastckpt.bench import evict
-from tests.sharded_worker import VOCAB, Net, fsdp, reference, same_as, tp_plan, world_mesh
+from tests.sharded_worker import (
+    VOCAB,
+    Net,
+    fsdp,
+    reference,
+    same_as,
+    serve,
+    tp_plan,
+    world_mesh,
+)
 
 
 def write_checkpoints(folder: Path) -> None:
@@ -236,25 +240,5 @@ SCENARIOS: dict[str, Callable[[Path], dict]] = {
 }
 
 
-def main() -> None:
-    rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    if rank == 0:
-        write_checkpoints(folder)
-    dist.barrier()
-    results = {}
-    for name in sys.argv[5:]:
-        try:
-            results[name] = {"ok": True} | SCENARIOS[name](folder)
-        except Exception as e:
-            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                             "trace": traceback.format_exc()}  # fmt: skip
-        dist.barrier()
-    (folder / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    serve(SCENARIOS, write_checkpoints)

@@ -262,18 +262,20 @@ SCENARIOS: dict[str, Callable[[Path], dict]] = {
 }
 
 
-def main() -> None:
+def serve(scenarios: dict[str, Callable[[Path], dict]], write: Callable[[Path], None]) -> None:
+    """Join the gloo group named by argv, let rank 0 write the checkpoints, run the
+    scenarios named by argv in order, and write this rank's results as JSON."""
     rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     if rank == 0:
-        write_checkpoints(folder)
+        write(folder)
     dist.barrier()
     results = {}
     for name in sys.argv[5:]:
         try:
-            results[name] = {"ok": True} | SCENARIOS[name](folder)
+            results[name] = {"ok": True} | scenarios[name](folder)
         except Exception as e:
             results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
                              "trace": traceback.format_exc()}  # fmt: skip
@@ -283,4 +285,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    serve(SCENARIOS, write_checkpoints)
