@@ -116,7 +116,7 @@ class LoadPlan:
     tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name written through)
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
     # non-persistent buffers of a transformers model that its _init_weights will fill
-    # (fastckpt.hf_buffers), as from_pretrained does
+    # (fastckpt.hf_model), as from_pretrained does
     initialised: list[str] = field(default_factory=list)
     # (model name, what it is): in the checkpoint, but not loadable (a sparse tensor, ...)
     unloadable: list[tuple[str, str]] = field(default_factory=list)
