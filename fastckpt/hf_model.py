@@ -73,20 +73,19 @@ def initialise(
                 module._buffers[attr] = torch.empty(old.shape, dtype=old.dtype, device=device)
     held = {n: _buffer(*buffers[n]) for n in names}
     ids = {id(t) for t in held.values()}
-    inits = _init_functions(model, PreTrainedModel)
     versions = {n: _version(t) for n, t in held.items()}
-    prefixes = {id(m): n + "." if n else "" for n, m in model.named_modules()}
+    # The buffers' names say where their modules are: no walk over the whole model.
+    owners = {n.rpartition(".")[0]: buffers[n][0] for n in names}
     written_others: list[str] = []
-    for module in {id(buffers[n][0]): buffers[n][0] for n in names}.values():
+    for prefix, module in owners.items():
         named: dict[str, torch.Tensor] = dict(module.named_buffers(remove_duplicate=False))
         named.update(module.named_parameters(remove_duplicate=False))
         others = {n: t for n, t in named.items() if id(t) not in ids}
         before = {n: _version(t) for n, t in others.items()}
         with _flagged(list(others.values()), list(held.values())), torch.no_grad():
-            inits[id(module)](module)
-        written_others += [
-            prefixes[id(module)] + n for n, t in others.items() if _version(t) != before[n]
-        ]
+            _init_for(model, prefix, PreTrainedModel)(module)
+        dot = prefix + "." if prefix else ""
+        written_others += [dot + n for n, t in others.items() if _version(t) != before[n]]
     unwritten = [
         n for n, t in held.items() if versions[n] is not None and _version(t) == versions[n]
     ]
@@ -110,20 +109,16 @@ def initialise(
         )
 
 
-def _init_functions(model: nn.Module, base: type) -> dict[int, Callable[[nn.Module], None]]:
-    """module id -> the ``_init_weights`` of the innermost transformers model holding
-    it, as ``initialize_weights`` dispatches for composite models."""
-    out: dict[int, Callable[[nn.Module], None]] = {}
-
-    def walk(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
-        if isinstance(module, base):
-            init = cast(Callable[[nn.Module], None], module._init_weights)
-        out[id(module)] = init
-        for child in module.children():
-            walk(child, init)
-
-    walk(model, cast(Callable[[nn.Module], None], model._init_weights))
-    return out
+def _init_for(model: nn.Module, prefix: str, base: type) -> Callable[[nn.Module], None]:
+    """The ``_init_weights`` of the innermost transformers model on the way to the module
+    at ``prefix``, as ``initialize_weights`` dispatches for composite models."""
+    init = model._init_weights
+    node = model
+    for part in prefix.split(".") if prefix else ():
+        node = node.get_submodule(part)
+        if isinstance(node, base):
+            init = node._init_weights
+    return cast(Callable[[nn.Module], None], init)
 
 
 def _buffer(module: nn.Module, attr: str) -> torch.Tensor:

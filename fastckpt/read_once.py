@@ -330,6 +330,10 @@ def run(
     # Tasks by where their bytes end: each runs once the window holding its last byte is in.
     cut.sort(key=lambda t: (t.file, t.hull()[1]))
     hulls = [t.hull() for t in cut]
+    lows = _suffix_lows(cut, hulls)
+    firsts: dict[int, int] = {}
+    for i, t in enumerate(cut):
+        firsts.setdefault(t.file, i)
     next_task = 0
     over = list(indexes)
     # One window's messages travel while the next is read and the one before is copied.
@@ -365,7 +369,7 @@ def run(
                 if ready > next_task:
                     counts.copied += _copy(make_jobs(over, cut[next_task:ready]))
                     next_task = ready
-                _release(files, cut, hulls, next_task, last)
+                _release(files, cut, lows, firsts, next_task, last)
             in_flight = started
         if next_task < len(cut):
             raise CheckpointError(
@@ -400,17 +404,31 @@ def _windows(segs: list[Segment], window: int) -> list[list[Segment]]:
     return out
 
 
+def _suffix_lows(cut: list[Task], hulls: list[tuple[int, int]]) -> list[int]:
+    """For each task of ``cut`` (sorted by file), the lowest byte that it or any later
+    task of the same file reads: computed once, so each window's release is cheap."""
+    out = [0] * len(cut)
+    for i in range(len(cut) - 1, -1, -1):
+        out[i] = hulls[i][0]
+        if i + 1 < len(cut) and cut[i + 1].file == cut[i].file:
+            out[i] = min(out[i], out[i + 1])
+    return out
+
+
 def _release(
     files: dict[int, MemoryFile],
     cut: list[Task],
-    hulls: list[tuple[int, int]],
+    lows: list[int],
+    firsts: dict[int, int],
     next_task: int,
     last: Segment,
 ) -> None:
     """Releases the pages of each memory file below everything still to be copied."""
     low: dict[int, int] = {}
-    for t, (lo, _) in zip(cut[next_task:], hulls[next_task:], strict=True):
-        low[t.file] = min(low.get(t.file, lo), lo)
+    if next_task < len(cut):
+        here = cut[next_task].file
+        low[here] = lows[next_task]
+        low.update({f: lows[i] for f, i in firsts.items() if f > here})
     for f, mf in files.items():
         if f > last.file:
             continue

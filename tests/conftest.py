@@ -128,6 +128,27 @@ def tiny_hf_config(cls_name: str = "BertConfig", **overrides):
     return getattr(transformers, cls_name)(**fields)
 
 
+def hf_folder(tmp_path: Path, cls_name: str, config_name: str, **config) -> Path:
+    """A folder written by transformers' own ``save_pretrained`` from a tiny config
+    (seed 0): the reference ``from_pretrained`` reads and the loads are compared with."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config)).eval()
+    folder = tmp_path / cls_name
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_logits(model) -> torch.Tensor:
+    """The model's logits (``prediction_logits`` for BERT pre-training) on five fixed
+    tokens, in eval mode without grad: what a user compares after a load."""
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 5, 7, 3, 2]]))
+    return out["prediction_logits"] if "prediction_logits" in out else out["logits"]
+
+
 def tf_names(state: dict, prefix: str = "") -> dict:
     """``state`` under old TF-converted names (LayerNorm.gamma / .beta), each key prefixed."""
 

@@ -160,18 +160,24 @@ def test_flat_model_has_the_checkpoint_names():
     assert all(p.numel() == 0 for p in model.parameters())
 
 
-def test_worker_protocol(tmp_path, capsys):
-    path = tmp_path / "w.safetensors"
-    save_file({"x.weight": torch.randn(4, 4)}, str(path))
-    spec = {
-        "contender": "safe_open+copy_",
+def _spec(contender: str, path, nbytes: int, layout: list) -> dict:
+    """A worker's spec for one CPU load of ``path``: ``layout`` is the model's
+    (name, shape, dtype) list, ``nbytes`` the file's tensor bytes."""
+    return {
+        "contender": contender,
         "path": str(path),
         "files": [str(path)],
         "device": "cpu",
-        "nbytes": 64,
+        "nbytes": nbytes,
         "prefix": [],
-        "layout": [("x.weight", [4, 4], "float32")],
+        "layout": layout,
     }
+
+
+def test_worker_protocol(tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    save_file({"x.weight": torch.randn(4, 4)}, str(path))
+    spec = _spec("safe_open+copy_", path, 64, [("x.weight", [4, 4], "float32")])
     commands = "".join(json.dumps({"cmd": c}) + "\n" for c in ("prepare", "go", "quit", "go"))
     serve(spec, io.StringIO(commands))
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -181,19 +187,9 @@ def test_worker_protocol(tmp_path, capsys):
 
 
 def _serve_once(contender: str, tmp_path, capsys) -> dict:
-    from fastckpt.bench.worker import serve
-
     path = tmp_path / "w.safetensors"
     save_file({"x": torch.randn(2)}, str(path))
-    spec = {
-        "contender": contender,
-        "path": str(path),
-        "files": [str(path)],
-        "device": "cpu",
-        "nbytes": 8,
-        "prefix": [],
-        "layout": [("x", [2], "float32")],
-    }
+    spec = _spec(contender, path, 8, [("x", [2], "float32")])
     serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n'))
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     return replies[-1]
@@ -263,15 +259,8 @@ def test_cast_workloads_pair_each_cast_with_a_same_dtype_load():
 def test_worker_cast_contenders_load_and_verify(tmp_path, capsys, contender):
     path = tmp_path / "w.safetensors"
     save_file({"x.weight": torch.randn(8, 8).to(torch.float8_e4m3fn)}, str(path))
-    spec = {
-        "contender": contender,
-        "path": str(path),
-        "files": [str(path)],
-        "device": "cpu",
-        "nbytes": 64,
-        "prefix": [],
-        "layout": [("x.weight", [8, 8], "bfloat16")],  # the model's dtype, not the file's
-    }
+    # the layout holds the model's dtype, not the file's
+    spec = _spec(contender, path, 64, [("x.weight", [8, 8], "bfloat16")])
     serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n{"cmd": "quit"}\n'))
     replies = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert replies[1]["verified"] is True, replies
@@ -290,15 +279,7 @@ def test_cast_contenders_replace_the_peers():
 def test_worker_reports_cpu_faults_and_fastckpt_phases(tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file({"x.weight": torch.randn(64, 64)}, str(path))
-    spec = {
-        "contender": "fastckpt",
-        "path": str(path),
-        "files": [str(path)],
-        "device": "cpu",
-        "nbytes": 64 * 64 * 4,
-        "prefix": [],
-        "layout": [("x.weight", [64, 64], "float32")],
-    }
+    spec = _spec("fastckpt", path, 64 * 64 * 4, [("x.weight", [64, 64], "float32")])
     serve(spec, io.StringIO('{"cmd": "prepare"}\n{"cmd": "go"}\n{"cmd": "quit"}\n'))
     reply = json.loads(capsys.readouterr().out.splitlines()[1])
     assert reply["verified"] is True

@@ -16,34 +16,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
-from tests.conftest import REPO, assert_same_bytes, free_port, tiny_hf_config
+from tests.conftest import (
+    REPO,
+    assert_same_bytes,
+    free_port,
+    hf_folder,
+    hf_logits,
+    tiny_hf_config,
+)
 
 transformers = pytest.importorskip("transformers")
 hf_init = pytest.importorskip("transformers.initialization")
-
-IDS = torch.tensor([[1, 5, 7, 3, 2]])
-
-
-def _folder(tmp_path, cls_name: str, config_name: str, **config):
-    torch.manual_seed(0)
-    model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config)).eval()
-    folder = tmp_path / cls_name
-    model.save_pretrained(folder)
-    return folder
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=IDS)
-    return out["prediction_logits"] if "prediction_logits" in out else out["logits"]
-
 
 def test_to_empty_llama_gets_its_rotary_buffers_back(tmp_path):
     """to_empty() leaves inv_freq as whatever the allocator had: before this, the model
     ran, with logits off by 2e-4."""
     cfg = tiny_hf_config("LlamaConfig", num_key_value_heads=2)
-    folder = _folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    folder = hf_folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
     ref = transformers.LlamaForCausalLM.from_pretrained(folder)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
@@ -57,12 +46,12 @@ def test_to_empty_llama_gets_its_rotary_buffers_back(tmp_path):
         "model.rotary_emb.original_inv_freq",
     ]
     assert_same_bytes(rotary.inv_freq, ref.model.rotary_emb.inv_freq)
-    assert_same_bytes(_logits(model), _logits(ref))
+    assert_same_bytes(hf_logits(model), hf_logits(ref))
 
 
 def test_to_empty_bert_names_the_broken_ties_then_loads_after_tie_weights(tmp_path):
     cfg = tiny_hf_config("BertConfig")
-    folder = _folder(tmp_path, "BertForPreTraining", "BertConfig")
+    folder = hf_folder(tmp_path, "BertForPreTraining", "BertConfig")
     ref = transformers.BertForPreTraining.from_pretrained(folder)
     with torch.device("meta"):
         model = transformers.BertForPreTraining(cfg)
@@ -77,12 +66,12 @@ def test_to_empty_bert_names_the_broken_ties_then_loads_after_tie_weights(tmp_pa
     assert report.missing == []
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert_same_bytes(model.bert.embeddings.position_ids, ref.bert.embeddings.position_ids)
-    assert_same_bytes(_logits(model), _logits(ref))
+    assert_same_bytes(hf_logits(model), hf_logits(ref))
 
 
 def test_dtype_keeps_the_buffers_dtype_as_from_pretrained_does(tmp_path):
     cfg = tiny_hf_config("LlamaConfig", num_key_value_heads=2)
-    folder = _folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    folder = hf_folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
     ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
@@ -90,7 +79,7 @@ def test_dtype_keeps_the_buffers_dtype_as_from_pretrained_does(tmp_path):
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
     assert_same_bytes(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
-    assert_same_bytes(_logits(model), _logits(ref))
+    assert_same_bytes(hf_logits(model), hf_logits(ref))
 
 
 # -- models whose _init_weights does not do what from_pretrained relies on ---------------
@@ -205,7 +194,7 @@ if __name__ == "__main__":
 
 
 def test_fsdp2_llama_built_on_meta_and_to_empty_runs_like_from_pretrained(tmp_path):
-    folder = _folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    folder = hf_folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
     script = tmp_path / "fsdp_llama.py"
     script.write_text(FSDP_LLAMA)
     port = str(free_port())

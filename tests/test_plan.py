@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
-from tests.conftest import assert_same_bytes, empty_weights, free_port, tiny_hf_config
+from tests.conftest import (
+    assert_same_bytes,
+    empty_weights,
+    free_port,
+    hf_folder,
+    hf_logits,
+    tiny_hf_config,
+)
 
 
 class Net(nn.Module):
@@ -264,16 +271,6 @@ def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(tmp_path
 # -- the large-model recipe: meta device, then device= ---------------------------------------
 
 
-def _hf_folder(tmp_path, cls_name: str, config_name: str, **config):
-    import transformers
-
-    torch.manual_seed(0)
-    model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config)).eval()
-    folder = tmp_path / cls_name
-    model.save_pretrained(folder)
-    return folder
-
-
 HF_CASES = [
     (
         "BertForPreTraining",
@@ -300,7 +297,7 @@ def test_meta_transformers_model_loads_to_from_pretrained_outputs(
     device= and filled by the model's own _init_weights, as from_pretrained does."""
     import transformers
 
-    folder = _hf_folder(tmp_path, cls_name, config_name, **config)
+    folder = hf_folder(tmp_path, cls_name, config_name, **config)
     ref = getattr(transformers, cls_name).from_pretrained(folder).eval()
     with torch.device("meta"):
         model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config))
@@ -313,11 +310,7 @@ def test_meta_transformers_model_loads_to_from_pretrained_outputs(
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     for name in buffers:
         assert_same_bytes(model.get_buffer(name), ref.get_buffer(name))
-    ids = torch.tensor([[1, 5, 7, 3, 2]])
-    with torch.no_grad():
-        got, want = model(input_ids=ids), ref(input_ids=ids)
-    key = "prediction_logits" if "prediction_logits" in want else "logits"
-    assert_same_bytes(got[key], want[key])
+    assert_same_bytes(hf_logits(model), hf_logits(ref))
 
 
 def test_a_plain_module_with_a_buffer_on_meta_is_refused_naming_it(tmp_path):
@@ -347,7 +340,7 @@ def test_params_on_meta_model_loads_to_from_pretrained_outputs(
 ):
     import transformers
 
-    folder = _hf_folder(tmp_path, cls_name, config_name, **config)
+    folder = hf_folder(tmp_path, cls_name, config_name, **config)
     ref = getattr(transformers, cls_name).from_pretrained(folder).eval()
     with empty_weights():
         model = getattr(transformers, cls_name)(tiny_hf_config(config_name, **config))
@@ -355,11 +348,7 @@ def test_params_on_meta_model_loads_to_from_pretrained_outputs(
     model.eval()
     assert report.missing == [] and report.unexpected == []
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
-    ids = torch.tensor([[1, 5, 7, 3, 2]])
-    with torch.no_grad():
-        got, want = model(input_ids=ids), ref(input_ids=ids)
-    key = "prediction_logits" if "prediction_logits" in want else "logits"
-    assert_same_bytes(got[key], want[key])
+    assert_same_bytes(hf_logits(model), hf_logits(ref))
 
 
 def test_a_tensor_present_but_not_loadable_is_named_as_such(tmp_path):
