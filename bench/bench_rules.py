@@ -18,7 +18,7 @@ import statistics
 import time
 
 from fastckpt import _core
-from fastckpt.rules import Rules
+from fastckpt.planning.rules import Rules
 
 MODULES = 50  # modules per layer, two tensors each
 

@@ -29,6 +29,6 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_load_cuda.py tes
 echo "tests: exit $?"; tail -n 5 "$out/tests.log"
 
 # Peers side by side, destinations on the GPU, with the pinned host-to-device ceiling.
-timeout 300 python3 -c "import sys; from fastckpt.cli import main; sys.argv[0] = 'fastckpt'; main()" \
+timeout 300 python3 -c "import sys; from fastckpt.cli.app import main; sys.argv[0] = 'fastckpt'; main()" \
   bench --device cuda --repeat 3 --json --cache-dir /tmp/fastckpt-bench > "$out/bench.json" 2> "$out/bench.err"
 echo "bench: exit $?"; tail -n 5 "$out/bench.err"

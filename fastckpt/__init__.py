@@ -1,13 +1,14 @@
 """fastckpt: stream PyTorch checkpoints straight into a built model."""
 
-from fastckpt.checkpoint import Checkpoint, TensorInfo, open
-from fastckpt.diff import DiffReport, diff
 from fastckpt.errors import CheckpointError, LimitError, StrictLoadError, UninitializedWarning
-from fastckpt.load import load_into
-from fastckpt.planning import LoadPlan, PlanEntry, plan
+from fastckpt.load.execute import load_into
+from fastckpt.planning.load_plan import LoadPlan, PlanEntry, plan
+from fastckpt.planning.rules import Rules, as_rules
 from fastckpt.report import LoadReport, SharedReads
-from fastckpt.rules import Rules, as_rules
+from fastckpt.source.checkpoint import Checkpoint, TensorInfo, open
+from fastckpt.tools.diff import DiffReport, diff
 from fastckpt.training import FreezeSummary, ResumeReport, freeze, resume, save
+from fastckpt.version import __version__ as __version__
 
 __all__ = [
     "Checkpoint",
@@ -33,4 +34,3 @@ __all__ = [
     "resume",
     "save",
 ]
-__version__ = "0.1.0"

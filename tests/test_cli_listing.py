@@ -13,10 +13,10 @@ from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-import fastckpt.cli as cli
+import fastckpt.cli.app as cli
 from fastckpt.bench import BenchResult, ContenderResult, TargetResult
 from fastckpt.bench.report import print_tables
-from fastckpt.cli import app
+from fastckpt.cli.app import app
 
 runner = CliRunner()
 BOX = set("│┃━─┏┓┗┛╇╈┡┩")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fastckpt.cli import app
+from fastckpt.cli.app import app
 from tests.conftest import assert_same_bytes
 from tests.test_convert import tiny_bert
 

@@ -1,4 +1,4 @@
-"""fastckpt.convert: safetensors in, safetensors out, with rules, casts, shards, atomicity."""
+"""fastckpt.tools.convert: safetensors in, safetensors out, with rules, casts, shards, atomicity."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fastckpt
-from fastckpt.convert import convert, parse_size, plan_shards
-from fastckpt.mapping import Assignment, MappingPlan, RowSelection
-from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.planning.mapping import Assignment, MappingPlan, RowSelection
+from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.tools.convert import convert, parse_size, plan_shards
 from tests.conftest import ALL_DTYPES, assert_same_bytes, random_tensor, tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_rules_rename_slice_index_rows_rule_dtype_and_ignore(tmp_path):
 def test_rules_file_digest_is_the_file_sha256(tmp_path, monkeypatch):
     import hashlib
 
-    import fastckpt.convert as convert_mod
+    import fastckpt.tools.convert as convert_mod
 
     src = tmp_path / "src.safetensors"
     save_file({"a": torch.ones(2)}, str(src))
@@ -298,7 +298,7 @@ def test_bad_dtype_is_refused(mixed_file, tmp_path):
 
 
 def test_failure_mid_folder_write_leaves_nothing(mixed_file, tmp_path, monkeypatch):
-    import fastckpt.convert as convert_mod
+    import fastckpt.tools.convert as convert_mod
 
     src, _ = mixed_file
     real = convert_mod.read_tensor
@@ -320,7 +320,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import fastckpt.convert as c
+    import fastckpt.tools.convert as c
 
     real = c.read_tensor
     marker = Path(sys.argv[3])

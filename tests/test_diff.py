@@ -12,12 +12,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 import fastckpt
-from fastckpt.cli import app
-from fastckpt.mapping import Assignment, MappingPlan, RowSelection
-from fastckpt.suggest import suggest_rules
+from fastckpt.cli.app import app
+from fastckpt.planning.mapping import Assignment, MappingPlan, RowSelection
+from fastckpt.suggest.renames import suggest_rules
 from tests.conftest import tf_names
 
-diff_mod = importlib.import_module("fastckpt.diff")
+diff_mod = importlib.import_module("fastckpt.tools.diff")
 
 
 def _layers(n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fastckpt.cli import app
+from fastckpt.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 

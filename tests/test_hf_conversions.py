@@ -23,7 +23,7 @@ from transformers.core_model_loading import (  # noqa: E402
     WeightConverter,
 )
 
-from fastckpt.hf_conversions import HFConversions, rules_for  # noqa: E402
+from fastckpt.planning.hf_conversions import HFConversions, rules_for  # noqa: E402
 from tests.conftest import same_bytes  # noqa: E402
 
 TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}

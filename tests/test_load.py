@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
-import fastckpt.load as load_module
+import fastckpt.load.execute as load_module
 from fastckpt import _core
-from fastckpt.mapping import Assignment, MappingPlan, RowSelection
+from fastckpt.planning.mapping import Assignment, MappingPlan, RowSelection
 from tests.conftest import assert_same_bytes, empty_weights, tf_names, tiny_hf_config
 
 
@@ -856,7 +856,7 @@ def test_progress_bar(tmp_path, capsys):
 
 def test_same_device_reads_index_zero_as_an_index(monkeypatch):
     """cuda:0 is not "the current device" when the current device is 1 (no GPU needed)."""
-    from fastckpt.load import _same_device
+    from fastckpt.load.execute import _same_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     cuda = torch.device

@@ -100,7 +100,7 @@ def test_progress_bar_onto_cuda(tmp_path):
 
 
 def test_bad_device_index_is_a_checkpoint_error(tmp_path):
-    from fastckpt.load import _find_cudart
+    from fastckpt.load.execute import _find_cudart
 
     save_file({"x": torch.randn(4, 6)}, str(tmp_path / "x.safetensors"))
     ckpt = fastckpt.open(tmp_path / "x.safetensors")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastckpt.load import _state_tensors
+from fastckpt.load.execute import _state_tensors
 
 
 class WithBuffers(nn.Module):

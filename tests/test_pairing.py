@@ -1,5 +1,5 @@
 """Rule suggestions from names and shapes: pairing by shape and name
-(fastckpt.pairing), through the one engine, fastckpt.suggest.suggest_rules."""
+(fastckpt.suggest.pairing), through the one engine, fastckpt.suggest.renames.suggest_rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastckpt import Rules
-from fastckpt.suggest import suggest_pairings, suggest_rules, suggested_rules
+from fastckpt.suggest.renames import suggest_pairings, suggest_rules, suggested_rules
 from tests.conftest import tiny_hf_config
 
 

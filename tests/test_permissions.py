@@ -16,7 +16,7 @@ from torch import nn
 
 import fastckpt
 from fastckpt.atomic import atomic_folder, atomic_write, current_umask
-from fastckpt.convert import convert
+from fastckpt.tools.convert import convert
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fastckpt
-from fastckpt.read_once import PAGE, Task, merge, segments
+from fastckpt.load.read_once import PAGE, Task, merge, segments
 from tests.test_sharded_load import run_ranks
 
 TWO = ["fsdp2", "tp", "replicated", "tied", "cast", "rows_rules", "small_window", "other_file"]
@@ -221,7 +221,7 @@ def test_read_modes_refuse_what_cannot_go_together(tmp_path):
 def test_bench_refuses_an_unknown_read_mode():
     from typer.testing import CliRunner
 
-    from fastckpt.cli import app
+    from fastckpt.cli.app import app
 
     result = CliRunner().invoke(app, ["bench", "--ranks", "2", "--read", "twice"])
     assert result.exit_code == 2

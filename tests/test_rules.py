@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import fastckpt
 from fastckpt import CheckpointError, Rules, as_rules
-from fastckpt.mapping import Assignment, RowSelection
-from fastckpt.rules import select
+from fastckpt.planning.mapping import Assignment, RowSelection
+from fastckpt.planning.rules import select
 from tests.conftest import tiny_hf_config
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastckpt
 from fastckpt import CheckpointError, Rules
-from fastckpt.mapping import Rope, Select, Span
+from fastckpt.planning.mapping import Rope, Select, Span
 from tests.conftest import same_bytes
 
 TEXT = """\

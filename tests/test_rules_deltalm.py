@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fastckpt import Rules
-from fastckpt.mapping import MappingPlan, RowSelection
-from fastckpt.suggest import suggest_pairings
+from fastckpt.planning.mapping import MappingPlan, RowSelection
+from fastckpt.suggest.renames import suggest_pairings
 
 HIDDEN, FFN, POSITIONS = 16, 64, 34
 VOCAB_FILE, VOCAB_MODEL = 1040, 1001

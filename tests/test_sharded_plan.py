@@ -35,7 +35,7 @@ def test_explain_shows_bytes_per_rank(tmp_path):
     assert p.local_bytes == 51 * 4
     lines = [ln.strip() for ln in text.splitlines() if "read by rank" in ln]
     assert lines == ["0.000 MB read by rank 0", "0.000 MB read by rank 1"]
-    from fastckpt.sharded import bytes_per_rank
+    from fastckpt.planning.dtensor_plan import bytes_per_rank
 
     assert bytes_per_rank(p) == {0: 204, 1: 204}
 

@@ -1,4 +1,4 @@
-"""Shard geometry (fastckpt.sharding) against torch's own DTensor splitting.
+"""Shard geometry (fastckpt.planning.dtensor_geometry) against torch's own DTensor splitting.
 
 Single process: torch's fake process group lets every rank of a mesh be built in
 turn, and ``distribute_tensor(..., src_data_rank=None)`` splits locally with no
@@ -22,7 +22,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from fastckpt import CheckpointError
-from fastckpt.sharding import (
+from fastckpt.planning.dtensor_geometry import (
     box_view,
     dtensor_shard,
     narrow,

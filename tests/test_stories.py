@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import fastckpt
-from fastckpt.suggest import suggest_rules
+from fastckpt.suggest.renames import suggest_rules
 from tests.conftest import assert_same_bytes, tiny_hf_config
 from tests.test_rules_deltalm import (
     VOCAB_MODEL,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastckpt.suggest import suggest_rules
+from fastckpt.suggest.renames import suggest_rules
 from tests.conftest import tf_names
 
 MODEL = {

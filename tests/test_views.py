@@ -1,4 +1,4 @@
-"""fastckpt.views against torch: stack / unstack, cat / split / chunk, t(), and the
+"""fastckpt.planning.views against torch: stack / unstack, cat / split / chunk, t(), and the
 rotary permutation of transformers' Llama conversion, each as a strided read of a
 source's storage into a view of the destination; bad parts fail before a write."""
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastckpt import CheckpointError
-from fastckpt.mapping import Assignment, Rope, RowSelection, Select, Span
-from fastckpt.views import check_parts, dense_strides, read_shape, source_view, target_view
+from fastckpt.planning.mapping import Assignment, Rope, RowSelection, Select, Span
+from fastckpt.planning.views import check_parts, dense_strides, read_shape, source_view, target_view
 
 
 def copy(src: torch.Tensor, dst: torch.Tensor, asg: Assignment) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
 from tests.conftest import ALL_DTYPES, assert_same_bytes, random_tensor
 
 

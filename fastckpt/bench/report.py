@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from fastckpt.bench import BenchResult, ContenderResult, TargetResult
-from fastckpt.listing import Listing, print_line
+from fastckpt.tools.listing import Listing, print_line
 
 COLUMNS = (
     "contender",

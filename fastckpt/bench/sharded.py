@@ -87,7 +87,7 @@ class PeakPrivate:
 
 
 def _cached_bytes(path: Path) -> int:
-    from fastckpt import _core
+    import fastckpt._core as _core
 
     return _core._testing.cached_pages(str(path), 0, path.stat().st_size) * 4096
 

@@ -157,7 +157,7 @@ class Contender:
         self.phases: dict[str, float] = {}  # the last fastckpt load's LoadReport.phases
         # torch's copy_ (the memcpy ceiling, load_state_dict's copies) on as many
         # threads as fastckpt's copy engine, so a ratio compares the same cores.
-        from fastckpt.load import _default_threads
+        from fastckpt.load.execute import _default_threads
 
         torch.set_num_threads(_default_threads())
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fastckpt.atomic import atomic_write
-from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
 
 Layout = list[tuple[str, tuple[int, ...]]]
 

@@ -27,14 +27,14 @@ from fastckpt.training.report import ResumeReport
 
 
 def load_named_optimizer_state(folder: Path) -> NamedOptimizerState:
-    import fastckpt
+    from fastckpt.source.checkpoint import open as open_checkpoint
 
     try:
         doc = json.loads((folder / OPT_JSON).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder / OPT_JSON}: cannot read optimizer state: {e}") from None
     state: dict[str, dict[str, Any]] = {}
-    with fastckpt.open(folder / OPT_TENSORS) as ckpt:
+    with open_checkpoint(folder / OPT_TENSORS) as ckpt:
         for name, record in doc["state"].items():
             entry: dict[str, Any] = {}
             for key, v in record.items():
@@ -317,7 +317,7 @@ def remap_optimizer_state(
     the ambiguous parameters or the reason. One parameter's moments are never
     given to another on a guess.
     """
-    import fastckpt
+    from fastckpt.source.checkpoint import open as open_checkpoint
 
     where = str(checkpoint)
     saved_groups = optimizer_state.get("param_groups")
@@ -328,7 +328,7 @@ def remap_optimizer_state(
         raise CheckpointError(f"{where}: a param group has no 'params' list")
     sizes = tuple(len(g["params"]) for g in saved_groups)
     flat_positions = [i for g in saved_groups for i in g["params"]]
-    with fastckpt.open(checkpoint) as ckpt:
+    with open_checkpoint(checkpoint) as ckpt:
         ck_keys = ckpt.keys()
         ck_set = set(ck_keys)
         ck_shares = {k: ckpt.info(k).shares_storage_with for k in ck_keys}

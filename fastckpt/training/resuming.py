@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastckpt.destinations import state_tensors, tie_groups
 from fastckpt.errors import CheckpointError, UninitializedWarning
-from fastckpt.mapping import Assignment, MappingPlan
+from fastckpt.planning.destinations import state_tensors, tie_groups
+from fastckpt.planning.mapping import Assignment, MappingPlan
 from fastckpt.training.layout import (
     EXTRA_JSON,
     FORMAT,
@@ -79,7 +79,8 @@ def resume(
     because of a new tie, or misfitting state shape raises ``CheckpointError``
     listing them, and the model and optimizer are left as they were.
     """
-    import fastckpt
+    from fastckpt.load.execute import load_into
+    from fastckpt.planning.load_plan import plan
 
     folder = Path(path)
     if (folder / MANIFEST).is_file():
@@ -94,7 +95,7 @@ def resume(
         weights, aliases = folder, {}
     state = state_tensors(model)
     ties = tie_groups(list(state), list(state.values())) or []
-    weights_plan = fastckpt.plan(
+    weights_plan = plan(
         model, weights, _SavedNames(aliases, [g for g in ties if len(g) > 1])
     )
     report.model_missing = list(weights_plan.missing)
@@ -133,7 +134,7 @@ def resume(
         )
     with warnings.catch_warnings():  # what stays unloaded is in this report already
         warnings.simplefilter("ignore", UninitializedWarning)
-        report.model_loaded = len(fastckpt.load_into(model, weights_plan, strict=False).loaded)
+        report.model_loaded = len(load_into(model, weights_plan, strict=False).loaded)
     if optimizer is not None and new_state is not None:
         optimizer.load_state_dict(new_state)
     if (folder / EXTRA_JSON).is_file():

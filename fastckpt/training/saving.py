@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fastckpt.atomic import atomic_folder
-from fastckpt.destinations import state_tensors, tie_groups
-from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.planning.destinations import state_tensors, tie_groups
+from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
 from fastckpt.training.layout import (
     EXTRA_JSON,
     FORMAT,
@@ -30,7 +30,7 @@ from fastckpt.training.layout import (
 
 def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """state_dict tensors stored once each, and ``alias -> stored name`` for tied ones
-    (one tensor object under several names: ``fastckpt.destinations.tie_groups``)."""
+    (one tensor object under several names: ``fastckpt.planning.destinations.tie_groups``)."""
     state = state_tensors(model)
     groups = tie_groups(list(state), list(state.values())) or [[n] for n in state]
     stored = {g[0]: state[g[0]].detach() for g in groups}

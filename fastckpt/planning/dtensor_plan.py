@@ -1,7 +1,7 @@
 """Loading DTensor models: each rank plans and copies only its own shard.
 
 ``planning.build`` hands the DTensor destinations here. Each becomes one
-``Piece`` per box of its local shard (fastckpt.sharding): the destination is a
+``Piece`` per box of its local shard (fastckpt.planning.dtensor_geometry): the destination is a
 narrow of ``to_local()``, the source the matching box of the checkpoint tensor's
 view, so the copy engine reads exactly those bytes (``exact_reads``: no
 readahead). Every rank computes its plan from metadata alone.
@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import RowSelection
+from fastckpt.planning.dtensor_geometry import Piece as ShardPiece
+from fastckpt.planning.dtensor_geometry import box_view, dtensor_shard, narrow
+from fastckpt.planning.mapping import RowSelection
 from fastckpt.report import Mismatch
-from fastckpt.sharding import Piece as ShardPiece
-from fastckpt.sharding import box_view, dtensor_shard, narrow
 
 
 def _dtensor_class() -> type | None:
@@ -94,7 +94,7 @@ def plan_shards(
     DTensor with a source. A global shape that differs from the source's (after
     rows) is a mismatch, as for plain tensors.
     """
-    from fastckpt.planning import Piece
+    from fastckpt.planning.load_plan import Piece
 
     assert p._model is not None
     for group, name, source, handle, rows, via in entries:
@@ -124,7 +124,7 @@ def bytes_per_rank(p: Any) -> dict[int, int]:
     """Bytes each global rank reads from the file under this plan, from metadata alone:
     every rank's shards of the sharded tensors (their pieces at each mesh coordinate)
     plus the plain tensors, which every rank reads whole."""
-    from fastckpt.sharding import pieces_for
+    from fastckpt.planning.dtensor_geometry import pieces_for
 
     assert p._model is not None
     plain = sum(e.nbytes for e in p.entries())

@@ -1,5 +1,5 @@
 """Pairing by shape and name: the part of the suggestion engine
-(``fastckpt.suggest``) that explains keys no prefix change or known rename does.
+(``fastckpt.suggest.renames``) that explains keys no prefix change or known rename does.
 
 ``pair_by_shape`` pairs the keys still unmatched that share layer numbers and
 shape, and never on position alone: a group (same layer numbers and shape, and,
@@ -22,7 +22,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
-from fastckpt.rules import Rules
+from fastckpt.planning.rules import Rules
 
 __all__ = ["name_pairs", "pair_by_shape", "pattern_lines"]
 

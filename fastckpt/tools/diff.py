@@ -31,11 +31,11 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-from fastckpt.checkpoint import Checkpoint
 from fastckpt.dtypes import short_name
-from fastckpt.listing import Listing, collapse, split_numbers
-from fastckpt.mapping import Assignment, RowSelection
-from fastckpt.planning import match
+from fastckpt.planning.load_plan import match
+from fastckpt.planning.mapping import Assignment, RowSelection
+from fastckpt.source.checkpoint import Checkpoint
+from fastckpt.tools.listing import Listing, collapse, split_numbers
 
 # Elements per comparison chunk: 1 Mi elements is 8 MB as float64 per side; the
 # arithmetic holds about ten such temporaries (~80 MB), whatever the file size.
@@ -269,10 +269,10 @@ class _Side:
             self.name = "state dict"
             self._tensors = obj
         elif isinstance(obj, (str, os.PathLike)):
-            import fastckpt
+            from fastckpt.source.checkpoint import open as open_checkpoint
 
             self.name = str(obj)
-            self._ckpt = fastckpt.open(Path(obj))
+            self._ckpt = open_checkpoint(Path(obj))
             self._owned = True
         else:
             raise TypeError(

@@ -1,13 +1,13 @@
 """Rules that would make a checkpoint fit a model, for strict-mode errors.
 
-Each candidate is a small rules text (the format of ``fastckpt.rules``) plus the
+Each candidate is a small rules text (the format of ``fastckpt.planning.rules``) plus the
 same renaming as a Python function, so it can be scored without the rules
 engine: a candidate "matches" a model name when some checkpoint name is mapped
 onto it and the shapes agree. The best candidate that beats doing nothing wins.
 
 New kinds of prefix/rename candidates are added by appending a generator to
 ``CANDIDATE_SOURCES``. Keys no candidate explains are then paired by shape and
-name (``fastckpt.pairing``): this module is the one suggestion engine; the
+name (``fastckpt.suggest.pairing``): this module is the one suggestion engine; the
 strict-mode error of ``load_into`` and ``fastckpt diff A B --suggest`` print it.
 """
 
@@ -17,9 +17,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fastckpt.pairing import Pairs, pair_by_shape, pattern_lines
-from fastckpt.rules import Rules
-from fastckpt.suggest_convert import suggest_conversions
+from fastckpt.planning.rules import Rules
+from fastckpt.suggest.conversions import suggest_conversions
+from fastckpt.suggest.pairing import Pairs, pair_by_shape, pattern_lines
 
 Shapes = Mapping[str, tuple[int, ...]]
 ShapesIn = Mapping[str, Sequence[int]]  # what callers pass: tuples, lists, torch.Size
@@ -209,7 +209,7 @@ def suggest_rules(source_shapes: ShapesIn, target_shapes: ShapesIn) -> Suggestio
 
     In order of trust: a prefix change and known segment renames (scored over
     every key), then pairs of the keys still unexplained by shape (unique) and name
-    (``fastckpt.pairing``), then ``ignore`` lines for checkpoint groups nothing
+    (``fastckpt.suggest.pairing``), then ``ignore`` lines for checkpoint groups nothing
     uses. Targets left without a source are listed in ``notes``.
     """
     # Sorted: the same keys give the same suggestion, in whatever order they come.

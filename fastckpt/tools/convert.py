@@ -43,13 +43,14 @@ from pathlib import Path
 
 import torch
 
-import fastckpt
 from fastckpt.atomic import atomic_folder, atomic_write
-from fastckpt.checkpoint import Checkpoint, PathLike
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, MappingPlan
-from fastckpt.planning import as_rules, match
-from fastckpt.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.planning.load_plan import as_rules, match
+from fastckpt.planning.mapping import Assignment, MappingPlan
+from fastckpt.source.checkpoint import Checkpoint, PathLike
+from fastckpt.source.checkpoint import open as open_checkpoint
+from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.version import __version__
 
 DTYPE_CHOICES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -122,7 +123,7 @@ def rules_digest(rules: object, plan: MappingPlan) -> str:
     return h.hexdigest()
 
 
-_rules_object = as_rules  # the one coercion of rules (fastckpt.planning)
+_rules_object = as_rules  # the one coercion of rules (fastckpt.planning.load_plan)
 
 
 def build_plan(ckpt: Checkpoint, rules: object) -> MappingPlan:
@@ -238,7 +239,7 @@ def convert(
     if single_file and dst_p.is_dir():
         raise ValueError(f"{dst_p}: is a folder, not a .safetensors file")
 
-    with fastckpt.open(src_p, key=key) as ckpt:
+    with open_checkpoint(src_p, key=key) as ckpt:
         plan = build_plan(ckpt, rules)
         specs = [_spec(ckpt, a, cast_to) for a in plan.assignments]
         by_target = {a.target: a for a in plan.assignments}
@@ -251,7 +252,7 @@ def convert(
         metadata = {
             "format": "pt",
             "fastckpt_source": str(src_p.resolve()),
-            "fastckpt_version": fastckpt.__version__,
+            "fastckpt_version": __version__,
             "fastckpt_rules_sha256": rules_digest(rules, plan),
         }
         if cast_to is not None:

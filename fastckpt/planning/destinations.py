@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastckpt import _core
+import fastckpt._core as _core
 
 # Exactly these classes describe their memory by data_ptr/shape/stride; a subclass
 # may not (a wrapper subclass's data_ptr is not where its values live).

@@ -7,7 +7,7 @@ tensors stacked), ``Concatenate`` (gate and up fused), ``Chunk`` / ``Split``,
 ``Transpose``, ``PermuteForRope`` and ``Interleave``. ``rules_for(model,
 source_shape)`` returns an object with the rules interface (``plan(source_keys,
 target_keys) -> MappingPlan``) whose assignments say the same with regions,
-transposes and row permutations (``fastckpt.mapping``), so the copy engine
+transposes and row permutations (``fastckpt.planning.mapping``), so the copy engine
 streams each piece into place.
 
 Names are matched by transformers' own matching (``rename_source_key``, in its
@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, MappingPlan, Region, Rope, Select, Span
+from fastckpt.planning.mapping import Assignment, MappingPlan, Region, Rope, Select, Span
 
 __all__ = ["HFConversions", "rules_for"]
 

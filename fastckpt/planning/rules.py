@@ -7,7 +7,7 @@ dot-separated key segments; matching every key of a checkpoint is one pass.
     rules = fastckpt.Rules([("module.{rest*}", "{rest*}"), "ignore cls.**"])
     rules = fastckpt.Rules().strip_prefix("module.").rename("{p*}.gamma", "{p*}.weight")
 
-``Rules.plan(source_keys, target_keys)`` returns a ``fastckpt.mapping.MappingPlan``.
+``Rules.plan(source_keys, target_keys)`` returns a ``fastckpt.planning.mapping.MappingPlan``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,18 @@ from pathlib import Path
 
 import torch
 
-from fastckpt import _core
+import fastckpt._core as _core
 from fastckpt.dtypes import short_name, to_torch
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, MappingPlan, Region, Rope, RowSelection, Select, Span
+from fastckpt.planning.mapping import (
+    Assignment,
+    MappingPlan,
+    Region,
+    Rope,
+    RowSelection,
+    Select,
+    Span,
+)
 
 __all__ = ["Conversion", "Rule", "RuleMatch", "Rules", "RulesLike", "as_rules", "select"]
 

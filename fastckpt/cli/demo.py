@@ -16,7 +16,7 @@ from rich.panel import Panel
 from torch import nn
 
 import fastckpt
-from fastckpt.listing import print_line
+from fastckpt.tools.listing import print_line
 
 # Story 1, scaled down: DeltaLM's pretrained names -> the fairseq model's names.
 DELTALM_RULES = """\

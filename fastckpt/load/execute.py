@@ -22,16 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastckpt import _core, read_once
-from fastckpt.checkpoint import Checkpoint
-from fastckpt.destinations import assign, owners, refusal, same_device, state_tensors
+import fastckpt._core as _core
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
-from fastckpt.hf_model import broken_ties, initialise
-from fastckpt.planning import LoadPlan, build, meta_message
+from fastckpt.load import read_once
+from fastckpt.planning.destinations import assign, owners, refusal, same_device, state_tensors
+from fastckpt.planning.dtensor_plan import agree, fresh_local, has_dtensors, is_dtensor
+from fastckpt.planning.hf_model import broken_ties, initialise
+from fastckpt.planning.load_plan import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, SharedReads, format_groups
-from fastckpt.sharded import agree, fresh_local, has_dtensors, is_dtensor
-from fastckpt.suggest import suggest_rules
+from fastckpt.source.checkpoint import Checkpoint
+from fastckpt.suggest.renames import suggest_rules
 
 # Importable under their earlier names.
 _state_tensors = state_tensors
@@ -303,7 +304,7 @@ def _refuse(p: LoadPlan) -> None:
     )
     suggested = None
     if sug.rules_text:
-        from fastckpt.rules import Rules
+        from fastckpt.planning.rules import Rules
 
         suggested = Rules.parse(sug.rules_text)
     report = _report_of(p)
@@ -509,7 +510,7 @@ def _copy_all(
 
 def _before_writing(p: LoadPlan, report: LoadReport) -> None:
     """What happens once everything is checked, before the first copy: a transformers
-    model's non-persistent buffers get their values (fastckpt.hf_model)."""
+    model's non-persistent buffers get their values (fastckpt.planning.hf_model)."""
     if p.initialised:
         initialise(p._model_ref, p.initialised, p._hidden_buffers, p.device, p.checkpoint.path)
         report.initialised = list(p.initialised)
@@ -520,7 +521,7 @@ def _run_once(
     src_names: list[str], rows: Any, via_dtypes: Any, views: Any, group: Any, n_threads: int,
     max_host_bytes: int, before_writing: Callable[[], None],
 ) -> read_once.Counts:  # fmt: skip
-    """read="once": every task, its bytes read by one rank of the group (fastckpt.read_once)."""
+    """read="once": every task, its bytes read by one rank of the group (load.read_once)."""
     ckpt = p.checkpoint
     indexes = ckpt._core_indexes
     tasks = []

@@ -1,5 +1,5 @@
 """Which source tensor feeds which target, and how: the contract between the
-rules engine (``fastckpt.rules``) and the loader (``fastckpt.load``).
+rules engine (``fastckpt.planning.rules``) and the loader (``fastckpt.load.execute``).
 
 ``plain_plan`` matches names exactly; a rules object's ``plan`` does renames,
 row selections, casts and ignores. The loader turns a plan into copy tasks.
@@ -11,7 +11,7 @@ fused one), ``transpose`` (2-D), ``rope`` (a per-head row permutation), then
 written into ``into`` (the region of the target: expert ``e`` of a stack, a
 range of a concatenation). Several assignments may feed one target (stack,
 concatenate) and one source may feed several (unstack, split);
-``fastckpt.views`` turns the fields into strided views and checks that the
+``fastckpt.planning.views`` turns the fields into strided views and checks that the
 parts of a target fit it.
 """
 

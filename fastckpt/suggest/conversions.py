@@ -1,4 +1,4 @@
-"""Conversions a suggestion may propose (fastckpt.suggest): stacks of per-expert
+"""Conversions a suggestion may propose (fastckpt.suggest.renames): stacks of per-expert
 tensors, concatenations of them, and exact transposes, when names and shapes prove them.
 
 - A *family* is the unexplained checkpoint keys that differ only in their last
@@ -25,9 +25,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 
-from fastckpt.mapping import Select, Span, regions
-from fastckpt.pairing import SYNONYMS
-from fastckpt.rules import Rules
+from fastckpt.planning.mapping import Select, Span, regions
+from fastckpt.planning.rules import Rules
+from fastckpt.suggest.pairing import SYNONYMS
 
 Shape = tuple[int, ...]
 Piece = tuple[str, str, tuple]  # (target, source, into regions)

@@ -41,7 +41,7 @@ class Task:
     """One copy from a source view (and rows of its dim 0) into a destination tensor."""
 
     pos: int  # position in load's task table: its names, for labels and the report
-    handle: int  # the source, as fastckpt.checkpoint names it (opaque here)
+    handle: int  # the source, as fastckpt.source.checkpoint names it (opaque here)
     file: int  # its file's position in the checkpoint's indexes
     view: View
     rows: Any  # None | (start, count) | list of indices into the view's dim 0

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 import fastckpt
-from fastckpt.checkpoint import TensorInfo
 from fastckpt.dtypes import short_name
-from fastckpt.listing import Listing, collapse, print_line, split_numbers
+from fastckpt.source.checkpoint import TensorInfo
+from fastckpt.tools.listing import Listing, collapse, print_line, split_numbers
 
 app = typer.Typer(
     name="fastckpt",
@@ -186,7 +186,7 @@ def convert_command(
 
     Example: fastckpt convert pytorch_model.bin out/ --dtype bf16 --max-shard-size 2GB
     """
-    from fastckpt.convert import convert
+    from fastckpt.tools.convert import convert
 
     try:
         report = convert(
@@ -360,16 +360,16 @@ def demo_command(
 
     Example: fastckpt demo --no-bench
     """
-    from fastckpt.demo import run_demo
+    from fastckpt.cli.demo import run_demo
 
     run_demo(console, bench=bench, repeat=repeat, cache_dir=cache_dir)
 
 
 # -- diff -----------------------
 def _suggested_rules_file(a: Path, b: Path) -> str:
-    """The rules for loading A into B (fastckpt.suggest, the strict-mode error's
+    """The rules for loading A into B (fastckpt.suggest.renames, the strict-mode error's
     engine) as a file to save and edit."""
-    from fastckpt.suggest import suggest_rules
+    from fastckpt.suggest.renames import suggest_rules
 
     with fastckpt.open(a) as ca, fastckpt.open(b) as cb:
         sa = {k: tuple(ca.info(k).shape) for k in ca.keys()}

@@ -1,6 +1,6 @@
 """Conversions as strided views: what one assignment's copy reads and writes.
 
-A conversion (``fastckpt.mapping.Assignment``'s ``part``, ``transpose``,
+A conversion (``fastckpt.planning.mapping.Assignment``'s ``part``, ``transpose``,
 ``rope`` and ``into``) never materialises a tensor: the copy reads the source's
 storage through a strided view and writes into a view of the destination.
 
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fastckpt.errors import CheckpointError
-from fastckpt.mapping import Assignment, Rope, Select, Span, regions
+from fastckpt.planning.mapping import Assignment, Rope, Select, Span, regions
 
 __all__ = ["View", "check_parts", "dense_strides", "read_shape", "source_view", "target_view"]
 

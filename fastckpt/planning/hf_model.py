@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fastckpt.errors import CheckpointError
-from fastckpt.hf_conversions import is_transformers_model
+from fastckpt.planning.hf_conversions import is_transformers_model
 
 _FLAG = "_is_hf_initialized"
 

@@ -21,20 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastckpt import _core
-from fastckpt.checkpoint import Checkpoint, Opening
-from fastckpt.destinations import (
+import fastckpt._core as _core
+from fastckpt.dtypes import DTYPE_NAMES, short_name
+from fastckpt.errors import CheckpointError
+from fastckpt.planning.destinations import (
     ModelTensors,
     all_plain,
     non_persistent_buffers,
     refusal,
 )
-from fastckpt.dtypes import DTYPE_NAMES, short_name
-from fastckpt.errors import CheckpointError
-from fastckpt.mapping import MappingPlan, RowSelection, plain_plan
+from fastckpt.planning.dtensor_plan import any_dtensor, dtensors_possible, is_dtensor, plan_shards
+from fastckpt.planning.mapping import MappingPlan, RowSelection, plain_plan
+from fastckpt.planning.rules import as_rules
 from fastckpt.report import Mismatch, format_groups, group_names
-from fastckpt.rules import as_rules
-from fastckpt.sharded import any_dtensor, dtensors_possible, is_dtensor, plan_shards
+from fastckpt.source.checkpoint import Checkpoint, Opening
 
 PathLike = str | os.PathLike[str]
 
@@ -116,7 +116,7 @@ class LoadPlan:
     tied: list[tuple[str, str]] = field(default_factory=list)  # (alias, name written through)
     left_on_meta: list[str] = field(default_factory=list)  # would stay without values
     # non-persistent buffers of a transformers model that its _init_weights will fill
-    # (fastckpt.hf_model), as from_pretrained does
+    # (fastckpt.planning.hf_model), as from_pretrained does
     initialised: list[str] = field(default_factory=list)
     # (model name, what it is): in the checkpoint, but not loadable (a sparse tensor, ...)
     unloadable: list[tuple[str, str]] = field(default_factory=list)
@@ -124,7 +124,7 @@ class LoadPlan:
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
-    # DTensor destinations (fastckpt.sharded): model names, their sources and tensors'
+    # DTensor destinations (fastckpt.planning.dtensor_plan): model names, their sources and tensors'
     # groups; the file bytes of this rank's shards.
     sharded: list[str] = field(default_factory=list)
     sharded_sources: list[str] = field(default_factory=list)
@@ -133,7 +133,7 @@ class LoadPlan:
     any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None
-    # Execution state (fastckpt.load): the checkpoint, destinations and per-entry details.
+    # Execution state (fastckpt.load.execute): the checkpoint, destinations and per-entry details.
     _ckpt: Any = None
     _model: ModelTensors | None = None
     _model_ref: Any = None
@@ -288,7 +288,7 @@ class LoadPlan:
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
         if self.sharded:
-            from fastckpt.sharded import bytes_per_rank
+            from fastckpt.planning.dtensor_plan import bytes_per_rank
 
             console.print(
                 f"  {len(self.sharded)} sharded tensors; this rank reads "
@@ -573,11 +573,11 @@ def build(
 
 
 def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) -> Any:
-    """transformers' own conversions (fastckpt.hf_conversions) for one of its models whose
+    """transformers' own conversions (fastckpt.planning.hf_conversions) for one of its models whose
     checkpoint names differ from the model's; None otherwise."""
     if "transformers" not in sys.modules:  # not one of its models: spare the import
         return None
-    from fastckpt.hf_conversions import is_transformers_model, rules_for
+    from fastckpt.planning.hf_conversions import is_transformers_model, rules_for
 
     if not is_transformers_model(model):
         return None
@@ -594,7 +594,7 @@ def _add_pieces(
     """Assignments that convert (a region, a transpose, a row permutation, several sources
     for one target) become ``p.pieces``, checked before anything is written; the plain
     whole-tensor ones are returned."""
-    from fastckpt.views import check_parts, source_view, target_view
+    from fastckpt.planning.views import check_parts, source_view, target_view
 
     count: dict[str, int] = {}
     for a in assignments:
@@ -659,7 +659,7 @@ def _add_pieces(
 
 def _first_rows(a: Any) -> bool:
     """``cat[0:N]`` alone: a source placed at the start of the target's dim 0."""
-    from fastckpt.mapping import Span, regions
+    from fastckpt.planning.mapping import Span, regions
 
     r = regions(a.into)
     return len(r) == 1 and isinstance(r[0], Span) and r[0].dim == 0 and r[0].start == 0
@@ -669,8 +669,8 @@ def _find_meta_leftovers(
     p: LoadPlan, model: nn.Module, mt: ModelTensors, loaded: set[int], want: torch.device | None
 ) -> None:
     """Names that would keep no values: tensors on meta that nothing fills."""
-    from fastckpt.hf_conversions import is_transformers_model
-    from fastckpt.hf_model import fillable
+    from fastckpt.planning.hf_conversions import is_transformers_model
+    from fastckpt.planning.hf_model import fillable
 
     left = [
         name

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import torch
 
-from fastckpt import _core
+import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES, to_torch
 from fastckpt.errors import CheckpointError
 

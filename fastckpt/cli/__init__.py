@@ -1,0 +1,1 @@
+"""The ``fastckpt`` command line (typer) and its demo."""

@@ -1,0 +1,1 @@
+"""Rules suggested when names or layouts differ, made only where they can be proved."""

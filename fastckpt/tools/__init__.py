@@ -1,0 +1,1 @@
+"""Built on the plan and the load: listing, diff and convert."""
