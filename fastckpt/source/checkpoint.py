@@ -99,6 +99,15 @@ class TensorInfo(NamedTuple):
         return True
 
 
+class Chunk(NamedTuple):
+    """One stored piece of a logical tensor (a DCP chunk): ``handle`` names an ordinary stored
+    tensor of shape ``sizes`` that holds the box [offsets, offsets + sizes) of it."""
+
+    handle: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
 _new_tuple = tuple.__new__
 
 
@@ -276,6 +285,11 @@ class Checkpoint:
     def _handles(self) -> dict[str, int]:
         """Picked name -> source handle."""
         return self._entries
+
+    def _chunks(self, handle: int) -> list[Chunk] | None:
+        """The stored chunks of a logical tensor; None for a tensor stored whole (every
+        tensor of the formats read here)."""
+        return None
 
     def _handle_shape(self, handle: int) -> tuple[int, ...]:
         if self._shape_lists is None:  # only rules, mismatches and refusals need them
