@@ -28,8 +28,9 @@ env: $(VENV)/.deps-stamp
 build: env
 	FASTCKPT_WERROR=$${FASTCKPT_WERROR:-ON} $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
+# PYTEST_ARGS: extra pytest options (CI passes --durations=25).
 test: build
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: build
 	$(VENV)/bin/fastckpt demo
