@@ -21,6 +21,7 @@ its stdin, not inside a collective whose timeout would fire while other tests ru
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -72,22 +73,25 @@ class RankPool:
                 )
             # stdout: the rank's prints and its @@done lines, read by a thread so a
             # full pipe never blocks the rank and a wait can time out.
-            threading.Thread(target=self._read, args=(r, proc), daemon=True).start()
+            # Each start has its own queue: a rank of an earlier start cannot answer for one
+            # of this start.
+            threading.Thread(target=self._read, args=(r, proc, self.lines), daemon=True).start()
             self.procs.append(proc)
             self.logs.append(log)
 
-    def _read(self, rank: int, proc: subprocess.Popen) -> None:
+    @staticmethod
+    def _read(rank: int, proc: subprocess.Popen, lines: queue.Queue) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            self.lines.put((rank, line.rstrip("\n")))
+            lines.put((rank, line.rstrip("\n")))
         proc.stdout.close()
-        self.lines.put((rank, None))  # EOF: the rank exited
+        lines.put((rank, None))  # EOF: the rank exited
 
     def _alive(self) -> bool:
         return bool(self.procs) and all(p.poll() is None for p in self.procs)
 
     def _failure(self, what: str, output: dict[int, list[str]]) -> AssertionError:
-        self.close()
+        self.close(kill=True)  # the other ranks are stuck in a collective or waiting
         parts = [what]
         for r, proc in enumerate(self.procs):
             err = self.logs[r].read_text()[-3000:] if self.logs[r].exists() else ""
@@ -125,20 +129,22 @@ class RankPool:
                 ) from None
             if line == f"{DONE}{n}":
                 done.add(rank)
-            elif line is None:
+            elif line is None:  # its stdout closed: it is exiting, let it finish
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.procs[rank].wait(timeout=10)
                 raise self._failure(f"{worker} {scenarios}: rank {rank} exited", output)
             else:
                 output.setdefault(rank, []).append(line)
         return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(self.world)]
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         """Ends the ranks: EOF on stdin lets them leave the group; a hung one is killed."""
         for proc in self.procs:
+            if kill and proc.poll() is None:
+                proc.kill()
             if proc.stdin and not proc.stdin.closed:
-                try:
+                with contextlib.suppress(OSError):
                     proc.stdin.close()
-                except OSError:
-                    pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=20)
