@@ -273,6 +273,7 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.partly_loaded = list(p.partly_loaded)
     report.loaded += p.sharded
     report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
+    report.renamed += p.piece_renames
     if p._rules is not None:
         assert p._rows is not None
         for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):
@@ -368,7 +369,7 @@ def _execute(
                 )
             final.append(t)
         dsts = final[:n_main] + [
-            final[n_main + i] if pc.dst_view is None else pc.dst_view(final[n_main + i])
+            final[n_main + i] if pc.region is None else pc.region.of(final[n_main + i])
             for i, pc in enumerate(p.pieces)
         ]
         # A piece's view must itself be a tensor fastckpt may write (a view of a
