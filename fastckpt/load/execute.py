@@ -208,7 +208,7 @@ def load_into(
             agree(p if error is None else None, error, strict, None if sharded else group)
         if strict and p.problems:
             _refuse(p)
-        if p.device is None and (not p._targets.all_cpu or p.sharded):
+        if p.device is None and (not p._targets.all_cpu or p._global_transfers):
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
@@ -496,7 +496,7 @@ def _copy_all(
         job = _job(
             ckpt._core_indexes, part(handles), targets if whole else targets.subset(ks),
             part(names), part(src_names), part(rows), part(via_dtypes), part(views), device,
-            n_threads, max_host_bytes, bool(p.sharded),
+            n_threads, max_host_bytes, bool(p._global_transfers),
         )  # fmt: skip
         built.append((job, ks))
     report.cast = _cast_list(names, [(ks[i], s, d) for job, ks in built for i, s, d in job.casts()])

@@ -275,11 +275,11 @@ class LoadPlan:
         console.print(table)
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
-        if self.sharded:
+        if self._global_transfers:
             from fastckpt.planning.dtensor_plan import bytes_per_rank
 
             console.print(
-                f"  {len(self.sharded)} sharded tensors; this rank reads "
+                f"  {len(self._global_transfers)} sharded tensors; this rank reads "
                 f"{self.local_bytes / 1e6:.1f} MB of them"
             )
             for rank, n in bytes_per_rank(self).items():
