@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fastckpt.planning.dtensor_geometry import Box, LocalShard
+from fastckpt.planning.dtensor_geometry import Box, LocalShard, narrow
 from fastckpt.planning.mapping import RowSelection
 
 View = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, strides (elements)
@@ -50,9 +50,7 @@ class Region:
         """The region as a view of ``tensor`` (a DTensor's local tensor for a DTensor)."""
         if hasattr(tensor, "to_local"):
             tensor = tensor.to_local()
-        for dim, (start, length) in enumerate(self.box):
-            if start != 0 or length != tensor.shape[dim]:
-                tensor = tensor.narrow(dim, start, length)
+        tensor = narrow(tensor, self.box)
         for dim in sorted(self.drop, reverse=True):
             tensor = tensor.select(dim, 0)
         if self.split is not None:
