@@ -328,72 +328,28 @@ def _execute(
     once: bool = False,
     group: Any = None,
 ) -> LoadReport:
-    """Allocate what the plan allocates, copy every source, then assign new tensors."""
+    """Allocate what the plan allocates, copy every transfer, then assign new tensors."""
     prepared = time.perf_counter()
-    assert p._model is not None
-    mt = p._model
     ckpt = p.checkpoint
-    want, dtype = p.device, p.dtype
-    tensors = mt.tensors
     report = _report_of(p)
-
-    def needs_new(t: torch.Tensor) -> bool:
-        return (
-            t.is_meta
-            or (want is not None and not same_device(t.device, want))
-            or (dtype is not None and t.is_floating_point() and t.dtype != dtype)
-        )
-
-    # One task per transfer: whole tensors first, then pieces (parts of tensors, views of
-    # sources). Group g's destination is the model's own tensor, or a fresh one for meta,
-    # other-device or other-dtype targets.
-    tr = p.transfers
-    groups, names = tr.group, tr.target
+    needs_new = _needs_new(p.device, p.dtype)
     fresh: dict[int, torch.Tensor] = {}
     viewed = _file_views(p, fresh, needs_new) if mmap else set()
     report.mapped = [p.loaded[k] for k in sorted(viewed)]
-    targets = p._targets
-    pieces = len(tr) > tr.whole
-    dsts: list[torch.Tensor] | None = None  # only read off the model when something may differ
-    if want is not None or dtype is not None or not targets.all_cpu or pieces:
-        dsts = []
-        regions = tr.column("region")
-        for k, g in enumerate(groups):
-            t = fresh.get(g, tensors[g])
-            if t is tensors[g] and needs_new(t):
-                new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-                if is_dtensor(t):
-                    t = fresh[g] = fresh_local(t, new_dtype, want or t.device)
-                else:
-                    t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
-            if t.device.type not in ("cpu", "cuda"):
-                raise CheckpointError(
-                    f"{names[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
-                )
-            region = regions[k]
-            dsts.append(t if region is None else region.of(t))
-        # A piece's view must itself be a tensor fastckpt may write (a view of a
-        # DTensor, say, is not): checked before anything is written.
-        for k in range(tr.whole, len(dsts)):
-            why = refusal(names[k], dsts[k])
-            if why is not None:
-                raise CheckpointError(f"{p.path}: {why}")
-        if fresh or pieces:
-            targets = _core.Targets(dsts, DTYPE_NAMES)
+    dsts, targets = _destinations(p, fresh, needs_new)
     devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}
-    columns = EngineColumns.of(tr, ckpt)
-
+    columns = EngineColumns.of(p.transfers, ckpt)
     n_threads = threads if threads is not None else _default_threads()
     if once:
         if dsts is None:
-            dsts = [tensors[g] for g in groups]
+            dsts = [p._model.tensors[g] for g in p.transfers.group]  # type: ignore[union-attr]
         shared = _run_once(
             p, dsts, columns, group, n_threads, max_host_bytes,
             lambda: _before_writing(p, report),
         )  # fmt: skip
         report.bytes = shared.copied
         report.shared = SharedReads(shared.read, shared.sent, shared.received)
-        report.cast = _cast_list(names, shared.casts)
+        report.cast = _cast_list(columns.names, shared.casts)
     else:
         _copy_all(
             p, dsts, devices, viewed, targets, columns, n_threads, max_host_bytes, progress,
@@ -402,20 +358,89 @@ def _execute(
     spent = time.perf_counter() - prepared
     copied = report.phases.get("copy", spent)  # read="once" reads, sends and copies at once
     report.phases = {"prepare": spent - copied, "copy": copied}
-
-    if want is not None or dtype is not None:
-        where = owners(model)
-        for g, t in fresh.items():
-            assign(mt.group(g), tensors[g], t, where)
-        for g, old in enumerate(tensors):
-            if g not in fresh and not old.is_meta and needs_new(old):
-                assign(mt.group(g), old, _moved(old, want, dtype), where)
-        own_dtype = set(p.initialised)
-        for name, (module, attr) in p._hidden_buffers.items():
-            buf = module._buffers[attr]
-            if buf is not None and not buf.is_meta and needs_new(buf):
-                module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
+    if p.device is not None or p.dtype is not None:
+        _assign_new(p, model, fresh, needs_new)
     return report
+
+
+def _needs_new(
+    want: torch.device | None, dtype: torch.dtype | None
+) -> Callable[[torch.Tensor], bool]:
+    """Whether a model tensor is replaced by a new one: on meta, elsewhere than ``want``, or
+    floating in another dtype than ``dtype``."""
+
+    def needs_new(t: torch.Tensor) -> bool:
+        return (
+            t.is_meta
+            or (want is not None and not same_device(t.device, want))
+            or (dtype is not None and t.is_floating_point() and t.dtype != dtype)
+        )
+
+    return needs_new
+
+
+def _destinations(
+    p: LoadPlan, fresh: dict[int, torch.Tensor], needs_new: Callable[[torch.Tensor], bool]
+) -> tuple[list[torch.Tensor] | None, Any]:
+    """Each transfer's destination view and their ``_core.Targets``: group g's destination
+    is the model's own tensor, or a fresh one (``fresh``) for meta, other-device or
+    other-dtype targets; a region of it for a piece. None (and the plan's Targets) when
+    every copy goes whole into the model's own CPU tensors."""
+    assert p._model is not None
+    tensors, want, dtype = p._model.tensors, p.device, p.dtype
+    tr = p.transfers
+    pieces = len(tr) > tr.whole
+    if want is None and dtype is None and p._targets.all_cpu and not pieces:
+        return None, p._targets
+    dsts = []
+    regions = tr.column("region")
+    for k, g in enumerate(tr.group):
+        t = fresh.get(g, tensors[g])
+        if t is tensors[g] and needs_new(t):
+            new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            if is_dtensor(t):
+                t = fresh[g] = fresh_local(t, new_dtype, want or t.device)
+            else:
+                t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
+        if t.device.type not in ("cpu", "cuda"):
+            raise CheckpointError(
+                f"{tr.target[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
+            )
+        region = regions[k]
+        dsts.append(t if region is None else region.of(t))
+    # A piece's view must itself be a tensor fastckpt may write (a view of a
+    # DTensor, say, is not): checked before anything is written.
+    for k in range(tr.whole, len(dsts)):
+        why = refusal(tr.target[k], dsts[k])
+        if why is not None:
+            raise CheckpointError(f"{p.path}: {why}")
+    if fresh or pieces:
+        return dsts, _core.Targets(dsts, DTYPE_NAMES)
+    return dsts, p._targets
+
+
+def _assign_new(
+    p: LoadPlan,
+    model: nn.Module,
+    fresh: dict[int, torch.Tensor],
+    needs_new: Callable[[torch.Tensor], bool],
+) -> None:
+    """The new tensors take the place of the model's (ties kept); other tensors and
+    non-persistent buffers move to ``device`` / ``dtype``."""
+    assert p._model is not None
+    mt, want, dtype = p._model, p.device, p.dtype
+    tensors = mt.tensors
+    where = owners(model)
+    for g, t in fresh.items():
+        assign(mt.group(g), tensors[g], t, where)
+    for g, old in enumerate(tensors):
+        if g not in fresh and not old.is_meta and needs_new(old):
+            assign(mt.group(g), old, _moved(old, want, dtype), where)
+    own_dtype = set(p.initialised)
+    for name, (module, attr) in p._hidden_buffers.items():
+        buf = module._buffers[attr]
+        if buf is not None and not buf.is_meta and needs_new(buf):
+            module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
 
 
 def _device_key(d: torch.device) -> tuple[str, int]:
