@@ -375,12 +375,16 @@ def build(
     # Whole-tensor copies that are not plain entries: into DTensors (cut to this rank's
     # shard below) and from chunked sources (one transfer per chunk).
     chunked = ckpt._has_chunks()
-    split = [
-        k
-        for k, g in enumerate(cand.groups)
-        if (p.any_sharded and is_dtensor(mt.tensors[g]))
-        or (chunked and ckpt._chunks(cand.handles[k]) is not None)
-    ]
+    split = (
+        [
+            k
+            for k, g in enumerate(cand.groups)
+            if (p.any_sharded and is_dtensor(mt.tensors[g]))
+            or (chunked and ckpt._chunks(cand.handles[k]) is not None)
+        ]
+        if p.any_sharded or chunked
+        else []
+    )
     if split:
         pieces += _whole_transfers(p, ckpt, [cand.entry(k) for k in split])
         moved = set(split)
@@ -834,12 +838,16 @@ def _find_meta_leftovers(
     from fastckpt.planning.hf_conversions import is_transformers_model
     from fastckpt.planning.hf_model import fillable
 
-    left = [
-        name
-        for g, t in enumerate(mt.tensors)
-        if g not in loaded and t.is_meta
-        for name in mt.group(g)
-    ]
+    left = (
+        []
+        if len(loaded) == len(mt.tensors)  # every tensor gets values
+        else [
+            name
+            for g, t in enumerate(mt.tensors)
+            if g not in loaded and t.is_meta
+            for name in mt.group(g)
+        ]
+    )
     # Non-persistent buffers matter when the model is (partly) on meta or is moved
     # (device=, dtype=), and always for transformers models, whose own initialisation
     # gives them values: finding them walks every module, which for a model of 30k
