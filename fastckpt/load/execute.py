@@ -26,7 +26,7 @@ import fastckpt._core as _core
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
 from fastckpt.load import read_once
-from fastckpt.planning.destinations import assign, owners, refusal, same_device, state_tensors
+from fastckpt.planning.destinations import assign, owners, same_device, state_tensors
 from fastckpt.planning.dtensor_plan import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.planning.hf_model import broken_ties, initialise
 from fastckpt.planning.load_plan import LoadPlan, build, meta_message
@@ -408,12 +408,6 @@ def _destinations(
             )
         region = regions[k]
         dsts.append(t if region is None else region.of(t))
-    # A piece's view must itself be a tensor fastckpt may write (a view of a
-    # DTensor, say, is not): checked before anything is written.
-    for k in range(tr.whole, len(dsts)):
-        why = refusal(tr.target[k], dsts[k])
-        if why is not None:
-            raise CheckpointError(f"{p.path}: {why}")
     if fresh or pieces:
         return dsts, _core.Targets(dsts, DTYPE_NAMES)
     return dsts, p._targets

@@ -391,6 +391,7 @@ def build(
         cand = cand.keep([k for k in range(n_cand) if k not in moved])
     if p.any_sharded:
         pieces = _cut_to_shards(p, mt, pieces)
+    _refuse_piece_destinations(p, mt, pieces)
     cand, targets = _check_targets(p, mt, ckpt, cand, every_target)
     # Without rules every candidate uses its own, distinct source: when they cover
     # the whole file, nothing in it is unexpected (no need to look at each key).
@@ -413,6 +414,15 @@ def build(
         want,
     )
     return p
+
+
+def _refuse_piece_destinations(p: LoadPlan, mt: ModelTensors, pieces: list[Transfer]) -> None:
+    """A model tensor that pieces write into parts of must be one fastckpt may write
+    (a DTensor's pieces write its local tensor, which ``dtensor_shard`` checked)."""
+    for g in sorted({t.group for t in pieces}):
+        tensor = mt.tensors[g]
+        if not is_dtensor(tensor) and (why := refusal(mt.group(g)[0], tensor)) is not None:
+            raise CheckpointError(f"{p.path}: {why}")
 
 
 def _open(
