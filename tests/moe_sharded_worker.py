@@ -79,6 +79,9 @@ def write(folder: Path) -> None:
     write_chunks(folder)
 
 
+write_checkpoints = write  # the name the shared rank pool (tests/rank_pool.py) calls
+
+
 def _same(model: nn.Module, expect: dict[str, torch.Tensor]) -> list[str]:
     wrong = []
     for name, t in model.state_dict().items():

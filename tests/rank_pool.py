@@ -185,6 +185,7 @@ def _serve(rank: int, world: int, port: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # transformers' workers
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     written: set[tuple[str, str]] = set()

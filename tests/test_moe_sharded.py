@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_sharded_load import run_ranks
+from tests.rank_pool import run_ranks
 
 pytest.importorskip("transformers")
 
