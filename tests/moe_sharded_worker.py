@@ -1,4 +1,5 @@
-"""One rank of the conversions-into-shards tests (tests/test_moe_sharded.py starts 2).
+"""Scenarios of the conversions-into-shards tests (tests/test_moe_sharded.py), run by the
+shared pool of 2 gloo ranks (tests/rank_pool.py).
 
 Folders written by transformers' ``save_pretrained`` (per-expert tensors) are loaded
 without rules into v5 models (fused ``experts.gate_up_proj``) that are sharded:
@@ -9,7 +10,6 @@ DTensors) and tensor parallelism across a fused ``qkv``. Each scenario compares 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 import fastckpt
 from fastckpt import _core
 from fastckpt.bench import evict
-from tests.sharded_worker import serve, world_mesh
+from tests.sharded_worker import world_mesh
 from tests.test_chunked_source import full_values, open_chunks, write_chunks
 
 TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -66,7 +66,7 @@ QKV_RULES = "\n".join(
 )
 
 
-def write(folder: Path) -> None:
+def write_checkpoints(folder: Path) -> None:
     for name in CONFIGS:
         torch.manual_seed(0)
         model_class(name)(CONFIGS[name]()).save_pretrained(folder / name)
@@ -79,7 +79,6 @@ def write(folder: Path) -> None:
     write_chunks(folder)
 
 
-write_checkpoints = write  # the name the shared rank pool (tests/rank_pool.py) calls
 
 
 def _same(model: nn.Module, expect: dict[str, torch.Tensor]) -> list[str]:
@@ -218,7 +217,3 @@ def scenario_chunked_fsdp2(folder: Path) -> dict:
 SCENARIOS = {
     name[len("scenario_") :]: fn for name, fn in globals().items() if name.startswith("scenario_")
 }
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    serve(SCENARIOS, write)
