@@ -73,6 +73,7 @@ def _strict_message(
     suggestion_lines: list[str],
     rules_text: str,
     untied: Sequence[tuple[str, str]] = (),
+    orientation: Sequence[str] = (),
 ) -> str:
     lines = [
         (
@@ -113,6 +114,7 @@ def _strict_message(
     if rules_text:
         lines.append("  suggested rules (" + "; ".join(suggestion_lines) + "):")
         lines += ["    " + r for r in rules_text.splitlines()]
+        lines += orientation  # square weights whose orientation their siblings gave
         lines.append(
             "  pass them as load_into(..., rules=...), or strict=False to load what matches"
         )
@@ -310,7 +312,11 @@ def _refuse(p: LoadPlan) -> None:
     report = _report_of(p)
     untied = broken_ties(p._model_ref, report.missing)
     raise StrictLoadError(
-        _strict_message(str(p.path), report, sug.lines, sug.rules_text, untied), report, suggested
+        _strict_message(
+            str(p.path), report, sug.lines, sug.rules_text, untied, sug.orientation_lines()
+        ),
+        report,
+        suggested,
     )
 
 
