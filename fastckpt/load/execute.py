@@ -32,7 +32,6 @@ from fastckpt.planning.hf_model import broken_ties, initialise
 from fastckpt.planning.load_plan import LoadPlan, build, meta_message
 from fastckpt.report import LoadReport, SharedReads, format_groups
 from fastckpt.source.checkpoint import Checkpoint
-from fastckpt.suggest.renames import suggest_rules
 
 # Importable under their earlier names.
 _state_tensors = state_tensors
@@ -300,6 +299,9 @@ def _refuse_meta_without_device(p: LoadPlan) -> None:
 def _refuse(p: LoadPlan) -> None:
     ckpt = p.checkpoint
     state = p._model.state if p._model is not None else {}
+    # Imported here: only a refused load needs the suggestion engine (import time).
+    from fastckpt.suggest.renames import suggest_rules
+
     sug = suggest_rules(
         {k: ckpt._handle_shape(h) for k, h in ckpt._handles().items()},
         {n: tuple(t.shape) for n, t in state.items()},

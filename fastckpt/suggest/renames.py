@@ -44,6 +44,9 @@ class Candidate:
     description: str  # "strip prefix 'module.'"
     rules: tuple[str, ...]  # rules lines, in first-match-wins order
     transform: Callable[[str], str | None]  # checkpoint name -> model name (None: ignored)
+    # strips a prefix every checkpoint key has and adds none (DDP's ``module.``): no
+    # chance fit, however many keys land on nothing
+    strips_all: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def _score(c: Candidate, sources: Shapes, targets: Shapes) -> tuple[int, set[str
             assert t is not None
             hit.add(t)
             used.add(name)
-    if 2 * len(rewritten_hits) < len(rewritten):
+    if 2 * len(rewritten_hits) < len(rewritten) and not c.strips_all:
         return -1, used
     return len(hit), used
 
@@ -145,7 +148,9 @@ def _common_prefixes(names: Iterable[str], limit: int = 3) -> list[str]:
     return [p for p, _ in ranked[: limit * 3]]
 
 
-def _prefix_candidate(strip: str, add: str, renames: Mapping[str, str]) -> Candidate:
+def _prefix_candidate(
+    strip: str, add: str, renames: Mapping[str, str], strips_all: bool = False
+) -> Candidate:
     parts = []
     if strip and add:
         parts.append(f"replace prefix '{strip}' with '{add}'")
@@ -168,7 +173,7 @@ def _prefix_candidate(strip: str, add: str, renames: Mapping[str, str]) -> Candi
             rest = f"{head}.{renames[last]}" if head else renames[last]
         return add + rest
 
-    return Candidate(" and ".join(parts), tuple(rules), transform)
+    return Candidate(" and ".join(parts), tuple(rules), transform, strips_all)
 
 
 def prefix_and_rename_candidates(sources: Shapes, targets: Shapes) -> Iterable[Candidate]:
@@ -181,11 +186,12 @@ def prefix_and_rename_candidates(sources: Shapes, targets: Shapes) -> Iterable[C
     last_segments = {s.rpartition(".")[2] for s in unexpected}
     renames = {a: b for a, b in SEGMENT_RENAMES.items() if a in last_segments}
     for strip in strips:
+        everywhere = bool(strip) and all(s.startswith(strip) for s in sources)
         for add in adds:
             if strip != add:
-                yield _prefix_candidate(strip, add, {})
+                yield _prefix_candidate(strip, add, {}, everywhere and not add)
             if renames:
-                yield _prefix_candidate(strip, add, renames)
+                yield _prefix_candidate(strip, add, renames, everywhere and not add)
 
 
 CANDIDATE_SOURCES: list[Callable[[Shapes, Shapes], Iterable[Candidate]]] = [
