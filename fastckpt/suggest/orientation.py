@@ -62,8 +62,8 @@ def orient_squares(
     """Which square pairs of ``as_stored`` (source -> target, read as stored) to read
     transposed, and which to leave out, given the pairs ``transposed`` (source ->
     target) read transposed and the keys left unexplained (``unused`` sources,
-    ``unfilled`` targets): an unused non-square source whose transposed shape is an
-    unfilled target's of its layer may be a transposed sibling."""
+    ``unfilled`` targets): an unused non-square source whose transposed shape, and not
+    its own, is an unfilled target's of its layer may be a transposed sibling."""
     flipped: dict[str, int] = defaultdict(int)
     kept: dict[str, int] = defaultdict(int)
     hinted: dict[str, int] = defaultdict(int)
@@ -83,7 +83,8 @@ def orient_squares(
     for t, sh in (unfilled or {}).items():
         free[(_numbers(t), sh)].append(t)
     for s, sh in (unused or {}).items():
-        if len(sh) == 2 and sh[0] != sh[1]:
+        # (one that fits an unfilled key as stored too is no evidence either way)
+        if len(sh) == 2 and sh[0] != sh[1] and (_numbers(s), sh) not in free:
             for t in free.get((_numbers(s), (sh[1], sh[0])), []):
                 hinted[block_of(t)] += 1
     out: dict[str, str] = {}
