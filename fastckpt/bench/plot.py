@@ -1,7 +1,7 @@
 """The bench result as a picture (``fastckpt bench --plot FILE.png|svg``): one panel per
 checkpoint file, a bar per contender (median seconds, ceilings grey, fastckpt blue,
-peers orange), each labelled with its ratio: ``× ceiling`` for fastckpt and the
-ceilings, ``t / fastckpt`` for the peers, as in the table.
+peers orange), each labelled with its ratio: "x ceiling" for fastckpt and the
+ceilings, "t / fastckpt" for the peers, as in the table.
 
 matplotlib is an optional extra (``pip install 'fastckpt[plot]'``), imported here only.
 """
@@ -70,7 +70,8 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     """Draw ``result`` into ``path`` (.png or .svg), written atomically; returns the path."""
     out = Path(path)
     if out.suffix.lower() not in FORMATS:
-        raise CheckpointError(f"{out}: --plot writes .png or .svg, not {out.suffix or 'no suffix'!r}")
+        what = out.suffix or "no suffix"
+        raise CheckpointError(f"{out}: --plot writes .png or .svg, not {what!r}")
     try:
         import matplotlib
 

@@ -111,7 +111,9 @@ def _score(c: Candidate, sources: Shapes, targets: Shapes) -> tuple[int, set[str
     rewritten: set[str] = set()
     rewritten_hits: set[str] = set()
     mapped = {name: c.transform(name) for name in sources}
-    fed = {t for s, t in mapped.items() if t is not None and t != s and sources[s] == targets.get(t)}
+    fed = {
+        t for s, t in mapped.items() if t is not None and t != s and sources[s] == targets.get(t)
+    }
     for name, t in mapped.items():
         # A key whose own name the model has keeps it, unless the same renaming
         # also feeds that name (a chain the names support: a.x -> a.y, a.y -> a.z).
@@ -124,7 +126,8 @@ def _score(c: Candidate, sources: Shapes, targets: Shapes) -> tuple[int, set[str
             blank = ".".join("#" if p.isdigit() else p for p in name.split("."))
             rewritten.add(blank)
             # a model name whose shape is the key's transposed is a name found too
-            if ok or (t in targets and len(shape) == 2 and targets[t] == shape[::-1]):
+            flipped = t is not None and len(shape) == 2 and targets.get(t) == shape[::-1]
+            if ok or flipped:
                 rewritten_hits.add(blank)
         if ok:
             assert t is not None
