@@ -439,21 +439,22 @@ def _astray_ignores(
 
 def _ignore_keys(skip: list[str], keys: list[str]) -> tuple[list[str], int]:
     """``ignore`` lines for the keys ``skip``: layer numbers as ``*`` where that matches
-    no other key, else the key itself; and how many keys they skip."""
-    lines: list[str] = []
-    covered: set[str] = set()
+    no other key, else the key itself; and how many keys they skip. One match over
+    ``keys`` per distinct pattern, not per key skipped."""
+    by_pattern: dict[str, list[str]] = {}
     for s in skip:
-        if s in covered:
-            continue
         general = ".".join("*" if p.isdigit() else p for p in s.split("."))
-        hits = {k for k, m in zip(keys, Rules([f"ignore {general}"]).match(keys), strict=True) if m}
-        if general != s and hits <= set(skip):
-            lines.append(f"ignore {general}")
-            covered |= hits
-        else:
-            lines.append(f"ignore {s}")
-            covered.add(s)
-    return lines, len(covered)
+        by_pattern.setdefault(general, []).append(s)
+    wanted = set(skip)
+    lines: list[str] = []
+    for general, mine in sorted(by_pattern.items()):
+        if general not in wanted:  # a pattern, not the key itself
+            ms = Rules([f"ignore {general}"]).match(keys)
+            if all(k in wanted for k, m in zip(keys, ms, strict=True) if m):
+                lines.append(f"ignore {general}")
+                continue
+        lines += [f"ignore {s}" for s in sorted(mine)]
+    return lines, len(wanted)
 
 
 def _plans_as_intended(
