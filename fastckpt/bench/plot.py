@@ -56,11 +56,13 @@ def _panel(ax: Any, t: TargetResult, result: BenchResult) -> None:
     ax.set_title(title_of(t, result), fontsize=9, loc="left")
     skipped = [r.contender for r in t.results if r.status != "ok"]
     if skipped:
-        ax.annotate(
+        ax.text(
+            0.99,
+            0.03,
             "not run: " + ", ".join(skipped),
-            xy=(1.0, -0.28),
-            xycoords="axes fraction",
+            transform=ax.transAxes,
             ha="right",
+            va="bottom",
             fontsize=7,
             color="#666666",
         )
