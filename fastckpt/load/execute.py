@@ -33,7 +33,6 @@ from fastckpt.planning.load_plan import LoadPlan, build, meta_message
 from fastckpt.planning.transfers import Transfers
 from fastckpt.report import LoadReport, SharedReads, format_groups
 from fastckpt.source.checkpoint import Checkpoint
-from fastckpt.suggest.renames import suggest_rules
 
 # Importable under their earlier names.
 _state_tensors = state_tensors
@@ -74,6 +73,7 @@ def _strict_message(
     suggestion_lines: list[str],
     rules_text: str,
     untied: Sequence[tuple[str, str]] = (),
+    orientation: Sequence[str] = (),
 ) -> str:
     lines = [
         (
@@ -114,6 +114,7 @@ def _strict_message(
     if rules_text:
         lines.append("  suggested rules (" + "; ".join(suggestion_lines) + "):")
         lines += ["    " + r for r in rules_text.splitlines()]
+        lines += orientation  # square weights whose orientation their siblings gave
         lines.append(
             "  pass them as load_into(..., rules=...), or strict=False to load what matches"
         )
@@ -302,6 +303,9 @@ def _refuse_meta_without_device(p: LoadPlan) -> None:
 def _refuse(p: LoadPlan) -> None:
     ckpt = p.checkpoint
     state = p._model.state if p._model is not None else {}
+    # Imported here: only a refused load needs the suggestion engine (import time).
+    from fastckpt.suggest.renames import suggest_rules
+
     sug = suggest_rules(
         {k: ckpt._handle_shape(h) for k, h in ckpt._handles().items()},
         {n: tuple(t.shape) for n, t in state.items()},
@@ -314,7 +318,11 @@ def _refuse(p: LoadPlan) -> None:
     report = _report_of(p)
     untied = broken_ties(p._model_ref, report.missing)
     raise StrictLoadError(
-        _strict_message(str(p.path), report, sug.lines, sug.rules_text, untied), report, suggested
+        _strict_message(
+            str(p.path), report, sug.lines, sug.rules_text, untied, sug.orientation_lines()
+        ),
+        report,
+        suggested,
     )
 
 
