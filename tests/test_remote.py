@@ -279,3 +279,16 @@ def test_http_object_changed_during_load_is_refused(http_server, st_file, monkey
     http_server.files["/m/model.safetensors"] = data[:-4] + b"\0\0\0\1"
     with pytest.raises(CheckpointError, match="changed"):
         fastckpt.load_into(model, plan)
+
+
+def test_cli_inspect_a_url(s3, st_file):
+    from typer.testing import CliRunner
+
+    from fastckpt.cli.app import app
+
+    url = put(s3, "cli/model.safetensors", st_file)
+    result = CliRunner().invoke(app, ["inspect", url, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["files"] == [url]
+    assert sorted(t["name"] for t in doc["tensors"]) == sorted(state())
