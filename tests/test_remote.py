@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastckpt
@@ -292,3 +292,24 @@ def test_cli_inspect_a_url(s3, st_file):
     doc = json.loads(result.output)
     assert doc["files"] == [url]
     assert sorted(t["name"] for t in doc["tensors"]) == sorted(state())
+
+
+def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
+    from tests.sharded_worker import write_checkpoints
+    from tests.test_sharded_load import run_ranks
+
+    write_checkpoints(tmp_path)
+    url = put(s3, "fsdp/net.safetensors", tmp_path / "net.safetensors")
+    monkeypatch.setenv("FASTCKPT_TEST_URL", url)
+    monkeypatch.setenv("FASTCKPT_REMOTE_GAP_BYTES", "0")  # exact runs: bytes per rank = shard
+    results = run_ranks(2, tmp_path, ["remote_fsdp2"], worker="tests.remote_worker")
+    for r in results:
+        res = r["remote_fsdp2"]
+        assert res["ok"], res
+        assert res["wrong"] == [] and res["sharded"] > 0
+        assert 0 < res["fetched"] <= res["local_bytes"]  # its shard (padding aside), no more
+    total = sum(r["remote_fsdp2"]["fetched"] for r in results)
+    state_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(tmp_path / "net.safetensors").values()
+    )
+    assert total < 1.1 * state_bytes  # the ranks did not each read the whole file

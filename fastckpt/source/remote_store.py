@@ -29,6 +29,7 @@ from fastckpt.errors import CheckpointError
 SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "azure://",
            "http://", "https://")  # fmt: skip
 _T = TypeVar("_T")
+_CHUNK = 1 << 20  # bytes a response is copied in, as they arrive
 
 
 def is_url(path: object) -> bool:
@@ -249,23 +250,29 @@ class Object:
         options: dict[str, Any] = {"range": (start, end)}
         if self.etag:
             options["if_match"] = self.etag
+        at = start
         try:
             result = await ob.get_async(self.store.store, self.key, options=options)
             meta = result.meta
-            data = await result.bytes_async()
+            etag = meta.get("e_tag")
+            if int(meta["size"]) != self.size or (self.etag and etag and etag != self.etag):
+                raise CheckpointError(
+                    f"{self.url}: the object changed during the load (size or ETag differs "
+                    "from when it was opened); refused: load again"
+                )
+            # Each chunk lands in the memory file as it arrives: in flight, at most a
+            # chunk per request, not a whole part.
+            async for chunk in result.stream(min_chunk_size=_CHUNK):
+                view = memoryview(chunk)
+                if at + len(view) > end:
+                    break
+                into[at : at + len(view)] = view
+                at += len(view)
         except Exception as e:
             raise failure(self.url, e) from None
         self.requests += 1
-        etag = meta.get("e_tag")
-        if int(meta["size"]) != self.size or (self.etag and etag and etag != self.etag):
+        if at != end:
             raise CheckpointError(
-                f"{self.url}: the object changed during the load (size or ETag differs from "
-                "when it was opened); refused: load again"
+                f"{self.url}: asked for bytes {start} to {end}, received a different count"
             )
-        view = memoryview(data)
-        if len(view) != end - start:
-            raise CheckpointError(
-                f"{self.url}: asked for bytes {start} to {end}, received {len(view)} bytes"
-            )
-        into[start:end] = view
         self.fetched += end - start
