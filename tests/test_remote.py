@@ -294,6 +294,7 @@ def test_cli_inspect_a_url(s3, st_file):
     assert sorted(t["name"] for t in doc["tensors"]) == sorted(state())
 
 
+@pytest.mark.slow
 def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
     from tests.sharded_worker import write_checkpoints
     from tests.test_sharded_load import run_ranks

@@ -159,9 +159,7 @@ def _shards(store: Store, index_key: str) -> list[str]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{url}: cannot read shard index: {e}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(v, str) for v in weight_map.values()
-    ):
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{url}: shard index has no 'weight_map' of file names")
     parent = index_key.rsplit("/", 1)[0] + "/" if "/" in index_key else ""
     out = []
