@@ -152,9 +152,11 @@ def load(
 def _child(python: str, args: list[str], env: dict[str, str]) -> dict[str, float] | str:
     r = subprocess.run([python, __file__, *args], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=900)  # fmt: skip
-    if r.returncode != 0:
-        return (r.stderr.strip().splitlines() or ["failed"])[-1][:300]
-    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    lines = r.stdout.strip().splitlines()
+    if lines and lines[-1].startswith("{"):
+        # (obstore's raw row can abort at interpreter exit, after its result is printed)
+        return json.loads(lines[-1])  # type: ignore[no-any-return]
+    return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1][:300]
 
 
 def main() -> None:
