@@ -314,3 +314,10 @@ def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
         t.numel() * t.element_size() for t in load_file(tmp_path / "net.safetensors").values()
     )
     assert total < 1.1 * state_bytes  # the ranks did not each read the whole file
+
+
+def test_empty_and_garbage_objects_are_refused_by_url(s3, tmp_path):
+    for key, body in (("bad/empty.safetensors", b""), ("bad/junk.safetensors", b"\xff" * 4096)):
+        s3.client.put_object(Bucket=BUCKET, Key=key, Body=body)
+        with pytest.raises(CheckpointError, match=f"s3://{BUCKET}/{key}"):
+            fastckpt.open(f"s3://{BUCKET}/{key}")

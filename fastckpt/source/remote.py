@@ -173,6 +173,8 @@ def _shards(store: Store, index_key: str) -> list[str]:
 
 def _read_headers(f: RemoteFile) -> None:
     """Fetches what the core reads to index the file, and nothing of its tensors."""
+    if f.size == 0:
+        raise CheckpointError(f"{f.url}: the object is empty (0 bytes): not a checkpoint")
     first = min(f.size, _FIRST)
     f.header_bytes += f.fetch([(0, first)])
     head = f.bytes_at(0, first)
