@@ -194,6 +194,15 @@ def test_a_dispatch_subclass_parameter_is_refused_by_name_before_writing(tmp_pat
     assert torch.equal(model.a.weight.detach(), torch.zeros(3, 2))  # nothing written
 
 
+def test_a_subclass_that_conversion_pieces_would_fill_is_refused_while_planning(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_file({"e.0": torch.ones(2, 2), "e.1": torch.ones(2, 2)}, str(path))
+    model = nn.Module()
+    model.experts = nn.Parameter(Wrapper(torch.zeros(2, 2, 2)), requires_grad=False)
+    with pytest.raises(fastckpt.CheckpointError, match="the model's 'experts' is a .*Wrapper"):
+        fastckpt.plan(model, path, "e.{e} -> experts stack[e]")
+
+
 def test_a_conjugate_view_destination_is_refused(tmp_path):
     path = tmp_path / "c.safetensors"
     save_file({"c": torch.ones(3, dtype=torch.complex64)}, str(path))
