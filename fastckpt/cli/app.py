@@ -58,7 +58,8 @@ _FILTER_HELP = "only names matching this regular expression (searched, as grep d
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
+    # A str, not a Path: a URL (s3://bucket/key) must reach fastckpt.open unchanged.
+    path: str = typer.Argument(..., help="checkpoint file, shard index, model folder or URL"),
     key: str = typer.Option(None, help="container key of the state dict ('' for the whole tree)"),
     name_filter: str = typer.Option(None, "--filter", help=_FILTER_HELP),
     group: bool = typer.Option(

@@ -25,7 +25,7 @@ from torch import nn
 import fastckpt._core as _core
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
-from fastckpt.load import read_once
+from fastckpt.load import pread_files, read_once, remote_reads
 from fastckpt.planning.destinations import assign, owners, same_device, state_tensors
 from fastckpt.planning.dtensor_plan import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.planning.hf_model import broken_ties, initialise
@@ -169,6 +169,14 @@ def load_into(
       Every rank of the group must call ``load_into`` together; pass each node's
       group (``dist.new_subgroups()``) to read each byte once per node.
       ``report.shared`` says how many bytes this rank read, sent and received.
+      ``"pread"``: the runs the plan reads are read with large parallel ``pread``s
+      into memory rather than faulted in through a mapping, for network
+      filesystems; ``"own"`` switches to it by itself when the checkpoint's files
+      lie on NFS, Lustre, CIFS/SMB, FUSE and the like.
+    - ``path`` may be a URL (``s3://``, ``gs://``, ``az://``, ``http(s)://``; a folder
+      when it ends in ``/``): only the byte runs the plan reads are fetched, with
+      ranged GETs, many in flight, window by window within ``max_host_bytes``
+      (``report.fetched`` counts them); see fastckpt.source.remote.
 
     ``path`` may also be a ``LoadPlan`` from ``fastckpt.plan(model, ...)``.
     A load that would leave any tensor on the meta device is refused by name.
@@ -215,7 +223,8 @@ def load_into(
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
         planned = time.perf_counter()
-        report = _execute(p, model, max_host_bytes, threads, progress, mmap, once, group)
+        pread = read == "pread" or (read == "own" and not mmap and _on_network_fs(p))
+        report = _execute(p, model, max_host_bytes, threads, progress, mmap, once, group, pread)
         report.phases = {"plan": planned - started, **report.phases}
     finally:
         if collecting:
@@ -238,9 +247,15 @@ def load_into(
 
 def _read_mode(read: str, group: Any, mmap: bool) -> bool:
     """Whether reads are shared (read="once"); ValueError for what cannot go together."""
-    if read not in ("own", "once"):
-        raise ValueError(f"read must be 'own' or 'once', not {read!r}")
-    if read == "own":
+    if read not in ("own", "once", "pread"):
+        raise ValueError(
+            f"read must be 'own' or 'once', or 'pread' for network filesystems, not {read!r}"
+        )
+    if read == "pread" and (group is not None or mmap):
+        raise ValueError(
+            "read='pread' reads into memory: it goes with neither group= nor mmap=True"
+        )
+    if read in ("own", "pread"):
         if group is not None:
             raise ValueError("group= says which ranks share reads; it goes with read='once'")
         return False
@@ -258,6 +273,14 @@ def _read_mode(read: str, group: Any, mmap: bool) -> bool:
     if group is not None and dist.get_rank(group) < 0:
         raise ValueError(f"this rank ({dist.get_rank()}) is not in the group= it was given")
     return True
+
+
+def _on_network_fs(p: LoadPlan) -> bool:
+    """Whether the checkpoint's files lie on a network filesystem (read="own" then preads)."""
+    ckpt = p.checkpoint
+    if ckpt._remote is not None:
+        return False
+    return any(pread_files.on_network_fs(ix.path) for ix in ckpt._core_indexes)
 
 
 def _report_of(p: LoadPlan) -> LoadReport:
@@ -335,10 +358,16 @@ def _execute(
     mmap: bool = False,
     once: bool = False,
     group: Any = None,
+    pread: bool = False,
 ) -> LoadReport:
     """Allocate what the plan allocates, copy every transfer, then assign new tensors."""
     prepared = time.perf_counter()
     ckpt = p.checkpoint
+    if ckpt._remote is not None and (mmap or once):
+        raise ValueError(
+            f"{ckpt.path}: a remote checkpoint is fetched by each rank into memory: "
+            f"{'mmap=True' if mmap else 'read=' + repr('once')} is for local files"
+        )
     report = _report_of(p)
     needs_new = _needs_new(p.device, p.dtype)
     fresh: dict[int, torch.Tensor] = {}
@@ -348,15 +377,19 @@ def _execute(
     devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}
     columns = EngineColumns.of(p.transfers, ckpt)
     n_threads = threads if threads is not None else _default_threads()
-    if once:
+    remote = ckpt._remote  # a URL's checkpoint: its bytes are fetched, window by window
+    if once or remote is not None or pread:
         if dsts is None:
             dsts = [p._model.tensors[g] for g in p.transfers.group]  # type: ignore[union-attr]
         shared = _run_once(
             p, dsts, columns, group, n_threads, max_host_bytes,
-            lambda: _before_writing(p, report),
+            lambda: _before_writing(p, report), remote, pread,
         )  # fmt: skip
         report.bytes = shared.copied
-        report.shared = SharedReads(shared.read, shared.sent, shared.received)
+        if once:
+            report.shared = SharedReads(shared.read, shared.sent, shared.received)
+        else:
+            report.fetched = shared.read
         report.cast = _cast_list(columns.names, shared.casts)
     else:
         _copy_all(
@@ -561,9 +594,11 @@ def _before_writing(p: LoadPlan, report: LoadReport) -> None:
 
 def _run_once(
     p: LoadPlan, dsts: list[torch.Tensor], columns: EngineColumns, group: Any, n_threads: int,
-    max_host_bytes: int, before_writing: Callable[[], None],
+    max_host_bytes: int, before_writing: Callable[[], None], remote: Any = None,
+    pread: bool = False,
 ) -> read_once.Counts:  # fmt: skip
-    """read="once": every task, its bytes read by one rank of the group (load.read_once)."""
+    """read="once": every task, its bytes read by one rank of the group (load.read_once);
+    or, from a remote checkpoint, fetched by this rank (load.remote_reads)."""
     ckpt = p.checkpoint
     indexes = ckpt._core_indexes
     views, rows = columns.views, columns.rows
@@ -600,7 +635,28 @@ def _run_once(
             jobs.append((job, ks))
         return jobs
 
+    if remote is not None:
+        return remote_reads.run(
+            tasks, remote.files, indexes, remote.gap, max_host_bytes, make_jobs, before_writing
+        )
+    if pread:
+        return _run_pread(tasks, ckpt, max_host_bytes, make_jobs, before_writing)
     return read_once.run(tasks, indexes, group, max_host_bytes, make_jobs, before_writing)
+
+
+def _run_pread(
+    tasks: list[read_once.Task], ckpt: Checkpoint, max_host_bytes: int, make_jobs: Any,
+    before_writing: Callable[[], None],
+) -> read_once.Counts:  # fmt: skip
+    """read="pread": the runs the tasks read, pread into memory files (load.pread_files)."""
+    indexes = ckpt._core_indexes
+    files = [pread_files.PreadFile(ix.path, ix.file_size) for ix in indexes]
+    try:
+        over = [ix.over(f.path) for ix, f in zip(indexes, files, strict=True)]
+        return remote_reads.run(tasks, files, over, 0, max_host_bytes, make_jobs, before_writing)
+    finally:
+        for f in files:
+            f.close()
 
 
 def _file_views(
