@@ -188,17 +188,45 @@ class Opening:
         # exact_reads: parse with no readahead, so a rank reading its shard
         # fetches the headers' pages and nothing around them.
         self.path = Path(path)
+        if _is_dcp_dir(self.path):  # opened by source/dcp.py when the Checkpoint is made
+            self.files = []
+            self._pending = None
+            return
         self.files = resolve_files(path)
         self._pending = _core.start_open(
             [str(f) for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         )
 
     def wait(self) -> list[_core.FileIndex]:
-        return self._pending.wait()
+        return [] if self._pending is None else self._pending.wait()
+
+
+def _is_dcp_dir(path: Path) -> bool:
+    """A torch.distributed.checkpoint directory (source/dcp.py reads those)."""
+    from fastckpt.source import dcp  # dcp imports this module: imported when asked
+
+    return dcp.is_dcp_dir(path)
 
 
 class Checkpoint:
-    """A checkpoint opened for reading. Use as a context manager or call ``close()``."""
+    """A checkpoint opened for reading. Use as a context manager or call ``close()``.
+
+    ``Checkpoint(path)`` of a torch.distributed.checkpoint directory is a
+    ``source.dcp.DcpCheckpoint``: its tensors are stored as chunks (``_chunks``).
+    """
+
+    def __new__(
+        cls,
+        path: PathLike,
+        *,
+        key: str | Sequence[str] | None = None,
+        _opening: Opening | None = None,
+    ) -> Checkpoint:
+        if cls is Checkpoint and _is_dcp_dir(Path(path)):
+            from fastckpt.source.dcp import DcpCheckpoint
+
+            return object.__new__(DcpCheckpoint)
+        return object.__new__(cls)
 
     def __init__(
         self,
