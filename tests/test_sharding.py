@@ -42,7 +42,7 @@ def fake_rank(rank: int, world: int) -> Iterator[None]:
 
 def rebuild(global_tensor: torch.Tensor, shard) -> torch.Tensor:
     out = torch.full(shard.shape, -1, dtype=global_tensor.dtype)
-    for piece in shard.pieces:
+    for piece in shard.boxes:
         narrow(out, piece.local).copy_(narrow(global_tensor, piece.global_box))
     return out
 
@@ -57,7 +57,7 @@ def check_all_ranks(shape, mesh_shape, placements) -> None:
             mesh = init_device_mesh("cpu", mesh_shape)
             want = distribute_tensor(g, mesh, placements, src_data_rank=None)
             shard = dtensor_shard("w", want)
-            pieces = shard.pieces
+            pieces = shard.boxes
             got = rebuild(g, shard)
             local = want.to_local()
             assert got.shape == local.shape, (rank, pieces)

@@ -208,7 +208,7 @@ def load_into(
             agree(p if error is None else None, error, strict, None if sharded else group)
         if strict and p.problems:
             _refuse(p)
-        if p.device is None and (not p._targets.all_cpu or p.sharded):
+        if p.device is None and (not p._targets.all_cpu or p._global_transfers):
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
@@ -273,6 +273,7 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.partly_loaded = list(p.partly_loaded)
     report.loaded += p.sharded
     report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
+    report.renamed += p.piece_renames
     if p._rules is not None:
         assert p._rows is not None
         for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):
@@ -368,7 +369,7 @@ def _execute(
                 )
             final.append(t)
         dsts = final[:n_main] + [
-            final[n_main + i] if pc.dst_view is None else pc.dst_view(final[n_main + i])
+            final[n_main + i] if pc.region is None else pc.region.of(final[n_main + i])
             for i, pc in enumerate(p.pieces)
         ]
         # A piece's view must itself be a tensor fastckpt may write (a view of a
@@ -495,7 +496,7 @@ def _copy_all(
         job = _job(
             ckpt._core_indexes, part(handles), targets if whole else targets.subset(ks),
             part(names), part(src_names), part(rows), part(via_dtypes), part(views), device,
-            n_threads, max_host_bytes, bool(p.sharded),
+            n_threads, max_host_bytes, bool(p._global_transfers),
         )  # fmt: skip
         built.append((job, ks))
     report.cast = _cast_list(names, [(ks[i], s, d) for job, ks in built for i, s, d in job.casts()])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,16 @@ from fastckpt.planning.destinations import (
     non_persistent_buffers,
     refusal,
 )
-from fastckpt.planning.dtensor_plan import any_dtensor, dtensors_possible, is_dtensor, plan_shards
+from fastckpt.planning.dtensor_plan import (
+    any_dtensor,
+    dtensors_possible,
+    is_dtensor,
+    shard_transfers,
+    whole_source,
+)
 from fastckpt.planning.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.planning.rules import as_rules
+from fastckpt.planning.transfers import Region, Transfer, nbytes
 from fastckpt.report import Mismatch, format_groups, group_names
 from fastckpt.source.checkpoint import Checkpoint, Opening
 
@@ -55,31 +62,6 @@ def match(
         list(source_keys), None if target_keys is None else list(target_keys)
     )
     return mapping
-
-
-SourceView = tuple[
-    int, tuple[int, ...], tuple[int, ...]
-]  # storage offset, shape, strides (elements)
-
-
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """One copy into (part of) a model tensor that is not a plain whole-tensor entry:
-    a shard, a stacked expert, a transposed or concatenated source.
-
-    ``dst_view`` maps the destination tensor (the model's own, or the one fastckpt
-    allocated) to the torch view that is written; ``src_view`` replaces the source
-    tensor's own view of its storage (the core checks it stays inside).
-    """
-
-    group: int  # the model tensor (ModelTensors index)
-    target: str  # the model name (labels, report)
-    source: str  # the checkpoint name
-    handle: int  # Checkpoint's handle for the source
-    src_view: SourceView | None = None
-    dst_view: Callable[[torch.Tensor], torch.Tensor] | None = None
-    rows: RowSelection | None = None
-    via: torch.dtype | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +102,8 @@ class LoadPlan:
     initialised: list[str] = field(default_factory=list)
     # (model name, what it is): in the checkpoint, but not loadable (a sparse tensor, ...)
     unloadable: list[tuple[str, str]] = field(default_factory=list)
-    pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
+    # Copies other than plain whole-tensor entries: conversion pieces, chunks, DTensor shards.
+    pieces: list[Transfer] = field(default_factory=list)
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
@@ -130,6 +113,11 @@ class LoadPlan:
     sharded_sources: list[str] = field(default_factory=list)
     sharded_groups: list[int] = field(default_factory=list)
     local_bytes: int = 0
+    # (source, model name) of renamed tensors that transfers fill (chunked sources)
+    piece_renames: list[tuple[str, str]] = field(default_factory=list)
+    # DTensor group -> its transfers into the global tensor, before the cut to this rank's
+    # shard (bytes per rank are computed from them)
+    _global_transfers: dict[int, list[Transfer]] = field(default_factory=dict)
     any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None
@@ -287,11 +275,11 @@ class LoadPlan:
         console.print(table)
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
-        if self.sharded:
+        if self._global_transfers:
             from fastckpt.planning.dtensor_plan import bytes_per_rank
 
             console.print(
-                f"  {len(self.sharded)} sharded tensors; this rank reads "
+                f"  {len(self._global_transfers)} sharded tensors; this rank reads "
                 f"{self.local_bytes / 1e6:.1f} MB of them"
             )
             for rank, n in bytes_per_rank(self).items():
@@ -481,10 +469,16 @@ def build(
             for a, h in zip(cand_picks, cand_sources, strict=True)
         ]
     n_cand = len(cand)
-    if any_sharded:
-        # DTensors are copied shard by shard (pieces); the rest as whole tensors.
-        split = [k for k, g in enumerate(cand) if is_dtensor(tensors[g])]
-        plan_shards(
+    # Whole-tensor copies that are not plain entries: into DTensors (cut to this rank's
+    # shard below) and from chunked sources (one transfer per chunk).
+    chunked = ckpt._has_chunks()
+    split = [
+        k
+        for k, g in enumerate(cand)
+        if (any_sharded and is_dtensor(tensors[g])) or (chunked and ckpt._chunks(cand_sources[k]))
+    ]
+    if split:
+        _whole_transfers(
             p,
             ckpt,
             [
@@ -499,13 +493,16 @@ def build(
                 for k in split
             ],
         )
-        keep_plain = [k for k in range(len(cand)) if not is_dtensor(tensors[cand[k]])]
+        moved = set(split)
+        keep_plain = [k for k in range(len(cand)) if k not in moved]
         cand = [cand[k] for k in keep_plain]
         cand_sources = [cand_sources[k] for k in keep_plain]
         if cand_picks is not None:
             cand_picks = [cand_picks[k] for k in keep_plain]
         if dim0 is not None:
             dim0 = [dim0[k] for k in keep_plain]
+    if any_sharded:
+        _cut_to_shards(p, mt)
     if every_target is None:
         targets = _read_targets(ckpt.path, [tensors[g] for g in cand], [vias[g] for g in cand])
     else:
@@ -567,9 +564,120 @@ def build(
             for n in groups[g][1:]
         ]
     _find_meta_leftovers(
-        p, model, mt, set(loadable) | {pc.group for pc in p.pieces} | set(p.sharded_groups), want
+        p,
+        model,
+        mt,
+        set(loadable) | {pc.group for pc in p.pieces} | set(p._global_transfers),
+        want,
     )
     return p
+
+
+def _whole_transfers(
+    p: LoadPlan,
+    ckpt: Checkpoint,
+    entries: list[tuple[int, str, str, int, RowSelection | None, torch.dtype | None]],
+) -> None:
+    """Transfers for whole-tensor copies into DTensors or from chunked sources: (group, model
+    name, checkpoint name, handle, rows, via dtype) each. A global shape that differs from
+    the source's (after rows) is a mismatch, as for plain tensors."""
+    assert p._model is not None
+    for group, name, source, handle, rows, via in entries:
+        dst = p._model.tensors[group]
+        view = ckpt._handle_view(handle)
+        src_shape = tuple(view[1])
+        if rows is not None and src_shape:
+            src_shape = rows.shape(src_shape)
+        if src_shape != tuple(dst.shape):
+            p.mismatched.append(Mismatch(name, src_shape, tuple(dst.shape)))
+            continue
+        chunks = ckpt._chunks(handle)
+        if chunks is None:
+            src_view, sub_rows = whole_source(view, rows)
+            transfers = [Transfer(group, name, source, handle, src_view, None, sub_rows, via)]
+        else:
+            transfers = _chunk_transfers(ckpt, group, name, source, handle, chunks, rows, via)
+        if is_dtensor(dst):
+            p._global_transfers[group] = transfers
+            p.sharded.append(name)
+            p.sharded_sources.append(source)
+            p.sharded_groups.append(group)
+        else:
+            p.pieces += transfers
+            p.loaded_by_pieces.append(name)
+            if source != name:
+                p.piece_renames.append((source, name))
+
+
+def _chunk_transfers(
+    ckpt: Checkpoint,
+    group: int,
+    name: str,
+    source: str,
+    handle: int,
+    chunks: list[Any],
+    rows: RowSelection | None,
+    via: torch.dtype | None,
+) -> list[Transfer]:
+    """One transfer per stored chunk of ``source`` (its logical ``handle``) that the copy,
+    rows included, reads."""
+    if rows is not None and rows.index is not None:
+        raise CheckpointError(
+            f"{ckpt.path}: rules take listed rows of {source!r}, which is stored in "
+            f"{len(chunks)} chunks; a rows[@file] index list needs a tensor stored whole"
+        )
+    out = []
+    for chunk in chunks:
+        _, _, strides, offset = ckpt._handle_view(chunk.handle)
+        box = list(zip(chunk.offsets, chunk.sizes, strict=True))
+        skip = 0
+        if rows is not None and box:
+            start, length = box[0]
+            first = rows.start
+            stop = first + rows.rows(ckpt._handle_shape(handle)[0])
+            lo, hi = max(start, first), min(start + length, stop)
+            if lo >= hi:
+                continue
+            skip = lo - start
+            box[0] = (lo - first, hi - lo)
+        out.append(
+            Transfer(
+                group,
+                name,
+                source,
+                chunk.handle,
+                (offset + skip * (strides[0] if strides else 0), tuple(n for _, n in box),
+                 tuple(strides)),
+                Region(tuple(box)),
+                None,
+                via,
+            )
+        )
+    return out
+
+
+def _cut_to_shards(p: LoadPlan, mt: ModelTensors) -> None:
+    """Transfers into DTensors (conversion pieces and whole-tensor copies alike) become
+    transfers into this rank's local shard; the global ones are kept for bytes per rank."""
+    ckpt = p.checkpoint
+
+    def stored(handle: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        _, shape, strides, offset = ckpt._handle_view(handle)
+        return offset, tuple(shape), tuple(strides)
+
+    plain: list[Transfer] = []
+    for t in p.pieces:
+        if is_dtensor(mt.tensors[t.group]):
+            p._global_transfers.setdefault(t.group, []).append(t)
+        else:
+            plain.append(t)
+    p.pieces = plain
+    for group, transfers in p._global_transfers.items():
+        local = shard_transfers(transfers, mt.tensors[group], transfers[0].target, stored)
+        p.pieces += local
+        p.local_bytes += sum(
+            nbytes(t, stored(t.handle), ckpt._handle_view(t.handle)[0].itemsize) for t in local
+        )
 
 
 def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) -> Any:
@@ -594,7 +702,7 @@ def _add_pieces(
     """Assignments that convert (a region, a transpose, a row permutation, several sources
     for one target) become ``p.pieces``, checked before anything is written; the plain
     whole-tensor ones are returned."""
-    from fastckpt.planning.views import check_parts, source_view, target_view
+    from fastckpt.planning.views import check_parts, source_view, target_region
 
     count: dict[str, int] = {}
     for a in assignments:
@@ -640,13 +748,13 @@ def _add_pieces(
             h = handles[a.source]
             _, shape, strides, offset = ckpt._handle_view(h)
             p.pieces.append(
-                Piece(
+                Transfer(
                     g,
                     target,
                     a.source,
                     h,
                     source_view(offset, tuple(shape), tuple(strides), a),
-                    lambda t, a=a: target_view(t, a),  # type: ignore[misc]
+                    target_region(target, tuple(mt.tensors[g].shape), a),
                     None,  # rows are part of the source view
                     a.dtype,
                 )
@@ -739,4 +847,4 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         raise
 
 
-__all__ = ["LoadPlan", "Piece", "PlanEntry", "match", "plan"]
+__all__ = ["LoadPlan", "PlanEntry", "Transfer", "match", "plan"]

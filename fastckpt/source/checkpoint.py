@@ -314,6 +314,10 @@ class Checkpoint:
         """Picked name -> source handle."""
         return self._entries
 
+    def _has_chunks(self) -> bool:
+        """Whether any tensor is stored in chunks (``_chunks``); asked once per plan."""
+        return False
+
     def _chunks(self, handle: int) -> list[Chunk] | None:
         """The stored chunks of a logical tensor; None for a tensor stored whole (every
         tensor of the formats read here)."""
