@@ -254,6 +254,9 @@ class DcpCheckpoint(Checkpoint):
         return self._layout.tensors[handle - LOGICAL]
 
     # -- the loader's view ---------------------------------------------------------
+    def _has_chunks(self) -> bool:
+        return True
+
     def _chunks(self, handle: int) -> list[Chunk] | None:
         if handle < LOGICAL:
             return None
