@@ -231,3 +231,125 @@ def test_load_into_another_topology_with_rules(ranks):
             assert got["ok"], f"rank {rank} {name}: {got.get('error')}\n{got.get('trace')}"
             assert got["wrong"] == [] and got["sharded"] > 0, (rank, name, got)
         assert r["load_tp_rules"]["renamed"] > 0
+
+
+# -- broken and hostile directories -----------------------------------------------------------
+
+
+def broken_copy(one, tmp_path: Path, edit=None) -> Path:
+    """A copy of the one-rank directory, its .metadata edited by ``edit(metadata)``."""
+    import shutil
+
+    src, _ = one
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    if edit is not None:
+        meta = pickle.loads((dst / ".metadata").read_bytes())  # noqa: S301 - our own file
+        edit(meta)
+        (dst / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+    return dst
+
+
+def open_error(path: Path) -> str:
+    with pytest.raises(fastckpt.CheckpointError) as e:
+        fastckpt.open(path).tensor("proj.weight")
+    return str(e.value)
+
+
+def test_missing_metadata(one, tmp_path):
+    d = broken_copy(one, tmp_path)
+    (d / ".metadata").unlink()
+    assert open_error(d).startswith(f"{d / '.metadata'}: missing")
+
+
+def test_truncated_distcp(one, tmp_path):
+    d = broken_copy(one, tmp_path)
+    (f,) = d.glob("*.distcp")
+    os_size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(os_size - 100)
+    msg = open_error(d)
+    assert msg.startswith(f"{f}: ") and "past the end of the file" in msg and "truncated" in msg
+
+
+def test_chunk_bytes_past_the_end_of_the_file(one, tmp_path):
+    def far(meta):
+        for info in meta.storage_data.values():
+            info.offset += 10**9
+
+    d = broken_copy(one, tmp_path, far)
+    (f,) = d.glob("*.distcp")
+    assert open_error(d).startswith(f"{f}: ")
+
+
+def test_chunk_that_is_not_the_declared_tensor(one, tmp_path):
+    def swap(meta):  # the storage of proj.weight's chunk points at proj.bias's archive
+        by = {k.fqn: k for k in meta.storage_data}
+        w, b = by["model.proj.weight"], by["model.proj.bias"]
+        meta.storage_data[w] = meta.storage_data[b]
+
+    d = broken_copy(one, tmp_path, swap)
+    msg = open_error(d)
+    assert ".distcp (archive of 'model.proj.weight'" in msg and "declares F32 of shape (3, 5)" in msg
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        ([((0, 0), (2, 5)), ((1, 0), (2, 5))], "chunks at offsets (0, 0) and (1, 0) overlap"),
+        ([((0, 0), (2, 5))], "its chunks hold 10 of its 15 elements"),
+    ],
+    ids=["overlap", "missing"],
+)
+def test_chunks_that_do_not_tile_the_tensor(one, tmp_path, boxes, message):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    def edit(meta):
+        fqn = "model.proj.weight"
+        info = next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
+        meta.state_dict_metadata[fqn].chunks = [ChunkStorageMetadata(o, s) for o, s in boxes]
+        for o, _ in boxes:
+            meta.storage_data[MetadataIndex(fqn, o)] = info
+
+    d = broken_copy(one, tmp_path, edit)
+    msg = open_error(d)
+    assert msg.startswith(f"{d / '.metadata'}: tensor 'model.proj.weight': ") and message in msg
+
+
+def test_storage_transforms_are_refused_by_name(one, tmp_path):
+    def compressed(meta):
+        for info in meta.storage_data.values():
+            info.transform_descriptors = ["zstd"]
+
+    d = broken_copy(one, tmp_path, compressed)
+    msg = open_error(d)
+    assert "through the transform(s) zstd, which fastckpt does not read" in msg
+
+
+def test_metadata_that_runs_code_is_refused_and_runs_nothing(one, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.hostile import _Evil, touch_command
+
+    sentinel = tmp_path / "ran"
+
+    def evil(meta):
+        meta.planner_data["payload"] = _Evil(os.system, (touch_command(sentinel),))
+
+    d = broken_copy(one, tmp_path, evil)
+    msg = open_error(d)
+    assert msg.startswith(f"{d / '.metadata'}: ") and "system', which only code-executing" in msg
+    assert not sentinel.exists()
+    # The payload is live: torch's own reader (pickle.load) runs it.
+    script = "import sys, torch.distributed.checkpoint as d; d.FileSystemReader(sys.argv[1]).read_metadata()"
+    subprocess.run([sys.executable, "-c", script, str(d)], capture_output=True, timeout=120)
+    assert sentinel.exists()
+
+
+def test_other_globals_are_refused_by_name(one, tmp_path):
+    import collections
+
+    d = broken_copy(one, tmp_path, lambda m: m.planner_data.__setitem__("x", collections.Counter()))
+    assert "'collections.Counter', which a DCP .metadata file does not hold" in open_error(d)
