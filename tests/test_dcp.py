@@ -353,3 +353,43 @@ def test_other_globals_are_refused_by_name(one, tmp_path):
 
     d = broken_copy(one, tmp_path, lambda m: m.planner_data.__setitem__("x", collections.Counter()))
     assert "'collections.Counter', which a DCP .metadata file does not hold" in open_error(d)
+
+
+# -- fastckpt convert DCP_DIR OUT/ ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "tp"])
+def test_convert_to_safetensors_equals_torchs_consolidation(ranks, layout, tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from fastckpt.cli.app import app
+
+    folder = ranks / layout
+    want = torch_consolidated(folder, tmp_path)["model"]
+    out = tmp_path / "hf"
+    r = CliRunner().invoke(app, ["convert", str(folder), str(out), "--max-shard-size", "2KB"])
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not list(out.glob("*.distcp"))  # the source's data files are not "side files"
+    got = {}
+    for shard in sorted(out.glob("model-*.safetensors")):
+        got |= load_file(shard)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert same_bytes(got[name], t), name
+
+
+def test_convert_with_dtype_and_rules(ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    from fastckpt.tools.convert import convert
+
+    folder = ranks / "fsdp2"
+    want = torch_consolidated(folder, tmp_path)["model"]
+    rules = "embed.weight -> model.embed_tokens.weight rows[:30]\n{rest*} -> model.{rest*}\n"
+    report = convert(folder, tmp_path / "out", rules, dtype="bf16")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert same_bytes(got["model.embed_tokens.weight"], want["embed.weight"][:30].bfloat16())
+    assert same_bytes(got["model.blocks.0.q.weight"], want["blocks.0.q.weight"].bfloat16())
+    assert report.sliced == ["model.embed_tokens.weight"] and len(report.cast) == len(want)  # all float32

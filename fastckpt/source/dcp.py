@@ -291,6 +291,8 @@ class DcpCheckpoint(Checkpoint):
         return super()._handle_tensor(handle)
 
     def _assemble(self, t: LogicalTensor) -> torch.Tensor:
+        if len(t.chunks) == 1:  # stored whole: a view of the mapped file, as for other formats
+            return self._tensor_at(t.chunks[0][0], 0)[0]
         return assemble(t, lambda archive: self._tensor_at(archive, 0)[0])
 
     # -- the user's view -------------------------------------------------------------
@@ -304,7 +306,8 @@ class DcpCheckpoint(Checkpoint):
         )
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The logical tensor assembled from its chunks: a new tensor of its whole size."""
+        """The logical tensor: a zero-copy view of the mapped file when it is stored in one
+        chunk, else assembled from its chunks into a new tensor of its whole size."""
         try:
             t = self._logical(self._entries[name])
         except KeyError:
