@@ -71,7 +71,9 @@ def write_checkpoint(folder: Path, mb: int) -> None:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--save-rank", str(r), port, str(folder), str(mb)])
+        subprocess.Popen(
+            [sys.executable, __file__, "--save-rank", str(r), port, str(folder), str(mb)]
+        )
         for r in range(WORLD)
     ]
     if any(p.wait() != 0 for p in procs):
@@ -136,7 +138,8 @@ def main() -> None:
         args.dir.mkdir(parents=True, exist_ok=True)
         write_checkpoint(src, args.mb)
     size = sum(f.stat().st_size for f in src.iterdir())
-    print(f"checkpoint: {src} ({size / 1e6:.0f} MB in {len(list(src.iterdir()))} files, {WORLD} ranks)")
+    files = len(list(src.iterdir()))
+    print(f"checkpoint: {src} ({size / 1e6:.0f} MB in {files} files, {WORLD} ranks)")
     runs: dict[str, list[dict]] = {w: [] for w in WAYS}
     for _ in range(args.repeat):
         for way in WAYS:
@@ -151,7 +154,8 @@ def main() -> None:
         secs = [r["seconds"] for r in rs]
         mem = [r["peak_private_mb"] for r in rs]
         print(
-            f"{way:9s} median {statistics.median(secs):6.2f} s  (runs {', '.join(f'{s:.2f}' for s in secs)})"
+            f"{way:9s} median {statistics.median(secs):6.2f} s"
+            f"  (runs {', '.join(f'{s:.2f}' for s in secs)})"
             f"  peak private +{max(mem):7.1f} MB"
         )
     print(f"outputs identical byte for byte: {same}")

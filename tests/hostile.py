@@ -596,9 +596,10 @@ def dcp_metadata_cases(sentinel_dir: Path) -> list[Case]:
     good = dcp_metadata_valid()
 
     def edited(name: str, edit: Callable[..., None], message: str) -> Case:
-        meta = pickle.loads(good)  # noqa: S301 - the bytes dcp.save just wrote
+        meta = pickle.loads(good)
         edit(meta)
-        return Case(name, f"{name}.metadata", pickle.dumps(meta, protocol=4), "dcp_metadata", message)
+        blob = pickle.dumps(meta, protocol=4)
+        return Case(name, f"{name}.metadata", blob, "dcp_metadata", message)
 
     w = "model.w"
 
@@ -629,7 +630,7 @@ def dcp_metadata_cases(sentinel_dir: Path) -> list[Case]:
     touch = touch_command(sentinel_dir / "dcp-os-system.ran")
     code = f"__import__('os').system({touch_command(sentinel_dir / 'dcp-eval.ran')!r})"
     return [
-        edited("dcp-os-system", evil(os.system, (touch,), "os"), "system', which only code-executing"),
+        edited("dcp-os-system", evil(os.system, (touch,), "os"), "system', which only code-exec"),
         edited("dcp-eval", evil(builtins.eval, (code,), "eval"), "'builtins.eval'"),
         edited(
             "dcp-unknown-global",

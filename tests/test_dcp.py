@@ -30,7 +30,8 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def save_one_rank(state: dict, path: Path) -> None:
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process, on purpose
+    # "torch.distributed is ... uninitialized": one process, on purpose.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=path)
 
@@ -100,7 +101,7 @@ def test_metadata_records_match_torchs_reading(one):
     folder, _ = one
     meta = fastckpt._core.read_dcp_metadata(str(folder / ".metadata"))
     with open(folder / ".metadata", "rb") as f:
-        theirs = pickle.load(f)  # noqa: S301 - our own file, to compare with
+        theirs = pickle.load(f)
     items = {i.fqn: i for i in meta.items}
     assert set(items) == set(theirs.state_dict_metadata)
     for fqn, md in theirs.state_dict_metadata.items():
@@ -178,7 +179,7 @@ def test_chunks_follow_the_contract(ranks):
     for name, h in handles.items():
         chunks = ckpt._chunks(h)
         assert chunks, name
-        dtype, shape, strides, offset = ckpt._handle_view(h)
+        dtype, shape, _, offset = ckpt._handle_view(h)
         assert (shape, offset) == (ckpt.info(name).shape, 0)
         assert ckpt._handle_shape(h) == shape and ckpt._handle_file(h) == str(ranks / "fsdp2")
         whole = ckpt.tensor(name)
@@ -244,7 +245,7 @@ def broken_copy(one, tmp_path: Path, edit=None) -> Path:
     dst = tmp_path / "broken"
     shutil.copytree(src, dst)
     if edit is not None:
-        meta = pickle.loads((dst / ".metadata").read_bytes())  # noqa: S301 - our own file
+        meta = pickle.loads((dst / ".metadata").read_bytes())
         edit(meta)
         (dst / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
     return dst
@@ -290,7 +291,8 @@ def test_chunk_that_is_not_the_declared_tensor(one, tmp_path):
 
     d = broken_copy(one, tmp_path, swap)
     msg = open_error(d)
-    assert ".distcp (archive of 'model.proj.weight'" in msg and "declares F32 of shape (3, 5)" in msg
+    assert ".distcp (archive of 'model.proj.weight'" in msg
+    assert "declares F32 of shape (3, 5)" in msg
 
 
 @pytest.mark.parametrize(
@@ -343,7 +345,10 @@ def test_metadata_that_runs_code_is_refused_and_runs_nothing(one, tmp_path):
     assert msg.startswith(f"{d / '.metadata'}: ") and "system', which only code-executing" in msg
     assert not sentinel.exists()
     # The payload is live: torch's own reader (pickle.load) runs it.
-    script = "import sys, torch.distributed.checkpoint as d; d.FileSystemReader(sys.argv[1]).read_metadata()"
+    script = (
+        "import sys, torch.distributed.checkpoint as d\n"
+        "d.FileSystemReader(sys.argv[1]).read_metadata()"
+    )
     subprocess.run([sys.executable, "-c", script, str(d)], capture_output=True, timeout=120)
     assert sentinel.exists()
 
@@ -392,4 +397,5 @@ def test_convert_with_dtype_and_rules(ranks, tmp_path):
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert same_bytes(got["model.embed_tokens.weight"], want["embed.weight"][:30].bfloat16())
     assert same_bytes(got["model.blocks.0.q.weight"], want["blocks.0.q.weight"].bfloat16())
-    assert report.sliced == ["model.embed_tokens.weight"] and len(report.cast) == len(want)  # all float32
+    assert report.sliced == ["model.embed_tokens.weight"]
+    assert len(report.cast) == len(want)  # all float32

@@ -83,8 +83,8 @@ class DcpLayout:
         for item in meta.items:
             path = tuple(item.path)
             if item.is_bytes:
-                file, offset, length = self._place(storage[item.storage], item.fqn)
-                self.values.append(Value(path, file, offset, length))
+                place, offset, length = self._place(storage[item.storage], item.fqn)
+                self.values.append(Value(path, place, offset, length))
                 continue
             if item.layout != "torch.strided":
                 self.unloadable[path] = f"a tensor of layout {item.layout or 'unknown'}"
@@ -96,23 +96,23 @@ class DcpLayout:
                 continue
             where: list[tuple[str, int]] = []
             for chunk in item.chunks:
-                file, offset, length = self._place(storage[chunk.storage], item.fqn)
-                file_ranges = ranges.setdefault(str(file), [])
-                where.append((str(file), len(file_ranges)))
+                place, offset, length = self._place(storage[chunk.storage], item.fqn)
+                file_ranges = ranges.setdefault(str(place), [])
+                where.append((str(place), len(file_ranges)))
                 file_ranges.append((offset, length))
             pending.append((item, where))
         # One mapping per .distcp file, its chunks' archives read in place.
         self.archives: list[_core.FileIndex] = []
         self.archive_files: list[str] = []
         first: dict[str, int] = {}
-        for file, file_ranges in ranges.items():
-            first[file] = len(self.archives)
-            self.archives.extend(_core.open_archives(file, file_ranges))
-            self.archive_files.extend([file] * len(file_ranges))
+        for name, file_ranges in ranges.items():
+            first[name] = len(self.archives)
+            self.archives.extend(_core.open_archives(name, file_ranges))
+            self.archive_files.extend([name] * len(file_ranges))
         for item, where in pending:
             chunks = []
-            for chunk, (file, k) in zip(item.chunks, where, strict=True):
-                archive = first[file] + k
+            for chunk, (name, k) in zip(item.chunks, where, strict=True):
+                archive = first[name] + k
                 self._check_chunk(archive, item, chunk.offsets, chunk.sizes)
                 chunks.append((archive, chunk.offsets, chunk.sizes))
             self.tensors.append(
