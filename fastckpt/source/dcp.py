@@ -173,8 +173,14 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def assemble(t: LogicalTensor, chunk_tensor: Any) -> torch.Tensor:
-    """A logical tensor built from its chunks (``chunk_tensor(archive)`` -> the stored chunk)."""
+def assemble(t: LogicalTensor, chunk_tensor: Any, chunk_bytes: Any) -> torch.Tensor:
+    """A logical tensor built from its chunks: ``chunk_bytes(archive)`` gives a stored
+    chunk's bytes as a uint8 tensor when they are contiguous in the file (else None),
+    ``chunk_tensor(archive)`` the chunk as a tensor.
+
+    Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
+    offset of its .distcp file, so viewing it as its dtype would often need an
+    aligned copy first (one more allocation per chunk)."""
     out = torch.empty(t.shape, dtype=t.dtype)
     for archive, offsets, sizes in t.chunks:
         if math.prod(sizes) == 0:
@@ -182,7 +188,13 @@ def assemble(t: LogicalTensor, chunk_tensor: Any) -> torch.Tensor:
         region = out
         for dim, (o, s) in enumerate(zip(offsets, sizes, strict=True)):
             region = region.narrow(dim, o, s)
-        region.copy_(chunk_tensor(archive))
+        raw = chunk_bytes(archive) if sizes else None
+        if raw is None:
+            region.copy_(chunk_tensor(archive))
+            continue
+        # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8 view.
+        row = sizes[-1] * t.dtype.itemsize
+        region.view(torch.uint8).copy_(raw.view(*sizes[:-1], row))
     return out
 
 
@@ -293,7 +305,16 @@ class DcpCheckpoint(Checkpoint):
     def _assemble(self, t: LogicalTensor) -> torch.Tensor:
         if len(t.chunks) == 1:  # stored whole: a view of the mapped file, as for other formats
             return self._tensor_at(t.chunks[0][0], 0)[0]
-        return assemble(t, lambda archive: self._tensor_at(archive, 0)[0])
+        return assemble(t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes)
+
+    def _chunk_bytes(self, archive: int) -> torch.Tensor | None:
+        """A chunk's bytes in the mapped file when they are contiguous there, else None."""
+        view = self._indexes[archive].tensor_view(0)
+        if view.strides != contiguous_strides(view.shape):
+            return None
+        itemsize = TORCH_DTYPES[view.dtype].itemsize
+        start = view.file_offset + view.storage_offset * itemsize
+        return self._file_bytes(archive)[start : start + math.prod(view.shape) * itemsize]
 
     # -- the user's view -------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
