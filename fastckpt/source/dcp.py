@@ -12,8 +12,9 @@ at (offset, length) of a ``.distcp`` file; the core reads that archive in place
 source: its handle is ``archive << 32 | 0``, as a tensor of a file. A logical
 tensor's handle is ``LOGICAL + k``; ``Checkpoint._chunks`` lists its chunks
 (see the contract in checkpoint.py). Non-tensor values (step counters, param
-groups, bytes) are small archives too, or raw bytes for ``io.BytesIO`` values;
-they are read when asked for.
+groups, bytes) are small ``torch.save`` archives too (an ``io.BytesIO`` value is
+a pickled ``BytesIO``, read as its bytes); they are read through the same
+restricted VM (``_core.read_pickled_value``) when asked for.
 
 Names: the flattened keys of ``.metadata`` join a path with dots while FQNs
 contain dots, so names and the state-dict pick come from ``planner_data``'s
