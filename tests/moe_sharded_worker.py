@@ -26,6 +26,7 @@ import fastckpt
 from fastckpt import _core
 from fastckpt.bench import evict
 from tests.sharded_worker import serve, world_mesh
+from tests.test_chunked_source import full_values, open_chunks, write_chunks
 
 TINY = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
 CONFIGS = {
@@ -75,6 +76,7 @@ def write(folder: Path) -> None:
     split = nn.Module()
     split.attn = Attention(fused=False)
     save_file(dict(split.state_dict()), folder / "qkv.safetensors")
+    write_chunks(folder)
 
 
 def _same(model: nn.Module, expect: dict[str, torch.Tensor]) -> list[str]:
@@ -199,6 +201,15 @@ def scenario_tp_fused_qkv(folder: Path) -> dict:
         "local_rows": local.shape[0],
         "bytes": report.bytes,
     }
+
+
+def scenario_chunked_fsdp2(folder: Path) -> dict:
+    """A chunked source (tests/test_chunked_source.py) into FSDP2 shards: each rank copies
+    the parts of the chunks that meet its rows."""
+    model = nn.Linear(6, 8)
+    fully_shard(model, mesh=world_mesh())
+    report = fastckpt.load_into(model, open_chunks(folder))
+    return {"wrong": _same(model, full_values()), "bytes": report.bytes}
 
 
 SCENARIOS = {

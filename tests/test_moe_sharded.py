@@ -11,7 +11,7 @@ from tests.test_sharded_load import run_ranks
 pytest.importorskip("transformers")
 
 SCENARIOS = ["fsdp2_mixtral", "fsdp2_qwen3_moe", "fsdp2_mixtral_read_once", "expert_parallel",
-             "tp_fused_qkv"]  # fmt: skip
+             "tp_fused_qkv", "chunked_fsdp2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +56,11 @@ def test_tensor_parallel_fused_qkv_from_separate_sources(ranks):
         assert r["wrong"] == [] and r["local_rows"] == 96, (rank, r)
     # the two ranks' copies together are the fused weight and bias once
     assert sum(r["bytes"] for r in got) == (3 * 64 * 64 + 3 * 64) * 4
+
+
+def test_chunks_into_fsdp2_shards(ranks):
+    got = results(ranks, "chunked_fsdp2")
+    for rank, r in enumerate(got):
+        assert r["wrong"] == [], (rank, r)
+    # each element of the weight and bias is copied by exactly one rank
+    assert sum(r["bytes"] for r in got) == (8 * 6 + 8) * 4

@@ -178,28 +178,3 @@ def narrow(tensor: torch.Tensor, box: Box) -> torch.Tensor:
         if start != 0 or length != tensor.shape[dim]:
             tensor = tensor.narrow(dim, start, length)
     return tensor
-
-
-def box_view(
-    offset: int, shape: Sequence[int], strides: Sequence[int], box: Box
-) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """The storage view (offset, shape, strides), in elements, of ``box`` within the view
-    (offset, shape, strides): what ``torch.as_strided`` on the storage would take."""
-    if len(box) != len(shape):
-        raise ValueError(f"a {len(box)}-D box for a {len(shape)}-D view")
-    for (start, length), n in zip(box, shape, strict=True):
-        if start < 0 or length < 0 or start + length > n:
-            raise ValueError(f"box {box} does not lie inside shape {tuple(shape)}")
-    start = offset + sum(s * st for (s, _), st in zip(box, strides, strict=True))
-    return start, tuple(n for _, n in box), tuple(strides)
-
-
-def shard_nbytes(pieces: Sequence[ShardBox], itemsize: int) -> int:
-    """Bytes of the global tensor the pieces hold."""
-    total = 0
-    for piece in pieces:
-        n = 1
-        for _, length in piece.global_box:
-            n *= length
-        total += n
-    return total * itemsize

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fastckpt.planning.dtensor_geometry import Box, LocalShard
+from fastckpt.planning.dtensor_geometry import Box, LocalShard, narrow
 from fastckpt.planning.mapping import RowSelection
 
 View = tuple[int, tuple[int, ...], tuple[int, ...]]  # storage offset, shape, strides (elements)
@@ -50,9 +50,7 @@ class Region:
         """The region as a view of ``tensor`` (a DTensor's local tensor for a DTensor)."""
         if hasattr(tensor, "to_local"):
             tensor = tensor.to_local()
-        for dim, (start, length) in enumerate(self.box):
-            if start != 0 or length != tensor.shape[dim]:
-                tensor = tensor.narrow(dim, start, length)
+        tensor = narrow(tensor, self.box)
         for dim in sorted(self.drop, reverse=True):
             tensor = tensor.select(dim, 0)
         if self.split is not None:
@@ -63,8 +61,9 @@ class Region:
 @dataclass(frozen=True, slots=True)
 class Transfer:
     """One copy: ``src_view`` of the stored tensor ``handle`` (None: its own view) into
-    ``region`` of model tensor ``group`` (None: all of it), with a row index list
-    (``rows``: destination row i <- source row rows.index[i]) and a cast through ``via``."""
+    ``region`` of model tensor ``group`` (None: all of it), with a row selection
+    (``rows``: a range, or an index list: destination row i <- source row rows.index[i])
+    and a cast through ``via``."""
 
     group: int  # the model tensor (ModelTensors index)
     target: str  # the model name (labels, report)
@@ -74,6 +73,7 @@ class Transfer:
     region: Region | None = None
     rows: RowSelection | None = None
     via: torch.dtype | None = None
+    rule: str | None = None  # the rule's text; None for an exact name match
 
 
 def whole_box(shape: Sequence[int]) -> Box:
@@ -181,3 +181,76 @@ def nbytes(t: Transfer, stored_view: View, itemsize: int) -> int:
     for d in shape:
         n *= d
     return n
+
+
+@dataclass
+class Transfers:
+    """Every copy of a load, column by column (a struct of arrays): copy ``k`` is
+    ``self[k]``. The first ``whole`` copy whole stored tensors into whole model tensors
+    that are not DTensors (a 30k-tensor load is mostly these: their columns are the lists
+    the plan made, and a column that holds nothing but None is stored as None); the rest
+    are pieces (conversion pieces, chunks, DTensor shards).
+    """
+
+    group: list[int]
+    handle: list[int]
+    target: list[str]
+    source: list[str]
+    rule: list[str | None] | None = None
+    rows: list[RowSelection | None] | None = None
+    via: list[torch.dtype | None] | None = None
+    src_view: list[View | None] | None = None
+    region: list[Region | None] | None = None
+    whole: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        whole: Transfers,
+        pieces: Sequence[Transfer],
+    ) -> Transfers:
+        """The whole-tensor copies (columns), then ``pieces``."""
+        if not pieces:
+            whole.whole = len(whole.group)
+            return whole
+        n = len(whole.group)
+
+        def col(mine: list | None, attr: str) -> list | None:
+            theirs = [getattr(t, attr) for t in pieces]
+            if mine is None and all(v is None for v in theirs):
+                return None
+            return (mine if mine is not None else [None] * n) + theirs
+
+        return cls(
+            whole.group + [t.group for t in pieces],
+            whole.handle + [t.handle for t in pieces],
+            whole.target + [t.target for t in pieces],
+            whole.source + [t.source for t in pieces],
+            col(whole.rule, "rule"),
+            col(whole.rows, "rows"),
+            col(whole.via, "via"),
+            col(whole.src_view, "src_view"),
+            col(whole.region, "region"),
+            n,
+        )
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def column(self, name: str) -> list:
+        """A column as a list (None entries for a column stored as None)."""
+        values = getattr(self, name)
+        return values if values is not None else [None] * len(self.group)
+
+    def __getitem__(self, k: int) -> Transfer:
+        def at(values: list | None) -> object:
+            return None if values is None else values[k]
+
+        return Transfer(
+            self.group[k], self.target[k], self.source[k], self.handle[k],
+            at(self.src_view), at(self.region), at(self.rows), at(self.via),  # type: ignore[arg-type]
+            at(self.rule),  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def pieces(self) -> list[Transfer]:
+        return [self[k] for k in range(self.whole, len(self.group))]
