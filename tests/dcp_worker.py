@@ -1,8 +1,7 @@
 """One rank of the DCP tests (tests/test_dcp.py starts 2 of them).
 
-``python -m tests.dcp_worker RANK WORLD PORT FOLDER SCENARIO...``, as
-tests/sharded_worker.py: the ``save_*`` scenarios write DCP directories with
-``dcp.save`` from an FSDP2 and a tensor-parallel model (and their Adam state);
+Run by tests/rank_pool.py's ranks, as tests/sharded_worker.py: the ``save_*``
+scenarios write DCP directories with ``dcp.save`` from an FSDP2 and a tensor-parallel model (and their Adam state);
 the ``load_*`` scenarios load them with fastckpt into another topology and
 compare every full tensor byte for byte with the model they were saved from.
 """
@@ -17,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from torch.distributed.tensor.parallel import parallelize_module
 
 import fastckpt
-from tests.sharded_worker import VOCAB, Net, fsdp, reference, same_as, serve, tp_plan, world_mesh
+from tests.sharded_worker import VOCAB, Net, fsdp, reference, same_as, tp_plan, world_mesh
 
 
 def _trained(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -87,9 +86,10 @@ def scenario_load_tp_rules(folder: Path) -> dict:
     return same_as(model, expect) | {"renamed": len(report.renamed)}
 
 
+def write_checkpoints(folder: Path) -> None:
+    """Nothing for rank 0 alone: the save_* scenarios write collectively, as dcp.save does."""
+
+
 SCENARIOS = {
     name[len("scenario_") :]: fn for name, fn in globals().items() if name.startswith("scenario_")
 }
-
-if __name__ == "__main__":
-    serve(SCENARIOS, lambda folder: None)

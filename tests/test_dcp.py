@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import fastckpt
-from tests.test_sharded_load import run_ranks
+from tests.rank_pool import run_ranks
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

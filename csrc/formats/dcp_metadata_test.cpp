@@ -61,7 +61,9 @@ std::string metadata(const std::vector<std::pair<std::vector<int>, std::vector<i
   }
   list += "e";
   storage += "u";
-  const std::string props = global(kMeta, "TensorProperties") + ")\x81(" + global("torch", "float32") + "t" + "b";
+  // TensorProperties' __getstate__ tuple: (dtype, _get_layout("torch.strided"), ...).
+  const std::string layout = global("torch.serialization", "_get_layout") + str("torch.strided") + "\x85R";
+  const std::string props = global(kMeta, "TensorProperties") + ")\x81(" + global("torch", "float32") + layout + "tb";
   const std::string tensor =
       record(kMeta, "TensorStorageMetadata",
              dict({{str("properties"), props}, {str("size"), ints({4, 2})}, {str("chunks"), list}}));
