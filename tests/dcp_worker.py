@@ -2,8 +2,9 @@
 
 Run by tests/rank_pool.py's ranks, as tests/sharded_worker.py: the ``save_*``
 scenarios write DCP directories with ``dcp.save`` from an FSDP2 and a
-tensor-parallel model (and their Adam state); the ``load_*`` scenarios load them with fastckpt into another topology and
-compare every full tensor byte for byte with the model they were saved from.
+tensor-parallel model (and their Adam state); the ``load_*`` scenarios load
+them with fastckpt into another topology and compare every full tensor byte
+for byte with the model they were saved from.
 """
 
 from __future__ import annotations
