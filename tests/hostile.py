@@ -563,7 +563,105 @@ def hostile_cases(sentinel_dir: Path) -> list[Case]:
             )
     cases += zip_structure_cases()
     cases += legacy_structure_cases()
+    cases += dcp_metadata_cases(sentinel_dir)
     return cases
+
+
+# -- torch.distributed.checkpoint .metadata ---------------------------------------------
+def dcp_metadata_valid() -> bytes:
+    """A .metadata written by dcp.save (one process): a nested state dict with a value."""
+    import tempfile
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    state = {
+        "model": {"w": torch.arange(12.0).reshape(4, 3), "b": torch.ones(2, dtype=torch.bfloat16)},
+        "optim": {"step": 3},
+    }
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=d)
+        return (Path(d) / ".metadata").read_bytes()
+
+
+def dcp_metadata_cases(sentinel_dir: Path) -> list[Case]:
+    """Metadata records that lie about each other, and pickles that would run code."""
+    import builtins
+    import collections
+
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    good = dcp_metadata_valid()
+
+    def edited(name: str, edit: Callable[..., None], message: str) -> Case:
+        meta = pickle.loads(good)
+        edit(meta)
+        blob = pickle.dumps(meta, protocol=4)
+        return Case(name, f"{name}.metadata", blob, "dcp_metadata", message)
+
+    w = "model.w"
+
+    def place(meta, offsets) -> None:  # a storage entry for a chunk at `offsets`
+        info = next(v for k, v in meta.storage_data.items() if k.fqn == w)
+        meta.storage_data[MetadataIndex(w, offsets)] = info
+
+    def chunks(meta, *boxes) -> None:
+        meta.state_dict_metadata[w].chunks = [
+            ChunkStorageMetadata(offsets=o, sizes=s) for o, s in boxes
+        ]
+        for o, _ in boxes:
+            place(meta, o)
+
+    def evil(func: Callable[..., object], args: tuple, case: str) -> Callable[..., None]:
+        def put(meta) -> None:
+            meta.planner_data["payload"] = _Evil(func, args)
+
+        return put
+
+    def escape(meta) -> None:
+        for info in meta.storage_data.values():
+            info.relative_path = "../../etc/passwd"
+
+    def drop_storage(meta) -> None:
+        del meta.storage_data[next(k for k in meta.storage_data if k.fqn == w)]
+
+    touch = touch_command(sentinel_dir / "dcp-os-system.ran")
+    code = f"__import__('os').system({touch_command(sentinel_dir / 'dcp-eval.ran')!r})"
+    return [
+        edited("dcp-os-system", evil(os.system, (touch,), "os"), "system', which only code-exec"),
+        edited("dcp-eval", evil(builtins.eval, (code,), "eval"), "'builtins.eval'"),
+        edited(
+            "dcp-unknown-global",
+            lambda m: m.planner_data.__setitem__("x", collections.Counter()),
+            "'collections.Counter', which a DCP .metadata file does not hold",
+        ),
+        edited(
+            "dcp-chunk-past-tensor",
+            lambda m: chunks(m, ((0, 0), (4, 3)), ((4, 0), (1, 3))),
+            "lies outside the tensor's size (4, 3)",
+        ),
+        edited(
+            "dcp-chunk-overlap",
+            lambda m: chunks(m, ((0, 0), (3, 3)), ((2, 0), (2, 3))),
+            "chunks at offsets (0, 0) and (2, 0) overlap",
+        ),
+        edited(
+            "dcp-chunk-missing",
+            lambda m: chunks(m, ((0, 0), (2, 3))),
+            "its chunks hold 6 of its 12 elements",
+        ),
+        edited("dcp-no-storage", drop_storage, "has no storage_data entry"),
+        edited("dcp-path-escape", escape, "leaves the checkpoint directory"),
+        Case(
+            "dcp-not-metadata",
+            "dcp-not-metadata.metadata",
+            pickle.dumps({"state_dict_metadata": {}}, protocol=4),
+            "dcp_metadata",
+            "is not a Metadata record",
+        ),
+    ]
 
 
 def _valid_zip_layout() -> ZipLayout:
@@ -730,6 +828,7 @@ def valid_fixtures() -> dict[str, bytes]:
     out["state.safetensors"] = save(flat, metadata={"format": "pt"})
     out["empty.safetensors"] = save({"e": torch.empty(0, 3)})
     out["writer.zip.pt"] = write_zip(_valid_zip_layout())
+    out["dcp.metadata"] = dcp_metadata_valid()
     out.update(_dtype_fixtures())
     return out
 
@@ -782,6 +881,8 @@ def truncation_cut_points(n: int, count: int = 40) -> list[int]:
 
 
 def reader_of(filename: str) -> str:
+    if filename.endswith(".metadata"):
+        return "dcp_metadata"
     if filename.endswith(".safetensors"):
         return "safetensors"
     return "torch_legacy" if "legacy" in filename else "torch_zip"
@@ -828,7 +929,7 @@ RULES_SEEDS = {
 def write_seeds(root: Path) -> None:
     """Seed corpora per fuzz target: the valid fixtures of its format plus small hostile files."""
     fixtures = valid_fixtures()
-    for target in ("safetensors", "torch_zip", "torch_legacy", "rules"):
+    for target in ("safetensors", "torch_zip", "torch_legacy", "rules", "dcp_metadata"):
         (root / target).mkdir(parents=True, exist_ok=True)
     for name, text in RULES_SEEDS.items():
         (root / "rules" / name).write_text(text)
@@ -849,6 +950,11 @@ def run_files(files: list[str]) -> None:
     for f in files:
         result: dict[str, object] = {"file": f}
         try:
+            if f.endswith(".metadata"):  # a DCP directory's metadata, on its own
+                meta = fastckpt._core.read_dcp_metadata(f)
+                result.update(outcome="ok", tensors=len(meta.items), byte_sum=0)
+                print(json.dumps(result), flush=True)
+                continue
             with fastckpt.open(f) as ckpt:
                 # Touch every byte of every tensor: an index that lies would fault here.
                 total = sum(

@@ -7,7 +7,10 @@
 
 #include "bindings/bindings.h"
 #include "common/error.h"
+#include "formats/dcp_metadata.h"
 #include "formats/open_checkpoint.h"
+#include "formats/torch_reader.h"
+#include "io/fault_guard.h"
 #include "formats/pending_indexes.h"
 
 namespace py = pybind11;
@@ -67,6 +70,74 @@ std::shared_ptr<CheckpointIndex> index_over(const CheckpointIndex& i, const std:
   index_names(*out);
   return out;
 }
+
+// A pickled value as plain Python data: containers, numbers, strings, bytes;
+// io.BytesIO objects as their bytes; other objects as {"__object__": class,
+// "state": ...}. Bounded in depth and in values visited (shared subtrees count per use).
+class PlainValues {
+ public:
+  PlainValues(const pickle::PickleVM& vm, std::string label) : vm_(vm), label_(std::move(label)) {}
+
+  py::object convert(const pickle::Value& v, size_t depth = 0) {
+    using pickle::Kind;
+    if (depth > 200) throw LimitError(label_ + ": value nests deeper than 200 levels");
+    if (++visits_ > 1'000'000) throw LimitError(label_ + ": value has more than 1000000 parts");
+    const auto& n = vm_.node(v);
+    switch (v.kind) {
+      case Kind::None: return py::none();
+      case Kind::Bool: return py::bool_(v.i != 0);
+      case Kind::Int: return py::int_(v.i);
+      case Kind::Float: return py::float_(v.f);
+      case Kind::BigInt:
+        return py::module_::import("builtins").attr("int").attr("from_bytes")(
+            py::bytes(n.text.data(), n.text.size()), "little", py::arg("signed") = true);
+      case Kind::String: return py::str(n.text.data(), n.text.size());
+      case Kind::Bytes: return py::bytes(n.text.data(), n.text.size());
+      case Kind::List:
+      case Kind::Set: {
+        py::list out;
+        for (const auto& item : n.items) out.append(convert(item, depth + 1));
+        return std::move(out);
+      }
+      case Kind::Tuple: {
+        py::list out;
+        for (const auto& item : n.items) out.append(convert(item, depth + 1));
+        return py::tuple(out);
+      }
+      case Kind::Dict: {
+        py::dict out;
+        for (size_t k = 0; k + 1 < n.items.size(); k += 2) {
+          py::object key = convert(n.items[k], depth + 1);
+          if (PyObject_Hash(key.ptr()) == -1) {
+            PyErr_Clear();
+            key = py::repr(key);
+          }
+          out[key] = convert(n.items[k + 1], depth + 1);
+        }
+        return std::move(out);
+      }
+      case Kind::Global: return py::dict(py::arg("__global__") = py::str(n.text.data(), n.text.size()));
+      case Kind::Object: {
+        const pickle::Value state = n.items[1];
+        const bool bytes_io = n.text == "_io.BytesIO" || n.text == "io.BytesIO";
+        if (bytes_io && state.kind == Kind::Tuple && !vm_.node(state).items.empty() &&
+            vm_.node(state).items[0].kind == Kind::Bytes)
+          return convert(vm_.node(state).items[0], depth + 1);
+        return py::dict(py::arg("__object__") = py::str(n.text.data(), n.text.size()),
+                        py::arg("state") = convert(state, depth + 1));
+      }
+      case Kind::Tensor:
+      case Kind::Storage:
+      case Kind::Unloadable: return py::dict(py::arg("__tensor__") = py::bool_(true));
+    }
+    return py::none();
+  }
+
+ private:
+  const pickle::PickleVM& vm_;
+  std::string label_;
+  size_t visits_ = 0;
+};
 
 }  // namespace
 
@@ -182,6 +253,73 @@ void register_formats(py::module_& m) {
         return std::make_shared<CheckpointIndex>(open_checkpoint_file(path));
       },
       py::arg("path"), "Read one checkpoint file's index (safetensors, torch zip or legacy torch).");
+
+  // torch.distributed.checkpoint: the .metadata records and the torch.save blobs of a .distcp file.
+  py::class_<DcpChunk>(m, "DcpChunk")
+      .def_property_readonly("offsets", [](const DcpChunk& c) { return int_tuple(c.offsets); })
+      .def_property_readonly("sizes", [](const DcpChunk& c) { return int_tuple(c.sizes); })
+      .def_readonly("storage", &DcpChunk::storage, "index into DcpMetadata.storage");
+  py::class_<DcpItem>(m, "DcpItem")
+      .def_readonly("fqn", &DcpItem::fqn, "the flattened key")
+      .def_property_readonly("path", [](const DcpItem& i) { return py::tuple(py::cast(i.path)); },
+                             "the key's path in the saved state dict (planner_data)")
+      .def_readonly("is_bytes", &DcpItem::is_bytes)
+      .def_readonly("dtype", &DcpItem::dtype, "fastckpt's dtype name; empty when unknown")
+      .def_readonly("torch_dtype", &DcpItem::torch_dtype)
+      .def_readonly("layout", &DcpItem::layout)
+      .def_property_readonly("size", [](const DcpItem& i) { return int_tuple(i.size); })
+      .def_readonly("chunks", &DcpItem::chunks)
+      .def_readonly("storage", &DcpItem::storage, "bytes values: index into DcpMetadata.storage");
+  py::class_<DcpStorage>(m, "DcpStorage")
+      .def_readonly("relative_path", &DcpStorage::relative_path)
+      .def_readonly("offset", &DcpStorage::offset)
+      .def_readonly("length", &DcpStorage::length)
+      .def_readonly("transforms", &DcpStorage::transforms);
+  py::class_<DcpMetadata>(m, "DcpMetadata")
+      .def_readonly("items", &DcpMetadata::items)
+      .def_readonly("storage", &DcpMetadata::storage)
+      .def_readonly("version", &DcpMetadata::version);
+  m.def(
+      "read_dcp_metadata",
+      [](const std::string& path) {
+        py::gil_scoped_release release;  // pure C++ over the mapped file
+        return read_dcp_metadata(path);
+      },
+      py::arg("path"), "Read and check a torch.distributed.checkpoint .metadata file (nothing is imported or run).");
+  m.def(
+      "open_archives",
+      [](const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+        py::gil_scoped_release release;  // pure C++ over the mapped file
+        auto file = MappedFile::open(path);
+        std::vector<std::shared_ptr<CheckpointIndex>> out;
+        out.reserve(ranges.size());
+        for (const auto& [base, length] : ranges) {
+          auto index = guarded_read(file, [&](const std::shared_ptr<MappedFile>& f) {
+            return read_torch_zip(f, base, length);
+          });
+          index_names(index);
+          out.push_back(std::make_shared<CheckpointIndex>(std::move(index)));
+        }
+        return out;
+      },
+      py::arg("path"), py::arg("ranges"),
+      "The torch.save archives at (offset, length) of one file, sharing one mapping of it.");
+
+  m.def(
+      "read_pickled_value",
+      [](const std::string& path, uint64_t offset, uint64_t length) {
+        ArchivePickle value;
+        {
+          py::gil_scoped_release release;  // pure C++ over the mapped file
+          auto file = MappedFile::open(path);
+          value = guarded_read(file, [&](const std::shared_ptr<MappedFile>& f) {
+            return read_archive_pickle(*f, offset, length);
+          });
+        }
+        return PlainValues(*value.vm, path).convert(value.root);
+      },
+      py::arg("path"), py::arg("offset"), py::arg("length"),
+      "The torch.save'd value at (offset, length) of a file as plain Python data (nothing is run).");
 
   py::class_<PendingIndexes>(m, "PendingIndexes")
       .def("wait",

@@ -2,6 +2,8 @@
 
 #include <array>
 
+#include "formats/pickle_vm.h"
+
 namespace fastckpt {
 namespace {
 
@@ -24,9 +26,39 @@ constexpr std::array<std::string_view, 14> kDataBuiltins = {
     "float", "str",       "bytes",     "bool",    "list",  "tuple", "dict",
 };
 
+// What DCP's .metadata names besides torch dtypes (see pickle_vm's dtype table).
+constexpr std::array<std::string_view, 17> kDcpMetadataGlobals = {
+    "torch.distributed.checkpoint.metadata.Metadata",
+    "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
+    "torch.distributed.checkpoint.metadata.TensorProperties",
+    "torch.distributed.checkpoint.metadata.MetadataIndex",
+    "torch.distributed.checkpoint.metadata.StorageMeta",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+    // torch < 2.1 kept TensorProperties with the sharded tensor.
+    "torch.distributed._shard.sharded_tensor.metadata.TensorProperties",
+    "torch.distributed._shard.sharded_tensor.metadata.MEM_FORMAT_ENCODING",
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
+    "torch.Size",
+    "torch.serialization._get_layout",
+    "pathlib.PosixPath",
+    "pathlib.PurePosixPath",
+    "pathlib.WindowsPath",
+    "pathlib.PureWindowsPath",
+};
+
 }  // namespace
 
+bool is_dcp_metadata_global(std::string_view qualified_name) {
+  for (auto g : kDcpMetadataGlobals)
+    if (qualified_name == g) return true;
+  return pickle::dtype_from_torch_global(qualified_name).has_value();
+}
+
 bool is_code_execution_global(std::string_view qualified_name) {
+  // An in-memory buffer is data (DCP pickles io.BytesIO values); the VM never calls it.
+  if (qualified_name == "_io.BytesIO" || qualified_name == "io.BytesIO") return false;
   const size_t dot = qualified_name.find('.');
   const std::string_view module = qualified_name.substr(0, dot);
   if (module == "builtins" || module == "__builtin__") {

@@ -14,4 +14,11 @@ namespace fastckpt {
 // builtins other than plain data types, operator/functools call helpers.
 bool is_code_execution_global(std::string_view qualified_name);
 
+// The globals torch.distributed.checkpoint's .metadata pickle names (torch
+// 2.0-2.13, default planner and FileSystemWriter): its metadata dataclasses,
+// torch.Size, dtypes, the layout and memory-format helpers and pathlib paths.
+// A .metadata naming anything else is refused (GlobalPolicy): the VM reads the
+// records as inert placeholders and calls none of them.
+bool is_dcp_metadata_global(std::string_view qualified_name);
+
 }  // namespace fastckpt

@@ -135,7 +135,8 @@ std::optional<DType> dtype_from_torch_global(std::string_view name) {
   return std::nullopt;
 }
 
-PickleVM::PickleVM(std::string path, PickleLimits limits) : path_(std::move(path)), limits_(limits) {}
+PickleVM::PickleVM(std::string path, PickleLimits limits, GlobalPolicy policy)
+    : path_(std::move(path)), limits_(limits), policy_(policy) {}
 
 int64_t PickleVM::find_storage(std::string_view key) const {
   const uint32_t* found = storage_by_key_.find(key);
@@ -355,6 +356,9 @@ class PickleVM::Run {
   void push_global(std::string qualified) {
     if (is_code_execution_global(qualified))
       bad("refers to '" + qualified + "', which only code-executing pickles use; refusing the file (nothing was run)");
+    if (vm_.policy_.allows != nullptr && !vm_.policy_.allows(qualified))
+      bad("refers to '" + qualified + "', which " + vm_.policy_.holder +
+          " does not hold; refusing the file (nothing was run)");
     push(vm_.make_owned(Kind::Global, std::move(qualified)));
   }
 

@@ -96,10 +96,19 @@ struct PickleLimits {
   size_t max_rank = 64;                  // dimensions of one tensor
 };
 
+// Which globals a pickle may name at all. With no `allows` (torch.save files)
+// every global that is_code_execution_global does not refuse becomes a
+// placeholder; with one (a DCP .metadata) any other global refuses the file,
+// naming it and `holder` ("a DCP .metadata file").
+struct GlobalPolicy {
+  bool (*allows)(std::string_view qualified_name) = nullptr;
+  const char* holder = "";
+};
+
 class PickleVM {
  public:
   // `path` is used in error messages only.
-  explicit PickleVM(std::string path, PickleLimits limits = {});
+  explicit PickleVM(std::string path, PickleLimits limits = {}, GlobalPolicy policy = {});
 
   // Runs one pickle from data[0] to its STOP and returns the result; `*consumed`
   // gets the bytes used. The bytes must outlive the machine: strings view them. `what` names the pickle in errors ("data.pkl"). The
@@ -123,6 +132,7 @@ class PickleVM {
 
   std::string path_;
   PickleLimits limits_;
+  GlobalPolicy policy_;
   std::pmr::monotonic_buffer_resource pool_;  // declared before arena_: outlives the nodes
   std::vector<Node> arena_;
   std::vector<PickledStorage> storages_;

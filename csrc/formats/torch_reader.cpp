@@ -76,8 +76,13 @@ CheckpointIndex finish(std::shared_ptr<MappedFile> file, const char* format, con
 }  // namespace
 
 CheckpointIndex read_torch_zip(std::shared_ptr<MappedFile> file) {
-  const std::string& path = file->path();
-  const ZipDirectory zip = ZipDirectory::read(*file);
+  const uint64_t size = file->size();
+  return read_torch_zip(std::move(file), 0, size);
+}
+
+CheckpointIndex read_torch_zip(std::shared_ptr<MappedFile> file, uint64_t base, uint64_t length) {
+  const ZipDirectory zip = ZipDirectory::read(*file, base, length);
+  const std::string& path = zip.label();
   const std::string root_dir = find_root(path, zip);
   const std::string prefix = root_dir + "/";
 

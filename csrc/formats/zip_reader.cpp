@@ -37,13 +37,27 @@ struct Eocd {
   uint64_t cd_offset;
 };
 
+// The archive's bytes [base, base + size) of a file; `path` labels errors.
+struct Window {
+  const MappedFile& file;
+  uint64_t base;
+  uint64_t size;
+  const std::string& path;
+  const uint8_t* span(uint64_t offset, uint64_t length, const std::string& what) const {
+    if (!range_fits(offset, length, size))
+      fail(path, what + " (" + num(length) + " bytes at offset " + num(offset) + ") lies past the end of the archive (" +
+                     num(size) + " bytes)");
+    return file.span(base + offset, length, what);
+  }
+};
+
 // The last EOCD signature whose comment length ends exactly at the end of the
-// file; searches back over at most the largest comment plus the record.
-uint64_t find_eocd(const MappedFile& file) {
-  const std::string& path = file.path();
-  const uint64_t size = file.size();
+// archive; searches back over at most the largest comment plus the record.
+uint64_t find_eocd(const Window& w) {
+  const std::string& path = w.path;
+  const uint64_t size = w.size;
   if (size < kEocdSize) fail(path, "too small to be a zip archive (" + num(size) + " bytes)");
-  const uint8_t* base = file.data();
+  const uint8_t* base = w.span(0, size, "zip archive");
   const uint64_t lowest = size - kEocdSize > kMaxComment ? size - kEocdSize - kMaxComment : 0;
   for (uint64_t pos = size - kEocdSize + 1; pos-- > lowest;) {
     if (u32(base + pos) == kEocdSig && pos + kEocdSize + u16(base + pos + 20) == size) return pos;
@@ -51,10 +65,10 @@ uint64_t find_eocd(const MappedFile& file) {
   fail(path, "zip end of central directory record not found (truncated or not a zip file)");
 }
 
-Eocd read_eocd(const MappedFile& file) {
-  const std::string& path = file.path();
-  const uint64_t pos = find_eocd(file);
-  const uint8_t* e = file.data() + pos;
+Eocd read_eocd(const Window& w) {
+  const std::string& path = w.path;
+  const uint64_t pos = find_eocd(w);
+  const uint8_t* e = w.span(pos, kEocdSize, "zip end of central directory record");
   if (u16(e + 4) != 0 || u16(e + 6) != 0) fail(path, "multi-disk zip archives are not supported");
   Eocd r{u16(e + 10), u32(e + 12), u32(e + 16)};
   const bool needs_zip64 = r.entries == 0xFFFF || r.cd_size == 0xFFFFFFFF || r.cd_offset == 0xFFFFFFFF;
@@ -65,7 +79,7 @@ Eocd read_eocd(const MappedFile& file) {
   }
   const uint8_t* loc = e - kZip64LocatorSize;
   const uint64_t z_off = u64(loc + 8);
-  const uint8_t* z = file.span(z_off, kZip64EocdSize, "zip64 end of central directory record");
+  const uint8_t* z = w.span(z_off, kZip64EocdSize, "zip64 end of central directory record");
   if (u32(z) != kZip64EocdSig) fail(path, "zip64 end of central directory record has a bad signature");
   if (u32(z + 16) != 0 || u32(z + 20) != 0) fail(path, "multi-disk zip archives are not supported");
   r.entries = u64(z + 32);
@@ -105,19 +119,30 @@ void check_no_overlap(const std::string& path, const std::vector<ZipEntry>& entr
 
 }  // namespace
 
-ZipDirectory ZipDirectory::read(const MappedFile& file) {
-  const std::string& path = file.path();
-  const Eocd eocd = read_eocd(file);
+ZipDirectory ZipDirectory::read(const MappedFile& file) { return read(file, 0, file.size()); }
+
+ZipDirectory ZipDirectory::read(const MappedFile& file, uint64_t base, uint64_t length) {
+  if (!range_fits(base, length, file.size()))
+    fail(file.path(), "bytes [" + num(base) + ", +" + num(length) + ") lie past the end of the file (" +
+                          num(file.size()) + " bytes)");
+  ZipDirectory dir;
+  dir.base_ = base;
+  dir.size_ = length;
+  dir.label_ = base == 0 && length == file.size()
+                   ? file.path()
+                   : file.path() + " (archive at bytes " + num(base) + ".." + num(base + length) + ")";
+  const std::string& path = dir.label_;
+  const Window w{file, base, length, dir.label_};
+  const Eocd eocd = read_eocd(w);
   if (eocd.entries > kMaxZipEntries)
     throw LimitError(path + ": zip archive declares " + num(eocd.entries) + " records, more than the limit of " +
                      num(kMaxZipEntries));
-  const uint8_t* cd = file.span(eocd.cd_offset, eocd.cd_size, "zip central directory");
+  const uint8_t* cd = w.span(eocd.cd_offset, eocd.cd_size, "zip central directory");
   // Every central entry takes at least 46 bytes, so the count is bounded by the size too.
   if (eocd.entries > eocd.cd_size / kCentralSize)
     fail(path, "zip central directory (" + num(eocd.cd_size) + " bytes) is too small for " + num(eocd.entries) +
                    " records");
 
-  ZipDirectory dir;
   dir.entries_.reserve(eocd.entries);
   uint64_t pos = 0;
   for (uint64_t i = 0; i < eocd.entries; ++i) {
@@ -162,9 +187,10 @@ ZipDirectory ZipDirectory::read(const MappedFile& file) {
       e += 4 + len;
     }
     if (disk != 0 && disk != 0xFFFF) fail(path, "record '" + std::string(entry.name) + "' lies on another disk");
-    if (!range_fits(entry.local_header_offset, kLocalSize, file.size()))
+    if (!range_fits(entry.local_header_offset, kLocalSize, length))
       fail(path, "record '" + std::string(entry.name) + "': local header offset " + num(entry.local_header_offset) +
-                     " lies past the end of the file (" + num(file.size()) + " bytes)");
+                     " lies past the end of the " + (base == 0 && length == file.size() ? "file" : "archive") + " (" +
+                     num(length) + " bytes)");
     dir.entries_.push_back(std::move(entry));
     pos += kCentralSize + var_len;
   }
@@ -185,7 +211,7 @@ const ZipEntry* ZipDirectory::find(std::string_view name) const {
 
 uint64_t ZipDirectory::data_offset(const MappedFile& file, const ZipEntry& entry) const {
   // Called once per storage: messages are only built on failure.
-  const std::string& path = file.path();
+  const std::string& path = label_.empty() ? file.path() : label_;
   auto where = [&] { return "record '" + std::string(entry.name) + "'"; };
   if (entry.flags & 0x1) fail(path, where() + " is encrypted");
   if (entry.method != 0)
@@ -198,8 +224,8 @@ uint64_t ZipDirectory::data_offset(const MappedFile& file, const ZipEntry& entry
   // tearing the mappings down again) costs more than copying ~100 bytes.
   // read() checked that the fixed part of the local header lies inside the file.
   uint8_t buf[kLocalSize + kMaxZipNameLength];
-  const uint64_t want = std::min<uint64_t>(kLocalSize + entry.name.size(), file.size() - entry.local_header_offset);
-  file.pread_exact(buf, entry.local_header_offset, want);
+  const uint64_t want = std::min<uint64_t>(kLocalSize + entry.name.size(), size_ - entry.local_header_offset);
+  file.pread_exact(buf, base_ + entry.local_header_offset, want);
   const uint8_t* l = buf;
   if (u32(l) != kLocalSig) fail(path, where() + " local header has a bad signature");
   const uint64_t name_len = u16(l + 26), extra_len = u16(l + 28);
@@ -207,10 +233,11 @@ uint64_t ZipDirectory::data_offset(const MappedFile& file, const ZipEntry& entry
   if (name_len != entry.name.size() || kLocalSize + name_len > want ||
       std::memcmp(l + kLocalSize, entry.name.data(), name_len) != 0)
     fail(path, where() + ": local header names a different record");
-  if (!range_fits(start, entry.uncompressed_size, file.size()))
+  if (!range_fits(start, entry.uncompressed_size, size_))
     fail(path, where() + " (" + num(entry.uncompressed_size) + " bytes at offset " + num(start) +
-                   ") lies past the end of the file (" + num(file.size()) + " bytes)");
-  return start;
+                   ") lies past the end of the " + (label_ == file.path() ? "file" : "archive") + " (" + num(size_) +
+                   " bytes)");
+  return base_ + start;
 }
 
 const uint8_t* ZipDirectory::data(const MappedFile& file, const ZipEntry& entry) const {

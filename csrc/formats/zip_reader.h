@@ -32,9 +32,15 @@ class ZipDirectory {
   // Reads the End Of Central Directory record (and its zip64 twin) and every
   // central entry. The directory views the file's mapping: keep the file open. CheckpointError / LimitError name the file and the problem.
   static ZipDirectory read(const MappedFile& file);
+  // The archive that fills the file's bytes [base, base + length) (a torch.save
+  // blob inside a DCP .distcp file): its offsets count from `base`, errors name
+  // the range, and data_offset() answers absolute file offsets.
+  static ZipDirectory read(const MappedFile& file, uint64_t base, uint64_t length);
 
 
   const std::vector<ZipEntry>& entries() const { return entries_; }
+  // The file's path, or for an archive inside a file its path and byte range.
+  const std::string& label() const { return label_; }
   // nullptr when the archive has no record of that name.
   const ZipEntry* find(std::string_view name) const;
 
@@ -48,6 +54,9 @@ class ZipDirectory {
  private:
   std::vector<ZipEntry> entries_;
   FlatStringMap by_name_;
+  uint64_t base_ = 0;  // where the archive starts in the file
+  uint64_t size_ = 0;  // the archive's length
+  std::string label_;  // the file's path, with the range for an archive inside it
 };
 
 }  // namespace fastckpt

@@ -1,4 +1,5 @@
-// fastckpt_scan FILE_OR_DIR...: opens each file with open_checkpoint_file and
+// fastckpt_scan FILE_OR_DIR...: opens each file with open_checkpoint_file (a
+// file named *.metadata with read_dcp_metadata: a DCP directory's metadata) and
 // prints one line per file: "ok N_TENSORS PATH" or "error MESSAGE". Exit status
 // 1 when any file raised something other than CheckpointError (a bug: hostile
 // input must give CheckpointError); crashes and sanitizer reports abort.
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "formats/dcp_metadata.h"
 #include "formats/open_checkpoint.h"
 #include "touch_index.h"
 
@@ -31,6 +33,12 @@ int main(int argc, char** argv) {
   for (const auto& f : files) {
     std::fflush(stdout);  // the last line names the file when something aborts
     try {
+      if (f.size() >= 9 && f.compare(f.size() - 9, 9, ".metadata") == 0) {
+        const auto meta = fastckpt::read_dcp_metadata(f);
+        std::printf("ok %zu %s (DCP metadata records)\n", meta.items.size(), f.c_str());
+        ++ok;
+        continue;
+      }
       auto index = fastckpt::open_checkpoint_file(f);
       const uint64_t sum = fastckpt::testing::touch_index(index);
       std::printf("ok %zu %s (byte sum %llu)\n", index.tensors.size(), f.c_str(),

@@ -15,7 +15,78 @@ from . import _testing as _testing
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'TensorView', 'all_distinct', 'locate', 'match_pattern', 'open_file', 'parse_rules', 'start_open', 'state_tensors']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'DcpChunk', 'DcpItem', 'DcpMetadata', 'DcpStorage', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'TensorView', 'all_distinct', 'locate', 'match_pattern', 'open_archives', 'open_file', 'parse_rules', 'read_dcp_metadata', 'read_pickled_value', 'start_open', 'state_tensors']
+class DcpChunk:
+    @property
+    def offsets(self) -> tuple:
+        ...
+    @property
+    def sizes(self) -> tuple:
+        ...
+    @property
+    def storage(self) -> int:
+        """
+        index into DcpMetadata.storage
+        """
+class DcpItem:
+    @property
+    def chunks(self) -> list[DcpChunk]:
+        ...
+    @property
+    def dtype(self) -> str:
+        """
+        fastckpt's dtype name; empty when unknown
+        """
+    @property
+    def fqn(self) -> str:
+        """
+        the flattened key
+        """
+    @property
+    def is_bytes(self) -> bool:
+        ...
+    @property
+    def layout(self) -> str:
+        ...
+    @property
+    def path(self) -> tuple:
+        """
+        the key's path in the saved state dict (planner_data)
+        """
+    @property
+    def size(self) -> tuple:
+        ...
+    @property
+    def storage(self) -> int:
+        """
+        bytes values: index into DcpMetadata.storage
+        """
+    @property
+    def torch_dtype(self) -> str:
+        ...
+class DcpMetadata:
+    @property
+    def items(self) -> list[DcpItem]:
+        ...
+    @property
+    def storage(self) -> list[DcpStorage]:
+        ...
+    @property
+    def version(self) -> str:
+        ...
+class DcpStorage:
+    @property
+    def length(self) -> int:
+        ...
+    @property
+    def offset(self) -> int:
+        ...
+    @property
+    def relative_path(self) -> str:
+        ...
+    @property
+    def transforms(self) -> list[str]:
+        ...
 class FileBuffer:
     @property
     def size(self) -> int:
@@ -167,6 +238,10 @@ def match_pattern(pattern: str, names: typing.Any) -> list[bool]:
     """
     For each name: does the pattern match it.
     """
+def open_archives(path: str, ranges: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]]) -> list[FileIndex]:
+    """
+    The torch.save archives at (offset, length) of one file, sharing one mapping of it.
+    """
 def open_file(path: str) -> FileIndex:
     """
     Read one checkpoint file's index (safetensors, torch zip or legacy torch).
@@ -174,6 +249,14 @@ def open_file(path: str) -> FileIndex:
 def parse_rules(text: str, source_name: str) -> RuleSet:
     """
     Parse and compile a rules text.
+    """
+def read_dcp_metadata(path: str) -> DcpMetadata:
+    """
+    Read and check a torch.distributed.checkpoint .metadata file (nothing is imported or run).
+    """
+def read_pickled_value(path: str, offset: typing.SupportsInt | typing.SupportsIndex, length: typing.SupportsInt | typing.SupportsIndex) -> typing.Any:
+    """
+    The torch.save'd value at (offset, length) of a file as plain Python data (nothing is run).
     """
 def start_open(paths: collections.abc.Sequence[str], threads: typing.SupportsInt | typing.SupportsIndex, exact_reads: bool = False) -> PendingIndexes:
     """

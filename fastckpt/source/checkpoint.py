@@ -195,6 +195,10 @@ class Opening:
             self.files: list[Path] = list(self.remote.paths)
             return
         self.path = Path(path)
+        if _is_dcp_dir(self.path):  # opened by source/dcp.py when the Checkpoint is made
+            self.files = []
+            self._pending = None
+            return
         self.files = resolve_files(path)
         self._pending = _core.start_open(
             [str(f) for f in self.files], min(8, os.cpu_count() or 1), exact_reads
@@ -203,11 +207,35 @@ class Opening:
     def wait(self) -> list[_core.FileIndex]:
         if self.remote is not None:
             return self.remote.wait()
-        return self._pending.wait()
+        return [] if self._pending is None else self._pending.wait()
+
+
+def _is_dcp_dir(path: Path) -> bool:
+    """A torch.distributed.checkpoint directory (source/dcp.py reads those)."""
+    from fastckpt.source import dcp  # dcp imports this module: imported when asked
+
+    return dcp.is_dcp_dir(path)
 
 
 class Checkpoint:
-    """A checkpoint opened for reading. Use as a context manager or call ``close()``."""
+    """A checkpoint opened for reading. Use as a context manager or call ``close()``.
+
+    ``Checkpoint(path)`` of a torch.distributed.checkpoint directory is a
+    ``source.dcp.DcpCheckpoint``: its tensors are stored as chunks (``_chunks``).
+    """
+
+    def __new__(
+        cls,
+        path: PathLike,
+        *,
+        key: str | Sequence[str] | None = None,
+        _opening: Opening | None = None,
+    ) -> Checkpoint:
+        if cls is Checkpoint and not is_url(path) and _is_dcp_dir(Path(path)):
+            from fastckpt.source.dcp import DcpCheckpoint
+
+            return object.__new__(DcpCheckpoint)
+        return object.__new__(cls)
 
     _remote: RemoteOpening | None = None  # set for a URL's checkpoint (source.remote)
 

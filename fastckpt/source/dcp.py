@@ -1,0 +1,376 @@
+"""torch.distributed.checkpoint (DCP) directories as a source.
+
+The default ``FileSystemWriter`` layout: ``.metadata`` (a pickle of DCP's
+``Metadata``) and ``__<rank>_<n>.distcp`` files. ``.metadata`` is read by the
+C++ core's restricted pickle VM (``_core.read_dcp_metadata``), which admits only
+DCP's own records and runs nothing; it also checks that every tensor's chunks
+tile it exactly and that each chunk has a storage entry.
+
+Each tensor chunk is stored as a whole ``torch.save`` archive (uncompressed zip)
+at (offset, length) of a ``.distcp`` file; the core reads that archive in place
+(``_core.open_archives``), so a chunk is an ordinary stored tensor of this
+source: its handle is ``archive << 32 | 0``, as a tensor of a file. A logical
+tensor's handle is ``LOGICAL + k``; ``Checkpoint._chunks`` lists its chunks
+(see the contract in checkpoint.py). Non-tensor values (step counters, param
+groups, bytes) are small ``torch.save`` archives too (an ``io.BytesIO`` value is
+a pickled ``BytesIO``, read as its bytes); they are read through the same
+restricted VM (``_core.read_pickled_value``) when asked for.
+
+Names: the flattened keys of ``.metadata`` join a path with dots while FQNs
+contain dots, so names and the state-dict pick come from ``planner_data``'s
+paths, never from splitting a flattened key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+import fastckpt._core as _core
+from fastckpt.dtypes import TORCH_DTYPES
+from fastckpt.errors import CheckpointError
+
+METADATA = ".metadata"
+# Handles of logical tensors: above any file << 32 | tensor handle of the chunks.
+LOGICAL = 1 << 62
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def is_dcp_dir(path: str | Path) -> bool:
+    """A directory with a ``.metadata`` file, or with ``.distcp`` files (then refused for
+    the missing ``.metadata`` when opened)."""
+    p = Path(path)
+    return p.is_dir() and ((p / METADATA).is_file() or any(p.glob("*.distcp")))
+
+
+class LogicalTensor(NamedTuple):
+    path: tuple[str, ...]  # in the saved state dict (planner_data)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...]  # (archive, offsets, sizes)
+
+
+class Value(NamedTuple):
+    path: tuple[str, ...]
+    file: Path
+    offset: int
+    length: int
+
+
+class DcpLayout:
+    """What ``.metadata`` says, with the archive of every tensor chunk opened."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        meta_path = directory / METADATA
+        if not meta_path.is_file():
+            raise CheckpointError(
+                f"{meta_path}: missing: a torch.distributed.checkpoint directory needs its "
+                ".metadata file (was the save interrupted before rank 0 finished?)"
+            )
+        meta = _core.read_dcp_metadata(str(meta_path))
+        self.version: str = meta.version
+        storage = meta.storage
+        self.tensors: list[LogicalTensor] = []
+        self.values: list[Value] = []
+        self.unloadable: dict[tuple[str, ...], str] = {}
+        self.file_sizes: dict[str, int] = {}
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        pending: list[tuple[Any, list[tuple[str, int]]]] = []
+        for item in meta.items:
+            path = tuple(item.path)
+            if item.is_bytes:
+                place, offset, length = self._place(storage[item.storage], item.fqn)
+                self.values.append(Value(path, place, offset, length))
+                continue
+            if item.layout != "torch.strided":
+                self.unloadable[path] = f"a tensor of layout {item.layout or 'unknown'}"
+                continue
+            if not item.dtype:
+                self.unloadable[path] = (
+                    f"a tensor of dtype {item.torch_dtype}, which fastckpt does not know"
+                )
+                continue
+            where: list[tuple[str, int]] = []
+            for chunk in item.chunks:
+                place, offset, length = self._place(storage[chunk.storage], item.fqn)
+                file_ranges = ranges.setdefault(str(place), [])
+                where.append((str(place), len(file_ranges)))
+                file_ranges.append((offset, length))
+            pending.append((item, where))
+        # One mapping per .distcp file, its chunks' archives read in place.
+        self.archives: list[_core.FileIndex] = []
+        self.archive_files: list[str] = []
+        first: dict[str, int] = {}
+        for name, file_ranges in ranges.items():
+            first[name] = len(self.archives)
+            self.archives.extend(_core.open_archives(name, file_ranges))
+            self.archive_files.extend([name] * len(file_ranges))
+        for item, where in pending:
+            chunks = []
+            for chunk, (name, k) in zip(item.chunks, where, strict=True):
+                archive = first[name] + k
+                self._check_chunk(archive, item, chunk.offsets, chunk.sizes)
+                chunks.append((archive, chunk.offsets, chunk.sizes))
+            self.tensors.append(
+                LogicalTensor(tuple(item.path), TORCH_DTYPES[item.dtype], item.size, tuple(chunks))
+            )
+
+    def _place(self, s: Any, fqn: str) -> tuple[Path, int, int]:
+        """The file, offset and length of one stored blob, checked against the file."""
+        file = self.directory / s.relative_path
+        if s.transforms:
+            raise CheckpointError(
+                f"{file}: {fqn!r} is stored through the transform(s) "
+                f"{', '.join(s.transforms)}, which fastckpt does not read"
+            )
+        size = self.file_sizes.get(str(file))
+        if size is None:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing: .metadata stores {fqn!r} in it")
+            size = self.file_sizes[str(file)] = file.stat().st_size
+        if s.offset + s.length > size:
+            raise CheckpointError(
+                f"{file}: {fqn!r} is stored at bytes {s.offset}..{s.offset + s.length}, "
+                f"past the end of the file ({size} bytes; truncated?)"
+            )
+        return file, s.offset, s.length
+
+    def _check_chunk(
+        self, archive: int, item: Any, offsets: tuple[int, ...], sizes: tuple[int, ...]
+    ) -> None:
+        index = self.archives[archive]
+        where = f"{index.path} (archive of {item.fqn!r} at offsets {offsets})"
+        if len(index) != 1:
+            raise CheckpointError(f"{where}: holds {len(index)} tensors, not one chunk")
+        view = index.tensor_view(0)
+        if view.dtype != item.dtype or tuple(view.shape) != tuple(sizes):
+            raise CheckpointError(
+                f"{where}: holds a {view.dtype} tensor of shape {tuple(view.shape)}, but "
+                f".metadata declares {item.dtype} of shape {tuple(sizes)}"
+            )
+
+    def read_value(self, v: Value) -> Any:
+        """A non-tensor value: plain data as the restricted pickle VM reads it (an
+        ``io.BytesIO`` as its bytes); raw bytes where a planner stored them raw."""
+        with open(v.file, "rb") as f:
+            f.seek(v.offset)
+            if f.read(min(v.length, 4)) != _ZIP_MAGIC:
+                f.seek(v.offset)
+                return f.read(v.length)
+        return _core.read_pickled_value(str(v.file), v.offset, v.length)
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def assemble(t: LogicalTensor, chunk_tensor: Any, chunk_bytes: Any) -> torch.Tensor:
+    """A logical tensor built from its chunks: ``chunk_bytes(archive)`` gives a stored
+    chunk's bytes as a uint8 tensor when they are contiguous in the file (else None),
+    ``chunk_tensor(archive)`` the chunk as a tensor.
+
+    Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
+    offset of its .distcp file, so viewing it as its dtype would often need an
+    aligned copy first (one more allocation per chunk)."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    for archive, offsets, sizes in t.chunks:
+        if math.prod(sizes) == 0:
+            continue
+        region = out
+        for dim, (o, s) in enumerate(zip(offsets, sizes, strict=True)):
+            region = region.narrow(dim, o, s)
+        raw = chunk_bytes(archive) if sizes else None
+        if raw is None:
+            region.copy_(chunk_tensor(archive))
+            continue
+        # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8 view.
+        row = sizes[-1] * t.dtype.itemsize
+        region.view(torch.uint8).copy_(raw.view(*sizes[:-1], row))
+    return out
+
+
+# The Checkpoint of a DCP directory. Imported here rather than at the top:
+# checkpoint.py's Checkpoint() and Opening() hand DCP directories to this module.
+from fastckpt.source.checkpoint import (  # noqa: E402
+    Checkpoint,
+    Chunk,
+    TensorInfo,
+    _split_key,
+    pick_state_dict,
+)
+
+
+class DcpCheckpoint(Checkpoint):
+    """A DCP directory opened for reading: logical tensors by FQN, each stored as chunks.
+
+    ``Checkpoint(path)`` and ``fastckpt.open(path)`` return one for a directory
+    holding ``.metadata``. ``keys()`` are the picked state dict's FQNs;
+    ``_chunks(handle)`` gives each logical tensor's chunks; ``tensor(name)``
+    assembles one (for inspection: it allocates the whole tensor); ``values()``
+    and ``metadata`` give the non-tensor entries.
+    """
+
+    def __init__(
+        self, path: Any, *, key: str | Sequence[str] | None = None, _opening: Any = None
+    ) -> None:
+        self.path = Path(path)
+        layout = DcpLayout(self.path)
+        self._layout = layout
+        self.format = "dcp"
+        self._indexes = layout.archives
+        self._file_names = layout.archive_files
+        self.files = [Path(f) for f in dict.fromkeys(layout.archive_files)]
+        self._buffers: dict[int, torch.Tensor] = {}
+        tensor_paths = [t.path for t in layout.tensors]
+        if key is not None:
+            self.prefix = _split_key(key)
+        else:
+            self.prefix = pick_state_dict(tensor_paths)
+        self._all_map = self._names(tensor_paths, ())
+        self._entries_map = self._names(tensor_paths, self.prefix)
+        if self.prefix and not self._entries_map:
+            raise CheckpointError(f"{self.path}: no tensors under key {'.'.join(self.prefix)!r}")
+        self._shared = [{} for _ in self._indexes]  # chunks never share storage
+        self._shape_lists = None
+        n = len(self.prefix)
+        self._unloadable = {
+            ".".join(p[n:]): what
+            for p, what in layout.unloadable.items()
+            if p[:n] == self.prefix and len(p) > n
+        }
+
+    def _names(self, paths: list[tuple[str, ...]], prefix: tuple[str, ...]) -> dict[str, int]:
+        n = len(prefix)
+        out: dict[str, int] = {}
+        for k, p in enumerate(paths):
+            if p[:n] == prefix and len(p) > n:
+                name = ".".join(p[n:])
+                if name in out:
+                    raise CheckpointError(
+                        f"{self.path}: the paths {paths[out[name] - LOGICAL]} and {p} "
+                        f"both give the name {name!r}"
+                    )
+                out[name] = LOGICAL + k
+        return out
+
+    def _logical(self, handle: int) -> LogicalTensor:
+        return self._layout.tensors[handle - LOGICAL]
+
+    # -- the loader's view ---------------------------------------------------------
+    def _has_chunks(self) -> bool:
+        return True
+
+    def _chunks(self, handle: int) -> list[Chunk] | None:
+        if handle < LOGICAL:
+            return None
+        return [Chunk(a << 32, o, s) for a, o, s in self._logical(handle).chunks]
+
+    def _handle_shape(self, handle: int) -> tuple[int, ...]:
+        if handle >= LOGICAL:
+            return self._logical(handle).shape
+        return super()._handle_shape(handle)
+
+    def _handle_view(
+        self, handle: int
+    ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
+        if handle >= LOGICAL:
+            t = self._logical(handle)
+            return t.dtype, t.shape, contiguous_strides(t.shape), 0
+        return super()._handle_view(handle)
+
+    def _handle_file(self, handle: int) -> str:
+        return str(self.path) if handle >= LOGICAL else super()._handle_file(handle)
+
+    def _handle_storage(self, handle: int) -> tuple[int, int]:
+        if handle >= LOGICAL:
+            raise CheckpointError(
+                f"{self.path}: a DCP tensor is stored as chunks; read them (_chunks), not it"
+            )
+        return super()._handle_storage(handle)
+
+    def _handle_tensor(self, handle: int) -> tuple[torch.Tensor, bool]:
+        if handle >= LOGICAL:
+            return self._assemble(self._logical(handle)), False
+        return super()._handle_tensor(handle)
+
+    def _assemble(self, t: LogicalTensor) -> torch.Tensor:
+        if len(t.chunks) == 1:  # stored whole: a view of the mapped file, as for other formats
+            return self._tensor_at(t.chunks[0][0], 0)[0]
+        return assemble(t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes)
+
+    def _chunk_bytes(self, archive: int) -> torch.Tensor | None:
+        """A chunk's bytes in the mapped file when they are contiguous there, else None."""
+        view = self._indexes[archive].tensor_view(0)
+        if view.strides != contiguous_strides(view.shape):
+            return None
+        itemsize = TORCH_DTYPES[view.dtype].itemsize
+        start = view.file_offset + view.storage_offset * itemsize
+        return self._file_bytes(archive)[start : start + math.prod(view.shape) * itemsize]
+
+    # -- the user's view -------------------------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        return TensorInfo(
+            name, t.shape, t.dtype, contiguous_strides(t.shape), 0, str(self.path), "", 0, ()
+        )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The logical tensor: a zero-copy view of the mapped file when it is stored in one
+        chunk, else assembled from its chunks into a new tensor of its whole size."""
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        return self._assemble(t)
+
+    def chunks(self, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...], str]]:
+        """(offsets, sizes, .distcp file) of each stored chunk of a tensor."""
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        return [(o, s, self._file_names[a]) for a, o, s in t.chunks]
+
+    def unloadable(self) -> dict[str, str]:
+        return dict(self._unloadable or {})
+
+    def value_keys(self) -> list[str]:
+        """Dotted paths of the non-tensor entries (step counters, param groups, bytes)."""
+        return [".".join(v.path) for v in self._layout.values]
+
+    def value(self, name: str) -> Any:
+        """One non-tensor entry by its dotted path (``"optim.param_groups.0.lr"``): plain
+        data as the restricted pickle VM reads it (objects of other classes as
+        ``{"__object__": ...}`` placeholders), or ``bytes`` for an ``io.BytesIO`` value."""
+        for v in self._layout.values:
+            if ".".join(v.path) == name:
+                return self._layout.read_value(v)
+        raise KeyError(f"{self.path}: no value named {name!r}")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Every non-tensor entry, nested by its path in the saved state dict."""
+        out: dict[str, Any] = {}
+        for v in self._layout.values:
+            node = out
+            for part in v.path[:-1]:
+                node = node.setdefault(part, {})
+            node[v.path[-1]] = self._layout.read_value(v)
+        return out
+
+    def __repr__(self) -> str:
+        picked = f", key={'.'.join(self.prefix)!r}" if self.prefix else ""
+        return f"<fastckpt.Checkpoint {str(self.path)!r} dcp, {len(self)} tensors{picked}>"
