@@ -335,3 +335,13 @@ def test_recomputed_parameters_on_meta_without_device_are_refused(tmp_path):
         on_meta = transformers.MarianMTModel(config).eval()
     with pytest.raises(CheckpointError, match=r"embed_positions|device="):
         fastckpt.load_into(on_meta, tmp_path)
+
+
+def test_recomputed_parameters_take_the_loads_dtype(tmp_path):
+    config = transformers.MarianConfig(**MARIAN)
+    transformers.MarianMTModel(config).save_pretrained(tmp_path)
+    reference = transformers.MarianMTModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        on_meta = transformers.MarianMTModel(config)
+    fastckpt.load_into(on_meta, tmp_path, device="cpu", dtype=torch.bfloat16)
+    same_bytes(reference.state_dict(), on_meta.state_dict())

@@ -77,11 +77,13 @@ def initialise(
     buffers: dict[str, tuple[nn.Module, str]],
     device: torch.device | None,
     path: object,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Give the buffers ``names`` their values with the model's own ``_init_weights``,
     allocating those on meta on ``device`` first. They keep their dtype, as
     ``from_pretrained(dtype=...)`` leaves them (rotary frequencies stay fp32). A name
-    not in ``buffers`` is a parameter transformers recomputes (``recomputed``).
+    not in ``buffers`` is a parameter transformers recomputes (``recomputed``): on meta, it
+    is allocated in ``dtype`` (the load's ``dtype=``) when floating, as its neighbours are.
 
     Raises CheckpointError, with the meta tensors put back, if the initialisation
     leaves an allocated tensor unwritten or writes any other tensor."""
@@ -98,7 +100,10 @@ def initialise(
             assert device is not None, "the plan leaves meta tensors on meta without device="
             fresh[name] = old
             with torch.inference_mode(False):
-                new = torch.empty(old.shape, dtype=old.dtype, device=device)
+                kind = old.dtype
+                if name not in buffers and dtype is not None and kind.is_floating_point:
+                    kind = dtype
+                new = torch.empty(old.shape, dtype=kind, device=device)
                 if isinstance(old, nn.Parameter):
                     new = nn.Parameter(new, requires_grad=old.requires_grad)
                 slot[attr] = new
