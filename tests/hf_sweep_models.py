@@ -130,17 +130,28 @@ def build(cls: type, config: Any, seed: int) -> Any:
 
 
 def converting_types(types: dict[str, str]) -> set[str]:
-    """The model types transformers declares conversions (beyond renames) for, and those
-    whose save_pretrained leaves tensors out: what the sweep runs on every test run."""
+    """The quick sweep: for each distinct set of conversion ops transformers declares (a
+    model type's ``WeightConverter`` op chains), the first model type that is not skipped;
+    and ``ALWAYS``. A new op chain in a new release joins it by itself."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter
 
-    out = set(ALWAYS)
+    out = set(ALWAYS) & set(types)
+    seen: set[tuple[tuple[str, ...], ...]] = set()
     for model_type in types:
+        if model_type in SKIP:
+            continue
         transforms = get_checkpoint_conversion_mapping(model_type) or []
-        if any(isinstance(t, WeightConverter) for t in transforms):
+        chains = {
+            tuple(type(op).__name__ for op in t.operations)
+            for t in transforms
+            if isinstance(t, WeightConverter)
+        }
+        kinds = tuple(sorted(chains))
+        if kinds and kinds not in seen:
+            seen.add(kinds)
             out.add(model_type)
-    return out & set(types)
+    return out
 
 
 # Always in the quick sweep: save_pretrained leaves out tensors from_pretrained

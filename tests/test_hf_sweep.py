@@ -8,9 +8,10 @@ ones included), must equal ``from_pretrained``'s byte for byte, and so must the
 logits of the causal LMs. A new transformers release shows here what it broke: a
 model type that no longer builds fails until it is listed in ``SKIP`` with why.
 
-The sweep of every model type takes minutes: it is marked ``slow`` and runs with
-``pytest -m slow tests/test_hf_sweep.py`` (or FASTCKPT_FULL_SWEEP=1); ``FAST``,
-the model types whose conversions or initialisation fastckpt reproduces, runs always.
+The sweep of every model type takes minutes: all but ``FAST`` is marked ``slow`` and
+runs with ``pytest -m slow tests/test_hf_sweep.py`` (everything:
+FASTCKPT_FULL_SWEEP=1). ``FAST`` runs always: one model type per distinct chain of
+conversion ops transformers declares, plus ``ALWAYS`` (tests/hf_sweep_models.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ FAST = converting_types(TYPES)
 
 
 def _full(config: pytest.Config) -> bool:
-    return os.environ.get("FASTCKPT_FULL_SWEEP") == "1" or "slow" in (config.getoption("-m") or "")
+    return os.environ.get("FASTCKPT_FULL_SWEEP") == "1" or "slow" in (
+        config.getoption("markexpr") or ""
+    )
 
 
 def _params() -> list[object]:
