@@ -345,3 +345,22 @@ def test_recomputed_parameters_take_the_loads_dtype(tmp_path):
         on_meta = transformers.MarianMTModel(config)
     fastckpt.load_into(on_meta, tmp_path, device="cpu", dtype=torch.bfloat16)
     same_bytes(reference.state_dict(), on_meta.state_dict())
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_an_interleave_along_dim_1_is_a_strided_view(inverse):
+    from transformers.core_model_loading import Interleave
+
+    from fastckpt.planning.mapping import Assignment, Rope, Span
+    from fastckpt.planning.views import dense_strides, source_view, target_view
+
+    x = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    a = Assignment("t", "s", rope=Rope(1, to_halves=not inverse, dim=1))
+    offset, shape, strides = source_view(0, x.shape, dense_strides(x.shape), a)
+    out = torch.empty_like(x)
+    target_view(out, a).copy_(torch.as_strided(x, shape, strides, offset))
+    want = Interleave(dim=1, inverse=inverse).convert({"x": [x]}, ["x"], ["x"])["x"]
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+    stepped = Assignment("t", "s", part=Span(1, 1, 3, step=2))
+    offset, shape, strides = source_view(0, x.shape, dense_strides(x.shape), stepped)
+    assert torch.equal(torch.as_strided(x, shape, strides, offset), x[:, 1::2])
