@@ -28,8 +28,9 @@ env: $(VENV)/.deps-stamp
 build: env
 	FASTCKPT_WERROR=$${FASTCKPT_WERROR:-ON} $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
+# PYTEST_ARGS: extra pytest options (CI passes --durations=25).
 test: build
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: build
 	$(VENV)/bin/fastckpt demo
@@ -55,48 +56,66 @@ bench-deps: env
 	$(PY) -m pip install -q $(TORCH_PIN) $(BENCH_PINS)
 
 # --- Hardening (docs/HARDENING.md) -------------------------------------------
-# test-asan: the core and the native drivers built with gcc + ASan/UBSan; the
-# native tests, then the scan driver over a generated hostile/truncated/valid
-# corpus. Any sanitizer report aborts with a non-zero status.
-ASAN_BUILD := build/asan
+# One clang build with ASan/UBSan (build/sanitize) serves both: the core is
+# compiled with libFuzzer's coverage hooks (-fsanitize=fuzzer-no-link, inert
+# outside a fuzzer: the sanitizer runtime provides them), so the native tests,
+# the scan driver and the fuzz targets link the same objects. CI compiles the
+# core twice (the extension, this build), not three times.
+#
+# test-asan: the components' native tests (csrc/**/x_test.cpp), then the scan
+# driver over a generated hostile/truncated/valid corpus. Any sanitizer report
+# aborts with a non-zero status.
+SAN_BUILD := build/sanitize
 SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-
-.PHONY: test-asan fuzz
-
-test-asan: env
-	$(VENV)/bin/cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
-	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=g++ -DPython_EXECUTABLE=$(abspath $(PY)) \
-	  -DFASTCKPT_PYTHON=OFF -DFASTCKPT_SANITIZE=ON -DFASTCKPT_NATIVE_TESTS=ON -DFASTCKPT_WERROR=ON >/dev/null
-	$(VENV)/bin/ninja -C $(ASAN_BUILD) fastckpt_scan fastckpt_native_tests
-	$(SAN_ENV) $(ASAN_BUILD)/csrc/tests/fastckpt_native_tests
-	rm -rf $(ASAN_BUILD)/corpus && $(PY) -m tests.hostile corpus $(ASAN_BUILD)/corpus
-	$(SAN_ENV) $(ASAN_BUILD)/csrc/tests/fastckpt_scan $(ASAN_BUILD)/corpus > $(ASAN_BUILD)/scan.log; \
-	  rc=$$?; tail -n 1 $(ASAN_BUILD)/scan.log; test $$rc -eq 0 || { grep -v '^error \|^ok ' $(ASAN_BUILD)/scan.log | tail -n 20; exit 1; }
-	@test -z "$$(ls -A $(ASAN_BUILD)/corpus/sentinels 2>/dev/null)" || { echo "a payload ran"; exit 1; }
-
-# fuzz: libFuzzer targets (csrc/tests/fuzz/fuzz_*.cpp) built with clang +
-# ASan/UBSan, each run for FUZZ_SECONDS on a seed corpus made from valid
-# fixtures. Installs clang with apt-get when it is missing (Debian images).
-FUZZ_BUILD := build/fuzz
-FUZZ_SECONDS ?= 60
 FUZZ_TARGETS = $(patsubst csrc/tests/fuzz/%.cpp,%,$(wildcard csrc/tests/fuzz/fuzz_*.cpp))
 
-fuzz: env
-	@command -v clang++ >/dev/null || { echo "installing clang (libFuzzer)"; \
+.PHONY: clang sanitize-build test-asan fuzz fuzz-long
+
+# Installs clang and its runtimes (libFuzzer, ASan) with apt-get when missing (Debian images).
+clang:
+	@command -v clang++ >/dev/null || { echo "installing clang (ASan, UBSan, libFuzzer)"; \
 	  export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q clang libclang-rt-dev >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q clang libclang-rt-dev >/dev/null; }; }
-	$(VENV)/bin/cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+
+# Everything test-asan and fuzz run, in one ninja call (incremental).
+sanitize-build: env clang
+	$(VENV)/bin/cmake -S . -B $(SAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ -DPython_EXECUTABLE=$(abspath $(PY)) \
-	  -DFASTCKPT_PYTHON=OFF -DFASTCKPT_SANITIZE=ON -DFASTCKPT_NATIVE_TESTS=ON -DFASTCKPT_FUZZ=ON >/dev/null
-	$(VENV)/bin/ninja -C $(FUZZ_BUILD) $(FUZZ_TARGETS)
-	rm -rf $(FUZZ_BUILD)/seeds && $(PY) -m tests.hostile seeds $(FUZZ_BUILD)/seeds
-	@for t in $(FUZZ_TARGETS); do \
-	  reader=$${t#fuzz_}; mkdir -p $(FUZZ_BUILD)/corpus/$$reader $(FUZZ_BUILD)/crashes; \
-	  echo "== $$t: $(FUZZ_SECONDS) s"; \
-	  $(SAN_ENV) $(FUZZ_BUILD)/csrc/tests/$$t $(FUZZ_BUILD)/corpus/$$reader $(FUZZ_BUILD)/seeds/$$reader \
+	  -DFASTCKPT_PYTHON=OFF -DFASTCKPT_SANITIZE=ON -DFASTCKPT_NATIVE_TESTS=ON -DFASTCKPT_FUZZ=ON -DFASTCKPT_WERROR=ON >/dev/null
+	$(VENV)/bin/ninja -C $(SAN_BUILD) fastckpt_scan fastckpt_native_tests $(FUZZ_TARGETS)
+
+test-asan: sanitize-build
+	$(SAN_ENV) $(SAN_BUILD)/csrc/tests/fastckpt_native_tests > $(SAN_BUILD)/native_tests.log 2>&1; \
+	  rc=$$?; grep -E '^(FAIL|-- |SKIP)' $(SAN_BUILD)/native_tests.log; tail -n 1 $(SAN_BUILD)/native_tests.log; \
+	  test $$rc -eq 0 || { tail -n 30 $(SAN_BUILD)/native_tests.log; exit 1; }
+	rm -rf $(SAN_BUILD)/corpus && $(PY) -m tests.hostile corpus $(SAN_BUILD)/corpus
+	$(SAN_ENV) $(SAN_BUILD)/csrc/tests/fastckpt_scan $(SAN_BUILD)/corpus > $(SAN_BUILD)/scan.log; \
+	  rc=$$?; tail -n 1 $(SAN_BUILD)/scan.log; test $$rc -eq 0 || { grep -v '^error \|^ok ' $(SAN_BUILD)/scan.log | tail -n 20; exit 1; }
+	@test -z "$$(ls -A $(SAN_BUILD)/corpus/sentinels 2>/dev/null)" || { echo "a payload ran"; exit 1; }
+
+# fuzz: each libFuzzer target (csrc/tests/fuzz/fuzz_<reader>.cpp) for
+# FUZZ_SECONDS on a seed corpus made from valid fixtures, FUZZ_JOBS targets at
+# a time (one per core); the corpus under build/sanitize/corpus/<reader> grows
+# from run to run. The short run is CI's, per push; fuzz-long is the one to
+# leave running (10 minutes a target by default).
+FUZZ_SECONDS ?= 60
+FUZZ_LONG_SECONDS ?= 600
+FUZZ_JOBS ?= 2
+
+fuzz: sanitize-build
+	rm -rf $(SAN_BUILD)/seeds && $(PY) -m tests.hostile seeds $(SAN_BUILD)/seeds
+	$(MAKE) --no-print-directory -j$(FUZZ_JOBS) --output-sync=target $(addprefix fuzz-run-,$(FUZZ_TARGETS))
+
+fuzz-long:
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(FUZZ_LONG_SECONDS)
+
+# One target's run (started by `fuzz`, which builds and makes the seeds first).
+fuzz-run-%:
+	@reader=$*; reader=$${reader#fuzz_}; mkdir -p $(SAN_BUILD)/corpus/$$reader $(SAN_BUILD)/crashes; \
+	  echo "== $*: $(FUZZ_SECONDS) s"; \
+	  $(SAN_ENV) $(SAN_BUILD)/csrc/tests/$* $(SAN_BUILD)/corpus/$$reader $(SAN_BUILD)/seeds/$$reader \
 	    -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-	    -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- > $(FUZZ_BUILD)/$$t.log 2>&1; rc=$$?; \
-	  grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|peak_rss)|ERROR|SUMMARY|Test unit written' $(FUZZ_BUILD)/$$t.log; \
-	  test $$rc -eq 0 || { echo "$$t found a crash: see $(FUZZ_BUILD)/$$t.log"; exit 1; }; \
-	done
+	    -artifact_prefix=$(SAN_BUILD)/crashes/$*- > $(SAN_BUILD)/$*.log 2>&1; rc=$$?; \
+	  grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|peak_rss)|ERROR|SUMMARY|Test unit written' $(SAN_BUILD)/$*.log; \
+	  test $$rc -eq 0 || { echo "$* found a crash: see $(SAN_BUILD)/$*.log"; exit 1; }

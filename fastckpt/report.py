@@ -57,6 +57,7 @@ class LoadReport:
     bytes: int = 0
     seconds: float = 0.0
     shared: SharedReads | None = None  # read="once" only
+    fetched: int = 0  # bytes fetched from a URL's checkpoint (or pread: read='pread'), no headers
     # Seconds of each phase of the call: "plan" (index, model walk, matching and
     # checks), "prepare" (allocations and the copy jobs), "copy" (the bytes moved).
     phases: dict[str, float] = field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -147,11 +148,18 @@ def test_bench_small_json(tmp_path):
         assert rows["fastckpt"]["status"] in ("ok", "skipped", "error")
 
 
-def test_bench_table_on_a_given_file(small_file):
+def test_bench_table_on_a_given_file(small_file, tmp_path):
     path, _ = small_file
-    result = runner.invoke(app, ["bench", str(path), "--repeat", "1"])
+    args = ["bench", str(path), "--repeat", "1"]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    if has_matplotlib:  # the same run drawn too (fastckpt[plot])
+        args += ["--plot", str(tmp_path / "bench.svg")]
+    result = runner.invoke(app, args)
     assert "safetensors.load_file+load_state_dict" in result.output
     assert "ceiling:memcpy" in result.output
+    if has_matplotlib:
+        svg = (tmp_path / "bench.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
 
 
 def test_bench_usage_errors_exit_2(tmp_path):
@@ -164,6 +172,9 @@ def test_bench_usage_errors_exit_2(tmp_path):
     result = runner.invoke(app, ["bench", str(tmp_path / "missing.safetensors")])
     assert result.exit_code == 2
     assert "no such checkpoint file or folder" in result.output
+    result = runner.invoke(app, ["bench", "--size", "small", "--plot", "bench.jpg"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --plot writes .png or .svg, not 'bench.jpg'"
 
 
 def test_demo_runs_without_failing():

@@ -7,9 +7,6 @@ initialisation does not fill a buffer, or writes anything else, is refused.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -17,13 +14,12 @@ from torch import nn
 
 import fastckpt
 from tests.conftest import (
-    REPO,
     assert_same_bytes,
-    free_port,
     hf_folder,
     hf_logits,
     tiny_hf_config,
 )
+from tests.rank_pool import run_ranks
 
 transformers = pytest.importorskip("transformers")
 hf_init = pytest.importorskip("transformers.initialization")
@@ -164,50 +160,11 @@ def test_an_init_that_writes_other_tensors_writes_only_stand_ins(tiny_file):
     assert not model.proj.weight.is_meta
 
 
-FSDP_LLAMA = r"""
-import os, sys, torch, torch.distributed as dist, transformers, fastckpt
-from torch.distributed.fsdp import fully_shard
-
-def main(rank, world, folder, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = transformers.AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    model.to_empty(device="cpu")
-    report = fastckpt.load_into(model, folder)
-    ids = torch.tensor([[1, 5, 7, 3, 2]])
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        want = ref(input_ids=ids).logits
-    same = torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    print(f"rank {rank} initialised {len(report.initialised)} same {same}", flush=True)
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    torch.multiprocessing.spawn(main, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
-"""
-
-
 def test_fsdp2_llama_built_on_meta_and_to_empty_runs_like_from_pretrained(tmp_path):
-    folder = hf_folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
-    script = tmp_path / "fsdp_llama.py"
-    script.write_text(FSDP_LLAMA)
-    port = str(free_port())
-    done = subprocess.run(
-        [sys.executable, str(script), str(folder), port],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):
-        assert f"rank {rank} initialised 2 same True" in done.stdout, (
-            done.stdout + done.stderr[-2000:]
-        )
+    # Two ranks of the shared pool (tests/rank_pool.py) run tests/fsdp_worker.py's scenario.
+    hf_folder(tmp_path, "LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2)
+    got = run_ranks(2, tmp_path, ["llama_meta_to_empty"], "tests.fsdp_worker")
+    for rank, r in enumerate(got):
+        r = r["llama_meta_to_empty"]
+        assert r["ok"], f"rank {rank}: {r.get('error')}\n{r.get('trace', '')}"
+        assert r["initialised"] == 2 and r["same"] is True, (rank, r)

@@ -14,7 +14,6 @@ import fastckpt
 from tests.conftest import (
     assert_same_bytes,
     empty_weights,
-    free_port,
     hf_folder,
     hf_logits,
     tiny_hf_config,
@@ -194,6 +193,15 @@ def test_a_dispatch_subclass_parameter_is_refused_by_name_before_writing(tmp_pat
     assert torch.equal(model.a.weight.detach(), torch.zeros(3, 2))  # nothing written
 
 
+def test_a_subclass_that_conversion_pieces_would_fill_is_refused_while_planning(tmp_path):
+    path = tmp_path / "e.safetensors"
+    save_file({"e.0": torch.ones(2, 2), "e.1": torch.ones(2, 2)}, str(path))
+    model = nn.Module()
+    model.experts = nn.Parameter(Wrapper(torch.zeros(2, 2, 2)), requires_grad=False)
+    with pytest.raises(fastckpt.CheckpointError, match="the model's 'experts' is a .*Wrapper"):
+        fastckpt.plan(model, path, "e.{e} -> experts stack[e]")
+
+
 def test_a_conjugate_view_destination_is_refused(tmp_path):
     path = tmp_path / "c.safetensors"
     save_file({"c": torch.ones(3, dtype=torch.complex64)}, str(path))
@@ -210,62 +218,28 @@ def test_a_lazy_parameter_is_refused_by_name(tmp_path):
         fastckpt.load_into(nn.LazyLinear(3), path)
 
 
-FSDP_SCRIPT = r"""
-import os, sys, torch
-import torch.distributed as dist
-from torch import nn
-from safetensors.torch import save_file
-import fastckpt
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-dist.init_process_group("gloo", rank=0, world_size=1)
-from torch.distributed.fsdp import fully_shard
-path, file_dtype, meta = sys.argv[1], getattr(torch, sys.argv[3]), sys.argv[4] == "meta"
-g = torch.Generator().manual_seed(0)
-state = {"0.weight": torch.randn(8, 4, generator=g), "0.bias": torch.randn(8, generator=g),
-         "1.weight": torch.randn(2, 8, generator=g), "1.bias": torch.randn(2, generator=g)}
-save_file({k: v.to(file_dtype) for k, v in state.items()}, path)
-if meta:
-    with torch.device("meta"):
-        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-else:
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-fully_shard(model)
-if meta:
-    model.to_empty(device="cpu")
-with torch.no_grad():
-    for p in model.parameters():
-        p.to_local().fill_(7.0)
-try:
-    fastckpt.load_into(model, path)
-except fastckpt.CheckpointError as e:
-    print("REFUSED", e)
-    untouched = all(bool((p.to_local() == 7.0).all()) for p in model.parameters())
-    print("UNTOUCHED", untouched)
-else:
-    ok = all(
-        torch.equal(p.full_tensor().view(torch.uint8),
-                    state[n].to(file_dtype).to(p.dtype).view(torch.uint8))
-        for n, p in model.named_parameters()
-    )
-    print("LOADED", ok)
-dist.destroy_process_group()
-"""
+@pytest.fixture(scope="module")
+def fsdp_one_rank(tmp_path_factory) -> dict:
+    """The four FSDP2 cases, in one request to the shared 1-rank pool (tests/fsdp_worker.py)."""
+    from tests.fsdp_worker import SCENARIOS
+    from tests.rank_pool import run_ranks
+
+    names = [n for n in SCENARIOS if n.startswith("refused_or_loaded_")]
+    return run_ranks(1, tmp_path_factory.mktemp("fsdp1"), names, "tests.fsdp_worker")[0]
 
 
 @pytest.mark.parametrize("file_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("init", ["cpu", "meta"])
-def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(tmp_path, file_dtype, init):
-    from tests.conftest import run_python
-
-    port = str(free_port())
-    done = run_python(FSDP_SCRIPT, tmp_path / "f.safetensors", port, file_dtype, init, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
-    if "REFUSED" in out:
-        assert "the model's '0.weight' is a torch.distributed.tensor.DTensor" in out, out
-        assert "UNTOUCHED True" in out, out
+def test_fsdp2_model_is_refused_by_name_or_loaded_exactly_never_crashes(
+    fsdp_one_rank, file_dtype, init
+):
+    r = fsdp_one_rank[f"refused_or_loaded_{file_dtype}_{init}"]
+    assert r["ok"], f"{r.get('error')}\n{r.get('trace', '')}"
+    if "refused" in r:
+        assert "the model's '0.weight' is a torch.distributed.tensor.DTensor" in r["refused"], r
+        assert r["untouched"], r
     else:
-        assert "LOADED True" in out, out
+        assert r["loaded"] is True, r
 
 
 # -- the large-model recipe: meta device, then device= ---------------------------------------

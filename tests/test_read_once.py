@@ -17,7 +17,7 @@ from torch import nn
 
 import fastckpt
 from fastckpt.load.read_once import PAGE, Task, merge, segments
-from tests.test_sharded_load import run_ranks
+from tests.rank_pool import run_ranks
 
 TWO = ["fsdp2", "tp", "replicated", "tied", "cast", "rows_rules", "small_window", "other_file"]
 

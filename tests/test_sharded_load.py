@@ -1,20 +1,16 @@
 """Sharded models (FSDP2, tensor parallel, 2-D) load with each rank reading its own shard.
 
-2 and 4 gloo CPU ranks run as subprocesses (tests/sharded_worker.py); each
-scenario compares every parameter's ``full_tensor()`` byte for byte with a
-plain load of the same file. A rank that hangs fails the test by timeout.
+2 and 4 gloo CPU ranks (the session's shared pools, tests/rank_pool.py) run the
+scenarios of tests/sharded_worker.py; each compares every parameter's ``full_tensor()``
+byte for byte with a plain load of the same file. A rank that hangs fails the test by
+timeout.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.rank_pool import run_ranks
 
 SCENARIOS = [
     "fsdp2",
@@ -31,43 +27,6 @@ SCENARIOS = [
 # Four ranks on two cores are slow to start: there, the scenarios whose geometry
 # changes with the rank count (2-D needs four) and the collective ones.
 FOUR_RANKS = ["fsdp2", "tp", "dp_tp", "meta_device", "strict_refusal", "other_file", "pages"]
-
-
-def run_ranks(
-    world: int, folder: Path, scenarios: list[str], worker: str = "tests.sharded_worker"
-) -> list[dict]:
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                worker,
-                str(r),
-                str(world),
-                port,
-                str(folder),
-                *scenarios,
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{outputs[rank]}"
-    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])

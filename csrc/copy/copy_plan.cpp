@@ -48,9 +48,12 @@ void validate_task(const CopyTask& t) {
     if (t.rows.kind == RowSelection::Kind::Range) {
       if (t.rows.start < 0 || t.rows.count < 0 || t.rows.start > n_rows ||
           t.rows.count > n_rows - t.rows.start) {
+        // start + count may overflow for hostile numbers (UB): then say "start:+count".
+        const auto stop = checked_add(static_cast<uint64_t>(t.rows.start), static_cast<uint64_t>(t.rows.count));
+        const bool printable = t.rows.start >= 0 && t.rows.count >= 0 && stop && *stop <= static_cast<uint64_t>(INT64_MAX);
         bad("rows [" + std::to_string(t.rows.start) + ":" +
-            std::to_string(t.rows.start + t.rows.count) + "] lie outside the source's " +
-            std::to_string(n_rows) + " rows");
+            (printable ? std::to_string(*stop) : "+" + std::to_string(t.rows.count)) +
+            "] lie outside the source's " + std::to_string(n_rows) + " rows");
       }
       out_rows = t.rows.count;
     } else {

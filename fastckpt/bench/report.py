@@ -68,7 +68,7 @@ def _details(t: TargetResult) -> list[str]:
     return lines
 
 
-def _title(t: TargetResult, result: BenchResult) -> str:
+def title_of(t: TargetResult, result: BenchResult) -> str:
     cache = ("cold" if result.cold else "warm") + " page cache"
     if result.fresh:
         cache += " · one load per fresh process"
@@ -86,7 +86,7 @@ def print_tables(result: BenchResult, console: Console) -> None:
         Listing(
             columns=COLUMNS,
             rows=[_row(r) for r in t.results],
-            title=_title(t, result),
+            title=title_of(t, result),
             right=frozenset(c for c in COLUMNS if c not in ("contender", "note")),
         ).print(console)
         if t.ceiling:
@@ -113,7 +113,7 @@ def markdown(result: BenchResult, command: str) -> str:
     """The tables as Markdown (for bench/RESULTS.md)."""
     out = [f"`{command}`", ""]
     for t in result.targets:
-        out += [f"**{_title(t, result)}** (ceiling: {t.ceiling or '-'})", ""]
+        out += [f"**{title_of(t, result)}** (ceiling: {t.ceiling or '-'})", ""]
         out.append("| " + " | ".join(COLUMNS) + " |")
         out.append("|" + "---|" * len(COLUMNS))
         out += ["| " + " | ".join(_row(r)) + " |" for r in t.results]

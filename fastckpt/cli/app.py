@@ -58,7 +58,8 @@ _FILTER_HELP = "only names matching this regular expression (searched, as grep d
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
+    # A str, not a Path: a URL (s3://bucket/key) must reach fastckpt.open unchanged.
+    path: str = typer.Argument(..., help="checkpoint file, shard index, model folder or URL"),
     key: str = typer.Option(None, help="container key of the state dict ('' for the whole tree)"),
     name_filter: str = typer.Option(None, "--filter", help=_FILTER_HELP),
     group: bool = typer.Option(
@@ -295,6 +296,10 @@ def bench_command(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where default checkpoints live"),
     markdown: bool = typer.Option(False, "--markdown", help="print Markdown tables"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    plot_to: Path = typer.Option(
+        None, "--plot", help="also draw the tables into FILE.png or FILE.svg (needs "
+        "matplotlib: pip install 'fastckpt[plot]')"
+    ),
     casts: bool = typer.Option(
         False, "--casts", help="the cast workloads (bf16/fp16/fp8 <-> fp32/bf16) instead"
     ),
@@ -326,6 +331,8 @@ def bench_command(
     err = Console(stderr=True)
     if read not in ("own", "once"):
         raise _fail(f"--read must be 'own' or 'once', not {read!r}")
+    if plot_to is not None and plot_to.suffix.lower() not in (".png", ".svg"):
+        raise _fail(f"--plot writes .png or .svg, not {plot_to.name!r}")
     if ranks > 0:
         _bench_ranks(ranks, size, repeat, cache_dir, markdown, as_json, read)
         return
@@ -344,6 +351,13 @@ def bench_command(
         typer.echo(to_markdown(result, "fastckpt " + " ".join(sys.argv[1:])))
     else:
         print_tables(result, console)
+    if plot_to is not None:
+        from fastckpt.bench.plot import plot
+
+        try:
+            err.print(f"drew {plot(result, plot_to)}", highlight=False)
+        except _INPUT_ERRORS as e:
+            raise _fail(_error_text(e)) from None
     if result.failed:
         for line in result.failed:
             err.print(f"[red]failed:[/red] {line}", highlight=False)

@@ -202,5 +202,5 @@ def run_demo(
 
 def stories_path() -> str:
     """docs/STORIES.md of this source tree, or its place in the repository when installed."""
-    here = Path(__file__).resolve().parent.parent / "docs" / "STORIES.md"
+    here = Path(__file__).resolve().parents[2] / "docs" / "STORIES.md"
     return str(here) if here.is_file() else "docs/STORIES.md in the fastckpt repository"

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -25,14 +25,14 @@ from torch import nn
 import fastckpt._core as _core
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
-from fastckpt.load import read_once
-from fastckpt.planning.destinations import assign, owners, refusal, same_device, state_tensors
+from fastckpt.load import pread_files, read_once, remote_reads
+from fastckpt.planning.destinations import assign, owners, same_device, state_tensors
 from fastckpt.planning.dtensor_plan import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.planning.hf_model import broken_ties, initialise
 from fastckpt.planning.load_plan import LoadPlan, build, meta_message
+from fastckpt.planning.transfers import Transfers
 from fastckpt.report import LoadReport, SharedReads, format_groups
 from fastckpt.source.checkpoint import Checkpoint
-from fastckpt.suggest.renames import suggest_rules
 
 # Importable under their earlier names.
 _state_tensors = state_tensors
@@ -73,6 +73,7 @@ def _strict_message(
     suggestion_lines: list[str],
     rules_text: str,
     untied: Sequence[tuple[str, str]] = (),
+    orientation: Sequence[str] = (),
 ) -> str:
     lines = [
         (
@@ -113,6 +114,7 @@ def _strict_message(
     if rules_text:
         lines.append("  suggested rules (" + "; ".join(suggestion_lines) + "):")
         lines += ["    " + r for r in rules_text.splitlines()]
+        lines += orientation  # square weights whose orientation their siblings gave
         lines.append(
             "  pass them as load_into(..., rules=...), or strict=False to load what matches"
         )
@@ -167,6 +169,14 @@ def load_into(
       Every rank of the group must call ``load_into`` together; pass each node's
       group (``dist.new_subgroups()``) to read each byte once per node.
       ``report.shared`` says how many bytes this rank read, sent and received.
+      ``"pread"``: the runs the plan reads are read with large parallel ``pread``s
+      into memory rather than faulted in through a mapping, for network
+      filesystems; ``"own"`` switches to it by itself when the checkpoint's files
+      lie on NFS, Lustre, CIFS/SMB, FUSE and the like.
+    - ``path`` may be a URL (``s3://``, ``gs://``, ``az://``, ``http(s)://``; a folder
+      when it ends in ``/``): only the byte runs the plan reads are fetched, with
+      ranged GETs, many in flight, window by window within ``max_host_bytes``
+      (``report.fetched`` counts them); see fastckpt.source.remote.
 
     ``path`` may also be a ``LoadPlan`` from ``fastckpt.plan(model, ...)``.
     A load that would leave any tensor on the meta device is refused by name.
@@ -208,12 +218,13 @@ def load_into(
             agree(p if error is None else None, error, strict, None if sharded else group)
         if strict and p.problems:
             _refuse(p)
-        if p.device is None and (not p._targets.all_cpu or p.sharded):
+        if p.device is None and (not p._targets.all_cpu or p._global_transfers):
             _refuse_meta_without_device(p)
         if p.left_on_meta:
             raise CheckpointError(meta_message(p))
         planned = time.perf_counter()
-        report = _execute(p, model, max_host_bytes, threads, progress, mmap, once, group)
+        pread = read == "pread" or (read == "own" and not mmap and _on_network_fs(p))
+        report = _execute(p, model, max_host_bytes, threads, progress, mmap, once, group, pread)
         report.phases = {"plan": planned - started, **report.phases}
     finally:
         if collecting:
@@ -236,9 +247,15 @@ def load_into(
 
 def _read_mode(read: str, group: Any, mmap: bool) -> bool:
     """Whether reads are shared (read="once"); ValueError for what cannot go together."""
-    if read not in ("own", "once"):
-        raise ValueError(f"read must be 'own' or 'once', not {read!r}")
-    if read == "own":
+    if read not in ("own", "once", "pread"):
+        raise ValueError(
+            f"read must be 'own' or 'once', or 'pread' for network filesystems, not {read!r}"
+        )
+    if read == "pread" and (group is not None or mmap):
+        raise ValueError(
+            "read='pread' reads into memory: it goes with neither group= nor mmap=True"
+        )
+    if read in ("own", "pread"):
         if group is not None:
             raise ValueError("group= says which ranks share reads; it goes with read='once'")
         return False
@@ -258,6 +275,14 @@ def _read_mode(read: str, group: Any, mmap: bool) -> bool:
     return True
 
 
+def _on_network_fs(p: LoadPlan) -> bool:
+    """Whether the checkpoint's files lie on a network filesystem (read="own" then preads)."""
+    ckpt = p.checkpoint
+    if ckpt._remote is not None:
+        return False
+    return any(pread_files.on_network_fs(ix.path) for ix in ckpt._core_indexes)
+
+
 def _report_of(p: LoadPlan) -> LoadReport:
     report = LoadReport()
     report.loaded = list(p.loaded)
@@ -273,22 +298,25 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.partly_loaded = list(p.partly_loaded)
     report.loaded += p.sharded
     report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
-    if p._rules is not None:
-        assert p._rows is not None
-        for k, (name, src) in enumerate(zip(p.loaded, p.sources, strict=True)):
+    report.renamed += p.piece_renames
+    tr = p.transfers
+    if tr.rule is not None or tr.rows is not None:
+        rules, rows = tr.column("rule"), tr.column("rows")
+        for k in range(tr.whole):
+            name, src = tr.target[k], tr.source[k]
             if src != name:
                 report.renamed.append((src, name))
-            if p._rows[k] is not None:
+            if rows[k] is not None:
                 report.sliced.append(name)
-            rule = p._rules[k]
-            if rule is not None:
-                report.rule_for[name] = rule
+            if rules[k] is not None:
+                report.rule_for[name] = rules[k]
     return report
 
 
 def _refuse_meta_without_device(p: LoadPlan) -> None:
     assert p._model is not None
-    for name, g in zip(p.loaded + p.sharded, p._groups + p.sharded_groups, strict=True):
+    whole = p.transfers.group[: p.transfers.whole]
+    for name, g in zip(p.loaded + p.sharded, whole + p.sharded_groups, strict=True):
         if p._model.tensors[g].is_meta:
             raise CheckpointError(
                 f"{name!r} is on the meta device: pass device= to say where to allocate it"
@@ -298,6 +326,9 @@ def _refuse_meta_without_device(p: LoadPlan) -> None:
 def _refuse(p: LoadPlan) -> None:
     ckpt = p.checkpoint
     state = p._model.state if p._model is not None else {}
+    # Imported here: only a refused load needs the suggestion engine (import time).
+    from fastckpt.suggest.renames import suggest_rules
+
     sug = suggest_rules(
         {k: ckpt._handle_shape(h) for k, h in ckpt._handles().items()},
         {n: tuple(t.shape) for n, t in state.items()},
@@ -310,7 +341,11 @@ def _refuse(p: LoadPlan) -> None:
     report = _report_of(p)
     untied = broken_ties(p._model_ref, report.missing)
     raise StrictLoadError(
-        _strict_message(str(p.path), report, sug.lines, sug.rules_text, untied), report, suggested
+        _strict_message(
+            str(p.path), report, sug.lines, sug.rules_text, untied, sug.orientation_lines()
+        ),
+        report,
+        suggested,
     )
 
 
@@ -323,15 +358,57 @@ def _execute(
     mmap: bool = False,
     once: bool = False,
     group: Any = None,
+    pread: bool = False,
 ) -> LoadReport:
-    """Allocate what the plan allocates, copy every source, then assign new tensors."""
+    """Allocate what the plan allocates, copy every transfer, then assign new tensors."""
     prepared = time.perf_counter()
-    assert p._model is not None
-    mt = p._model
     ckpt = p.checkpoint
-    want, dtype = p.device, p.dtype
-    tensors = mt.tensors
+    if ckpt._remote is not None and (mmap or once):
+        raise ValueError(
+            f"{ckpt.path}: a remote checkpoint is fetched by each rank into memory: "
+            f"{'mmap=True' if mmap else 'read=' + repr('once')} is for local files"
+        )
     report = _report_of(p)
+    needs_new = _needs_new(p.device, p.dtype)
+    fresh: dict[int, torch.Tensor] = {}
+    viewed = _file_views(p, fresh, needs_new) if mmap else set()
+    report.mapped = [p.loaded[k] for k in sorted(viewed)]
+    dsts, targets = _destinations(p, fresh, needs_new)
+    devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}
+    columns = EngineColumns.of(p.transfers, ckpt)
+    n_threads = threads if threads is not None else _default_threads()
+    remote = ckpt._remote  # a URL's checkpoint: its bytes are fetched, window by window
+    if once or remote is not None or pread:
+        if dsts is None:
+            dsts = [p._model.tensors[g] for g in p.transfers.group]  # type: ignore[union-attr]
+        shared = _run_once(
+            p, dsts, columns, group, n_threads, max_host_bytes,
+            lambda: _before_writing(p, report), remote, pread,
+        )  # fmt: skip
+        report.bytes = shared.copied
+        if once:
+            report.shared = SharedReads(shared.read, shared.sent, shared.received)
+        else:
+            report.fetched = shared.read
+        report.cast = _cast_list(columns.names, shared.casts)
+    else:
+        _copy_all(
+            p, dsts, devices, viewed, targets, columns, n_threads, max_host_bytes, progress,
+            report,
+        )  # fmt: skip
+    spent = time.perf_counter() - prepared
+    copied = report.phases.get("copy", spent)  # read="once" reads, sends and copies at once
+    report.phases = {"prepare": spent - copied, "copy": copied}
+    if p.device is not None or p.dtype is not None:
+        _assign_new(p, model, fresh, needs_new)
+    return report
+
+
+def _needs_new(
+    want: torch.device | None, dtype: torch.dtype | None
+) -> Callable[[torch.Tensor], bool]:
+    """Whether a model tensor is replaced by a new one: on meta, elsewhere than ``want``, or
+    floating in another dtype than ``dtype``."""
 
     def needs_new(t: torch.Tensor) -> bool:
         return (
@@ -340,110 +417,112 @@ def _execute(
             or (dtype is not None and t.is_floating_point() and t.dtype != dtype)
         )
 
-    # Tasks: one per loaded entry (whole tensors), then one per piece (part of a
-    # tensor, or a view of a source). Group g's destination is the model's own
-    # tensor, or a fresh one for meta, other-device or other-dtype targets.
-    groups = p._groups + [pc.group for pc in p.pieces]
-    n_main = len(p._groups)
-    names = p.loaded + [pc.target for pc in p.pieces]
-    handles = p._handles + [pc.handle for pc in p.pieces]
-    fresh: dict[int, torch.Tensor] = {}
-    viewed = _file_views(p, fresh, needs_new) if mmap else set()
-    report.mapped = [p.loaded[k] for k in sorted(viewed)]
-    targets = p._targets
-    dsts: list[torch.Tensor] | None = None  # only read off the model when something may differ
-    if want is not None or dtype is not None or not targets.all_cpu or p.pieces:
-        final: list[torch.Tensor] = []
-        for k, g in enumerate(groups):
-            t = fresh.get(g, tensors[g])
-            if t is tensors[g] and needs_new(t):
-                new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-                if is_dtensor(t):
-                    t = fresh[g] = fresh_local(t, new_dtype, want or t.device)
-                else:
-                    t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
-            if t.device.type not in ("cpu", "cuda"):
-                raise CheckpointError(
-                    f"{names[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
-                )
-            final.append(t)
-        dsts = final[:n_main] + [
-            final[n_main + i] if pc.dst_view is None else pc.dst_view(final[n_main + i])
-            for i, pc in enumerate(p.pieces)
-        ]
-        # A piece's view must itself be a tensor fastckpt may write (a view of a
-        # DTensor, say, is not): checked before anything is written.
-        for k in range(n_main, len(dsts)):
-            why = refusal(names[k], dsts[k])
-            if why is not None:
-                raise CheckpointError(f"{p.path}: {why}")
-        if fresh or p.pieces:
-            targets = _core.Targets(dsts, DTYPE_NAMES)
-    devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}
+    return needs_new
 
-    rows: list[Any] | None = None
-    via_dtypes: list[str | None] | None = None
-    src_names: list[str] | None = None
-    views: list[Any] | None = None
-    if p._rows is not None or p.pieces:
-        selections = (p._rows or [None] * n_main) + [pc.rows for pc in p.pieces]
-        dtypes = (p._vias or [None] * n_main) + [pc.via for pc in p.pieces]
-        src_names = p.sources + [pc.source for pc in p.pieces]
-        rows = []
-        for sel, h in zip(selections, handles, strict=True):
-            if sel is None:
-                rows.append(None)
-            elif sel.index is not None:
-                rows.append(list(sel.index))
+
+def _destinations(
+    p: LoadPlan, fresh: dict[int, torch.Tensor], needs_new: Callable[[torch.Tensor], bool]
+) -> tuple[list[torch.Tensor] | None, Any]:
+    """Each transfer's destination view and their ``_core.Targets``: group g's destination
+    is the model's own tensor, or a fresh one (``fresh``) for meta, other-device or
+    other-dtype targets; a region of it for a piece. None (and the plan's Targets) when
+    every copy goes whole into the model's own CPU tensors."""
+    assert p._model is not None
+    tensors, want, dtype = p._model.tensors, p.device, p.dtype
+    tr = p.transfers
+    pieces = len(tr) > tr.whole
+    if want is None and dtype is None and p._targets.all_cpu and not pieces:
+        return None, p._targets
+    dsts = []
+    regions = tr.column("region")
+    for k, g in enumerate(tr.group):
+        t = fresh.get(g, tensors[g])
+        if t is tensors[g] and needs_new(t):
+            new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            if is_dtensor(t):
+                t = fresh[g] = fresh_local(t, new_dtype, want or t.device)
             else:
-                rows.append((sel.start, sel.rows(ckpt._handle_shape(h)[0])))
-        via_dtypes = [to_name(d) if d is not None else None for d in dtypes]
-    if p.pieces:
-        views = [None] * n_main + [pc.src_view for pc in p.pieces]
+                t = fresh[g] = torch.empty(t.shape, dtype=new_dtype, device=want or t.device)
+        if t.device.type not in ("cpu", "cuda"):
+            raise CheckpointError(
+                f"{tr.target[k]!r} is on {t.device}; fastckpt loads into CPU and CUDA tensors"
+            )
+        region = regions[k]
+        dsts.append(t if region is None else region.of(t))
+    if fresh or pieces:
+        return dsts, _core.Targets(dsts, DTYPE_NAMES)
+    return dsts, p._targets
 
-    n_threads = threads if threads is not None else _default_threads()
-    if once:
-        if dsts is None:
-            dsts = [tensors[g] for g in groups]
-        shared = _run_once(
-            p, dsts, handles, names, src_names or names, rows, via_dtypes, views, group,
-            n_threads, max_host_bytes, lambda: _before_writing(p, report),
-        )  # fmt: skip
-        report.bytes = shared.copied
-        report.shared = SharedReads(shared.read, shared.sent, shared.received)
-        report.cast = _cast_list(names, shared.casts)
-    else:
-        _copy_all(
-            p, groups, dsts, devices, viewed, targets, handles, names, src_names, rows,
-            via_dtypes, views, n_threads, max_host_bytes, progress, report,
-        )  # fmt: skip
-    spent = time.perf_counter() - prepared
-    copied = report.phases.get("copy", spent)  # read="once" reads, sends and copies at once
-    report.phases = {"prepare": spent - copied, "copy": copied}
 
-    if want is not None or dtype is not None:
-        where = owners(model)
-        for g, t in fresh.items():
-            assign(mt.group(g), tensors[g], t, where)
-        for g, old in enumerate(tensors):
-            if g not in fresh and not old.is_meta and needs_new(old):
-                assign(mt.group(g), old, _moved(old, want, dtype), where)
-        own_dtype = set(p.initialised)
-        for name, (module, attr) in p._hidden_buffers.items():
-            buf = module._buffers[attr]
-            if buf is not None and not buf.is_meta and needs_new(buf):
-                module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
-    return report
+def _assign_new(
+    p: LoadPlan,
+    model: nn.Module,
+    fresh: dict[int, torch.Tensor],
+    needs_new: Callable[[torch.Tensor], bool],
+) -> None:
+    """The new tensors take the place of the model's (ties kept); other tensors and
+    non-persistent buffers move to ``device`` / ``dtype``."""
+    assert p._model is not None
+    mt, want, dtype = p._model, p.device, p.dtype
+    tensors = mt.tensors
+    where = owners(model)
+    for g, t in fresh.items():
+        assign(mt.group(g), tensors[g], t, where)
+    for g, old in enumerate(tensors):
+        if g not in fresh and not old.is_meta and needs_new(old):
+            assign(mt.group(g), old, _moved(old, want, dtype), where)
+    own_dtype = set(p.initialised)
+    for name, (module, attr) in p._hidden_buffers.items():
+        buf = module._buffers[attr]
+        if buf is not None and not buf.is_meta and needs_new(buf):
+            module._buffers[attr] = _moved(buf, want, None if name in own_dtype else dtype)
 
 
 def _device_key(d: torch.device) -> tuple[str, int]:
     return ("cuda", d.index or 0) if d.type == "cuda" else ("cpu", 0)
 
 
+class EngineColumns(NamedTuple):
+    """The transfer list as the copy engine takes it: per task the source handle, the model
+    and checkpoint names (errors), rows as ``(start, count)`` or an index list, the cast's
+    dtype name and the source view; a column of Nones is None."""
+
+    handles: list[int]
+    names: list[str]
+    sources: list[str] | None
+    rows: list[Any] | None
+    vias: list[str | None] | None
+    views: list[Any] | None
+
+    @classmethod
+    def of(cls, tr: Transfers, ckpt: Any) -> EngineColumns:
+        rows: list[Any] | None = None
+        if tr.rows is not None:
+            rows = [
+                None if sel is None
+                else list(sel.index) if sel.index is not None
+                else (sel.start, sel.rows(ckpt._handle_shape(h)[0]))
+                for sel, h in zip(tr.rows, tr.handle, strict=True)
+            ]  # fmt: skip
+        vias = None if tr.via is None else [None if d is None else to_name(d) for d in tr.via]
+        return cls(tr.handle, tr.target, tr.source, rows, vias, tr.src_view)
+
+    def subset(self, ks: list[int]) -> EngineColumns:
+        if len(ks) == len(self.handles):
+            return self
+
+        def part(c: list[Any] | None) -> Any:
+            return None if c is None else [c[k] for k in ks]
+
+        return EngineColumns(
+            part(self.handles), part(self.names), part(self.sources), part(self.rows),
+            part(self.vias), part(self.views),
+        )  # fmt: skip
+
+
 def _job(
-    indexes: list[Any], handles: list[int], targets: Any, names: list[str], src_names: Any,
-    rows: Any, vias: Any, views: Any, device: tuple[str, int], n_threads: int,
-    max_host_bytes: int, exact: bool,
+    indexes: list[Any], columns: EngineColumns, targets: Any, device: tuple[str, int],
+    n_threads: int, max_host_bytes: int, exact: bool,
 ) -> Any:  # fmt: skip
     """The copy engine's job for these tasks, all into tensors on ``device``."""
     kind, dev_index = device
@@ -451,9 +530,10 @@ def _job(
     if kind == "cuda":
         torch.cuda.synchronize(dev_index)  # memory torch just handed out may still be in use
         sink, cudart = "cuda", _find_cudart()
+    c = columns
     return _core.CopyJob.from_targets(
-        indexes, handles, targets, names, src_names, rows, vias, n_threads, max_host_bytes,
-        sink, cudart, dev_index, views, exact,
+        indexes, c.handles, targets, c.names, c.sources, c.rows, c.vias, n_threads,
+        max_host_bytes, sink, cudart, dev_index, c.views, exact,
     )  # fmt: skip
 
 
@@ -469,17 +549,17 @@ def _cast_list(names: list[str], casts: list[tuple[int, str, str]]) -> list[tupl
 
 
 def _copy_all(
-    p: LoadPlan, groups: list[int], dsts: list[torch.Tensor] | None, devices: set[torch.device],
-    viewed: set[int], targets: Any, handles: list[int], names: list[str], src_names: Any,
-    rows: Any, via_dtypes: Any, views: Any, n_threads: int, max_host_bytes: int,
-    progress: bool, report: LoadReport,
+    p: LoadPlan, dsts: list[torch.Tensor] | None, devices: set[torch.device], viewed: set[int],
+    targets: Any, columns: EngineColumns, n_threads: int, max_host_bytes: int, progress: bool,
+    report: LoadReport,
 ) -> None:  # fmt: skip
     """Every task read by this rank from the file: one copy job per device."""
     ckpt = p.checkpoint
+    n = len(columns.handles)
     by_device: dict[tuple[str, int], list[int]] = {}
     if len(devices) <= 1:
         d = next(iter(devices), torch.device("cpu"))
-        by_device[_device_key(d)] = [k for k in range(len(groups)) if k not in viewed]
+        by_device[_device_key(d)] = [k for k in range(n) if k not in viewed]
     else:
         assert dsts is not None  # several devices: read above
         for k, t in enumerate(dsts):
@@ -487,18 +567,14 @@ def _copy_all(
                 by_device.setdefault(_device_key(t.device), []).append(k)
     built: list[tuple[Any, list[int]]] = []
     for device, ks in by_device.items():
-        whole = len(ks) == len(groups)
-
-        def part(values: list[Any] | None, ks: list[int] = ks, whole: bool = whole) -> Any:
-            return values if values is None or whole else [values[k] for k in ks]
-
         job = _job(
-            ckpt._core_indexes, part(handles), targets if whole else targets.subset(ks),
-            part(names), part(src_names), part(rows), part(via_dtypes), part(views), device,
-            n_threads, max_host_bytes, bool(p.sharded),
+            ckpt._core_indexes, columns.subset(ks), targets if len(ks) == n else targets.subset(ks),
+            device, n_threads, max_host_bytes, bool(p._global_transfers),
         )  # fmt: skip
         built.append((job, ks))
-    report.cast = _cast_list(names, [(ks[i], s, d) for job, ks in built for i, s, d in job.casts()])
+    report.cast = _cast_list(
+        columns.names, [(ks[i], s, d) for job, ks in built for i, s, d in job.casts()]
+    )
     _before_writing(p, report)
     # Everything is checked: from here on the model is written.
     for job, _ in built:
@@ -519,16 +595,19 @@ def _before_writing(p: LoadPlan, report: LoadReport) -> None:
 
 
 def _run_once(
-    p: LoadPlan, dsts: list[torch.Tensor], handles: list[int], names: list[str],
-    src_names: list[str], rows: Any, via_dtypes: Any, views: Any, group: Any, n_threads: int,
-    max_host_bytes: int, before_writing: Callable[[], None],
+    p: LoadPlan, dsts: list[torch.Tensor], columns: EngineColumns, group: Any, n_threads: int,
+    max_host_bytes: int, before_writing: Callable[[], None], remote: Any = None,
+    pread: bool = False,
 ) -> read_once.Counts:  # fmt: skip
-    """read="once": every task, its bytes read by one rank of the group (load.read_once)."""
+    """read="once": every task, its bytes read by one rank of the group (load.read_once);
+    or, from a remote checkpoint, fetched by this rank (load.remote_reads)."""
     ckpt = p.checkpoint
     indexes = ckpt._core_indexes
+    views, rows = columns.views, columns.rows
+    vias = columns.vias
     tasks = []
     with torch.no_grad():
-        for k, h in enumerate(handles):
+        for k, h in enumerate(columns.handles):
             dtype, shape, strides, offset = ckpt._handle_view(h)
             view = views[k] if views is not None and views[k] is not None else None
             if view is None:
@@ -536,7 +615,7 @@ def _run_once(
             file, base = ckpt._handle_storage(h)
             tasks.append(read_once.Task(
                 k, h, file, view, None if rows is None else rows[k],
-                None if via_dtypes is None else via_dtypes[k], dsts[k], base, dtype.itemsize,
+                None if vias is None else vias[k], dsts[k], base, dtype.itemsize,
             ))  # fmt: skip
 
     def make_jobs(over: list[Any], part: list[read_once.Task]) -> list[tuple[Any, list[int]]]:
@@ -545,16 +624,41 @@ def _run_once(
             by_device.setdefault(_device_key(t.dst.device), []).append(t)
         jobs = []
         for device, ts in by_device.items():
-            job = _job(
-                over, [t.handle for t in ts], _core.Targets([t.dst for t in ts], DTYPE_NAMES),
-                [names[t.pos] for t in ts], [src_names[t.pos] for t in ts],
-                [t.rows for t in ts], [t.via for t in ts], [t.view for t in ts], device,
-                n_threads, max_host_bytes, False,
+            ks = [t.pos for t in ts]
+            # the tasks' views are their own (a window's cut of them), not the plan's
+            cols = columns.subset(ks)._replace(
+                handles=[t.handle for t in ts], rows=[t.rows for t in ts],
+                vias=[t.via for t in ts], views=[t.view for t in ts],
             )  # fmt: skip
-            jobs.append((job, [t.pos for t in ts]))
+            job = _job(
+                over, cols, _core.Targets([t.dst for t in ts], DTYPE_NAMES), device, n_threads,
+                max_host_bytes, False,
+            )  # fmt: skip
+            jobs.append((job, ks))
         return jobs
 
+    if remote is not None:
+        return remote_reads.run(
+            tasks, remote.files, indexes, remote.gap, max_host_bytes, make_jobs, before_writing
+        )
+    if pread:
+        return _run_pread(tasks, ckpt, max_host_bytes, make_jobs, before_writing)
     return read_once.run(tasks, indexes, group, max_host_bytes, make_jobs, before_writing)
+
+
+def _run_pread(
+    tasks: list[read_once.Task], ckpt: Checkpoint, max_host_bytes: int, make_jobs: Any,
+    before_writing: Callable[[], None],
+) -> read_once.Counts:  # fmt: skip
+    """read="pread": the runs the tasks read, pread into memory files (load.pread_files)."""
+    indexes = ckpt._core_indexes
+    files = [pread_files.PreadFile(ix.path, ix.file_size) for ix in indexes]
+    try:
+        over = [ix.over(f.path) for ix, f in zip(indexes, files, strict=True)]
+        return remote_reads.run(tasks, files, over, 0, max_host_bytes, make_jobs, before_writing)
+    finally:
+        for f in files:
+            f.close()
 
 
 def _file_views(
@@ -568,17 +672,18 @@ def _file_views(
     if p.device is not None and p.device.type != "cpu":
         return set()
     tensors, ckpt, dtype = p._model.tensors, p.checkpoint, p.dtype
+    tr = p.transfers
+    rows, vias = tr.column("rows"), tr.column("via")
     viewed: set[int] = set()
-    for k, g in enumerate(p._groups):
+    for k in range(tr.whole):
+        g = tr.group[k]
         t = tensors[g]
         if g in fresh or not needs_new(t) or (p.device is None and not t.is_meta):
             continue
-        if (p._rows is not None and p._rows[k] is not None) or (
-            p._vias is not None and p._vias[k] is not None
-        ):
+        if rows[k] is not None or vias[k] is not None:
             continue
         new_dtype = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        view, in_file = ckpt._handle_tensor(p._handles[k])
+        view, in_file = ckpt._handle_tensor(tr.handle[k])
         if in_file and view.dtype == new_dtype and view.is_contiguous():
             fresh[g] = view
             viewed.add(k)

@@ -6,7 +6,7 @@ when it is combined with tensor parallelism) on mesh dimension ``m`` keeps the
 rank's chunk of that list, in mesh-dimension order, with ``torch.chunk``'s
 rounding (uneven sizes give the last ranks fewer rows, or none). ``Replicate``
 keeps it all. Each dimension's list is stored as runs of consecutive global
-indices, and the cartesian product of the runs gives ``Piece``s: a box of the
+indices, and the cartesian product of the runs gives ``ShardBox``es: a box of the
 local tensor and the box of the global tensor it holds, so that copying every
 piece reproduces ``distribute_tensor(global, mesh, placements).to_local()``.
 
@@ -27,7 +27,7 @@ from fastckpt.errors import CheckpointError
 Box = tuple[tuple[int, int], ...]  # (start, length) per dimension
 
 
-class Piece(NamedTuple):
+class ShardBox(NamedTuple):
     """``local`` (a box of the rank's local tensor) holds ``global_box`` of the global tensor."""
 
     local: Box
@@ -38,7 +38,7 @@ class LocalShard(NamedTuple):
     """A rank's local shard: its shape and the pieces that fill it (none when it is empty)."""
 
     shape: tuple[int, ...]
-    pieces: list[Piece]
+    boxes: list[ShardBox]
 
 
 class _Run(NamedTuple):
@@ -145,7 +145,7 @@ def pieces_for(
     pieces = []
     for combo in itertools.product(*placed):
         local = tuple((at, run.length) for at, run in combo)
-        pieces.append(Piece(local, tuple((run.start, run.length) for _, run in combo)))
+        pieces.append(ShardBox(local, tuple((run.start, run.length) for _, run in combo)))
     return LocalShard(shape, pieces)
 
 
@@ -163,7 +163,7 @@ def dtensor_shard(name: str, dtensor: Any) -> LocalShard:
     shard = pieces_for(
         name, tuple(dtensor.shape), tuple(mesh.shape), mesh.get_coordinate(), dtensor.placements
     )
-    if tuple(local.shape) != shard.shape and (shard.pieces or local.numel() != 0):
+    if tuple(local.shape) != shard.shape and (shard.boxes or local.numel() != 0):
         raise CheckpointError(
             f"{name!r}: the local shard has shape {tuple(local.shape)}, but its placements "
             f"{tuple(dtensor.placements)} on a mesh of shape {tuple(mesh.shape)} give "
@@ -178,28 +178,3 @@ def narrow(tensor: torch.Tensor, box: Box) -> torch.Tensor:
         if start != 0 or length != tensor.shape[dim]:
             tensor = tensor.narrow(dim, start, length)
     return tensor
-
-
-def box_view(
-    offset: int, shape: Sequence[int], strides: Sequence[int], box: Box
-) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """The storage view (offset, shape, strides), in elements, of ``box`` within the view
-    (offset, shape, strides): what ``torch.as_strided`` on the storage would take."""
-    if len(box) != len(shape):
-        raise ValueError(f"a {len(box)}-D box for a {len(shape)}-D view")
-    for (start, length), n in zip(box, shape, strict=True):
-        if start < 0 or length < 0 or start + length > n:
-            raise ValueError(f"box {box} does not lie inside shape {tuple(shape)}")
-    start = offset + sum(s * st for (s, _), st in zip(box, strides, strict=True))
-    return start, tuple(n for _, n in box), tuple(strides)
-
-
-def shard_nbytes(pieces: Sequence[Piece], itemsize: int) -> int:
-    """Bytes of the global tensor the pieces hold."""
-    total = 0
-    for piece in pieces:
-        n = 1
-        for _, length in piece.global_box:
-            n *= length
-        total += n
-    return total * itemsize

@@ -1,8 +1,9 @@
 """Loading DTensor models: each rank plans and copies only its own shard.
 
-``planning.build`` hands the DTensor destinations here. Each becomes one
-``Piece`` per box of its local shard (fastckpt.planning.dtensor_geometry): the destination is a
-narrow of ``to_local()``, the source the matching box of the checkpoint tensor's
+``planning.build`` hands the transfers into DTensors here (whole tensors, ``rows``
+cuts, conversion pieces, chunks alike). Each becomes one transfer per box of its
+local shard it meets (fastckpt.planning.dtensor_geometry, transfers.to_shard): the
+destination is a box of ``to_local()``, the source the matching cut of the source
 view, so the copy engine reads exactly those bytes (``exact_reads``: no
 readahead). Every rank computes its plan from metadata alone.
 
@@ -16,17 +17,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
 from fastckpt.errors import CheckpointError
-from fastckpt.planning.dtensor_geometry import Piece as ShardPiece
-from fastckpt.planning.dtensor_geometry import box_view, dtensor_shard, narrow
+from fastckpt.planning.dtensor_geometry import dtensor_shard
 from fastckpt.planning.mapping import RowSelection
-from fastckpt.report import Mismatch
+from fastckpt.planning.transfers import Transfer, View, nbytes, to_boxes, to_shard
 
 
 def _dtensor_class() -> type | None:
@@ -55,99 +55,65 @@ def has_dtensors(model: nn.Module) -> bool:
     return any_dtensor(model.parameters()) or any_dtensor(model.buffers())
 
 
-def _local_view(box: tuple[tuple[int, int], ...]) -> Any:
-    def view(t: torch.Tensor) -> torch.Tensor:
-        local = t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
-        return narrow(local, box)
+def shard_transfers(
+    transfers: list[Transfer], tensor: Any, name: str, stored_view: Callable[[int], View]
+) -> list[Transfer]:
+    """Transfers into the global DTensor ``tensor`` as transfers into this rank's local
+    shard (fastckpt.planning.transfers.to_shard); ``stored_view(handle)`` is a stored tensor's
+    own view."""
+    shard = dtensor_shard(name, tensor)
+    return [
+        local
+        for t in transfers
+        for boxed in to_boxes(t)
+        for local in to_shard(boxed, shard, stored_view(boxed.handle))
+    ]
 
-    return view
 
-
-def source_piece(
-    view: tuple[Any, tuple[int, ...], tuple[int, ...], int],
-    rows: RowSelection | None,
-    piece: ShardPiece,
-) -> tuple[tuple[int, tuple[int, ...], tuple[int, ...]], RowSelection | None]:
-    """The source view (and rows) of ``piece``'s global box, given the checkpoint tensor's
-    view (dtype, shape, strides, storage offset) and the rule's row selection."""
+def whole_source(
+    view: tuple[Any, tuple[int, ...], tuple[int, ...], int], rows: RowSelection | None
+) -> tuple[View | None, RowSelection | None]:
+    """The source view of a whole-tensor copy with ``rows``: a range is part of the view, an
+    index list stays a row selection."""
     _, shape, strides, offset = view
-    box = piece.global_box
-    if rows is None or not shape:
-        return box_view(offset, shape, strides, box), None
-    (start, length), rest = box[0], box[1:]
-    if rows.index is None:
-        # A range: the box's rows are rows start + box start onward of the source.
-        return box_view(offset, shape, strides, ((rows.start + start, length), *rest)), None
-    # An index list: the view keeps every source row; the box picks its entries of the list.
-    sub = RowSelection(index=tuple(rows.index[start : start + length]))
-    return box_view(offset, shape, strides, ((0, shape[0]), *rest)), sub
-
-
-def plan_shards(
-    p: Any,
-    ckpt: Any,
-    entries: list[tuple[int, str, str, int, RowSelection | None, torch.dtype | None]],
-) -> None:
-    """Adds to plan ``p`` the pieces of every sharded destination.
-
-    ``entries``: (group, model name, checkpoint name, handle, rows, via dtype) per
-    DTensor with a source. A global shape that differs from the source's (after
-    rows) is a mismatch, as for plain tensors.
-    """
-    from fastckpt.planning.load_plan import Piece
-
-    assert p._model is not None
-    for group, name, source, handle, rows, via in entries:
-        dt = p._model.tensors[group]
-        view = ckpt._handle_view(handle)
-        src_shape = tuple(view[1])
-        if rows is not None and src_shape:
-            src_shape = rows.shape(src_shape)
-        if src_shape != tuple(dt.shape):
-            p.mismatched.append(Mismatch(name, src_shape, tuple(dt.shape)))
-            continue
-        shard = dtensor_shard(name, dt)
-        for piece in shard.pieces:
-            src_view, sub_rows = source_piece(view, rows, piece)
-            p.pieces.append(
-                Piece(
-                    group, name, source, handle, src_view, _local_view(piece.local), sub_rows, via
-                )
-            )
-        p.sharded.append(name)
-        p.sharded_sources.append(source)
-        p.sharded_groups.append(group)
-        p.local_bytes += sum(_numel(pc.global_box) * view[0].itemsize for pc in shard.pieces)
+    if rows is None or not shape or rows.index is not None:
+        return None, rows
+    n = rows.rows(shape[0])
+    return (offset + rows.start * strides[0], (n, *shape[1:]), tuple(strides)), None
 
 
 def bytes_per_rank(p: Any) -> dict[int, int]:
     """Bytes each global rank reads from the file under this plan, from metadata alone:
-    every rank's shards of the sharded tensors (their pieces at each mesh coordinate)
-    plus the plain tensors, which every rank reads whole."""
+    every rank's cut of the transfers into DTensors (at each mesh coordinate) plus the
+    plain tensors, which every rank reads whole."""
     from fastckpt.planning.dtensor_geometry import pieces_for
 
     assert p._model is not None
-    plain = sum(e.nbytes for e in p.entries())
+    ckpt = p.checkpoint
+    plain = sum(e.nbytes for e in p.entries()) + sum(
+        nbytes(t, _stored(ckpt, t.handle), ckpt._handle_view(t.handle)[0].itemsize)
+        for t in p.pieces
+        if not is_dtensor(p._model.tensors[t.group])
+    )
     out: dict[int, int] = {}
-    for name, source, group in zip(p.sharded, p.sharded_sources, p.sharded_groups, strict=True):
+    for group, transfers in p._global_transfers.items():
         dt = p._model.tensors[group]
-        mesh = dt.device_mesh
-        itemsize = p.checkpoint._handle_view(p.checkpoint._handles()[source])[0].itemsize
-        ranks = mesh.mesh
+        ranks = dt.device_mesh.mesh
         for coordinate in itertools.product(*(range(n) for n in ranks.shape)):
-            shard = pieces_for(name, tuple(dt.shape), tuple(ranks.shape), coordinate, dt.placements)
+            shard = pieces_for("", tuple(dt.shape), tuple(ranks.shape), coordinate, dt.placements)
             rank = int(ranks[coordinate])
-            out[rank] = (
-                out.get(rank, 0) + sum(_numel(pc.global_box) for pc in shard.pieces) * itemsize
+            out[rank] = out.get(rank, 0) + sum(
+                nbytes(local, _stored(ckpt, local.handle), ckpt._handle_view(t.handle)[0].itemsize)
+                for t in transfers
+                for boxed in to_boxes(t)
+                for local in to_shard(boxed, shard, _stored(ckpt, boxed.handle))
             )
     return {rank: n + plain for rank, n in sorted(out.items())}
 
 
-def _numel(box: tuple[tuple[int, int], ...]) -> int:
-    n = 1
-    for _, length in box:
-        n *= length
-    return n
+def _stored(ckpt: Any, handle: int) -> View:
+    _, shape, strides, offset = ckpt._handle_view(handle)
+    return offset, tuple(shape), tuple(strides)
 
 
 def fresh_local(t: Any, dtype: torch.dtype, device: torch.device) -> Any:

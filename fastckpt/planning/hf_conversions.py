@@ -29,6 +29,7 @@ from torch import nn
 
 from fastckpt.errors import CheckpointError
 from fastckpt.planning.mapping import Assignment, MappingPlan, Region, Rope, Select, Span
+from fastckpt.planning.views import read_shape
 
 __all__ = ["HFConversions", "rules_for"]
 
@@ -168,7 +169,7 @@ class HFConversions:
                     f"transformers conversion for model type {self.model_type!r} produces "
                     f"{target or key!r}, which the model does not have"
                 )
-            for pc in syms[0].pieces:
+            for pc in self._halves(syms[0].pieces):
                 out.append(
                     Assignment(
                         target,
@@ -282,6 +283,31 @@ class HFConversions:
             # (a folder save_pretrained wrote) through unchanged
             return state
         raise self._refuse(op, conv, "no strided view expresses it")
+
+    def _halves(self, pieces: tuple[_Piece, ...]) -> list[_Piece]:
+        """A de-interleave along a dim other than rows, as two stepped parts each written into
+        one half of that dim (transfers permute rows only)."""
+        out: list[_Piece] = []
+        for pc in pieces:
+            rope = pc.rope
+            if rope is None or rope.dim == 0 or rope.heads != 1 or not rope.to_halves:
+                out.append(pc)
+                continue
+            read = Assignment("", pc.source, part=pc.part or None, transpose=pc.transpose)
+            shape = read_shape(tuple(self.source_shape(pc.source)), read)
+            d = rope.dim
+            src_dim = (1 - d) if pc.transpose else d
+            half = shape[d] // 2
+            out += [
+                replace(
+                    pc,
+                    part=(*pc.part, Span(src_dim, j, half, 2)),
+                    into=(*pc.into, Span(d, j * half, half)),
+                    rope=None,
+                )
+                for j in (0, 1)
+            ]
+        return out
 
     def _split_part(
         self, op: Any, conv: Any, pc: _Piece, size: int, d: int, at: int, n: int

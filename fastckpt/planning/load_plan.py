@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,16 @@ from fastckpt.planning.destinations import (
     non_persistent_buffers,
     refusal,
 )
-from fastckpt.planning.dtensor_plan import any_dtensor, dtensors_possible, is_dtensor, plan_shards
+from fastckpt.planning.dtensor_plan import (
+    any_dtensor,
+    dtensors_possible,
+    is_dtensor,
+    shard_transfers,
+    whole_source,
+)
 from fastckpt.planning.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.planning.rules import as_rules
+from fastckpt.planning.transfers import Region, Transfer, Transfers, nbytes
 from fastckpt.report import Mismatch, format_groups, group_names
 from fastckpt.source.checkpoint import Checkpoint, Opening
 
@@ -55,31 +62,6 @@ def match(
         list(source_keys), None if target_keys is None else list(target_keys)
     )
     return mapping
-
-
-SourceView = tuple[
-    int, tuple[int, ...], tuple[int, ...]
-]  # storage offset, shape, strides (elements)
-
-
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """One copy into (part of) a model tensor that is not a plain whole-tensor entry:
-    a shard, a stacked expert, a transposed or concatenated source.
-
-    ``dst_view`` maps the destination tensor (the model's own, or the one fastckpt
-    allocated) to the torch view that is written; ``src_view`` replaces the source
-    tensor's own view of its storage (the core checks it stays inside).
-    """
-
-    group: int  # the model tensor (ModelTensors index)
-    target: str  # the model name (labels, report)
-    source: str  # the checkpoint name
-    handle: int  # Checkpoint's handle for the source
-    src_view: SourceView | None = None
-    dst_view: Callable[[torch.Tensor], torch.Tensor] | None = None
-    rows: RowSelection | None = None
-    via: torch.dtype | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +88,7 @@ class LoadPlan:
     """
 
     path: Path
-    loaded: list[str] = field(default_factory=list)  # model names written (one per tie group)
-    sources: list[str] = field(default_factory=list)  # the checkpoint name feeding each
+    loaded: list[str] = field(default_factory=list)  # model names written whole (one per tie group)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[Mismatch] = field(default_factory=list)
@@ -120,7 +101,8 @@ class LoadPlan:
     initialised: list[str] = field(default_factory=list)
     # (model name, what it is): in the checkpoint, but not loadable (a sparse tensor, ...)
     unloadable: list[tuple[str, str]] = field(default_factory=list)
-    pieces: list[Piece] = field(default_factory=list)  # copies into parts of model tensors
+    # Every copy, whole tensors first, then pieces (conversions, chunks, DTensor shards).
+    transfers: Transfers = field(default_factory=lambda: Transfers([], [], [], []))
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
@@ -130,6 +112,11 @@ class LoadPlan:
     sharded_sources: list[str] = field(default_factory=list)
     sharded_groups: list[int] = field(default_factory=list)
     local_bytes: int = 0
+    # (source, model name) of renamed tensors that transfers fill (chunked sources)
+    piece_renames: list[tuple[str, str]] = field(default_factory=list)
+    # DTensor group -> its transfers into the global tensor, before the cut to this rank's
+    # shard (bytes per rank are computed from them)
+    _global_transfers: dict[int, list[Transfer]] = field(default_factory=dict)
     any_sharded: bool = False  # the model has DTensors: load_into's ranks agree before writing
     device: torch.device | None = None
     dtype: torch.dtype | None = None
@@ -137,12 +124,7 @@ class LoadPlan:
     _ckpt: Any = None
     _model: ModelTensors | None = None
     _model_ref: Any = None
-    _groups: list[int] = field(default_factory=list)  # group index per loaded entry
-    _handles: list[int] = field(default_factory=list)  # source handle per loaded entry
-    _targets: Any = None  # _core.Targets of the loaded entries' current tensors
-    _rules: list[str | None] | None = None
-    _rows: list[RowSelection | None] | None = None
-    _vias: list[torch.dtype | None] | None = None
+    _targets: Any = None  # _core.Targets of the whole-tensor copies' current tensors
     _hidden_buffers: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
 
     @property
@@ -151,25 +133,32 @@ class LoadPlan:
         return bool(self.missing or self.unexpected or self.mismatched or self.unloadable)
 
     @property
+    def pieces(self) -> list[Transfer]:
+        """The copies into parts of model tensors (conversions, chunks, DTensor shards)."""
+        return self.transfers.pieces()
+
+    @property
     def checkpoint(self) -> Checkpoint:
         ckpt: Checkpoint = self._ckpt
         return ckpt
 
     def entries(self) -> list[PlanEntry]:
-        """One ``PlanEntry`` per loaded tensor, in model order."""
+        """One ``PlanEntry`` per tensor copied whole, in model order."""
         assert self._model is not None
         ckpt = self._ckpt
         aliases: dict[str, list[str]] = {}
         for alias, via in self.tied:
             aliases.setdefault(via, []).append(alias)
+        tr = self.transfers
+        rules, rows_of = tr.column("rule"), tr.column("rows")
         out = []
-        for k, name in enumerate(self.loaded):
-            handle = self._handles[k]
+        for k in range(tr.whole):
+            handle, name = tr.handle[k], tr.target[k]
             dtype, shape, _, _ = ckpt._handle_view(handle)
-            rows = self._rows[k] if self._rows is not None else None
+            rows = rows_of[k]
             if rows is not None and shape:
                 shape = rows.shape(tuple(shape))
-            dst = self._model.tensors[self._groups[k]]
+            dst = self._model.tensors[tr.group[k]]
             target_dtype = dst.dtype
             if self.dtype is not None and dst.is_floating_point():
                 target_dtype = self.dtype
@@ -179,9 +168,9 @@ class LoadPlan:
             out.append(
                 PlanEntry(
                     name,
-                    self.sources[k],
+                    tr.source[k],
                     ckpt._handle_file(handle),
-                    self._rules[k] if self._rules is not None else None,
+                    rules[k],
                     rows,
                     dtype,
                     target_dtype,
@@ -287,11 +276,11 @@ class LoadPlan:
         console.print(table)
         for f, n in self.bytes_per_file().items():
             console.print(f"  {n / 1e6:10.1f} MB from {f}")
-        if self.sharded:
+        if self._global_transfers:
             from fastckpt.planning.dtensor_plan import bytes_per_rank
 
             console.print(
-                f"  {len(self.sharded)} sharded tensors; this rank reads "
+                f"  {len(self._global_transfers)} sharded tensors; this rank reads "
                 f"{self.local_bytes / 1e6:.1f} MB of them"
             )
             for rank, n in bytes_per_rank(self).items():
@@ -360,6 +349,12 @@ def build(
     dtype: torch.dtype | None,
     exact: bool = False,
 ) -> LoadPlan:
+    """The plan, in stages: open the checkpoint while the model is read (``_open``), match
+    names through the rules (``_match_rules``), pick a source per model tensor
+    (``_candidates``), turn copies into DTensors and from chunked sources into transfers
+    (``_whole_transfers``, ``_cut_to_shards``), check the remaining whole-tensor copies
+    against their destinations (``_check_targets``), then what is unexpected, tied or
+    left on meta."""
     want = torch.device(device) if device is not None else None
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {type(dtype).__name__}")
@@ -367,83 +362,199 @@ def build(
         raise ValueError(
             f"dtype= sets the floating dtype of the model's tensors; {dtype} is not one"
         )
-    # The files are indexed on C++ threads while the model is walked and its
-    # tensors are read here: on a 30k-tensor checkpoint each takes tens of ms.
-    # A rank loading its shards must fetch only their pages, so its headers are
-    # parsed with no readahead. Whether the model has DTensors is known only after
-    # the walk the parsing overlaps; a process that made DTensors has imported
-    # their module, so that decides (a plain load there only loses readahead while parsing).
-    # ``exact``: ranks sharing reads (read="once") fetch only the pages they are given.
+    ckpt, mt, every_target = _open(model, path, key, exact)
+    p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
+    p.any_sharded = any_dtensor(mt.tensors)
+    rules_obj = as_rules(rules)
+    if rules_obj is None:
+        rules_obj = _transformers_rules(model, mt, ckpt)
+    matched = _match_rules(p, mt, ckpt, rules_obj) if rules_obj is not None else None
+    pieces = [] if matched is None else matched.pieces
+    cand = _candidates(p, mt, ckpt, matched)
+    n_cand = len(cand.groups)
+    # Whole-tensor copies that are not plain entries: into DTensors (cut to this rank's
+    # shard below) and from chunked sources (one transfer per chunk).
+    chunked = ckpt._has_chunks()
+    split = (
+        [
+            k
+            for k, g in enumerate(cand.groups)
+            if (p.any_sharded and is_dtensor(mt.tensors[g]))
+            or (chunked and ckpt._chunks(cand.handles[k]) is not None)
+        ]
+        if p.any_sharded or chunked
+        else []
+    )
+    if split:
+        pieces += _whole_transfers(p, ckpt, [cand.entry(k) for k in split])
+        moved = set(split)
+        cand = cand.keep([k for k in range(n_cand) if k not in moved])
+    if p.any_sharded:
+        pieces = _cut_to_shards(p, mt, pieces)
+    _refuse_piece_destinations(p, mt, pieces)
+    cand, targets = _check_targets(p, mt, ckpt, cand, every_target)
+    # Without rules every candidate uses its own, distinct source: when they cover
+    # the whole file, nothing in it is unexpected (no need to look at each key).
+    if matched is None and mt.groups is None and n_cand == len(ckpt):
+        p.unexpected = []
+    else:
+        used = set(mt.all_names()) if matched is None else matched.used_sources
+        ignored = set() if matched is None else matched.ignored_sources
+        p.unexpected = [k for k in ckpt._handles() if k not in used and k not in ignored]
+    p._targets = targets
+    p.transfers = Transfers.of(cand.transfers(), pieces)
+    p.loaded = p.transfers.target[: p.transfers.whole]
+    if mt.groups is not None:
+        p.tied = _ties(mt.groups, cand)
+    _find_meta_leftovers(
+        p,
+        model,
+        mt,
+        set(cand.groups) | {t.group for t in pieces} | set(p._global_transfers),
+        want,
+    )
+    return p
+
+
+def _refuse_piece_destinations(p: LoadPlan, mt: ModelTensors, pieces: list[Transfer]) -> None:
+    """A model tensor that pieces write into parts of must be one fastckpt may write
+    (a DTensor's pieces write its local tensor, which ``dtensor_shard`` checked)."""
+    for g in sorted({t.group for t in pieces}):
+        tensor = mt.tensors[g]
+        if not is_dtensor(tensor) and (why := refusal(mt.group(g)[0], tensor)) is not None:
+            raise CheckpointError(f"{p.path}: {why}")
+
+
+def _open(
+    model: nn.Module, path: PathLike | Checkpoint, key: str | Sequence[str] | None, exact: bool
+) -> tuple[Checkpoint, ModelTensors, Any]:
+    """The checkpoint, the model's tensors, and ``_core.Targets`` of all of them (None when
+    some tensor is not plain: those are read one by one once it is known which are needed).
+
+    The files are indexed on C++ threads while the model is walked and its tensors are
+    read here: on a 30k-tensor checkpoint each takes tens of ms. A rank loading its shards
+    must fetch only their pages, so its headers are parsed with no readahead. Whether the
+    model has DTensors is known only after the walk the parsing overlaps; a process that
+    made DTensors has imported their module, so that decides (a plain load there only
+    loses readahead while parsing). ``exact``: ranks sharing reads (read="once") fetch
+    only the pages they are given."""
     opening = (
         None
         if isinstance(path, Checkpoint)
         else Opening(path, exact_reads=exact or dtensors_possible())
     )
     mt = ModelTensors.of(model)
-    any_sharded = any_dtensor(mt.tensors)
-    names, tensors, groups = mt.names, mt.tensors, mt.groups
-    plain = all_plain(tensors)
-    # Every destination is read now, before the index is waited for; usually all
-    # of them have a source. A tensor fastckpt cannot describe fails only if it is
-    # needed: it is read again, alone with the others needed, below.
     every_target: Any = None
-    if plain:
+    if all_plain(mt.tensors):
         try:
-            every_target = _core.Targets(tensors, DTYPE_NAMES)
+            every_target = _core.Targets(mt.tensors, DTYPE_NAMES)
         except Exception:
             every_target = None
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path, key=key, _opening=opening)
-    p = LoadPlan(path=ckpt.path, device=want, dtype=dtype, _ckpt=ckpt, _model=mt, _model_ref=model)
-    p.any_sharded = any_sharded
+    return ckpt, mt, every_target
 
-    rules_obj = as_rules(rules)
-    if rules_obj is None:
-        rules_obj = _transformers_rules(model, mt, ckpt)
-    ignored_sources: set[str] = set()
-    ignored_targets: set[str] = set()
-    picks: dict[str, Any] | None = None  # rules only; exact names need no pick objects
-    used_sources: Any = None
-    wanted: Any = None  # name -> handle, looked at only when some name is not in the file
-    if rules_obj is not None:
-        target_names = mt.all_names()
-        target_set = set(target_names)
-        entries = ckpt._handles()
-        mapping = match(list(entries), target_names, rules_obj)
-        p.unused_rules = list(mapping.unused_rules)
-        p.ignored = list(mapping.ignored_sources) + list(mapping.ignored_targets)
-        ignored_sources, ignored_targets = (
-            set(mapping.ignored_sources),
-            set(mapping.ignored_targets),
+
+@dataclass
+class _Matched:
+    """What the rules decided: one assignment per model name read whole (``picks``), the
+    conversion pieces, and the checkpoint names used or ignored."""
+
+    picks: dict[str, Any]
+    pieces: list[Transfer]
+    used_sources: set[str]
+    ignored_sources: set[str]
+    ignored_targets: set[str]
+
+
+def _match_rules(p: LoadPlan, mt: ModelTensors, ckpt: Checkpoint, rules_obj: Any) -> _Matched:
+    target_names = mt.all_names()
+    target_set = set(target_names)
+    entries = ckpt._handles()
+    mapping = match(list(entries), target_names, rules_obj)
+    p.unused_rules = list(mapping.unused_rules)
+    p.ignored = list(mapping.ignored_sources) + list(mapping.ignored_targets)
+    plain_assignments, pieces = _add_pieces(p, mt, ckpt, entries, mapping.assignments)
+    out = _Matched(
+        {}, pieces, {t.source for t in pieces}, set(mapping.ignored_sources),
+        set(mapping.ignored_targets),
+    )  # fmt: skip
+    for a in plain_assignments:
+        if a.target not in target_set:
+            raise CheckpointError(
+                f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
+                "which the model does not have"
+            )
+        if a.source not in entries:
+            raise CheckpointError(
+                f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks"
+            )
+        if a.target in out.picks:
+            raise CheckpointError(
+                f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
+                f"{out.picks[a.target].source!r} and {a.source!r}"
+            )
+        out.picks[a.target] = a
+        out.used_sources.add(a.source)
+    return out
+
+
+@dataclass
+class _Candidates:
+    """Model tensors (tie groups) with a whole source, column by column: group, the name
+    written through (``via``), the source's handle, the rule's assignment (None without
+    rules) and the rows the rule takes (None: all)."""
+
+    vias: list[str | None]  # per group of the model
+    groups: list[int]
+    handles: list[int]
+    picks: list[Any] | None
+    dim0: list[int | None] | None
+
+    def keep(self, ks: list[int]) -> _Candidates:
+        return _Candidates(
+            self.vias,
+            [self.groups[k] for k in ks],
+            [self.handles[k] for k in ks],
+            None if self.picks is None else [self.picks[k] for k in ks],
+            None if self.dim0 is None else [self.dim0[k] for k in ks],
         )
-        picks = {}
-        used_sources = set()
-        plain_assignments = _add_pieces(p, mt, ckpt, entries, mapping.assignments)
-        used_sources.update(pc.source for pc in p.pieces)
-        for a in plain_assignments:
-            if a.target not in target_set:
-                raise CheckpointError(
-                    f"{ckpt.path}: rules map {a.source!r} onto {a.target!r}, "
-                    "which the model does not have"
-                )
-            if a.source not in entries:
-                raise CheckpointError(
-                    f"{ckpt.path}: rules read {a.source!r}, which the checkpoint lacks"
-                )
-            if a.target in picks:
-                raise CheckpointError(
-                    f"{ckpt.path}: two checkpoint tensors map onto {a.target!r}: "
-                    f"{picks[a.target].source!r} and {a.source!r}"
-                )
-            picks[a.target] = a
-            used_sources.add(a.source)
-        wanted = picks
 
-    # Per group, the name written through: for tied names the last one (state_dict
-    # order) with a source, so the result equals load_state_dict's, which copies
-    # each name in turn. The common case (plain names, no ties, every name in the
-    # file) stays in C-level loops: this is per-tensor work for 30k-tensor models.
+    def entry(self, k: int) -> tuple[int, str, str, int, RowSelection | None, torch.dtype | None]:
+        """(group, model name, checkpoint name, handle, rows, via dtype) of candidate ``k``."""
+        via = self.vias[self.groups[k]]
+        assert via is not None
+        a = None if self.picks is None else self.picks[k]
+        return (
+            self.groups[k], via, via if a is None else a.source, self.handles[k],
+            None if a is None else a.rows, None if a is None else a.dtype,
+        )  # fmt: skip
+
+    def transfers(self) -> Transfers:
+        """The whole-tensor copies, as the first columns of the plan's transfer list."""
+        targets = [self.vias[g] for g in self.groups]
+        if self.picks is None:
+            return Transfers(self.groups, self.handles, targets, targets)  # type: ignore[arg-type]
+        picks = self.picks
+        return Transfers(
+            self.groups, self.handles, targets, [a.source for a in picks],  # type: ignore[arg-type]
+            [a.rule for a in picks], [a.rows for a in picks], [a.dtype for a in picks],
+        )  # fmt: skip
+
+
+def _candidates(
+    p: LoadPlan, mt: ModelTensors, ckpt: Checkpoint, matched: _Matched | None
+) -> _Candidates:
+    """Per tie group, the name written through and its source; what has none is missing.
+
+    For tied names the last one (state_dict order) with a source, so the result equals
+    load_state_dict's, which copies each name in turn. The common case (plain names, no
+    ties, every name in the file) stays in C-level loops: this is per-tensor work for
+    30k-tensor models."""
+    names, groups = mt.names, mt.groups
     vias: list[str | None]
-    locs = ckpt._find_all(names) if picks is None and groups is None else None
+    locs = ckpt._find_all(names) if matched is None and groups is None else None
+    # name -> handle (or assignment), looked at only when some name is not in the file
+    wanted: Any = None if matched is None else matched.picks
     if locs is not None and None not in locs:
         vias = names  # type: ignore[assignment]
         cand: list[int] = list(range(len(names)))
@@ -455,121 +566,184 @@ def build(
         else:
             vias = [next((n for n in reversed(g) if n in wanted), None) for g in groups]
         cand = [g for g, via in enumerate(vias) if via is not None]
+        ignored = set() if matched is None else matched.ignored_targets
         for g, via in enumerate(vias):
             if via is None:
-                p.missing += [n for n in mt.group(g) if n not in ignored_targets]
+                p.missing += [n for n in mt.group(g) if n not in ignored]
     if p.missing and (present := ckpt.unloadable()):
         p.unloadable = [(n, present[n]) for n in p.missing if n in present]
         p.missing = [n for n in p.missing if n not in present]
-    if p.loaded_by_pieces:
-        by_pieces = {n for pc in p.pieces for n in mt.group(pc.group)}
+    if matched is not None and matched.pieces:
+        by_pieces = {n for t in matched.pieces for n in mt.group(t.group)}
         p.missing = [n for n in p.missing if n not in by_pieces]
-    cand_picks: list[Any] | None = None
-    if picks is None:
+    if matched is None:
         if locs is not None and len(cand) == len(locs):
-            cand_sources: list[int] = locs  # type: ignore[assignment]  # every name was found
+            handles: list[int] = locs  # type: ignore[assignment]  # every name was found
         else:
-            cand_sources = [wanted[vias[g]] for g in cand]
-        dim0 = None
-    else:
-        cand_picks = [picks[vias[g]] for g in cand]  # type: ignore[index]
-        cand_sources = [entries[a.source] for a in cand_picks]
-        dim0 = [
-            None
-            if a.rows is None or not (shape := ckpt._handle_shape(h))
-            else a.rows.rows(shape[0])
-            for a, h in zip(cand_picks, cand_sources, strict=True)
-        ]
-    n_cand = len(cand)
-    if any_sharded:
-        # DTensors are copied shard by shard (pieces); the rest as whole tensors.
-        split = [k for k, g in enumerate(cand) if is_dtensor(tensors[g])]
-        plan_shards(
-            p,
-            ckpt,
-            [
-                (
-                    cand[k],
-                    vias[cand[k]],  # type: ignore[misc]
-                    vias[cand[k]] if cand_picks is None else cand_picks[k].source,
-                    cand_sources[k],
-                    None if cand_picks is None else cand_picks[k].rows,
-                    None if cand_picks is None else cand_picks[k].dtype,
-                )
-                for k in split
-            ],
-        )
-        keep_plain = [k for k in range(len(cand)) if not is_dtensor(tensors[cand[k]])]
-        cand = [cand[k] for k in keep_plain]
-        cand_sources = [cand_sources[k] for k in keep_plain]
-        if cand_picks is not None:
-            cand_picks = [cand_picks[k] for k in keep_plain]
-        if dim0 is not None:
-            dim0 = [dim0[k] for k in keep_plain]
-    if every_target is None:
-        targets = _read_targets(ckpt.path, [tensors[g] for g in cand], [vias[g] for g in cand])
-    else:
-        targets = every_target if len(cand) == len(tensors) else every_target.subset(cand)
-    for k in targets.lazy_views():
-        g = cand[k]
-        raise CheckpointError(f"{ckpt.path}: {refusal(str(vias[g]), tensors[g])}")
-    bad = targets.mismatched(ckpt._core_indexes, cand_sources, dim0)
-    if bad:
-        for k in bad:
-            g, h = cand[k], cand_sources[k]
-            p.mismatched.append(
-                Mismatch(str(vias[g]), ckpt._handle_shape(h), tuple(tensors[g].shape))
-            )
-        bad_set = set(bad)
-        keep = [k for k in range(len(cand)) if k not in bad_set]
-        targets = targets.subset(keep)
-        loadable = [cand[k] for k in keep]
-        sources = [cand_sources[k] for k in keep]
-        if cand_picks is not None:
-            cand_picks = [cand_picks[k] for k in keep]
-    else:
-        loadable, sources = cand, cand_sources
-    # Without rules every candidate uses its own, distinct source: when they cover
-    # the whole file, nothing in it is unexpected (no need to look at each key).
-    if picks is None and groups is None and n_cand == len(ckpt):
-        p.unexpected = []
-    else:
-        if used_sources is None:
-            used_sources = set(mt.all_names())
-        p.unexpected = [
-            k for k in ckpt._handles() if k not in used_sources and k not in ignored_sources
-        ]
+            handles = [wanted[vias[g]] for g in cand]
+        return _Candidates(vias, cand, handles, None, None)
+    entries = ckpt._handles()
+    picks = [wanted[vias[g]] for g in cand]
+    handles = [entries[a.source] for a in picks]
+    dim0 = [
+        None if a.rows is None or not (shape := ckpt._handle_shape(h)) else a.rows.rows(shape[0])
+        for a, h in zip(picks, handles, strict=True)
+    ]
+    return _Candidates(vias, cand, handles, picks, dim0)
 
-    p._groups = loadable
-    p._handles = sources
-    p._targets = targets
-    p.loaded = [vias[g] for g in loadable]  # type: ignore[misc]
-    if cand_picks is None:
-        p.sources = p.loaded
+
+def _check_targets(
+    p: LoadPlan, mt: ModelTensors, ckpt: Checkpoint, cand: _Candidates, every_target: Any
+) -> tuple[_Candidates, Any]:
+    """The whole-tensor copies whose destination fits: ``_core.Targets`` of them; refuses a
+    destination fastckpt must not write, reports shape mismatches."""
+    tensors, vias = mt.tensors, cand.vias
+    if every_target is None:
+        targets = _read_targets(
+            ckpt.path, [tensors[g] for g in cand.groups], [vias[g] for g in cand.groups]
+        )
+    elif len(cand.groups) == len(tensors):
+        targets = every_target
     else:
-        p.sources = [a.source for a in cand_picks]
-        p._rules = [a.rule for a in cand_picks]
-        p._rows = [a.rows for a in cand_picks]
-        p._vias = [a.dtype for a in cand_picks]
-    if groups is not None:
-        # Loaded groups first, then unloaded ones, as the report always listed them.
-        loaded_set = set(loadable)
-        p.tied = [
-            (n, via)
-            for g in loadable
-            if (via := vias[g]) is not None
-            for n in groups[g]
-            if n != via
-        ] + [
-            (n, groups[g][0])
-            for g in range(len(groups))
-            if g not in loaded_set and vias[g] is None
-            for n in groups[g][1:]
-        ]
-    _find_meta_leftovers(
-        p, model, mt, set(loadable) | {pc.group for pc in p.pieces} | set(p.sharded_groups), want
-    )
-    return p
+        targets = every_target.subset(cand.groups)
+    for k in targets.lazy_views():
+        g = cand.groups[k]
+        raise CheckpointError(f"{ckpt.path}: {refusal(str(vias[g]), tensors[g])}")
+    bad = targets.mismatched(ckpt._core_indexes, cand.handles, cand.dim0)
+    if not bad:
+        return cand, targets
+    for k in bad:
+        g, h = cand.groups[k], cand.handles[k]
+        p.mismatched.append(Mismatch(str(vias[g]), ckpt._handle_shape(h), tuple(tensors[g].shape)))
+    bad_set = set(bad)
+    keep = [k for k in range(len(cand.groups)) if k not in bad_set]
+    return cand.keep(keep), targets.subset(keep)
+
+
+def _ties(groups: list[list[str]], cand: _Candidates) -> list[tuple[str, str]]:
+    """(alias, name written through) per tied name: loaded groups first, then unloaded ones,
+    as the report always listed them."""
+    loaded = set(cand.groups)
+    vias = cand.vias
+    return [
+        (n, via) for g in cand.groups if (via := vias[g]) is not None for n in groups[g] if n != via
+    ] + [
+        (n, groups[g][0])
+        for g in range(len(groups))
+        if g not in loaded and vias[g] is None
+        for n in groups[g][1:]
+    ]
+
+
+def _whole_transfers(
+    p: LoadPlan,
+    ckpt: Checkpoint,
+    entries: list[tuple[int, str, str, int, RowSelection | None, torch.dtype | None]],
+) -> list[Transfer]:
+    """Transfers for whole-tensor copies into DTensors or from chunked sources: (group, model
+    name, checkpoint name, handle, rows, via dtype) each. A global shape that differs from
+    the source's (after rows) is a mismatch, as for plain tensors. Those into DTensors go
+    to ``p._global_transfers``; the others are returned."""
+    assert p._model is not None
+    out: list[Transfer] = []
+    for group, name, source, handle, rows, via in entries:
+        dst = p._model.tensors[group]
+        view = ckpt._handle_view(handle)
+        src_shape = tuple(view[1])
+        if rows is not None and src_shape:
+            src_shape = rows.shape(src_shape)
+        if src_shape != tuple(dst.shape):
+            p.mismatched.append(Mismatch(name, src_shape, tuple(dst.shape)))
+            continue
+        chunks = ckpt._chunks(handle)
+        if chunks is None:
+            src_view, sub_rows = whole_source(view, rows)
+            transfers = [Transfer(group, name, source, handle, src_view, None, sub_rows, via)]
+        else:
+            transfers = _chunk_transfers(ckpt, group, name, source, handle, chunks, rows, via)
+        if is_dtensor(dst):
+            p._global_transfers[group] = transfers
+            p.sharded.append(name)
+            p.sharded_sources.append(source)
+            p.sharded_groups.append(group)
+        else:
+            out += transfers
+            p.loaded_by_pieces.append(name)
+            if source != name:
+                p.piece_renames.append((source, name))
+    return out
+
+
+def _chunk_transfers(
+    ckpt: Checkpoint,
+    group: int,
+    name: str,
+    source: str,
+    handle: int,
+    chunks: list[Any],
+    rows: RowSelection | None,
+    via: torch.dtype | None,
+) -> list[Transfer]:
+    """One transfer per stored chunk of ``source`` (its logical ``handle``) that the copy,
+    rows included, reads."""
+    if rows is not None and rows.index is not None:
+        raise CheckpointError(
+            f"{ckpt.path}: rules take listed rows of {source!r}, which is stored in "
+            f"{len(chunks)} chunks; a rows[@file] index list needs a tensor stored whole"
+        )
+    out = []
+    for chunk in chunks:
+        _, _, strides, offset = ckpt._handle_view(chunk.handle)
+        box = list(zip(chunk.offsets, chunk.sizes, strict=True))
+        skip = 0
+        if rows is not None and box:
+            start, length = box[0]
+            first = rows.start
+            stop = first + rows.rows(ckpt._handle_shape(handle)[0])
+            lo, hi = max(start, first), min(start + length, stop)
+            if lo >= hi:
+                continue
+            skip = lo - start
+            box[0] = (lo - first, hi - lo)
+        out.append(
+            Transfer(
+                group,
+                name,
+                source,
+                chunk.handle,
+                (offset + skip * (strides[0] if strides else 0), tuple(n for _, n in box),
+                 tuple(strides)),
+                Region(tuple(box)),
+                None,
+                via,
+            )
+        )
+    return out
+
+
+def _cut_to_shards(p: LoadPlan, mt: ModelTensors, pieces: list[Transfer]) -> list[Transfer]:
+    """Transfers into DTensors (conversion pieces here, whole-tensor copies already in
+    ``p._global_transfers``) become transfers into this rank's local shard; the global
+    ones are kept for bytes per rank. Returns the pieces with those cut."""
+    ckpt = p.checkpoint
+
+    def stored(handle: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        _, shape, strides, offset = ckpt._handle_view(handle)
+        return offset, tuple(shape), tuple(strides)
+
+    out: list[Transfer] = []
+    for t in pieces:
+        if is_dtensor(mt.tensors[t.group]):
+            p._global_transfers.setdefault(t.group, []).append(t)
+        else:
+            out.append(t)
+    for group, transfers in p._global_transfers.items():
+        local = shard_transfers(transfers, mt.tensors[group], transfers[0].target, stored)
+        out += local
+        p.local_bytes += sum(
+            nbytes(t, stored(t.handle), ckpt._handle_view(t.handle)[0].itemsize) for t in local
+        )
+    return out
 
 
 def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) -> Any:
@@ -590,11 +764,11 @@ def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) ->
 
 def _add_pieces(
     p: LoadPlan, mt: ModelTensors, ckpt: Checkpoint, handles: dict[str, int], assignments: list[Any]
-) -> list[Any]:
+) -> tuple[list[Any], list[Transfer]]:
     """Assignments that convert (a region, a transpose, a row permutation, several sources
-    for one target) become ``p.pieces``, checked before anything is written; the plain
-    whole-tensor ones are returned."""
-    from fastckpt.planning.views import check_parts, source_view, target_view
+    for one target) become transfers, checked before anything is written; returns the plain
+    whole-tensor assignments and the transfers."""
+    from fastckpt.planning.views import check_parts, source_view, target_region
 
     count: dict[str, int] = {}
     for a in assignments:
@@ -606,8 +780,9 @@ def _add_pieces(
             converting.setdefault(a.target, []).append(a)
         else:
             plain.append(a)
+    pieces: list[Transfer] = []
     if not converting:
-        return plain
+        return plain, pieces
     group_of = (
         {n: g for g, n in enumerate(mt.names)}
         if mt.groups is None
@@ -639,22 +814,23 @@ def _add_pieces(
         for a in asgs:
             h = handles[a.source]
             _, shape, strides, offset = ckpt._handle_view(h)
-            p.pieces.append(
-                Piece(
+            pieces.append(
+                Transfer(
                     g,
                     target,
                     a.source,
                     h,
                     source_view(offset, tuple(shape), tuple(strides), a),
-                    lambda t, a=a: target_view(t, a),  # type: ignore[misc]
+                    target_region(target, tuple(mt.tensors[g].shape), a),
                     None,  # rows are part of the source view
                     a.dtype,
+                    a.rule,
                 )
             )
         p.loaded_by_pieces.append(target)
         if asgs[0].rule is not None:
             p.piece_rules[target] = asgs[0].rule
-    return plain
+    return plain, pieces
 
 
 def _first_rows(a: Any) -> bool:
@@ -672,12 +848,16 @@ def _find_meta_leftovers(
     from fastckpt.planning.hf_conversions import is_transformers_model
     from fastckpt.planning.hf_model import fillable, recomputed
 
-    left = [
-        name
-        for g, t in enumerate(mt.tensors)
-        if g not in loaded and t.is_meta
-        for name in mt.group(g)
-    ]
+    left = (
+        []
+        if len(loaded) == len(mt.tensors)  # every tensor gets values
+        else [
+            name
+            for g, t in enumerate(mt.tensors)
+            if g not in loaded and t.is_meta
+            for name in mt.group(g)
+        ]
+    )
     # Parameters save_pretrained leaves out for from_pretrained to recompute: filled
     # as the non-persistent buffers are (fastckpt.planning.hf_model), not missing.
     if again := set(recomputed(model, p.missing)):
@@ -745,4 +925,4 @@ def _read_targets(path: Path, tensors: list[torch.Tensor], names: list[Any]) -> 
         raise
 
 
-__all__ = ["LoadPlan", "Piece", "PlanEntry", "match", "plan"]
+__all__ = ["LoadPlan", "PlanEntry", "Transfer", "match", "plan"]

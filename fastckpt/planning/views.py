@@ -27,11 +27,19 @@ import torch
 
 from fastckpt.errors import CheckpointError
 from fastckpt.planning.mapping import Assignment, Rope, Select, Span, regions
+from fastckpt.planning.transfers import Region, View
 
-__all__ = ["View", "check_parts", "dense_strides", "read_shape", "source_view", "target_view"]
+__all__ = [
+    "View",
+    "check_parts",
+    "dense_strides",
+    "read_shape",
+    "source_view",
+    "target_region",
+    "target_view",
+]
 
 Shape = tuple[int, ...]
-View = tuple[int, Shape, Shape]  # (offset, shape, strides), in elements
 
 
 def dense_strides(shape: Sequence[int]) -> Shape:
@@ -179,10 +187,36 @@ def target_view(tensor: torch.Tensor, asg: Assignment) -> torch.Tensor:
     return out
 
 
-Box = tuple[tuple[int, int], ...]  # [start, stop) per dim of the target
+Bounds = tuple[tuple[int, int], ...]  # [start, stop) per dim of the target (a Box: (start, length))
 
 
-def _box(target: str, shape: Shape, asg: Assignment) -> tuple[Box, Shape]:
+def target_region(target: str, shape: Shape, asg: Assignment) -> Region:
+    """Where ``asg`` writes in a target of ``shape``, as the transfer's ``Region``: the box of
+    ``asg.into`` (checked as ``into_box`` checks it), the dims its selects drop, and the rows
+    split by a rotary permutation."""
+    box, region_shape = into_box(target, shape, asg)
+    left = list(range(len(shape)))
+    for r in regions(asg.into):
+        if isinstance(r, Select):
+            del left[r.dim]
+    drop = tuple(d for d in range(len(shape)) if d not in left)
+    split = None
+    if asg.rope is not None:
+        if not region_shape:
+            raise CheckpointError(f"{_where(asg)}: a rotary permutation of a 0-D target")
+        if asg.rope.dim != 0:
+            # a de-interleave along another dim is two stepped parts (hf_conversions); this
+            # one (an interleave back, or heads) has no transfer
+            raise CheckpointError(
+                f"{_where(asg)}: a permutation along dim {asg.rope.dim} is not a transfer"
+            )
+        _head_dim, half = _rope_split(region_shape, asg.rope, asg)
+        split = (asg.rope.heads, 2, half) if asg.rope.to_halves else (asg.rope.heads, half, 2)
+    return Region(tuple((lo, hi - lo) for lo, hi in box), drop, split)
+
+
+
+def into_box(target: str, shape: Shape, asg: Assignment) -> tuple[Bounds, Shape]:
     """Where ``asg.into`` lies in the target, and the shape of that region."""
     box = [(0, n) for n in shape]
     left = list(range(len(shape)))  # the target dims the region still has
@@ -212,14 +246,14 @@ def _box(target: str, shape: Shape, asg: Assignment) -> tuple[Box, Shape]:
     return tuple(box), tuple(box[d][1] - box[d][0] for d in left)
 
 
-def _volume(box: Box) -> int:
+def _volume(box: Bounds) -> int:
     n = 1
     for lo, hi in box:
         n *= hi - lo
     return n
 
 
-def _overlap(a: Box, b: Box) -> bool:
+def _overlap(a: Bounds, b: Bounds) -> bool:
     return all(lo1 < hi2 and lo2 < hi1 for (lo1, hi1), (lo2, hi2) in zip(a, b, strict=True))
 
 
@@ -256,7 +290,7 @@ def check_parts(
             f"{target}: several sources for one target ({_names(asgs)}); "
             "a stack or concatenation names each source's region"
         )
-    boxes = {id(a): _box(target, tshape, a) for a in asgs}
+    boxes = {id(a): into_box(target, tshape, a) for a in asgs}
     if source_shapes is not None:
         for a in asgs:
             if a.source not in source_shapes:
@@ -324,7 +358,7 @@ def check_parts(
 
 
 def _check_boxes(
-    target: str, shape: Shape, asgs: Sequence[Assignment], boxes: Mapping[int, Box]
+    target: str, shape: Shape, asgs: Sequence[Assignment], boxes: Mapping[int, Bounds]
 ) -> list[Span]:
     """Pieces with nested regions: pairwise disjoint, and together the whole target."""
     ordered = sorted(asgs, key=lambda a: (boxes[id(a)], a.source))

@@ -40,6 +40,7 @@ import torch
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES, to_torch
 from fastckpt.errors import CheckpointError
+from fastckpt.source.remote import RemoteOpening, is_url
 
 STATE_DICT_KEYS = (
     "state_dict",
@@ -187,6 +188,12 @@ class Opening:
     def __init__(self, path: PathLike, *, exact_reads: bool = False):
         # exact_reads: parse with no readahead, so a rank reading its shard
         # fetches the headers' pages and nothing around them.
+        self.remote: RemoteOpening | None = None
+        if is_url(path):  # s3://, gs://, az://, http(s)://: headers fetched, then indexed
+            self.remote = RemoteOpening(str(path))
+            self.path: Path = self.remote.path
+            self.files: list[Path] = list(self.remote.paths)
+            return
         self.path = Path(path)
         self.files = resolve_files(path)
         self._pending = _core.start_open(
@@ -194,11 +201,15 @@ class Opening:
         )
 
     def wait(self) -> list[_core.FileIndex]:
+        if self.remote is not None:
+            return self.remote.wait()
         return self._pending.wait()
 
 
 class Checkpoint:
     """A checkpoint opened for reading. Use as a context manager or call ``close()``."""
+
+    _remote: RemoteOpening | None = None  # set for a URL's checkpoint (source.remote)
 
     def __init__(
         self,
@@ -211,6 +222,9 @@ class Checkpoint:
         self.path = opening.path
         self.files: list[Path] = opening.files
         self._indexes = opening.wait()
+        # A remote checkpoint's indexes are over memory files holding only the bytes
+        # fetched so far: loads and tensor() fetch what they read (source.remote).
+        self._remote = opening.remote
         self._buffers: dict[int, torch.Tensor] = {}
         self.format = self._indexes[0].format
         self._file_names = [str(f) for f in self.files]
@@ -285,6 +299,10 @@ class Checkpoint:
     def _handles(self) -> dict[str, int]:
         """Picked name -> source handle."""
         return self._entries
+
+    def _has_chunks(self) -> bool:
+        """Whether any tensor is stored in chunks (``_chunks``); asked once per plan."""
+        return False
 
     def _chunks(self, handle: int) -> list[Chunk] | None:
         """The stored chunks of a logical tensor; None for a tensor stored whole (every
@@ -464,6 +482,12 @@ class Checkpoint:
         dtype = to_torch(view.dtype)
         if math.prod(shape) == 0:
             return torch.empty(shape, dtype=dtype), False
+        if self._remote is not None:
+            # A copy: the memory file's pages are reused and released by loads.
+            raw = torch.frombuffer(self._remote.fetch_tensor(fi, foff, foff + nbytes),
+                                   dtype=torch.uint8)  # fmt: skip
+            typed = raw.view(dtype)
+            return typed.as_strided(shape, view.strides, view.storage_offset), False
         raw = self._file_bytes(fi)[foff : foff + nbytes]
         aligned = foff % dtype.itemsize == 0
         if not aligned:
@@ -491,6 +515,9 @@ class Checkpoint:
 
 
 def open(path: PathLike, *, key: str | Sequence[str] | None = None) -> Checkpoint:
-    """Open a checkpoint file, shard index or model folder; reads metadata only."""
+    """Open a checkpoint file, shard index or model folder; reads metadata only.
+
+    ``path`` may be a URL (``s3://bucket/key``, ``gs://``, ``az://``, ``https://``, a
+    folder when it ends in ``/``): its headers are fetched with ranged reads."""
     return Checkpoint(path, key=key)
 

@@ -13,8 +13,9 @@ tensors, concatenations of them, and exact transposes, when names and shapes pro
 - ``cat[...]`` of plain tensors: the sources of a layer (same trailing shape)
   whose distinguishing words the target's name lists (``q``, ``k``, ``v`` in
   ``qkv_proj``), in that order, their rows adding up to the target's.
-- ``transpose``: a source of shape (a, b), a != b, and a target of shape (b, a),
-  each the only one of its shape left in its layer.
+- ``transpose``: a source of shape (a, b), a != b, and a target of shape (b, a):
+  the same name (a source whose name is a model key is never read into another
+  key), or each the only one of its shape left in its layer.
 
 Every proposed line is checked by planning it over all the keys: it must give
 exactly the intended pieces, or its layer numbers are written out.
@@ -23,7 +24,7 @@ exactly the intended pieces, or its layer numbers are written out.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fastckpt.planning.mapping import Select, Span, regions
 from fastckpt.planning.rules import Rules
@@ -32,7 +33,7 @@ from fastckpt.suggest.pairing import SYNONYMS
 Shape = tuple[int, ...]
 Piece = tuple[str, str, tuple]  # (target, source, into regions)
 
-__all__ = ["suggest_conversions"]
+__all__ = ["generalise", "suggest_conversions"]
 
 
 def _digits(key: str) -> list[int]:
@@ -98,13 +99,38 @@ def _order_in(target: str, words: list[str], letters: set[str]) -> list[int] | N
 
 
 def suggest_conversions(
-    sources: Mapping[str, Shape], targets: Mapping[str, Shape]
-) -> tuple[list[str], set[str], set[str]]:
-    """(rules lines, sources used, targets filled) for the unexplained keys given."""
+    sources: Mapping[str, Shape],
+    targets: Mapping[str, Shape],
+    bound: Mapping[str, str] | None = None,
+    keys: Sequence[str] | None = None,
+) -> tuple[list[str], set[str], set[str], dict[str, str]]:
+    """(rules lines, sources used, targets filled, {source: target} read transposed) for
+    the unexplained keys given.
+
+    A ``bound`` source (``{source: model key}``: its own name, as the chosen renaming
+    writes it, is a model key; it feeds that key or nothing) is only ever read into
+    that key, transposed when its shape is the key's transposed, and that key is
+    fed by nothing else; ``keys``: every checkpoint key (the lines are checked over
+    them all), by default the sources given.
+    """
     pieces: list[Piece] = []
     lines: list[str] = []
     used: set[str] = set()
     filled: set[str] = set()
+    transposed: dict[str, str] = {}
+    all_keys = list(sources) if keys is None else list(keys)
+    bound = bound or {}
+    for s, t in sorted(bound.items()):
+        sh, th = sources.get(s), targets.get(t)
+        if sh is not None and th is not None and len(sh) == 2 and sh[0] != sh[1]:
+            if th == (sh[1], sh[0]):
+                pieces.append((t, s, ()))
+                lines.append(f"{s} -> {t} transpose")
+                used.add(s)
+                filled.add(t)
+                transposed[s] = t
+    sources = {s: sh for s, sh in sources.items() if s not in bound}
+    targets = {t: sh for t, sh in targets.items() if t not in set(bound.values())}
     fams = _families(sources)
     by_layer: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for t, (_, keys) in fams.items():
@@ -198,17 +224,18 @@ def suggest_conversions(
         sh = targets[t]
         if len(sh) == 2 and sh[0] != sh[1]:
             groups[(_layer(t), (sh[1], sh[0]))][1].append(t)
-    for (_, shape), (ss, ts) in groups.items():
-        plain = [t for t in t_left if targets[t] == shape]
+    for (layer, shape), (ss, ts) in groups.items():
+        plain = [t for t in t_left if targets[t] == shape and _layer(t) == layer]
         if len(ss) == 1 and len(ts) == 1 and not plain:
             pieces.append((ts[0], ss[0], ()))
             lines.append(f"{ss[0]} -> {ts[0]} transpose")
             used.add(ss[0])
             filled.add(ts[0])
-    return _generalise(lines, pieces, list(sources)), used, filled
+            transposed[ss[0]] = ts[0]
+    return generalise(lines, pieces, all_keys), used, filled, transposed
 
 
-def _generalise(lines: list[str], pieces: list[Piece], keys: list[str]) -> list[str]:
+def generalise(lines: list[str], pieces: list[Piece], keys: list[str]) -> list[str]:
     """Layer numbers as {i} where that plans exactly the intended pieces, else as written."""
     want = set(pieces)
 

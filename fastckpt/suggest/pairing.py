@@ -128,18 +128,33 @@ def pair_by_shape(
     targets: Mapping[str, Shape],
     used: set[str],
     taken: set[str],
+    bound: Mapping[str, str] | None = None,
 ) -> Pairs:
     """Pairs among sources not in ``used`` and targets not in ``taken`` (neither is changed).
 
     Groups are keyed by layer numbers and shape; a group of one source and one
     target pairs, a larger one pairs only what ``name_pairs`` proves. Neither
-    depends on the order of the keys.
+    depends on the order of the keys. A ``bound`` source (``{source: model key}``:
+    its own name, or that name renamed by the chosen prefix rule, is a model key
+    nothing else feeds) pairs only with that key, and that key with nothing else:
+    a shape that happens to fit another model key is no evidence (GPT-2's ``c_fc`` / ``c_proj``,
+    ``[768, 3072]`` / ``[3072, 768]``, fit each other's transposed shapes).
     """
     pairs: Pairs = {}
     for key_of, cut in _PASSES:
         s_left = [s for s in sources if s not in used and s not in pairs]
         paired = {t for t, _ in pairs.values()}
         t_left = [t for t in targets if t not in taken and t not in paired]
+        bound = bound or {}
+        for s in [s for s in s_left if s in bound]:
+            t = bound[s]
+            same = key_of(s, sources[s])[1:] == key_of(t, targets[t])[1:]  # shape and tail
+            if t in t_left and same and (not cut or sources[s][0] > targets[t][0]):
+                pairs[s] = (t, targets[t][0] if cut else None)
+                t_left.remove(t)
+        # A model key the checkpoint has a key for is that key's to fill.
+        s_left = [s for s in s_left if s not in bound]
+        t_left = [t for t in t_left if t not in set(bound.values())]
         groups: dict[tuple, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
         for s in s_left:
             if (sources[s] or not cut) and not _is_parametrization(s):

@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from rich import box
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported when something is printed, not by `import fastckpt`
+    from rich.console import Console, ConsoleOptions, RenderResult
 
 # The terminal table: a rule under the header, no outer border, columns apart by
 # one padding character each side of a blank separator: 3 characters between two.
@@ -86,6 +85,10 @@ class Listing:
         return self._widths(width) is not None
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
         kept = self._kept()
         widths = self._widths(options.max_width)
         if widths is not None:

@@ -1,0 +1,137 @@
+"""``read="pread"``: large parallel ``pread``s into memory instead of faulting a mapping.
+
+On a network filesystem (NFS, Lustre, CIFS/SMB, FUSE mounts, ...) a mapping is
+filled one page fault at a time, each a round trip. There the runs a load reads
+are instead read with ``preadv`` calls of up to 8 MiB on several threads (the GIL
+is released while each waits) into a memory file of the checkpoint file's size,
+at the same offsets, and the copy engine runs over that memory file with the
+checkpoint's own index (``FileIndex.over``), window by window as for a remote
+checkpoint (fastckpt.load.remote_reads). ``read="own"`` (the default) picks this
+by itself when the checkpoint's files lie on such a filesystem (/proc/self/mountinfo).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastckpt.errors import CheckpointError
+
+PAGE = mmap.PAGESIZE
+PART = 8 << 20
+THREADS = 16
+# Filesystem types (as /proc/self/mountinfo names them) where pages come over a network.
+NETWORK_FS = frozenset({
+    "nfs", "nfs4", "lustre", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "gpfs",
+    "beegfs", "9p", "afs", "orangefs", "pvfs2", "wekafs", "virtiofs",
+})  # fmt: skip
+
+
+def mounts(text: str | None = None) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of each mount, from /proc/self/mountinfo's format."""
+    if text is None:
+        try:
+            text = Path("/proc/self/mountinfo").read_text(encoding="utf-8")
+        except OSError:
+            return []
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+        out.append((point, right.split()[0]))
+    return out
+
+
+def filesystem_type(
+    path: str | os.PathLike[str], table: list[tuple[str, str]] | None = None
+) -> str:
+    """The type of the filesystem holding ``path`` (the longest mount point above it)."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for point, fstype in mounts() if table is None else table:
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def on_network_fs(path: str | os.PathLike[str], table: list[tuple[str, str]] | None = None) -> bool:
+    kind = filesystem_type(path, table)
+    return kind in NETWORK_FS or kind == "fuse" or kind.startswith(("fuse.", "fuseblk"))
+
+
+class _Stamp:
+    def __init__(self, st: os.stat_result):
+        self.size, self.mtime, self.ino = st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class PreadFile:
+    """One local checkpoint file read with preads into a memory file of its size (the
+    interface of source.remote.RemoteFile that load.remote_reads uses)."""
+
+    def __init__(self, path: str, size: int):
+        self.url = path
+        self.size = size
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.stamp = _Stamp(os.fstat(self.fd))
+        self.mem = os.memfd_create("fastckpt-pread", os.MFD_CLOEXEC)
+        os.ftruncate(self.mem, size)
+        self.map = mmap.mmap(self.mem, size) if size else None
+        self.freed = 0
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.mem}"
+
+    def check_unchanged(self) -> None:
+        now = _Stamp(os.stat(self.url))
+        if (now.size, now.mtime, now.ino) != (self.stamp.size, self.stamp.mtime, self.stamp.ino):
+            raise CheckpointError(f"{self.url}: the file changed since it was opened; refused")
+
+    def fetch(self, runs: list[tuple[int, int]]) -> int:
+        parts = [(s, min(e, s + PART)) for s, e in runs for s in range(s, e, PART)]
+        if not parts or self.map is None:
+            return 0
+        with memoryview(self.map) as whole, ThreadPoolExecutor(min(THREADS, len(parts))) as ex:
+            for _ in ex.map(lambda r: self._read(whole, *r), parts):
+                pass
+        return sum(e - s for s, e in parts)
+
+    def _read(self, whole: memoryview, start: int, end: int) -> None:
+        view = whole[start:end]
+        done = 0
+        try:
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], start + done)
+                if n <= 0:
+                    raise CheckpointError(
+                        f"{self.url}: ended at byte {start + done} while reading bytes {start} "
+                        f"to {end} (the file shrank?)"
+                    )
+                done += n
+        finally:
+            view.release()
+
+    def release(self, upto: int) -> None:
+        end = min(self.size, upto) // PAGE * PAGE
+        if self.map is not None and end > self.freed:
+            self.map.madvise(mmap.MADV_REMOVE, self.freed, end - self.freed)
+            self.freed = end
+
+    def release_all(self) -> None:
+        self.freed = 0
+        self.release(self.size)
+        self.freed = 0
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        for fd in (self.fd, self.mem):
+            os.close(fd)
+        self.fd = self.mem = -1

@@ -1,0 +1,135 @@
+"""A load from a remote checkpoint (fastckpt.source.remote): only the bytes the plan reads.
+
+The copy tasks are those of ``read="once"`` (fastckpt.load.read_once): each cut
+so that it spans at most a window, and each listing the exact byte runs it
+reads. Every task is checked (the copy engine's jobs are built over the
+checkpoint's indexes and dropped) before anything is fetched or written.
+Then, per file, the runs are merged (holes of up to ``FASTCKPT_REMOTE_GAP_BYTES``
+fetched rather than split), cut into windows of half ``max_host_bytes``, and
+fetched with many ranged GETs in flight into the file's memory file at their
+offsets; while one window is fetched the one before is copied by the ordinary
+engine, and pages no pending task reads are given back after each window.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fastckpt.errors import CheckpointError
+from fastckpt.load import read_once
+from fastckpt.load.read_once import Counts, Segment, Task
+
+
+def _coalesce(runs: torch.Tensor, gap: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in runs.tolist():
+        if out and s - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _segments(need: dict[int, torch.Tensor], gap: int, window: int) -> list[Segment]:
+    out: list[Segment] = []
+    for f in sorted(need):
+        for s, e in _coalesce(need[f], gap):
+            for at in range(s, e, window):
+                out.append(Segment(f, at, min(e, at + window), (0,), 0))
+    return out
+
+
+def run(
+    tasks: list[Task],
+    files: list[Any],
+    indexes: list[Any],
+    gap: int,
+    max_host_bytes: int,
+    make_jobs: Callable[[list[Any], list[Task]], list[tuple[Any, list[int]]]],
+    before_writing: Callable[[], None],
+) -> Counts:
+    """Copies every task, fetching exactly the runs they read into ``files`` (one per
+    checkpoint file: source.remote.RemoteFile or load.pread_files.PreadFile), which
+    ``indexes`` index."""
+    window = max(read_once.PAGE, max_host_bytes // 2)
+    cut: list[Task] = []
+    for t in tasks:
+        if not t.empty():
+            cut += t.split(window)
+    counts = Counts()
+    for job, positions in make_jobs(list(indexes), cut):
+        counts.casts += [(positions[i], src, dst) for i, src, dst in job.casts()]
+    mine: dict[int, list[torch.Tensor]] = {}
+    for t in cut:
+        mine.setdefault(t.file, []).append(t.runs())
+    need = {f: read_once.merge(torch.cat(rs)) for f, rs in mine.items()}
+    segs = _segments(need, gap, window)
+    for f in files:
+        f.check_unchanged()  # later remote reads are checked by If-Match and size
+    before_writing()
+    # Everything is checked: from here on the model is written.
+    cut.sort(key=lambda t: (t.file, t.hull()[1]))
+    hulls = [t.hull() for t in cut]
+    lows = read_once._suffix_lows(cut, hulls)
+    firsts: dict[int, int] = {}
+    for i, t in enumerate(cut):
+        firsts.setdefault(t.file, i)
+    for f in files:
+        f.freed = 0
+    held = dict(enumerate(files))
+    parts = read_once._windows(segs, window)
+    next_task = 0
+    fetcher: tuple[threading.Thread, list[BaseException]] | None = None
+
+    def fetch(part: list[Segment], errors: list[BaseException]) -> None:
+        try:
+            by_file: dict[int, list[tuple[int, int]]] = {}
+            for seg in part:
+                by_file.setdefault(seg.file, []).append((seg.start, seg.end))
+            for f, runs in by_file.items():
+                counts.read += files[f].fetch(runs)
+        except BaseException as e:  # re-raised on the loading thread
+            errors.append(e)
+
+    def start(k: int) -> tuple[threading.Thread, list[BaseException]] | None:
+        if k >= len(parts):
+            return None
+        errors: list[BaseException] = []
+        th = threading.Thread(target=fetch, args=(parts[k], errors), name="fastckpt-fetch")
+        th.start()
+        return th, errors
+
+    try:
+        fetcher = start(0)
+        for k, part in enumerate(parts):
+            assert fetcher is not None
+            th, errors = fetcher
+            th.join()
+            if errors:
+                raise errors[0]
+            fetcher = start(k + 1)  # the next window travels while this one is copied
+            last = part[-1]
+            ready = next_task
+            while ready < len(cut) and (cut[ready].file, hulls[ready][1]) <= (last.file, last.end):
+                ready += 1
+            if ready > next_task:
+                for job, _ in make_jobs(list(indexes), cut[next_task:ready]):
+                    counts.copied += job.total_bytes
+                    job.run()
+                next_task = ready
+            read_once._release(held, cut, lows, firsts, next_task, last)
+        if next_task < len(cut):
+            raise CheckpointError(
+                f"{files[cut[next_task].file].url}: no window held the bytes of a copy into "
+                f"{tuple(cut[next_task].dst.shape)} (a bug in fastckpt)"
+            )
+    finally:
+        if fetcher is not None:
+            fetcher[0].join()
+        for f in files:
+            f.release_all()
+    return counts

@@ -1,0 +1,326 @@
+"""Checkpoints behind a URL: ``s3://``, ``gs://``, ``az://`` and ``http(s)://``.
+
+Each checkpoint file (an object) gets a memory file of its size. Its headers are
+fetched with ranged GETs into the same offsets (safetensors: the length and the
+JSON header; a torch zip: the end of central directory and the central
+directory at the end, then each record's local header and the small records,
+``data.pkl`` among them), and the C++ core indexes that memory file as it
+would the real one. No tensor byte is read then: a load fetches exactly the
+runs its plan reads into the memory file, window by window
+(fastckpt.load.remote_reads), and the ordinary copy engine copies from there.
+
+A URL ending in ``/`` (or naming no file the formats know) is a folder: the
+files a local folder is searched for are looked up under it, an index's shards
+beside the index.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zipfile
+from collections.abc import Sequence
+from pathlib import PosixPath, PurePosixPath
+from typing import Any
+
+import fastckpt._core as _core
+from fastckpt.errors import CheckpointError
+from fastckpt.source.remote_store import Object, Store, is_url
+
+__all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "is_url"]
+
+PAGE = mmap.PAGESIZE
+_FIRST = 16 << 10  # bytes read first from the start of a file (most safetensors headers)
+_TAIL = 64 << 10  # and from the end of a zip (its end records and, mostly, its directory)
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
+FOLDER_CANDIDATES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class RemotePath(PosixPath):
+    """A URL where a checkpoint's path is kept: ``str()`` gives the URL back whole (a
+    ``Path`` would fold ``s3://`` into ``s3:/``); ``.name`` is the object's name."""
+
+    _url = ""
+
+    @classmethod
+    def of(cls, url: str) -> RemotePath:
+        p = cls(url)
+        p._url = url
+        return p
+
+    def __str__(self) -> str:
+        return self._url or super().__str__()
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+
+class RemoteFile:
+    """One remote checkpoint file: the object, and the memory file its bytes land in."""
+
+    def __init__(self, obj: Object):
+        self.obj = obj
+        self.url = obj.url
+        self.size = obj.size
+        self.fd = os.memfd_create("fastckpt-remote", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size) if self.size else None
+        self.header_bytes = 0  # fetched to index the file
+        self.freed = 0  # pages below are released (load.remote_reads)
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def fetch(self, runs: Sequence[tuple[int, int]]) -> int:
+        """Bytes [start, end) of each run (sorted, disjoint) from the object into the memory
+        file at the same offsets; returns how many."""
+        runs = [(max(0, s), min(self.size, e)) for s, e in runs if e > s]
+        if not runs or self.map is None:
+            return 0
+        with memoryview(self.map) as whole:
+            self.obj.read_into(runs, whole)
+        return sum(e - s for s, e in runs)
+
+    def check_unchanged(self) -> None:
+        self.obj.check_unchanged()
+
+    def bytes_at(self, start: int, end: int) -> bytes:
+        assert self.map is not None
+        return self.map[start:end]
+
+    def release(self, upto: int) -> None:
+        """Gives the pages below ``upto`` back (they are fetched again if read again)."""
+        end = min(self.size, upto) // PAGE * PAGE
+        if self.map is not None and end > self.freed:
+            self.map.madvise(mmap.MADV_REMOVE, self.freed, end - self.freed)
+            self.freed = end
+
+    def release_all(self) -> None:
+        self.freed = 0
+        self.release(self.size)
+        self.freed = 0
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _resolve(url: str) -> tuple[Store, list[str], str]:
+    """The store, the keys of the checkpoint files behind ``url``, and the URL it names."""
+    store = Store(url)
+    key = store.key_of_path
+    folder = url.endswith("/") or not key or not key.lower().endswith(_FILE_SUFFIXES)
+    if folder:
+        base = key.rstrip("/")
+        prefix = f"{base}/" if base else ""
+        for name in FOLDER_CANDIDATES:
+            try:
+                store.head(prefix + name)
+            except FileNotFoundError:
+                continue
+            key = prefix + name
+            break
+        else:
+            # A missing prefix reads as a missing local folder would.
+            raise FileNotFoundError(
+                f"{url}: no such checkpoint file or folder (looked for "
+                f"{', '.join(FOLDER_CANDIDATES)} under it)"
+            )
+    if key.endswith(".index.json"):
+        return store, _shards(store, key), store.url(key)
+    return store, [key], store.url(key)
+
+
+def _shards(store: Store, index_key: str) -> list[str]:
+    url = store.url(index_key)
+    try:
+        doc = json.loads(store.get_all(index_key).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{url}: cannot read shard index: {e}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{url}: shard index has no 'weight_map' of file names")
+    parent = index_key.rsplit("/", 1)[0] + "/" if "/" in index_key else ""
+    out = []
+    for name in dict.fromkeys(weight_map.values()):
+        p = PurePosixPath(name)
+        if p.is_absolute() or ".." in p.parts or "\\" in name:
+            raise CheckpointError(f"{url}: shard name {name!r} leaves the folder")
+        out.append(parent + name)
+    return out
+
+
+def _read_headers(f: RemoteFile) -> None:
+    """Fetches what the core reads to index the file, and nothing of its tensors."""
+    if f.size == 0:
+        raise CheckpointError(f"{f.url}: the object is empty (0 bytes): not a checkpoint")
+    first = min(f.size, _FIRST)
+    f.header_bytes += f.fetch([(0, first)])
+    head = f.bytes_at(0, first)
+    if head[:4] == b"PK\x03\x04":
+        _read_zip_headers(f, first)
+        return
+    if len(head) >= 8:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 8 + n <= f.size and n < (1 << 31):
+            if 8 + n > first:
+                f.header_bytes += f.fetch([(first, 8 + n)])
+            return
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{f.url}: a legacy (non-zip) torch file: read remotely only as safetensors or a "
+            "torch zip file (torch.save's default since 1.6); download it to load it"
+        )
+    # Not a format known here: the core names what is wrong with the bytes read.
+
+
+class _Reader:
+    """A seekable file over the object for ``zipfile``: reads fetch what is not yet here."""
+
+    def __init__(self, f: RemoteFile, have: list[tuple[int, int]]):
+        self.f = f
+        self.pos = 0
+        self.have = have
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.f.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.f.size if n is None or n < 0 else min(self.f.size, self.pos + n)
+        start = self.pos
+        if end > start and not any(s <= start and end <= e for s, e in self.have):
+            # Whole 16 KiB blocks: the directory is read in many small reads.
+            lo, hi = start // _FIRST * _FIRST, min(self.f.size, -(-end // _FIRST) * _FIRST)
+            missing = _subtract((lo, hi), self.have)
+            self.f.header_bytes += self.f.fetch(missing)
+            self.have.extend(missing)
+        self.pos = max(start, end)
+        return self.f.bytes_at(start, end) if end > start else b""
+
+
+def _subtract(run: tuple[int, int], have: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = [run]
+    for hs, he in have:
+        nxt = []
+        for s, e in out:
+            if he <= s or e <= hs:
+                nxt.append((s, e))
+                continue
+            if s < hs:
+                nxt.append((s, hs))
+            if he < e:
+                nxt.append((he, e))
+        out = nxt
+    return out
+
+
+def _read_zip_headers(f: RemoteFile, first: int) -> None:
+    have = [(0, first)]
+    tail = (max(first, f.size - _TAIL), f.size)
+    if tail[1] > tail[0]:
+        f.header_bytes += f.fetch([tail])
+        have.append(tail)
+    try:
+        infos = zipfile.ZipFile(_Reader(f, have)).infolist()  # type: ignore[arg-type]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return  # the core reports what is wrong with the zip (it reads the same bytes)
+    local = [
+        (i.header_offset, i.header_offset + 30 + len(i.orig_filename.encode("utf-8")))
+        for i in infos
+    ]
+    f.header_bytes += f.fetch(_merge([r for r in local if not _inside(r, have)]))
+    have.extend(local)
+    small = []
+    for info, (start, _) in zip(infos, local, strict=True):
+        if "/data/" in info.orig_filename or start + 30 > f.size:
+            continue  # a storage: its bytes are read by the load
+        name_len, extra_len = struct.unpack("<HH", f.bytes_at(start + 26, start + 30))
+        data = start + 30 + name_len + extra_len
+        small.append((data, min(f.size, data + info.compress_size)))
+    f.header_bytes += f.fetch(_merge([r for r in small if r[1] > r[0] and not _inside(r, have)]))
+
+
+def _inside(run: tuple[int, int], have: list[tuple[int, int]]) -> bool:
+    return any(s <= run[0] and run[1] <= e for s, e in have)
+
+
+def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(runs):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+class RemoteOpening:
+    """The files behind a URL, their headers fetched, indexed by the core."""
+
+    def __init__(self, url: str, exact_reads: bool = True):
+        store, keys, named = _resolve(url)
+        self.url = named if len(keys) > 1 else store.url(keys[0])
+        self.path = RemotePath.of(url)
+        self.files = [RemoteFile(Object(store, k)) for k in keys]
+        self.paths = [RemotePath.of(f.url) for f in self.files]
+        for f in self.files:
+            _read_headers(f)
+        self._pending = _core.start_open(
+            [f.path for f in self.files], min(8, os.cpu_count() or 1), exact_reads
+        )
+
+    def wait(self) -> list[Any]:
+        try:
+            return list(self._pending.wait())
+        except CheckpointError as e:
+            text = str(e)
+            for f in self.files:
+                text = text.replace(f.path, f.url)
+            raise CheckpointError(text) from None
+
+    @property
+    def gap(self) -> int:
+        return self.files[0].obj.store.settings.gap if self.files else 0
+
+    @property
+    def header_bytes(self) -> int:
+        return sum(f.header_bytes for f in self.files)
+
+    def fetch_tensor(self, file: int, start: int, end: int) -> bytearray:
+        """A copy of the bytes of one storage, for ``Checkpoint.tensor()``."""
+        f = self.files[file]
+        f.fetch([(start, end)])
+        out = bytearray(f.bytes_at(start, end))
+        f.freed = 0
+        f.release(f.size)  # nothing kept: the next load fetches what it reads
+        f.freed = 0
+        return out

@@ -1,0 +1,278 @@
+"""Ranged reads of one object in an object store or on an HTTP server (``obstore``).
+
+Why obstore (the ``remote`` extra): one small wheel (the Rust ``object_store``
+crate, no Python dependencies) speaks S3, GCS, Azure and plain HTTP, signs
+requests itself, takes credentials, endpoints and regions from each cloud's
+standard environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``, instance and
+workload identities, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``),
+retries with backoff, and runs every request on its own threads without the
+GIL. bench/RESULTS.md has the comparison with boto3 and s3fs.
+
+Nothing here ever puts an error's own text (which may quote a signed request
+or a server's body) into the message: errors name the URL and what went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from fastckpt.errors import CheckpointError
+
+SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "azure://",
+           "http://", "https://")  # fmt: skip
+_T = TypeVar("_T")
+_CHUNK = 1 << 20  # bytes a response is copied in, as they arrive
+
+
+def is_url(path: object) -> bool:
+    return isinstance(path, str) and path.startswith(SCHEMES)
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Limits of the remote reads; each can be set from the environment."""
+
+    timeout: float  # seconds one request may take (a stalled server fails after it)
+    connect_timeout: float
+    retries: int  # per request, on 5xx, throttling and dropped connections
+    retry_seconds: float  # total time spent retrying one request
+    concurrency: int  # requests in flight
+    part: int  # largest single ranged GET, bytes
+    gap: int  # holes up to this size between two needed runs are fetched, not split
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            timeout=_env_float("FASTCKPT_REMOTE_TIMEOUT", 60.0),
+            connect_timeout=_env_float("FASTCKPT_REMOTE_CONNECT_TIMEOUT", 10.0),
+            retries=int(_env_float("FASTCKPT_REMOTE_RETRIES", 5)),
+            retry_seconds=_env_float("FASTCKPT_REMOTE_RETRY_SECONDS", 60.0),
+            concurrency=max(1, int(_env_float("FASTCKPT_REMOTE_CONCURRENCY", 32))),
+            part=max(1 << 16, int(_env_float("FASTCKPT_REMOTE_PART_BYTES", 8 << 20))),
+            gap=int(_env_float("FASTCKPT_REMOTE_GAP_BYTES", 64 << 10)),
+        )
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+        import obstore.store
+    except ImportError:
+        raise CheckpointError(
+            "reading s3://, gs://, az:// and http(s):// checkpoints needs the 'remote' extra: "
+            "pip install 'fastckpt[remote]' (it installs obstore)"
+        ) from None
+    return obstore
+
+
+def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Runs a coroutine to its end from synchronous code, even under a running event loop
+    (a notebook): then on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append((True, asyncio.run(coro)))
+        except BaseException as e:  # re-raised on the caller's thread
+            out.append((False, e))
+
+    t = threading.Thread(target=target, name="fastckpt-remote")
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def failure(url: str, e: BaseException) -> Exception:
+    """The exception to raise for a failed request: the URL and the kind of failure only."""
+    name = type(e).__name__
+    text = str(e)
+    if name == "NotFoundError" or isinstance(e, FileNotFoundError):
+        return FileNotFoundError(f"{url}: no such checkpoint file or folder")
+    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return CheckpointError(
+            f"{url}: access denied ({'403' if '403' in text else '401'}): check the credentials "
+            "the environment gives for this store"
+        )
+    if name == "PreconditionError":
+        return CheckpointError(
+            f"{url}: the object changed during the load (its ETag no longer matches); "
+            "refused: load again"
+        )
+    if isinstance(e, CheckpointError):
+        return e
+    status = re.search(r"\b(?:status|Status)[^0-9]{0,20}([1-5]\d\d)\b", text)
+    if status:
+        why = f"the server answered HTTP {status.group(1)}"
+    elif re.search(r"timed? ?out|Timeout|deadline", text, re.IGNORECASE):
+        why = "the server did not answer in time (FASTCKPT_REMOTE_TIMEOUT)"
+    elif re.search(r"connect|Connection|dns|resolve", text, re.IGNORECASE):
+        why = "cannot connect to the server"
+    else:
+        why = f"the request failed ({name})"
+    return CheckpointError(f"{url}: cannot read: {why}")
+
+
+class Store:
+    """One bucket / container / HTTP server, and the key prefix of a URL in it."""
+
+    def __init__(self, url: str, settings: Settings | None = None):
+        ob = _obstore()
+        self.settings = settings or Settings.from_env()
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        client = {
+            "timeout": f"{self.settings.timeout}s",
+            "connect_timeout": f"{self.settings.connect_timeout}s",
+        }
+        retry = {
+            "max_retries": self.settings.retries,
+            "retry_timeout": timedelta(seconds=self.settings.retry_seconds),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=5),
+                "base": 2.0,
+            },
+        }
+        if scheme in ("http", "https"):
+            root = f"{scheme}://{parts.netloc}"
+            if scheme == "http":
+                client["allow_http"] = "true"  # the URL said http: nothing to sign
+            self.key_of_path = parts.path.lstrip("/")
+        else:
+            root = f"{scheme}://{parts.netloc}"
+            self.key_of_path = parts.path.lstrip("/")
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if scheme == "s3" and endpoint and endpoint.startswith("http://"):
+                client["allow_http"] = "true"  # an endpoint the environment chose
+        try:
+            self.store = ob.store.from_url(root, client_options=client, retry_config=retry)
+        except Exception as e:
+            raise CheckpointError(
+                f"{url}: cannot set up a client for it ({type(e).__name__})"
+            ) from None
+        self.root = root
+
+    def url(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def head(self, key: str) -> Meta:
+        ob = _obstore()
+        try:
+            m = ob.head(self.store, key)
+        except Exception as e:
+            raise failure(self.url(key), e) from None
+        return Meta(int(m["size"]), m.get("e_tag"))
+
+    def get_all(self, key: str) -> bytes:
+        ob = _obstore()
+        try:
+            return bytes(ob.get(self.store, key).bytes())
+        except Exception as e:
+            raise failure(self.url(key), e) from None
+
+
+@dataclass(frozen=True)
+class Meta:
+    size: int
+    etag: str | None
+
+
+class Object:
+    """One object of a store, its size and ETag fixed when it was opened: every later read
+    is checked against them (If-Match where the server keeps ETags, and the size each
+    response reports), so an object replaced during a load is refused."""
+
+    def __init__(self, store: Store, key: str):
+        self.store = store
+        self.key = key
+        self.url = store.url(key)
+        meta = store.head(key)
+        self.size = meta.size
+        self.etag = meta.etag
+        self.fetched = 0  # bytes received
+        self.requests = 0
+
+    def check_unchanged(self) -> None:
+        """Refuses the load when the object is no longer the one that was opened."""
+        meta = self.store.head(self.key)
+        if meta.size != self.size or (self.etag and meta.etag and meta.etag != self.etag):
+            raise CheckpointError(
+                f"{self.url}: the object changed since it was opened (size or ETag differs); "
+                "refused before anything was written: open it again"
+            )
+
+    def read_into(self, runs: Sequence[tuple[int, int]], into: memoryview) -> None:
+        """Bytes [start, end) of each run into the same place of ``into`` (the object's size),
+        the runs cut into parts of at most ``settings.part`` bytes, many in flight."""
+        part = self.store.settings.part
+        pieces = [(s, min(e, s + part)) for s, e in runs for s in range(s, e, part)]
+        if pieces:
+            run_sync(self._read_all(pieces, into))
+
+    async def _read_all(self, pieces: list[tuple[int, int]], into: memoryview) -> None:
+        gate = asyncio.Semaphore(self.store.settings.concurrency)
+
+        async def one(start: int, end: int) -> None:
+            async with gate:
+                await self._read_one(start, end, into)
+
+        tasks = [asyncio.ensure_future(one(s, e)) for s, e in pieces]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _read_one(self, start: int, end: int, into: memoryview) -> None:
+        ob = _obstore()
+        options: dict[str, Any] = {"range": (start, end)}
+        if self.etag:
+            options["if_match"] = self.etag
+        at = start
+        try:
+            result = await ob.get_async(self.store.store, self.key, options=options)
+            meta = result.meta
+            etag = meta.get("e_tag")
+            if int(meta["size"]) != self.size or (self.etag and etag and etag != self.etag):
+                raise CheckpointError(
+                    f"{self.url}: the object changed during the load (size or ETag differs "
+                    "from when it was opened); refused: load again"
+                )
+            # Each chunk lands in the memory file as it arrives: in flight, at most a
+            # chunk per request, not a whole part.
+            async for chunk in result.stream(min_chunk_size=_CHUNK):
+                view = memoryview(chunk)
+                if at + len(view) > end:
+                    break
+                into[at : at + len(view)] = view
+                at += len(view)
+        except Exception as e:
+            raise failure(self.url, e) from None
+        self.requests += 1
+        if at != end:
+            raise CheckpointError(
+                f"{self.url}: asked for bytes {start} to {end}, received a different count"
+            )
+        self.fetched += end - start

@@ -1,0 +1,69 @@
+"""read="pread": parallel preads into memory instead of a mapping (network filesystems)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import fastckpt
+from fastckpt.load import pread_files
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:50 / /mnt/models rw,relatime shared:20 - nfs4 srv:/export rw,vers=4.2
+41 22 0:51 / /mnt/lus rw - lustre 10.0.0.1@tcp:/fs rw
+42 22 0:52 / /mnt/my\\040fuse rw - fuse.s3fs s3fs rw
+43 40 0:53 / /mnt/models/local rw - ext4 /dev/sdb1 rw
+"""
+
+
+def test_filesystem_types_from_mountinfo():
+    table = pread_files.mounts(MOUNTINFO)
+    assert ("/mnt/my fuse", "fuse.s3fs") in table
+    assert pread_files.filesystem_type("/mnt/models/a/b.safetensors", table) == "nfs4"
+    assert pread_files.on_network_fs("/mnt/models/x", table)
+    assert pread_files.on_network_fs("/mnt/lus/x", table)
+    assert pread_files.on_network_fs("/mnt/my fuse/x", table)
+    assert not pread_files.on_network_fs("/mnt/models/local/x", table)  # the deeper mount
+    assert not pread_files.on_network_fs("/home/x", table)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(3000, 128)
+        self.fc = nn.Linear(128, 1024)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_file(dict(Net().state_dict()), str(path))
+    return path
+
+
+def test_pread_matches_a_mapped_load(ckpt):
+    a, b = Net(), Net()
+    fastckpt.load_into(a, ckpt)
+    report = fastckpt.load_into(b, ckpt, read="pread", max_host_bytes=1 << 20)  # several windows
+    for k, v in a.state_dict().items():
+        assert torch.equal(v.view(torch.uint8), b.state_dict()[k].view(torch.uint8)), k
+    assert report.fetched == sum(v.numel() * v.element_size() for v in a.state_dict().values())
+
+
+def test_network_filesystem_picks_pread_by_itself(ckpt, monkeypatch):
+    monkeypatch.setattr(pread_files, "mounts", lambda text=None: [("/", "nfs4")])
+    a, b = Net(), Net()
+    fastckpt.load_into(a, ckpt, read="pread")
+    report = fastckpt.load_into(b, ckpt)
+    assert report.fetched > 0  # read by preads, not through the mapping
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_pread_refuses_what_cannot_go_together(ckpt):
+    with pytest.raises(ValueError, match="pread"):
+        fastckpt.load_into(Net(), ckpt, read="pread", mmap=True)

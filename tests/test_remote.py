@@ -1,0 +1,323 @@
+"""Remote checkpoints (s3:// and http://) against real servers on 127.0.0.1.
+
+Values are compared byte for byte with a load of the same file from local disk;
+the bytes each server sent are counted at the server and held to the bytes the
+plan reads (x1.1) plus the headers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fastckpt
+from fastckpt.errors import CheckpointError
+
+pytest.importorskip("obstore", reason="the 'remote' extra (obstore) is not installed")
+pytest.importorskip("moto", reason="moto[server] (the test extra) is not installed")
+
+from tests.remote_servers import RangeServer, S3Server
+
+BUCKET = "ckpts"
+SECRET = "fastckpt-test-secret-key-1234"
+
+
+class Net(nn.Module):
+    def __init__(self, vocab: int = 1024) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 256)
+        self.fc1 = nn.Linear(256, 512)
+        self.fc2 = nn.Linear(512, 256)
+        self.norm = nn.LayerNorm(256)
+
+
+def state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.detach().clone() for k, v in Net().state_dict().items()}
+
+
+def assert_same(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), k
+
+
+def fresh(vocab: int = 1024) -> Net:
+    torch.manual_seed(1)
+    return Net(vocab)
+
+
+def st_header_bytes(data: bytes) -> int:
+    return 8 + struct.unpack("<Q", data[:8])[0]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    import boto3
+
+    for k, v in {
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FASTCKPT_REMOTE_TIMEOUT": "3",
+        "FASTCKPT_REMOTE_CONNECT_TIMEOUT": "2",
+        "FASTCKPT_REMOTE_RETRY_SECONDS": "6",
+        "FASTCKPT_REMOTE_RETRIES": "3",
+    }.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    s3_server.fault = None
+    s3_server.counters.reset()
+    s3_server.client = client
+    yield s3_server
+    s3_server.fault = None
+
+
+def put(server, key: str, path: Path) -> str:
+    server.client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes())
+    server.counters.reset()
+    return f"s3://{BUCKET}/{key}"
+
+
+@pytest.fixture
+def st_file(tmp_path) -> Path:
+    path = tmp_path / "model.safetensors"
+    save_file(state(), str(path))
+    return path
+
+
+def test_s3_safetensors_matches_local_and_fetches_only_what_it_reads(s3, st_file):
+    url = put(s3, "one/model.safetensors", st_file)
+    local, remote = fresh(), fresh()
+    fastckpt.load_into(local, st_file)
+    report = fastckpt.load_into(remote, url)
+    assert_same(local, remote)
+    data = st_file.read_bytes()
+    needed = sum(t.numel() * t.element_size() for t in state().values())
+    assert report.fetched == needed
+    assert s3.counters.body_bytes <= 1.1 * needed + st_header_bytes(data) + (16 << 10)
+
+
+def test_s3_rows_rule_fetches_only_the_rows(s3, st_file):
+    url = put(s3, "rows/model.safetensors", st_file)
+    local, remote = fresh(vocab=100), fresh(vocab=100)
+    rules = "emb.weight -> emb.weight rows[:100]"
+    fastckpt.load_into(local, st_file, rules)
+    report = fastckpt.load_into(remote, url, rules)
+    assert_same(local, remote)
+    needed = sum(t.numel() * t.element_size() for k, t in state().items() if k != "emb.weight")
+    needed += 100 * 256 * 4
+    assert report.fetched == needed
+    header = st_header_bytes(st_file.read_bytes())
+    assert s3.counters.body_bytes <= 1.1 * needed + header + (16 << 10)
+
+
+def test_s3_plan_and_open(s3, st_file):
+    url = put(s3, "open/model.safetensors", st_file)
+    with fastckpt.open(url) as ckpt:
+        assert str(ckpt.path) == url
+        assert sorted(ckpt.keys()) == sorted(state())
+        assert torch.equal(ckpt.tensor("fc1.weight"), state()["fc1.weight"])
+    model = fresh()
+    plan = fastckpt.plan(model, url)
+    fastckpt.load_into(model, plan)
+    local = fresh()
+    fastckpt.load_into(local, st_file)
+    assert_same(local, model)
+
+
+def test_s3_sharded_folder(s3, tmp_path):
+    sd = state()
+    names = sorted(sd)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(folder / fname))
+        weight_map.update(dict.fromkeys(part, fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for f in folder.iterdir():
+        put(s3, f"hf/{f.name}", f)
+    local, remote = fresh(), fresh()
+    fastckpt.load_into(local, folder)
+    fastckpt.load_into(remote, f"s3://{BUCKET}/hf/")
+    assert_same(local, remote)
+
+
+def test_s3_torch_zip(s3, tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state(), path)
+    url = put(s3, "zip/pytorch_model.bin", path)
+    local, remote = fresh(), fresh()
+    fastckpt.load_into(local, path)
+    report = fastckpt.load_into(remote, url)
+    assert_same(local, remote)
+    needed = sum(t.numel() * t.element_size() for t in state().values())
+    assert needed <= report.fetched <= 1.1 * needed  # with the records' headers between
+    # Headers: the zip's directory and records (at most a few tail/head blocks here).
+    assert s3.counters.body_bytes <= 1.1 * needed + (128 << 10)
+
+
+def test_missing_object_and_bucket_read_as_a_missing_path(s3):
+    url = f"s3://{BUCKET}/nope/model.safetensors"
+    with pytest.raises(FileNotFoundError, match="s3://ckpts/nope/model.safetensors"):
+        fastckpt.open(url)
+    with pytest.raises(FileNotFoundError, match="s3://no-such-bucket/m.safetensors"):
+        fastckpt.open("s3://no-such-bucket/m.safetensors")
+    with pytest.raises(FileNotFoundError, match="s3://ckpts/empty-prefix/"):
+        fastckpt.open(f"s3://{BUCKET}/empty-prefix/")
+
+
+def test_403_names_the_url_not_the_credentials(s3, st_file):
+    url = put(s3, "deny/model.safetensors", st_file)
+    s3.fault = ("status", 403, -1)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="s3://ckpts/deny/model.safetensors") as e:
+        fastckpt.open(url)
+    assert time.monotonic() - started < 20
+    assert SECRET not in str(e.value) and "testing" not in str(e.value)
+
+
+def test_closed_port_fails_in_bounded_time(s3, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="s3://ckpts/x/model.safetensors"):
+        fastckpt.open(f"s3://{BUCKET}/x/model.safetensors")
+    assert time.monotonic() - started < 20
+
+
+def test_5xx_is_retried(s3, st_file):
+    url = put(s3, "retry/model.safetensors", st_file)
+    s3.fault = ("status", 503, 2)
+    model = fresh()
+    fastckpt.load_into(model, url)
+    local = fresh()
+    fastckpt.load_into(local, st_file)
+    assert_same(local, model)
+
+
+def test_stalled_server_times_out(s3, st_file, monkeypatch):
+    url = put(s3, "stall/model.safetensors", st_file)
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "1")
+    monkeypatch.setenv("FASTCKPT_REMOTE_RETRIES", "1")
+    monkeypatch.setenv("FASTCKPT_REMOTE_RETRY_SECONDS", "2")
+    s3.fault = ("stall", 4)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="s3://ckpts/stall/model.safetensors"):
+        fastckpt.open(url)
+    assert time.monotonic() - started < 15
+
+
+def test_object_changed_after_open_is_refused(s3, st_file, tmp_path):
+    url = put(s3, "change/model.safetensors", st_file)
+    model = fresh()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = fastckpt.plan(model, url)
+    other = {k: v + 1 for k, v in state().items()}
+    changed = tmp_path / "changed.safetensors"
+    save_file(other, str(changed))
+    put(s3, "change/model.safetensors", changed)  # same size, other bytes: a new ETag
+    with pytest.raises(CheckpointError, match="changed"):
+        fastckpt.load_into(model, plan)
+    for k, v in model.state_dict().items():  # refused before anything was written
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.fixture
+def http_server():
+    server = RangeServer()
+    yield server
+    server.stop()
+
+
+def test_http_safetensors_and_zip_match_local(http_server, st_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
+    zpath = tmp_path / "pytorch_model.bin"
+    torch.save(state(), zpath)
+    http_server.files["/m/model.safetensors"] = st_file.read_bytes()
+    http_server.files["/z/pytorch_model.bin"] = zpath.read_bytes()
+    local = fresh()
+    fastckpt.load_into(local, st_file)
+    for url in (f"{http_server.url}/m/model.safetensors", f"{http_server.url}/z/"):
+        http_server.counters.reset()
+        remote = fresh()
+        report = fastckpt.load_into(remote, url)
+        assert_same(local, remote)
+        assert http_server.counters.body_bytes <= 1.1 * report.fetched + (128 << 10)
+        assert http_server.counters.gets > 1  # ranged reads, not one download
+
+
+def test_http_object_changed_during_load_is_refused(http_server, st_file, monkeypatch):
+    data = st_file.read_bytes()
+    http_server.files["/m/model.safetensors"] = data
+    model = fresh()
+    plan = fastckpt.plan(model, f"{http_server.url}/m/model.safetensors")
+    http_server.files["/m/model.safetensors"] = data[:-4] + b"\0\0\0\1"
+    with pytest.raises(CheckpointError, match="changed"):
+        fastckpt.load_into(model, plan)
+
+
+def test_cli_inspect_a_url(s3, st_file):
+    from typer.testing import CliRunner
+
+    from fastckpt.cli.app import app
+
+    url = put(s3, "cli/model.safetensors", st_file)
+    result = CliRunner().invoke(app, ["inspect", url, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["files"] == [url]
+    assert sorted(t["name"] for t in doc["tensors"]) == sorted(state())
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
+    from tests.sharded_worker import write_checkpoints
+    from tests.test_sharded_load import run_ranks
+
+    write_checkpoints(tmp_path)
+    url = put(s3, "fsdp/net.safetensors", tmp_path / "net.safetensors")
+    monkeypatch.setenv("FASTCKPT_TEST_URL", url)
+    monkeypatch.setenv("FASTCKPT_REMOTE_GAP_BYTES", "0")  # exact runs: bytes per rank = shard
+    results = run_ranks(2, tmp_path, ["remote_fsdp2"], worker="tests.remote_worker")
+    for r in results:
+        res = r["remote_fsdp2"]
+        assert res["ok"], res
+        assert res["wrong"] == [] and res["sharded"] > 0
+        assert 0 < res["fetched"] <= res["local_bytes"]  # its shard (padding aside), no more
+    total = sum(r["remote_fsdp2"]["fetched"] for r in results)
+    state_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(tmp_path / "net.safetensors").values()
+    )
+    assert total < 1.1 * state_bytes  # the ranks did not each read the whole file
+
+
+def test_empty_and_garbage_objects_are_refused_by_url(s3, tmp_path):
+    for key, body in (("bad/empty.safetensors", b""), ("bad/junk.safetensors", b"\xff" * 4096)):
+        s3.client.put_object(Bucket=BUCKET, Key=key, Body=body)
+        with pytest.raises(CheckpointError, match=f"s3://{BUCKET}/{key}"):
+            fastckpt.open(f"s3://{BUCKET}/{key}")
