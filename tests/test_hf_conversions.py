@@ -198,3 +198,169 @@ def test_a_fused_qkv_split_by_chunk_and_a_transposed_weight(tmp_path):
     )
     assert report.missing == [] and report.unexpected == []
     same_bytes(sd, fresh.state_dict())
+
+
+def _reverse(op, tensor: torch.Tensor, model) -> torch.Tensor:
+    """What save_pretrained writes for ``tensor``: transformers' own reverse op."""
+    out = op.reverse_op.convert(
+        {"x": [tensor]}, ["x"], ["x"], config=model.config, model=model, full_layer_name="x"
+    )
+    return next(iter(out.values())).contiguous()
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_interleave_along_any_dim_and_a_vocabulary_unpadding(tmp_path, dim):
+    """Interleave(dim) then a plain row cut (transformers' vocabulary un-padding): the
+    folder transformers' reverse ops write loads back, each op a strided view."""
+    from transformers.core_model_loading import Inkling2UnpadVocab, Interleave
+
+    torch.manual_seed(0)
+    model = llama()
+    model.config.unpadded_vocab_size = model.config.vocab_size  # the lm_head's rows
+    padded = model.config.vocab_size + 14
+    sd = model.state_dict()
+    state = dict(sd)
+    for i in range(2):
+        k = f"model.layers.{i}.mlp.down_proj.weight"
+        state[k.replace("down_proj", "w2")] = _reverse(Interleave(dim=dim), state.pop(k), model)
+    model.config.vocab_size = padded  # the padding rows the file holds
+    state["lm_head.weight"] = _reverse(Inkling2UnpadVocab(), sd["lm_head.weight"], model)
+    assert state["lm_head.weight"].shape[0] == padded
+    save_file(state, tmp_path / "m.safetensors")
+    convs = [
+        WeightConverter("mlp.w2.weight", "mlp.down_proj.weight", operations=[Interleave(dim=dim)]),
+        WeightConverter("lm_head.weight", "lm_head.weight", operations=[Inkling2UnpadVocab()]),
+    ]
+    fresh = llama()
+    fresh.config.unpadded_vocab_size = fresh.config.vocab_size
+    report = fastckpt.load_into(
+        fresh,
+        tmp_path / "m.safetensors",
+        rules=HFConversions(fresh, convs, lambda k: state[k].shape),
+    )
+    assert report.missing == [] and report.unexpected == [] and report.partly_loaded == []
+    same_bytes(sd, fresh.state_dict())
+
+
+def test_an_interleave_then_a_chunk_reads_every_other_column(tmp_path):
+    """Interleave(dim=1) then Chunk(dim=1), as transformers declares for a fused w13: q
+    and k are the even and odd columns of the file's tensor (a stepped part each)."""
+    from transformers.core_model_loading import Interleave
+
+    torch.manual_seed(0)
+    model = llama()
+    sd = model.state_dict()
+    state = {k: v for k, v in sd.items() if ".q_proj." not in k and ".k_proj." not in k}
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn"
+        qk = torch.cat([sd[f"{p}.q_proj.weight"], sd[f"{p}.k_proj.weight"]], dim=1)
+        state[f"{p}.wqk"] = _reverse(Interleave(dim=1), qk, model)
+    save_file(state, tmp_path / "m.safetensors")
+    convs = [
+        WeightConverter("self_attn.wqk", ["self_attn.q_proj.weight", "self_attn.k_proj.weight"],
+                        operations=[Interleave(dim=1), Chunk(dim=1)]),
+    ]  # fmt: skip
+    fresh = llama()
+    report = fastckpt.load_into(
+        fresh, tmp_path / "m.safetensors",
+        rules=HFConversions(fresh, convs, lambda k: state[k].shape),
+    )  # fmt: skip
+    assert report.missing == [] and report.unexpected == []
+    same_bytes(sd, fresh.state_dict())
+    # transformers' own ops give the same from the file's tensor
+    wqk = {"x": [state["model.layers.0.self_attn.wqk"]]}
+    got = Chunk(dim=1).convert(Interleave(dim=1).convert(wqk, ["x"], ["x"]), ["x"], ["q", "k"])
+    assert torch.equal(got["q"], fresh.model.layers[0].self_attn.q_proj.weight.detach())
+
+
+def test_a_split_across_the_pairs_of_an_interleave_is_refused_by_name(tmp_path):
+    from transformers.core_model_loading import Interleave
+
+    model = llama()
+    sd = model.state_dict()
+    state = {k: v for k, v in sd.items() if ".q_proj." not in k and ".k_proj." not in k}
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn"
+        state[f"{p}.wqk"] = torch.cat([sd[f"{p}.q_proj.weight"], sd[f"{p}.k_proj.weight"]], 1)
+    save_file(state, tmp_path / "m.safetensors")
+    convs = [  # interleaving back, then a split: each part takes from both halves
+        WeightConverter("self_attn.wqk", ["self_attn.q_proj.weight", "self_attn.k_proj.weight"],
+                        operations=[Interleave(dim=1, inverse=True), Chunk(dim=1)]),
+    ]  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"Chunk .* a split across the pairs of an interl"):
+        fastckpt.load_into(
+            model, tmp_path / "m.safetensors",
+            rules=HFConversions(model, convs, lambda k: state[k].shape),
+        )  # fmt: skip
+
+
+MARIAN = {"vocab_size": 40, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,
+          "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 8,
+          "decoder_ffn_dim": 8, "max_position_embeddings": 12, "pad_token_id": 39,
+          "decoder_start_token_id": 39}  # fmt: skip
+
+
+def test_parameters_transformers_recomputes_are_initialised_even_on_meta(tmp_path):
+    """Marian's sinusoidal tables: save_pretrained leaves them out, from_pretrained
+    recomputes them; fastckpt fills them with the model's _init_weights and says so."""
+    config = transformers.MarianConfig(**MARIAN)
+    torch.manual_seed(0)
+    transformers.MarianMTModel(config).save_pretrained(tmp_path)
+    tables = ["model.decoder.embed_positions.weight", "model.encoder.embed_positions.weight"]
+    assert not set(tables) & set(load_file(tmp_path / "model.safetensors"))
+    reference = transformers.MarianMTModel.from_pretrained(tmp_path)
+    torch.manual_seed(1)
+    built = transformers.MarianMTModel(config)
+    report = fastckpt.load_into(built, tmp_path)  # strict: nothing missing
+    assert report.missing == [] and set(tables) <= set(report.initialised)
+    same_bytes(reference.state_dict(), built.state_dict())
+    with torch.device("meta"):
+        on_meta = transformers.MarianMTModel(config).eval()
+    report = fastckpt.load_into(on_meta, tmp_path, device="cpu")
+    assert report.missing == [] and set(tables) <= set(report.initialised)
+    assert not any(t.is_meta for t in on_meta.state_dict().values())
+    same_bytes(reference.state_dict(), on_meta.state_dict())
+    assert isinstance(on_meta.model.encoder.embed_positions.weight, torch.nn.Parameter)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        want = reference(input_ids=ids, decoder_input_ids=ids).logits
+        got = on_meta(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))
+
+
+def test_recomputed_parameters_on_meta_without_device_are_refused(tmp_path):
+    config = transformers.MarianConfig(**MARIAN)
+    transformers.MarianMTModel(config).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        on_meta = transformers.MarianMTModel(config).eval()
+    with pytest.raises(CheckpointError, match=r"embed_positions|device="):
+        fastckpt.load_into(on_meta, tmp_path)
+
+
+def test_recomputed_parameters_take_the_loads_dtype(tmp_path):
+    config = transformers.MarianConfig(**MARIAN)
+    transformers.MarianMTModel(config).save_pretrained(tmp_path)
+    reference = transformers.MarianMTModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        on_meta = transformers.MarianMTModel(config)
+    fastckpt.load_into(on_meta, tmp_path, device="cpu", dtype=torch.bfloat16)
+    same_bytes(reference.state_dict(), on_meta.state_dict())
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_an_interleave_along_dim_1_is_a_strided_view(inverse):
+    from transformers.core_model_loading import Interleave
+
+    from fastckpt.planning.mapping import Assignment, Rope, Span
+    from fastckpt.planning.views import dense_strides, source_view, target_view
+
+    x = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    a = Assignment("t", "s", rope=Rope(1, to_halves=not inverse, dim=1))
+    offset, shape, strides = source_view(0, x.shape, dense_strides(x.shape), a)
+    out = torch.empty_like(x)
+    target_view(out, a).copy_(torch.as_strided(x, shape, strides, offset))
+    want = Interleave(dim=1, inverse=inverse).convert({"x": [x]}, ["x"], ["x"])["x"]
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+    stepped = Assignment("t", "s", part=Span(1, 1, 3, step=2))
+    offset, shape, strides = source_view(0, x.shape, dense_strides(x.shape), stepped)
+    assert torch.equal(torch.as_strided(x, shape, strides, offset), x[:, 1::2])

@@ -588,7 +588,9 @@ def _before_writing(p: LoadPlan, report: LoadReport) -> None:
     """What happens once everything is checked, before the first copy: a transformers
     model's non-persistent buffers get their values (fastckpt.planning.hf_model)."""
     if p.initialised:
-        initialise(p._model_ref, p.initialised, p._hidden_buffers, p.device, p.checkpoint.path)
+        initialise(
+            p._model_ref, p.initialised, p._hidden_buffers, p.device, p.checkpoint.path, p.dtype
+        )
         report.initialised = list(p.initialised)
 
 

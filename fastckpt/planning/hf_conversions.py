@@ -29,6 +29,7 @@ from torch import nn
 
 from fastckpt.errors import CheckpointError
 from fastckpt.planning.mapping import Assignment, MappingPlan, Region, Rope, Select, Span
+from fastckpt.planning.views import read_shape
 
 __all__ = ["HFConversions", "rules_for"]
 
@@ -168,7 +169,7 @@ class HFConversions:
                     f"transformers conversion for model type {self.model_type!r} produces "
                     f"{target or key!r}, which the model does not have"
                 )
-            for pc in syms[0].pieces:
+            for pc in self._halves(syms[0].pieces):
                 out.append(
                     Assignment(
                         target,
@@ -235,11 +236,11 @@ class HFConversions:
                 raise self._refuse(op, conv, "it splits a tensor built from several sources")
             sym, pc = syms[0], syms[0].single()
             assert pc is not None
-            if pc.transpose or pc.rope is not None:
-                raise self._refuse(op, conv, "a split after a transpose or permutation")
-            d = op.dim
+            d = op.dim + len(sym.shape) if op.dim < 0 else op.dim
             if not 0 <= d < len(sym.shape):
                 raise self._refuse(op, conv, f"dim {d} of a {len(sym.shape)}-D tensor")
+            if pc.transpose:
+                raise self._refuse(op, conv, "a split after a transpose")
             tps = list(conv.target_patterns)
             if kind == "Chunk":
                 if getattr(op, "num_shards_attribute", None) is not None:
@@ -266,19 +267,108 @@ class HFConversions:
             at = 0
             for tp, n in zip(tps, sizes, strict=True):
                 shape = sym.shape[:d] + (n,) + sym.shape[d + 1 :]
-                out[tp] = [_Sym(shape, (replace(pc, part=(*pc.part, Span(d, at, n))),))]
+                out[tp] = [_Sym(shape, (self._split_part(op, conv, pc, sym.shape[d], d, at, n),))]
                 at += n
             return out
-        if kind in ("Transpose", "PermuteForRope", "Interleave"):
+        if kind in ("Transpose", "PermuteForRope", "Interleave") or kind.endswith("UnpadVocab"):
             out = {}
             for key, syms in state.items():
                 target = names.get(key) or (next(iter(names.values())) if len(names) == 1 else key)
                 out[key] = [self._one(op, conv, key, target, s) for s in syms]
             return out
+        if kind.endswith("MergeMessageQueries"):
+            return self._merge_queries(op, conv, state)
+        if kind.endswith("DequantizeExperts") and sum(len(v) for v in state.values()) == 1:
+            # transformers' dequantizing ops hand a weight that comes without its scales
+            # (a folder save_pretrained wrote) through unchanged
+            return state
         raise self._refuse(op, conv, "no strided view expresses it")
 
+    def _halves(self, pieces: tuple[_Piece, ...]) -> list[_Piece]:
+        """A de-interleave along a dim other than rows, as two stepped parts each written into
+        one half of that dim (transfers permute rows only)."""
+        out: list[_Piece] = []
+        for pc in pieces:
+            rope = pc.rope
+            if rope is None or rope.dim == 0 or rope.heads != 1 or not rope.to_halves:
+                out.append(pc)
+                continue
+            read = Assignment("", pc.source, part=pc.part or None, transpose=pc.transpose)
+            shape = read_shape(tuple(self.source_shape(pc.source)), read)
+            d = rope.dim
+            src_dim = (1 - d) if pc.transpose else d
+            half = shape[d] // 2
+            out += [
+                replace(
+                    pc,
+                    part=(*pc.part, Span(src_dim, j, half, 2)),
+                    into=(*pc.into, Span(d, j * half, half)),
+                    rope=None,
+                )
+                for j in (0, 1)
+            ]
+        return out
+
+    def _split_part(
+        self, op: Any, conv: Any, pc: _Piece, size: int, d: int, at: int, n: int
+    ) -> _Piece:
+        """``pc`` narrowed to ``[at, at + n)`` of its dim ``d`` (of ``size``): a part of the
+        source; after a de-interleave along ``d``, every other entry of one half."""
+        rope = pc.rope
+        if rope is None or rope.dim != d:
+            return replace(pc, part=(*pc.part, Span(d, at, n)))
+        half = size // 2
+        if rope.heads != 1 or not rope.to_halves or (n and at // half != (at + n - 1) // half):
+            raise self._refuse(op, conv, "a split across the pairs of an interleave")
+        j = at // half if n else 0
+        return replace(pc, part=(*pc.part, Span(d, 2 * (at - j * half) + j, n, 2)), rope=None)
+
+    def _merge_queries(
+        self, op: Any, conv: Any, state: dict[str, list[_Sym]]
+    ) -> dict[str, list[_Sym]]:
+        """Inkling2Loop's message queries: two ``(2L, H)`` tensors, (query, mlp) and (key,
+        value) pairs of rows per loop layer, into one ``(L, 4, H)`` of (query, key, value,
+        mlp): every other row of a source into one index of dim 1."""
+        syms = [state.get(p, []) for p in conv.source_patterns]
+        if getattr(op, "inverse", False) or len(syms) != 2 or any(len(s) != 1 for s in syms):
+            raise self._refuse(op, conv, "it needs the two query tensors, one each")
+        (q,), (kv,) = syms
+        pq, pkv = q.single(), kv.single()
+        if pq is None or pkv is None or len({q.shape, kv.shape}) != 1 or len(q.shape) != 2:
+            raise self._refuse(op, conv, f"tensors {[list(q.shape), list(kv.shape)]}")
+        rows, width = q.shape
+        if rows % 2 or pq.transpose or pkv.transpose or pq.rope or pkv.rope:
+            raise self._refuse(op, conv, f"{rows} rows, or a transpose or permutation first")
+        n = rows // 2
+        pieces = tuple(
+            replace(pc, part=(*pc.part, Span(0, first, n, 2)), into=(Select(1, at),))
+            for at, (pc, first) in enumerate(((pq, 0), (pkv, 0), (pkv, 1), (pq, 1)))
+        )
+        return {conv.target_patterns[0]: [_Sym((n, 4, width), pieces)]}
+
+    def _unpad(self, op: Any, conv: Any, target: str, sym: _Sym, pc: _Piece) -> _Sym:
+        """transformers' vocabulary un-padding: the first rows of the source, as many as
+        the config's ``unpadded_vocab_size`` (the model's rows), a plain row cut."""
+        if getattr(op, "inverse", False):
+            raise self._refuse(op, conv, "padding adds rows no file holds")
+        if pc.transpose or (pc.rope is not None and pc.rope.dim == 0) or not sym.shape:
+            raise self._refuse(op, conv, "a row cut after a transpose or row permutation")
+        get_text = getattr(self.config, "get_text_config", None)
+        text = get_text() if callable(get_text) else None
+        rows = getattr(text, "unpadded_vocab_size", None)
+        if not isinstance(rows, int):
+            shape = self._model_shape(target)
+            if shape is None or not shape:
+                raise self._refuse(op, conv, f"the model has no tensor {target!r}")
+            rows = shape[0]
+        if not 0 <= rows <= sym.shape[0]:
+            raise self._refuse(op, conv, f"{rows} rows kept of {sym.shape[0]}")
+        cut = replace(pc, part=(Span(0, 0, rows), *pc.part))
+        return _Sym((rows, *sym.shape[1:]), (cut,))
+
     def _one(self, op: Any, conv: Any, key: str, target: str, sym: _Sym) -> _Sym:
-        """Transpose / PermuteForRope / Interleave of one tensor made of one whole source."""
+        """Transpose / PermuteForRope / Interleave / un-padding of one tensor made of one
+        whole source."""
         kind = type(op).__name__
         if kind == "PermuteForRope" and op.permute_layer_names is not None:
             if not any(name in key for name in op.permute_layer_names):
@@ -286,6 +376,8 @@ class HFConversions:
         pc = sym.single()
         if pc is None:
             raise self._refuse(op, conv, "it acts on a tensor built from several sources")
+        if kind.endswith("UnpadVocab"):
+            return self._unpad(op, conv, target, sym, pc)
         if kind == "Transpose":
             dims = {op.dim0 % max(len(sym.shape), 1), op.dim1 % max(len(sym.shape), 1)}
             if len(sym.shape) != 2 or dims != {0, 1}:
@@ -300,9 +392,11 @@ class HFConversions:
         if pc.rope is not None:
             raise self._refuse(op, conv, "two row permutations")
         if kind == "Interleave":
-            if op.dim != 0:
-                raise self._refuse(op, conv, f"an interleave along dim {op.dim} (only rows)")
-            return _Sym(sym.shape, (replace(pc, rope=Rope(1, to_halves=not op.inverse)),))
+            d = op.dim + len(sym.shape) if op.dim < 0 else op.dim
+            if not 0 <= d < len(sym.shape):
+                raise self._refuse(op, conv, f"dim {op.dim} of a {len(sym.shape)}-D tensor")
+            rope = Rope(1, to_halves=not op.inverse, dim=d)
+            return _Sym(sym.shape, (replace(pc, rope=rope),))
         config = self.config
         if op.subconfig_key is not None:
             config = getattr(config, op.subconfig_key, config)

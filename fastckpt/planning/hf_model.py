@@ -9,6 +9,12 @@ model's own ``_init_weights``; fastckpt does the same, guarding every other tens
 with transformers' ``_is_hf_initialized`` flag and checking, by each tensor's
 version counter, that the buffers were written and nothing else was.
 
+Recomputed parameters: a model may declare tensors that ``save_pretrained`` leaves
+out (``_keys_to_ignore_on_save``: Marian's sinusoidal position tables) because
+``from_pretrained`` recomputes them, with the same ``_init_weights``, as missing
+keys. fastckpt fills them the same way, named in ``report.initialised``, instead
+of calling them missing; on a meta model they are allocated on ``device`` first.
+
 Ties: transformers declares which weights share a tensor (``all_tied_weights_keys``);
 ``model.to_empty()`` gives each its own tensor, and the checkpoint holds only one
 of them. fastckpt does not re-tie a model behind its owner's back: the strict
@@ -20,7 +26,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,13 +37,18 @@ from fastckpt.planning.hf_conversions import is_transformers_model
 _FLAG = "_is_hf_initialized"
 
 
+def _can_initialise(model: nn.Module) -> bool:
+    """A transformers model, and this transformers guards its init functions."""
+    return (
+        is_transformers_model(model)
+        and importlib.util.find_spec("transformers.initialization") is not None
+    )
+
+
 def fillable(model: nn.Module, buffers: dict[str, tuple[nn.Module, str]]) -> list[str]:
     """The non-persistent buffers that transformers' initialisation gives values: plain
     tensors of a transformers model, when this transformers guards its init functions."""
-    if (
-        not is_transformers_model(model)
-        or importlib.util.find_spec("transformers.initialization") is None
-    ):
+    if not _can_initialise(model):
         return []
     return [
         name
@@ -46,54 +57,83 @@ def fillable(model: nn.Module, buffers: dict[str, tuple[nn.Module, str]]) -> lis
     ]
 
 
+def recomputed(model: nn.Module, missing: list[str]) -> list[str]:
+    """Of ``missing`` (tensors no checkpoint tensor fills), those the transformers model
+    declares ``save_pretrained`` leaves out for ``from_pretrained`` to recompute."""
+    if not missing or not _can_initialise(model):
+        return []
+    declared = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    return [n for n in missing if n in declared]
+
+
+def _slot(module: nn.Module, attr: str) -> dict[str, torch.Tensor | None]:
+    """The dict holding ``module.attr``: its parameters' or its buffers'."""
+    return module._parameters if attr in module._parameters else module._buffers  # type: ignore[return-value]
+
+
 def initialise(
     model: nn.Module,
     names: list[str],
     buffers: dict[str, tuple[nn.Module, str]],
     device: torch.device | None,
     path: object,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Give the buffers ``names`` their values with the model's own ``_init_weights``,
     allocating those on meta on ``device`` first. They keep their dtype, as
-    ``from_pretrained(dtype=...)`` leaves them (rotary frequencies stay fp32).
+    ``from_pretrained(dtype=...)`` leaves them (rotary frequencies stay fp32). A name
+    not in ``buffers`` is a parameter transformers recomputes (``recomputed``): on meta, it
+    is allocated in ``dtype`` (the load's ``dtype=``) when floating, as its neighbours are.
 
-    Raises CheckpointError, with the meta buffers put back, if the initialisation
-    leaves an allocated buffer unwritten or writes any other tensor."""
+    Raises CheckpointError, with the meta tensors put back, if the initialisation
+    leaves an allocated tensor unwritten or writes any other tensor."""
     from transformers import PreTrainedModel
 
+    where = {n: buffers[n] if n in buffers else _owner(model, n) for n in names}
     fresh: dict[str, torch.Tensor] = {}
     for name in names:
-        module, attr = buffers[name]
-        old = module._buffers[attr]
+        module, attr = where[name]
+        slot = _slot(module, attr)
+        old = slot[attr]
         assert old is not None
         if old.is_meta:
-            assert device is not None, "the plan leaves meta buffers on meta without device="
+            assert device is not None, "the plan leaves meta tensors on meta without device="
             fresh[name] = old
             with torch.inference_mode(False):
-                module._buffers[attr] = torch.empty(old.shape, dtype=old.dtype, device=device)
+                kind = old.dtype
+                if name not in buffers and dtype is not None and kind.is_floating_point:
+                    kind = dtype
+                new = torch.empty(old.shape, dtype=kind, device=device)
+                if isinstance(old, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=old.requires_grad)
+                slot[attr] = new
+    buffers = where
     held = {n: _buffer(*buffers[n]) for n in names}
-    ids = {id(t) for t in held.values()}
     versions = {n: _version(t) for n, t in held.items()}
     # The buffers' names say where their modules are: no walk over the whole model.
     owners = {n.rpartition(".")[0]: buffers[n][0] for n in names}
     written_others: list[str] = []
     for prefix, module in owners.items():
-        named: dict[str, torch.Tensor] = dict(module.named_buffers(remove_duplicate=False))
-        named.update(module.named_parameters(remove_duplicate=False))
-        others = {n: t for n, t in named.items() if id(t) not in ids}
-        before = {n: _version(t) for n, t in others.items()}
-        with _flagged(list(others.values()), list(held.values())), torch.no_grad():
-            _init_for(model, prefix, PreTrainedModel)(module)
-        dot = prefix + "." if prefix else ""
-        written_others += [dot + n for n, t in others.items() if _version(t) != before[n]]
-    unwritten = [
-        n for n, t in held.items() if versions[n] is not None and _version(t) == versions[n]
-    ]
+        written_others += _run_init(model, prefix, module, held, PreTrainedModel)
+    # A buffer an enclosing model fills (Falcon-H1's per-layer mup_vector, written by
+    # the init of FalconH1Model): the init of each enclosing module, nearest first.
+    # Only for tensors allocated here: a real buffer kept the values its constructor gave.
+    done = set(owners)
+    for name in fresh:
+        parts = name.split(".")[:-2]
+        for prefix in (".".join(parts[:i]) for i in range(len(parts), -1, -1)):
+            if not _unwritten(held, versions, name):
+                break
+            if prefix not in done:
+                done.add(prefix)
+                module = model.get_submodule(prefix)
+                written_others += _run_init(model, prefix, module, held, PreTrainedModel)
+    unwritten = [n for n in held if _unwritten(held, versions, n)]
     unfilled = [n for n in unwritten if n in fresh]
     if unfilled or written_others:
         for name, old in fresh.items():
             module, attr = buffers[name]
-            module._buffers[attr] = old
+            _slot(module, attr)[attr] = old
         cls = type(model).__name__
         if written_others:
             raise CheckpointError(
@@ -109,6 +149,31 @@ def initialise(
         )
 
 
+def _unwritten(held: dict[str, torch.Tensor], versions: dict[str, int | None], name: str) -> bool:
+    return versions[name] is not None and _version(held[name]) == versions[name]
+
+
+def _run_init(
+    model: nn.Module, prefix: str, module: nn.Module, held: dict[str, torch.Tensor], base: type
+) -> list[str]:
+    """Run the ``_init_weights`` that applies to ``module`` on it, every tensor but ``held``
+    guarded; the names of the other tensors it wrote all the same."""
+    ids = {id(t) for t in held.values()}
+    named: dict[str, torch.Tensor] = dict(module.named_buffers(remove_duplicate=False))
+    named.update(module.named_parameters(remove_duplicate=False))
+    others = {n: t for n, t in named.items() if id(t) not in ids}
+    # a tensor still on meta (one the load allocates afterwards) holds nothing to spoil
+    before = {n: _version(t) for n, t in others.items() if not t.is_meta}
+    with (
+        _flagged(list(others.values()), list(held.values())),
+        _stand_ins(module, ids),
+        torch.no_grad(),
+    ):
+        _init_for(model, prefix, base)(module)
+    dot = prefix + "." if prefix else ""
+    return [dot + n for n, v in before.items() if _version(others[n]) != v]
+
+
 def _init_for(model: nn.Module, prefix: str, base: type) -> Callable[[nn.Module], None]:
     """The ``_init_weights`` of the innermost transformers model on the way to the module
     at ``prefix``, as ``initialize_weights`` dispatches for composite models."""
@@ -122,9 +187,14 @@ def _init_for(model: nn.Module, prefix: str, base: type) -> Callable[[nn.Module]
 
 
 def _buffer(module: nn.Module, attr: str) -> torch.Tensor:
-    t = module._buffers[attr]
+    t = _slot(module, attr)[attr]
     assert t is not None
     return t
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, attr = name.rpartition(".")
+    return model.get_submodule(prefix), attr
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -133,6 +203,30 @@ def _version(t: torch.Tensor) -> int | None:
         return int(t._version)
     except RuntimeError:
         return None
+
+
+@contextmanager
+def _stand_ins(module: nn.Module, keep: set[int]) -> Iterator[None]:
+    """Every tensor of ``module`` but those in ``keep`` (by id) replaced by a meta tensor
+    while the initialisation runs: an init that ignores transformers' flag (a write through
+    ``weight[padding_idx]``, a view the flag is not on) writes nowhere."""
+    swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    try:
+        for sub in module.modules():
+            slots: tuple[dict[str, Any], ...] = (sub._parameters, sub._buffers)
+            for slot in slots:
+                for attr, t in slot.items():
+                    if t is None or id(t) in keep or t.is_meta:
+                        continue
+                    stand_in = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    if isinstance(t, nn.Parameter):
+                        stand_in = nn.Parameter(stand_in, requires_grad=t.requires_grad)
+                    swapped.append((slot, attr, t))
+                    slot[attr] = stand_in
+        yield
+    finally:
+        for slot, attr, t in reversed(swapped):
+            slot[attr] = t
 
 
 @contextmanager

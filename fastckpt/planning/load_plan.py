@@ -846,7 +846,7 @@ def _find_meta_leftovers(
 ) -> None:
     """Names that would keep no values: tensors on meta that nothing fills."""
     from fastckpt.planning.hf_conversions import is_transformers_model
-    from fastckpt.planning.hf_model import fillable
+    from fastckpt.planning.hf_model import fillable, recomputed
 
     left = (
         []
@@ -858,6 +858,12 @@ def _find_meta_leftovers(
             for name in mt.group(g)
         ]
     )
+    # Parameters save_pretrained leaves out for from_pretrained to recompute: filled
+    # as the non-persistent buffers are (fastckpt.planning.hf_model), not missing.
+    if again := set(recomputed(model, p.missing)):
+        p.missing = [n for n in p.missing if n not in again]
+        left = [n for n in left if n not in again or want is None]
+        p.initialised += [n for n in sorted(again) if n not in left]
     # Non-persistent buffers matter when the model is (partly) on meta or is moved
     # (device=, dtype=), and always for transformers models, whose own initialisation
     # gives them values: finding them walks every module, which for a model of 30k

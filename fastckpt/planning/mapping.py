@@ -59,18 +59,23 @@ class Select:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """``[start, start + length)`` along ``dim`` (one part of a concatenation)."""
+    """``[start, start + length)`` along ``dim`` (one part of a concatenation).
+
+    ``step`` > 1 (a part read, never a region written): every ``step``-th entry from
+    ``start``, ``length`` of them (one half of an interleaved dimension)."""
 
     dim: int
     start: int
     length: int
+    step: int = 1
 
     @property
     def stop(self) -> int:
-        return self.start + self.length
+        """One past the last entry covered."""
+        return self.start + (self.length - 1) * self.step + 1 if self.length else self.start
 
     def __str__(self) -> str:
-        where = f"{self.start}:{self.stop}"
+        where = f"{self.start}:{self.stop}" + (f":{self.step}" if self.step != 1 else "")
         return f"[{where}]" if self.dim == 0 else f"[dim {self.dim}: {where}]"
 
 
@@ -95,10 +100,14 @@ class Rope:
     head) into Hugging Face's halves (rows ``i`` and ``i + head_dim/2``), the
     ``permute`` of transformers' Llama conversion script; ``False`` is the inverse.
     ``heads``: the number of heads of the tensor (key/value heads for ``wk``).
+    ``dim``: the dimension permuted (rows: 0). With one head this is transformers'
+    ``Interleave`` along any dimension: ``to_halves`` de-interleaves (even entries,
+    then odd ones), ``False`` interleaves the two halves back.
     """
 
     heads: int
     to_halves: bool = True
+    dim: int = 0
 
 
 @dataclass(frozen=True, slots=True)

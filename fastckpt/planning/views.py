@@ -6,9 +6,10 @@ storage through a strided view and writes into a view of the destination.
 
 - ``source_view(offset, shape, strides, asg)``: the view of the source's storage
   (in elements) to read, from the source tensor's own (offset, shape, strides).
-  A part is an offset and a smaller shape, a transpose swaps two strides, the
-  rotary permutation splits the rows into (heads, 2, half) or (heads, half, 2)
-  with strides that interleave them.
+  A part is an offset and a smaller shape (a stepped part: a larger stride), a
+  transpose swaps two strides, the rotary permutation (or an interleave, along
+  any dim) splits that dim into (heads, 2, half) or (heads, half, 2) with strides
+  that interleave them.
 - ``target_view(tensor, asg)``: the destination region as a torch view (select /
   narrow), split like the source view when the rows are permuted, so that
   ``target_view(t, a).copy_(torch.as_strided(src, *source_view(...)[1:], ...))``
@@ -72,22 +73,29 @@ def _region(view: View, region: Select | Span, what: str, asg: Assignment) -> Vi
             shape[:d] + shape[d + 1 :],
             strides[:d] + strides[d + 1 :],
         )
-    if region.start < 0 or region.length < 0 or region.stop > n:
+    if region.start < 0 or region.length < 0 or region.step < 1 or region.stop > n:
         raise CheckpointError(
             f"{_where(asg)}: {what} {region} is out of range: dim {d} has {n} entries"
         )
     return (
         offset + region.start * strides[d],
         shape[:d] + (region.length,) + shape[d + 1 :],
-        strides,
+        strides[:d] + (strides[d] * region.step,) + strides[d + 1 :],
     )
 
 
-def _rope_split(rows: int, rope: Rope, asg: Assignment) -> tuple[int, int]:
-    """(head_dim, half) for ``rows`` rows in ``rope.heads`` heads of pairs."""
-    if rope.heads <= 0 or rows % (2 * rope.heads):
+def _rope_split(shape: Shape, rope: Rope, asg: Assignment) -> tuple[int, int]:
+    """(head_dim, half) for the ``rope.dim`` of ``shape`` in ``rope.heads`` heads of pairs."""
+    if not 0 <= rope.dim < len(shape):
         raise CheckpointError(
-            f"{_where(asg)}: the rotary permutation needs rows divisible by 2 x heads "
+            f"{_where(asg)}: a permutation of dim {rope.dim} of a {len(shape)}-D tensor "
+            f"{list(shape)}"
+        )
+    rows = shape[rope.dim]
+    if rope.heads <= 0 or rows % (2 * rope.heads):
+        what = "rows" if rope.dim == 0 else f"dim {rope.dim}"
+        raise CheckpointError(
+            f"{_where(asg)}: the rotary permutation needs {what} divisible by 2 x heads "
             f"({rope.heads} heads), the tensor has {rows}"
         )
     head_dim = rows // rope.heads
@@ -128,9 +136,7 @@ def read_shape(source_shape: Sequence[int], asg: Assignment) -> Shape:
     shape = tuple(int(n) for n in source_shape)
     _, sh, _ = _read(0, shape, dense_strides(shape), asg)
     if asg.rope is not None:
-        if not sh:
-            raise CheckpointError(f"{_where(asg)}: a rotary permutation of a 0-D tensor")
-        _rope_split(sh[0], asg.rope, asg)
+        _rope_split(sh, asg.rope, asg)
     return sh
 
 
@@ -139,17 +145,16 @@ def source_view(offset: int, shape: Sequence[int], strides: Sequence[int], asg: 
     o, sh, st = _read(int(offset), tuple(shape), tuple(strides), asg)
     if asg.rope is None:
         return o, sh, st
-    if not sh:
-        raise CheckpointError(f"{_where(asg)}: a rotary permutation of a 0-D tensor")
-    head_dim, half = _rope_split(sh[0], asg.rope, asg)
-    s0 = st[0]
+    head_dim, half = _rope_split(sh, asg.rope, asg)
+    d = asg.rope.dim
+    s0 = st[d]
     if asg.rope.to_halves:
         # target (h, j, i) <- source row h*head_dim + 2i + j (Meta's interleaved pairs)
         split, split_strides = (asg.rope.heads, 2, half), (head_dim * s0, s0, 2 * s0)
     else:
         # target (h, i, j) <- source row h*head_dim + j*half + i (Hugging Face's halves)
         split, split_strides = (asg.rope.heads, half, 2), (head_dim * s0, s0, half * s0)
-    return o, split + sh[1:], split_strides + st[1:]
+    return o, sh[:d] + split + sh[d + 1 :], st[:d] + split_strides + st[d + 1 :]
 
 
 def target_view(tensor: torch.Tensor, asg: Assignment) -> torch.Tensor:
@@ -169,17 +174,16 @@ def target_view(tensor: torch.Tensor, asg: Assignment) -> torch.Tensor:
                 )
             out = out.select(r.dim, r.index)
         else:
-            if r.start < 0 or r.length < 0 or r.stop > n:
+            if r.start < 0 or r.length < 0 or r.step != 1 or r.stop > n:
                 raise CheckpointError(
                     f"{_where(asg)}: into {r} is out of range: dim {r.dim} has {n} entries"
+                    + (" (a stepped region is read, never written)" if r.step != 1 else "")
                 )
             out = out.narrow(r.dim, r.start, r.length)
     if asg.rope is not None:
-        if out.dim() == 0:
-            raise CheckpointError(f"{_where(asg)}: a rotary permutation of a 0-D target")
-        _head_dim, half = _rope_split(out.shape[0], asg.rope, asg)
+        _head_dim, half = _rope_split(tuple(out.shape), asg.rope, asg)
         split = (asg.rope.heads, 2, half) if asg.rope.to_halves else (asg.rope.heads, half, 2)
-        out = out.unflatten(0, split)
+        out = out.unflatten(asg.rope.dim, split)
     return out
 
 
@@ -200,7 +204,13 @@ def target_region(target: str, shape: Shape, asg: Assignment) -> Region:
     if asg.rope is not None:
         if not region_shape:
             raise CheckpointError(f"{_where(asg)}: a rotary permutation of a 0-D target")
-        _head_dim, half = _rope_split(region_shape[0], asg.rope, asg)
+        if asg.rope.dim != 0:
+            # a de-interleave along another dim is two stepped parts (hf_conversions); this
+            # one (an interleave back, or heads) has no transfer
+            raise CheckpointError(
+                f"{_where(asg)}: a permutation along dim {asg.rope.dim} is not a transfer"
+            )
+        _head_dim, half = _rope_split(region_shape, asg.rope, asg)
         split = (asg.rope.heads, 2, half) if asg.rope.to_halves else (asg.rope.heads, half, 2)
     return Region(tuple((lo, hi - lo) for lo, hi in box), drop, split)
 
@@ -227,7 +237,7 @@ def into_box(target: str, shape: Shape, asg: Assignment) -> tuple[Bounds, Shape]
             box[d] = (lo + r.index, lo + r.index + 1)
             del left[r.dim]
         else:
-            if r.start < 0 or r.length < 0 or r.stop > hi - lo:
+            if r.start < 0 or r.length < 0 or r.step != 1 or r.stop > hi - lo:
                 raise CheckpointError(
                     f"{target}: {asg.source} fills [{r.start}:{r.stop}] of dim {r.dim}, "
                     f"which has {hi - lo}"
