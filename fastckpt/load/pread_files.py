@@ -12,14 +12,13 @@ by itself when the checkpoint's files lie on such a filesystem (/proc/self/mount
 
 from __future__ import annotations
 
-import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastckpt.errors import CheckpointError
+from fastckpt.source.memory_file import MemoryFile
 
-PAGE = mmap.PAGESIZE
 PART = 8 << 20
 THREADS = 16
 # Filesystem types (as /proc/self/mountinfo names them) where pages come over a network.
@@ -70,23 +69,15 @@ class _Stamp:
         self.size, self.mtime, self.ino = st.st_size, st.st_mtime_ns, st.st_ino
 
 
-class PreadFile:
+class PreadFile(MemoryFile):
     """One local checkpoint file read with preads into a memory file of its size (the
     interface of source.remote.RemoteFile that load.remote_reads uses)."""
 
     def __init__(self, path: str, size: int):
+        super().__init__(size, "fastckpt-pread")
         self.url = path
-        self.size = size
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.stamp = _Stamp(os.fstat(self.fd))
-        self.mem = os.memfd_create("fastckpt-pread", os.MFD_CLOEXEC)
-        os.ftruncate(self.mem, size)
-        self.map = mmap.mmap(self.mem, size) if size else None
-        self.freed = 0
-
-    @property
-    def path(self) -> str:
-        return f"/proc/self/fd/{self.mem}"
+        self.src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.stamp = _Stamp(os.fstat(self.src))
 
     def check_unchanged(self) -> None:
         now = _Stamp(os.stat(self.url))
@@ -107,7 +98,7 @@ class PreadFile:
         done = 0
         try:
             while done < len(view):
-                n = os.preadv(self.fd, [view[done:]], start + done)
+                n = os.preadv(self.src, [view[done:]], start + done)
                 if n <= 0:
                     raise CheckpointError(
                         f"{self.url}: ended at byte {start + done} while reading bytes {start} "
@@ -117,21 +108,8 @@ class PreadFile:
         finally:
             view.release()
 
-    def release(self, upto: int) -> None:
-        end = min(self.size, upto) // PAGE * PAGE
-        if self.map is not None and end > self.freed:
-            self.map.madvise(mmap.MADV_REMOVE, self.freed, end - self.freed)
-            self.freed = end
-
-    def release_all(self) -> None:
-        self.freed = 0
-        self.release(self.size)
-        self.freed = 0
-
     def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
-            self.map = None
-        for fd in (self.fd, self.mem):
-            os.close(fd)
-        self.fd = self.mem = -1
+        super().close()
+        if self.src >= 0:
+            os.close(self.src)
+            self.src = -1

@@ -17,7 +17,6 @@ beside the index.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import zipfile
@@ -27,11 +26,11 @@ from typing import Any
 
 import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
+from fastckpt.source.memory_file import MemoryFile
 from fastckpt.source.remote_store import Object, Store, is_url
 
 __all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "is_url"]
 
-PAGE = mmap.PAGESIZE
 _FIRST = 16 << 10  # bytes read first from the start of a file (most safetensors headers)
 _TAIL = 64 << 10  # and from the end of a zip (its end records and, mostly, its directory)
 _FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
@@ -65,22 +64,14 @@ class RemotePath(PosixPath):
         return f"RemotePath({str(self)!r})"
 
 
-class RemoteFile:
+class RemoteFile(MemoryFile):
     """One remote checkpoint file: the object, and the memory file its bytes land in."""
 
     def __init__(self, obj: Object):
+        super().__init__(obj.size, "fastckpt-remote")
         self.obj = obj
         self.url = obj.url
-        self.size = obj.size
-        self.fd = os.memfd_create("fastckpt-remote", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.map = mmap.mmap(self.fd, self.size) if self.size else None
         self.header_bytes = 0  # fetched to index the file
-        self.freed = 0  # pages below are released (load.remote_reads)
-
-    @property
-    def path(self) -> str:
-        return f"/proc/self/fd/{self.fd}"
 
     def fetch(self, runs: Sequence[tuple[int, int]]) -> int:
         """Bytes [start, end) of each run (sorted, disjoint) from the object into the memory
@@ -98,32 +89,6 @@ class RemoteFile:
     def bytes_at(self, start: int, end: int) -> bytes:
         assert self.map is not None
         return self.map[start:end]
-
-    def release(self, upto: int) -> None:
-        """Gives the pages below ``upto`` back (they are fetched again if read again)."""
-        end = min(self.size, upto) // PAGE * PAGE
-        if self.map is not None and end > self.freed:
-            self.map.madvise(mmap.MADV_REMOVE, self.freed, end - self.freed)
-            self.freed = end
-
-    def release_all(self) -> None:
-        self.freed = 0
-        self.release(self.size)
-        self.freed = 0
-
-    def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
-            self.map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def _resolve(url: str) -> tuple[Store, list[str], str]:
