@@ -212,6 +212,8 @@ class Opening:
 
 def _is_dcp_dir(path: Path) -> bool:
     """A torch.distributed.checkpoint directory (source/dcp.py reads those)."""
+    if not path.is_dir():  # a file: spare the import on every plain load
+        return False
     from fastckpt.source import dcp  # dcp imports this module: imported when asked
 
     return dcp.is_dcp_dir(path)
