@@ -19,7 +19,6 @@ using pickle::Kind;
 using pickle::PickleVM;
 using pickle::Value;
 
-constexpr std::string_view kMeta = "torch.distributed.checkpoint.metadata.";
 // More chunks than this in one tensor: the overlap check would be quadratic.
 constexpr size_t kMaxChunksPerTensor = size_t{1} << 16;
 
