@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fastckpt.errors import CheckpointError
+from fastckpt.source.memory_file import MemoryFile
 
 PAGE = mmap.PAGESIZE
 _MAX_RUNS = 1 << 16  # runs listed for one task; past that its hull stands for them
@@ -223,31 +224,20 @@ def _cut(seg: Segment, window: int) -> list[Segment]:
     return out
 
 
-@dataclass
-class MemoryFile:
-    """The bytes of one checkpoint file this rank needs, at their offsets, in a memfd."""
+class SharedFile(MemoryFile):
+    """The bytes of one checkpoint file this rank needs, at their offsets, in a memory file
+    whose bytes are also a uint8 tensor: the buffers broadcast and send/recv move."""
 
-    size: int
-    fd: int
-    map: mmap.mmap
-    bytes: torch.Tensor  # the whole map as uint8, for slicing
-    freed: int = 0  # everything below is released
-
-    @classmethod
-    def create(cls, size: int) -> MemoryFile:
-        fd = os.memfd_create("fastckpt-read-once", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size)
-        return cls(size, fd, mm, torch.frombuffer(mm, dtype=torch.uint8))
+    def __init__(self, size: int):
+        super().__init__(size, "fastckpt-read-once")
+        self.bytes = (
+            torch.frombuffer(self.map, dtype=torch.uint8)
+            if self.map is not None
+            else torch.empty(0, dtype=torch.uint8)
+        )
 
     def span(self, start: int, end: int) -> torch.Tensor:
         return self.bytes[start:end]
-
-    def release(self, upto: int) -> None:
-        end = min(self.size, upto) // PAGE * PAGE
-        if end > self.freed:
-            self.map.madvise(mmap.MADV_REMOVE, self.freed, end - self.freed)
-            self.freed = end
 
 
 @dataclass
@@ -268,8 +258,9 @@ def _comm_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _read(path: str, fd: int, into: MemoryFile, start: int, end: int) -> None:
+def _read(path: str, fd: int, into: SharedFile, start: int, end: int) -> None:
     """Bytes [start, end) of the checkpoint file into the same place of ``into``."""
+    assert into.map is not None  # a file with bytes to read has a mapping
     with memoryview(into.map) as whole:
         view = whole[start:end]
         done = 0
@@ -324,7 +315,7 @@ def run(
     dist.all_gather_object(every, need, group=group)
     segs = segments(every, size, window)
     before_writing()
-    files: dict[int, MemoryFile] = {}
+    files: dict[int, SharedFile] = {}
     sources: dict[int, int] = {}  # file index -> descriptor of the checkpoint file
     comm = _comm_device(group)
     # Tasks by where their bytes end: each runs once the window holding its last byte is in.
@@ -344,9 +335,8 @@ def run(
             if part is not None:
                 for seg in part:
                     if me in seg.needers and seg.file not in files:
-                        files[seg.file] = MemoryFile.create(indexes[seg.file].file_size)
-                        fd_path = f"/proc/self/fd/{files[seg.file].fd}"
-                        over[seg.file] = indexes[seg.file].over(fd_path)
+                        files[seg.file] = SharedFile(indexes[seg.file].file_size)
+                        over[seg.file] = indexes[seg.file].over(files[seg.file].path)
                     if seg.owner == me:
                         path = indexes[seg.file].path
                         if seg.file not in sources:
@@ -380,7 +370,9 @@ def run(
         for fd in sources.values():
             os.close(fd)
         for mf in files.values():
+            # the fd only: tensors may still view the mapping, which goes with them
             os.close(mf.fd)
+            mf.fd = -1
     return counts
 
 
@@ -416,7 +408,7 @@ def _suffix_lows(cut: list[Task], hulls: list[tuple[int, int]]) -> list[int]:
 
 
 def _release(
-    files: dict[int, MemoryFile],
+    files: dict[int, SharedFile],
     cut: list[Task],
     lows: list[int],
     firsts: dict[int, int],
@@ -440,7 +432,7 @@ def _release(
 
 def _exchange(
     part: list[Segment],
-    files: dict[int, MemoryFile],
+    files: dict[int, SharedFile],
     me: int,
     ranks: list[int],
     group: Any,
@@ -488,7 +480,7 @@ def _exchange(
     return finish
 
 
-def _buffer(segs: list[Segment], files: dict[int, MemoryFile], comm: torch.device,
+def _buffer(segs: list[Segment], files: dict[int, SharedFile], comm: torch.device,
             fill: bool) -> torch.Tensor:  # fmt: skip
     """The message's bytes: the memory file's own when it is one segment on the CPU, else a
     packed copy (on ``comm``, the device the backend sends from), filled by the reader."""
@@ -504,7 +496,7 @@ def _buffer(segs: list[Segment], files: dict[int, MemoryFile], comm: torch.devic
     return buf
 
 
-def _unpack(segs: list[Segment], buf: torch.Tensor, files: dict[int, MemoryFile]) -> None:
+def _unpack(segs: list[Segment], buf: torch.Tensor, files: dict[int, SharedFile]) -> None:
     if len(segs) == 1 and buf.device.type == "cpu":
         return  # received in place
     host = buf.cpu()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -56,17 +56,16 @@ def has_dtensors(model: nn.Module) -> bool:
 
 
 def shard_transfers(
-    transfers: list[Transfer], tensor: Any, name: str, stored_view: Callable[[int], View]
+    transfers: list[Transfer], tensor: Any, name: str, ckpt: Any
 ) -> list[Transfer]:
     """Transfers into the global DTensor ``tensor`` as transfers into this rank's local
-    shard (fastckpt.planning.transfers.to_shard); ``stored_view(handle)`` is a stored tensor's
-    own view."""
+    shard (fastckpt.planning.transfers.to_shard), reading the stored views of ``ckpt``."""
     shard = dtensor_shard(name, tensor)
     return [
         local
         for t in transfers
         for boxed in to_boxes(t)
-        for local in to_shard(boxed, shard, stored_view(boxed.handle))
+        for local in to_shard(boxed, shard, stored_view(ckpt, boxed.handle))
     ]
 
 
@@ -91,7 +90,7 @@ def bytes_per_rank(p: Any) -> dict[int, int]:
     assert p._model is not None
     ckpt = p.checkpoint
     plain = sum(e.nbytes for e in p.entries()) + sum(
-        nbytes(t, _stored(ckpt, t.handle), ckpt._handle_view(t.handle)[0].itemsize)
+        nbytes(t, stored_view(ckpt, t.handle), itemsize(ckpt, t.handle))
         for t in p.pieces
         if not is_dtensor(p._model.tensors[t.group])
     )
@@ -103,15 +102,20 @@ def bytes_per_rank(p: Any) -> dict[int, int]:
             shard = pieces_for("", tuple(dt.shape), tuple(ranks.shape), coordinate, dt.placements)
             rank = int(ranks[coordinate])
             out[rank] = out.get(rank, 0) + sum(
-                nbytes(local, _stored(ckpt, local.handle), ckpt._handle_view(t.handle)[0].itemsize)
+                nbytes(local, stored_view(ckpt, local.handle), itemsize(ckpt, local.handle))
                 for t in transfers
                 for boxed in to_boxes(t)
-                for local in to_shard(boxed, shard, _stored(ckpt, boxed.handle))
+                for local in to_shard(boxed, shard, stored_view(ckpt, boxed.handle))
             )
     return {rank: n + plain for rank, n in sorted(out.items())}
 
 
-def _stored(ckpt: Any, handle: int) -> View:
+def itemsize(ckpt: Any, handle: int) -> int:
+    return int(ckpt._handle_view(handle)[0].itemsize)
+
+
+def stored_view(ckpt: Any, handle: int) -> View:
+    """(storage offset, shape, strides) of the stored tensor ``handle`` names."""
     _, shape, strides, offset = ckpt._handle_view(handle)
     return offset, tuple(shape), tuple(strides)
 

@@ -34,7 +34,9 @@ from fastckpt.planning.dtensor_plan import (
     any_dtensor,
     dtensors_possible,
     is_dtensor,
+    itemsize,
     shard_transfers,
+    stored_view,
     whole_source,
 )
 from fastckpt.planning.mapping import MappingPlan, RowSelection, plain_plan
@@ -726,11 +728,6 @@ def _cut_to_shards(p: LoadPlan, mt: ModelTensors, pieces: list[Transfer]) -> lis
     ``p._global_transfers``) become transfers into this rank's local shard; the global
     ones are kept for bytes per rank. Returns the pieces with those cut."""
     ckpt = p.checkpoint
-
-    def stored(handle: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-        _, shape, strides, offset = ckpt._handle_view(handle)
-        return offset, tuple(shape), tuple(strides)
-
     out: list[Transfer] = []
     for t in pieces:
         if is_dtensor(mt.tensors[t.group]):
@@ -738,10 +735,10 @@ def _cut_to_shards(p: LoadPlan, mt: ModelTensors, pieces: list[Transfer]) -> lis
         else:
             out.append(t)
     for group, transfers in p._global_transfers.items():
-        local = shard_transfers(transfers, mt.tensors[group], transfers[0].target, stored)
+        local = shard_transfers(transfers, mt.tensors[group], transfers[0].target, ckpt)
         out += local
         p.local_bytes += sum(
-            nbytes(t, stored(t.handle), ckpt._handle_view(t.handle)[0].itemsize) for t in local
+            nbytes(t, stored_view(ckpt, t.handle), itemsize(ckpt, t.handle)) for t in local
         )
     return out
 
