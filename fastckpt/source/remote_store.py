@@ -192,6 +192,15 @@ class Store:
         except Exception as e:
             raise failure(self.url(key), e) from None
 
+    def list_files(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of the objects directly under ``prefix`` (``a/b/``)."""
+        ob = _obstore()
+        try:
+            found = ob.list_with_delimiter(self.store, prefix or None)
+        except Exception as e:
+            raise failure(self.url(prefix), e) from None
+        return [(str(m["path"]), int(m["size"])) for m in found["objects"]]
+
 
 @dataclass(frozen=True)
 class Meta:
