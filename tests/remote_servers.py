@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Counters:
     body_bytes: int = 0  # bytes of GET bodies sent for objects
     gets: int = 0
     ranges: list[str] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)  # Authorization headers of object requests
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
@@ -32,6 +34,7 @@ class Counters:
             self.body_bytes = 0
             self.gets = 0
             self.ranges = []
+            self.auth = []
 
 
 class _Faults:
@@ -93,6 +96,7 @@ class S3Server(_Faults):
             with counters.lock:
                 counters.gets += 1
                 counters.ranges.append(environ.get("HTTP_RANGE", ""))
+                counters.auth.append(environ.get("HTTP_AUTHORIZATION", ""))
 
             def counted() -> Any:
                 for chunk in body:
@@ -142,7 +146,7 @@ class RangeServer(_Faults):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = outer.files.get(self.path)
+                data = outer.files.get(unquote(self.path))  # as a server decodes %2F
                 if data is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -180,6 +184,7 @@ class RangeServer(_Faults):
                 with outer.counters.lock:
                     outer.counters.gets += 1
                     outer.counters.ranges.append(self.headers.get("Range", ""))
+                    outer.counters.auth.append(self.headers.get("Authorization", ""))
                     outer.counters.body_bytes += end - start
                 try:
                     self.wfile.write(data[start:end])
