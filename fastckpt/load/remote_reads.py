@@ -5,7 +5,7 @@ so that it spans at most a window, and each listing the exact byte runs it
 reads. Every task is checked (the copy engine's jobs are built over the
 checkpoint's indexes and dropped) before anything is fetched or written.
 Then, per file, the runs are merged (holes of up to ``FASTCKPT_REMOTE_GAP_BYTES``
-fetched rather than split), cut into windows of half ``max_host_bytes``, and
+fetched rather than split), cut into windows of half ``max_host_bytes`` (at most 64 MiB), and
 fetched with many ranged GETs in flight into the file's memory file at their
 offsets; while one window is fetched the one before is copied by the ordinary
 engine, and pages no pending task reads are given back after each window.
@@ -22,6 +22,8 @@ import torch
 from fastckpt.errors import CheckpointError
 from fastckpt.load import read_once
 from fastckpt.load.read_once import Counts, Segment, Task
+
+_WINDOW = 64 << 20
 
 
 def _coalesce(runs: torch.Tensor, gap: int) -> list[tuple[int, int]]:
@@ -55,7 +57,10 @@ def run(
     """Copies every task, fetching exactly the runs they read into ``files`` (one per
     checkpoint file: source.remote.RemoteFile or load.pread_files.PreadFile), which
     ``indexes`` index."""
-    window = max(read_once.PAGE, max_host_bytes // 2)
+    # At most _WINDOW even when the budget allows more: the copy of one window overlaps
+    # the fetch of the next only when an object spans several (a 128 MiB object in one
+    # window was fetched whole, then copied: 1.2 s against 0.6-0.7 s in 64 MiB windows).
+    window = max(read_once.PAGE, min(max_host_bytes // 2, _WINDOW))
     cut: list[Task] = []
     for t in tasks:
         if not t.empty():
