@@ -347,6 +347,23 @@ class DcpCheckpoint(Checkpoint):
     def unloadable(self) -> dict[str, str]:
         return dict(self._unloadable or {})
 
+    def tensor_paths(self) -> list[tuple[str, ...]]:
+        """The saved state dict path (``planner_data``) of every tensor, whatever the pick;
+        list indices as strings."""
+        return [t.path for t in self._layout.tensors]
+
+    def value_paths(self) -> list[tuple[str, ...]]:
+        """The saved state dict path of every non-tensor entry."""
+        return [v.path for v in self._layout.values]
+
+    def value_at(self, path: Sequence[str]) -> Any:
+        """One non-tensor entry by its path (``("optim", "param_groups", "0", "params")``):
+        unlike a dotted name, a path cannot confuse an FQN's dots with the nesting."""
+        for v in self._layout.values:
+            if v.path == tuple(path):
+                return self._layout.read_value(v)
+        raise KeyError(f"{self.path}: no value at {tuple(path)}")
+
     def value_keys(self) -> list[str]:
         """Dotted paths of the non-tensor entries (step counters, param groups, bytes)."""
         return [".".join(v.path) for v in self._layout.values]
