@@ -174,28 +174,41 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def assemble(t: LogicalTensor, chunk_tensor: Any, chunk_bytes: Any) -> torch.Tensor:
-    """A logical tensor built from its chunks: ``chunk_bytes(archive)`` gives a stored
-    chunk's bytes as a uint8 tensor when they are contiguous in the file (else None),
-    ``chunk_tensor(archive)`` the chunk as a tensor.
+def assemble(
+    t: LogicalTensor, chunk_tensor: Any, chunk_bytes: Any, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """A logical tensor built from its chunks (``rows``: only rows [start, stop) of it, from
+    the chunks that hold them): ``chunk_bytes(archive)`` gives a stored chunk's bytes as a
+    uint8 tensor when they are contiguous in the file (else None), ``chunk_tensor(archive)``
+    the chunk as a tensor.
 
     Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
     offset of its .distcp file, so viewing it as its dtype would often need an
     aligned copy first (one more allocation per chunk)."""
-    out = torch.empty(t.shape, dtype=t.dtype)
+    start, stop = rows if rows is not None else (0, t.shape[0] if t.shape else 0)
+    shape = ((stop - start,) + t.shape[1:]) if t.shape else ()
+    out = torch.empty(shape, dtype=t.dtype)
     for archive, offsets, sizes in t.chunks:
         if math.prod(sizes) == 0:
             continue
-        region = out
-        for dim, (o, s) in enumerate(zip(offsets, sizes, strict=True)):
-            region = region.narrow(dim, o, s)
-        raw = chunk_bytes(archive) if sizes else None
-        if raw is None:
-            region.copy_(chunk_tensor(archive))
+        if not sizes:  # 0-d: one chunk, the whole tensor
+            out.copy_(chunk_tensor(archive))
             continue
-        # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8 view.
-        row = sizes[-1] * t.dtype.itemsize
-        region.view(torch.uint8).copy_(raw.view(*sizes[:-1], row))
+        lo, hi = max(start, offsets[0]), min(stop, offsets[0] + sizes[0])
+        if lo >= hi:
+            continue
+        region = out.narrow(0, lo - start, hi - lo)
+        for dim, (o, s) in enumerate(zip(offsets[1:], sizes[1:], strict=True), start=1):
+            region = region.narrow(dim, o, s)
+        raw = chunk_bytes(archive)
+        if raw is None:
+            region.copy_(chunk_tensor(archive).narrow(0, lo - offsets[0], hi - lo))
+            continue
+        # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8
+        # view; the chunk's rows lo..hi are one run of its bytes.
+        src = raw.view(*sizes, t.dtype.itemsize).narrow(0, lo - offsets[0], hi - lo)
+        dst = region.view(torch.uint8)
+        dst.copy_(src.reshape(dst.shape))
     return out
 
 
@@ -335,6 +348,17 @@ class DcpCheckpoint(Checkpoint):
         except KeyError:
             self._missing(name)
         return self._assemble(t)
+
+    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, assembled from the chunks that hold them: a new
+        tensor of those rows only (``convert`` streams a tensor in such pieces)."""
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        return assemble(
+            t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes, (start, stop)
+        )
 
     def chunks(self, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...], str]]:
         """(offsets, sizes, .distcp file) of each stored chunk of a tensor."""
