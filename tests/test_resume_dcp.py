@@ -189,6 +189,30 @@ def test_a_dcp_directory_without_optimizer_state(tmp_path):
     assert report.model_loaded == 6
 
 
+def test_rules_rename_a_save_folders_state_the_same_way(tmp_path):
+    model, opt = make(Net, 0)
+    step(model, opt, 100)
+    fastckpt.save(tmp_path / "run", model, opt)
+    changed, changed_opt = make(Changed, 3)
+    report = fastckpt.resume(tmp_path / "run", changed, changed_opt, RENAME, strict=False)
+    assert report.layout == "fastckpt" and "out.weight" in report.restored
+    assert report.new == ["extra.weight", "extra.bias"]
+    assert report.dropped == ["norm.weight", "norm.bias"]
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        got, want = changed_opt.state[changed.out.weight][key], opt.state[model.head.weight][key]
+        assert same_bytes(got, want), key
+
+
+def test_rules_are_refused_for_a_position_keyed_state(tmp_path):
+    model, opt = make(Net, 0)
+    step(model, opt, 100)
+    (tmp_path / "trainer").mkdir()
+    torch.save(model.state_dict(), tmp_path / "trainer" / "pytorch_model.bin")
+    torch.save(opt.state_dict(), tmp_path / "trainer" / "optimizer.pt")
+    with pytest.raises(ValueError, match="keyed by position"):
+        fastckpt.resume(tmp_path / "trainer", model, opt, RENAME)
+
+
 # -- FSDP2 on 2 gloo ranks -------------------------------------------------------------------
 
 

@@ -64,7 +64,7 @@ class Value(NamedTuple):
 class DcpLayout:
     """What ``.metadata`` says, with the archive of every tensor chunk opened."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, exact_reads: bool = False):
         self.directory = directory
         meta_path = directory / METADATA
         if not meta_path.is_file():
@@ -108,7 +108,7 @@ class DcpLayout:
         first: dict[str, int] = {}
         for name, file_ranges in ranges.items():
             first[name] = len(self.archives)
-            self.archives.extend(_core.open_archives(name, file_ranges))
+            self.archives.extend(_core.open_archives(name, file_ranges, exact_reads))
             self.archive_files.extend([name] * len(file_ranges))
         for item, where in pending:
             chunks = []
@@ -237,7 +237,9 @@ class DcpCheckpoint(Checkpoint):
         self, path: Any, *, key: str | Sequence[str] | None = None, _opening: Any = None
     ) -> None:
         self.path = Path(path)
-        layout = DcpLayout(self.path)
+        # Opening(exact_reads=True) (a rank reading its shard, as load_into opens it): no
+        # readahead around the chunks' zip records while they are indexed.
+        layout = DcpLayout(self.path, bool(getattr(_opening, "exact_reads", False)))
         self._layout = layout
         self.format = "dcp"
         self._indexes = layout.archives

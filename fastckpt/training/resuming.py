@@ -109,7 +109,12 @@ def resume(
         report = ResumeReport(path=str(folder), layout="dcp")
         weights, aliases = folder, {}
         # Every saved path by its dotted name: the optimizer's part is found by its paths.
-        dcp_ckpt = DcpCheckpoint(folder, key="")
+        from fastckpt.planning.dtensor_plan import any_dtensor
+        from fastckpt.source.checkpoint import Opening
+
+        # A rank of a sharded model reads its shard of the moments: no readahead around them.
+        opening = Opening(folder, exact_reads=any_dtensor(model.parameters()))
+        dcp_ckpt = DcpCheckpoint(folder, key="", _opening=opening)
     else:
         report = ResumeReport(path=str(folder), layout="position-keyed")
         weights, aliases = folder, {}
