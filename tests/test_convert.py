@@ -439,9 +439,9 @@ _PEAK = textwrap.dedent(
 
 
 def test_a_tensor_larger_than_max_host_bytes_streams_within_it(tmp_path):
-    """A 48 MiB tensor of a DCP directory (assembled from its stored chunk) cast to bf16
-    with an 8 MiB budget: the output equals the unbounded conversion byte for byte, and
-    private memory grows by about the budget, not the tensor (measured in a fresh
+    """A 48 MiB tensor of a DCP directory cast to bf16 with an 8 MiB budget: the output
+    equals the unbounded conversion byte for byte, and private memory grows by about the
+    budget, not the tensor's cast (measured in a fresh
     process, RssAnon sampled as bench/bench_dcp.py does; glibc's mmap threshold pinned
     so that freed pieces leave the heap)."""
     import warnings
@@ -473,6 +473,7 @@ def test_a_tensor_larger_than_max_host_bytes_streams_within_it(tmp_path):
     with torch.no_grad():
         torch.manual_seed(0)
         assert_same_bytes(small["big"], torch.randn(3072, 4096).bfloat16())
-    # Unbounded: the 48 MiB tensor and its 24 MiB cast; bounded: 8 MiB and some slack.
-    assert peaks[1 << 30] > 60 << 20, peaks
-    assert peaks[8 << 20] < (8 << 20) + (16 << 20), peaks
+    # The stored chunk is read in place; what is allocated is the cast: unbounded, all
+    # 24 MiB of it at once; bounded, pieces within 8 MiB (plus some slack).
+    assert peaks[1 << 30] > 20 << 20, peaks
+    assert peaks[8 << 20] < (8 << 20) + (8 << 20), peaks

@@ -352,15 +352,40 @@ class DcpCheckpoint(Checkpoint):
         return self._assemble(t)
 
     def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, assembled from the chunks that hold them: a new
-        tensor of those rows only (``convert`` streams a tensor in such pieces)."""
+        """Rows [start, stop) of a tensor (``convert`` streams a tensor in such pieces): a
+        zero-copy view of the mapped file when one chunk holds them whole and its bytes are
+        aligned for the dtype, else a new tensor of those rows assembled from the chunks
+        that hold them."""
         try:
             t = self._logical(self._entries[name])
         except KeyError:
             self._missing(name)
+        for archive, offsets, sizes in t.chunks:
+            if (
+                sizes
+                and offsets[0] <= start
+                and stop <= offsets[0] + sizes[0]
+                and tuple(sizes[1:]) == t.shape[1:]
+            ):
+                raw = self._chunk_bytes(archive)
+                if raw is not None and raw.data_ptr() % t.dtype.itemsize == 0:
+                    rows = raw.view(t.dtype).view(sizes)
+                    return rows.narrow(0, start - offsets[0], stop - start)
+                break
         return assemble(
             t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes, (start, stop)
         )
+
+    def row_breaks(self, name: str) -> list[int]:
+        """The rows where a tensor's chunks start (and its row count): pieces cut there can
+        be read in place."""
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        if not t.shape:
+            return []
+        return sorted({b for _, o, s in t.chunks if s for b in (o[0], o[0] + s[0])})
 
     def chunks(self, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...], str]]:
         """(offsets, sizes, .distcp file) of each stored chunk of a tensor."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -205,8 +206,14 @@ def _pieces(
     step = max(1, max_host_bytes // max(need, 1))
     rows_of = _rows_of(ckpt, a.source)
     first = a.rows.start if a.rows is not None and a.rows.index is None else 0
-    for lo in range(0, spec.shape[0], step):
-        hi = min(lo + step, spec.shape[0])
+    n = spec.shape[0]
+    cuts = set(range(0, n, step))
+    if ckpt._has_chunks() and (a.rows is None or a.rows.index is None):
+        # Cut where the chunks start too: a piece inside one chunk is read in place.
+        breaks = ckpt.row_breaks(a.source)  # type: ignore[attr-defined]
+        cuts |= {b - first for b in breaks if 0 < b - first < n}
+    bounds = sorted(cuts) + [n]
+    for lo, hi in itertools.pairwise(bounds):
         if a.rows is not None and a.rows.index is not None:
             runs = _runs(a.rows.index[lo:hi])
             parts = [rows_of(i, j) for i, j in runs]
