@@ -175,19 +175,24 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def assemble(
-    t: LogicalTensor, chunk_tensor: Any, chunk_bytes: Any, rows: tuple[int, int] | None = None
+    t: LogicalTensor,
+    chunk_tensor: Any,
+    chunk_bytes: Any,
+    rows: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A logical tensor built from its chunks (``rows``: only rows [start, stop) of it, from
     the chunks that hold them): ``chunk_bytes(archive)`` gives a stored chunk's bytes as a
     uint8 tensor when they are contiguous in the file (else None), ``chunk_tensor(archive)``
-    the chunk as a tensor.
+    the chunk as a tensor. ``out``: where to build it (contiguous, of its shape and dtype).
 
     Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
     offset of its .distcp file, so viewing it as its dtype would often need an
     aligned copy first (one more allocation per chunk)."""
     start, stop = rows if rows is not None else (0, t.shape[0] if t.shape else 0)
     shape = ((stop - start,) + t.shape[1:]) if t.shape else ()
-    out = torch.empty(shape, dtype=t.dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=t.dtype)
     for archive, offsets, sizes in t.chunks:
         if math.prod(sizes) == 0:
             continue
@@ -351,11 +356,13 @@ class DcpCheckpoint(Checkpoint):
             self._missing(name)
         return self._assemble(t)
 
-    def tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def tensor_rows(
+        self, name: str, start: int, stop: int, out: Any = None
+    ) -> torch.Tensor:
         """Rows [start, stop) of a tensor (``convert`` streams a tensor in such pieces): a
         zero-copy view of the mapped file when one chunk holds them whole and its bytes are
-        aligned for the dtype, else a new tensor of those rows assembled from the chunks
-        that hold them."""
+        aligned for the dtype, else those rows assembled from the chunks that hold them, in
+        a new tensor or in ``out(shape, dtype)``'s."""
         try:
             t = self._logical(self._entries[name])
         except KeyError:
@@ -372,9 +379,11 @@ class DcpCheckpoint(Checkpoint):
                     rows = raw.view(t.dtype).view(sizes)
                     return rows.narrow(0, start - offsets[0], stop - start)
                 break
+        into = None if out is None else out((stop - start, *t.shape[1:]), t.dtype)
         return assemble(
-            t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes, (start, stop)
-        )
+            t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes, (start, stop),
+            into,
+        )  # fmt: skip
 
     def row_breaks(self, name: str) -> list[int]:
         """The rows where a tensor's chunks start (and its row count): pieces cut there can
