@@ -181,6 +181,8 @@ def resume(
         report.model_loaded = len(load_into(model, weights_plan, strict=False).loaded)
     if dcp_state is not None:
         report.optimizer_bytes = dcp_state.read(model, report.restored)  # only what is restored
+    if dcp_ckpt is not None:
+        dcp_ckpt.close()  # what was read was copied: nothing views its mapping
     if optimizer is not None and new_state is not None:
         optimizer.load_state_dict(new_state)
     if (folder / EXTRA_JSON).is_file():
