@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 
 @dataclass
@@ -25,13 +26,24 @@ class Counters:
     body_bytes: int = 0  # bytes of GET bodies sent for objects
     gets: int = 0
     ranges: list[str] = field(default_factory=list)
+    auth: list[str] = field(default_factory=list)  # Authorization headers of object requests
+    by_key: dict[str, int] = field(default_factory=dict)  # body bytes per SigV4 access key id
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, auth: str, n: int) -> None:
+        """``n`` body bytes sent for a request signed with ``auth`` (lock held)."""
+        self.body_bytes += n
+        m = re.search(r"Credential=([^/]+)/", auth)
+        if m:
+            self.by_key[m.group(1)] = self.by_key.get(m.group(1), 0) + n
 
     def reset(self) -> None:
         with self.lock:
             self.body_bytes = 0
             self.gets = 0
             self.ranges = []
+            self.auth = []
+            self.by_key = {}
 
 
 class _Faults:
@@ -93,11 +105,14 @@ class S3Server(_Faults):
             with counters.lock:
                 counters.gets += 1
                 counters.ranges.append(environ.get("HTTP_RANGE", ""))
+                counters.auth.append(environ.get("HTTP_AUTHORIZATION", ""))
+
+            auth = environ.get("HTTP_AUTHORIZATION", "")
 
             def counted() -> Any:
                 for chunk in body:
                     with counters.lock:
-                        counters.body_bytes += len(chunk)
+                        counters.add(auth, len(chunk))
                     yield chunk
                 close = getattr(body, "close", None)
                 if close is not None:
@@ -142,13 +157,13 @@ class RangeServer(_Faults):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = outer.files.get(self.path)
+                data = outer.files.get(unquote(self.path))  # as a server decodes %2F
                 if data is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                etag = '"' + hashlib.md5(data).hexdigest() + '"'
+                etag = outer.etag(data)
                 want = self.headers.get("If-Match")
                 if want is not None and want != etag:
                     self.send_response(412)
@@ -180,18 +195,30 @@ class RangeServer(_Faults):
                 with outer.counters.lock:
                     outer.counters.gets += 1
                     outer.counters.ranges.append(self.headers.get("Range", ""))
-                    outer.counters.body_bytes += end - start
+                    outer.counters.auth.append(self.headers.get("Authorization", ""))
+                    outer.counters.add(self.headers.get("Authorization", ""), end - start)
                 try:
                     self.wfile.write(data[start:end])
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
+        self._etags: dict[int, tuple[bytes, str]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def etag(self, data: bytes) -> str:
+        """md5 of the object, computed once per object (not per request: a hash of the whole
+        object per ranged GET would make the server's cost per request that of moto's)."""
+        with self._lock:
+            hit = self._etags.get(id(data))
+            if hit is None or hit[0] is not data:
+                hit = (data, '"' + hashlib.md5(data).hexdigest() + '"')
+                self._etags[id(data)] = hit
+            return hit[1]
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -229,10 +229,11 @@ def test_fresh_mode_gives_every_timed_run_a_new_process(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "Worker", Counting)
     notes: list[str] = []
     target = bench.bench_target(
-        "f", path, device="cpu", cold=False, repeat=2, notes=notes, fresh=True
+        "f", path, device="cpu", cold=False, repeat=2, notes=notes, fresh=True, fastckpt_only=True
     )
     ran = [r for r in target.results if r.status == "ok"]
-    assert ran and all(len(r.times) == 2 for r in ran), target
+    assert [r.contender for r in ran] == ["fastckpt"], target
+    assert all(len(r.times) == 2 for r in ran), target
     assert all(r.verified for r in ran if not r.is_ceiling), target
     # one worker per contender for the untimed round, then one per timed run
     assert len(set(started)) == len(target.results) * 3

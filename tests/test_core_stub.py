@@ -21,6 +21,8 @@ def test_core_stub_matches_the_module():
             "fastckpt._core",
             "--allowlist",
             str(HERE / "fastckpt" / "_core" / "stubtest-allowlist.txt"),
+            "--mypy-config-file",
+            str(HERE / "tests" / "stubtest-mypy.ini"),
         ],
         capture_output=True,
         text=True,

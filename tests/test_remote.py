@@ -324,3 +324,108 @@ def test_empty_and_garbage_objects_are_refused_by_url(s3, tmp_path):
         s3.client.put_object(Bucket=BUCKET, Key=key, Body=body)
         with pytest.raises(CheckpointError, match=f"s3://{BUCKET}/{key}"):
             fastckpt.open(f"s3://{BUCKET}/{key}")
+
+
+# -- diff, convert and bench take URLs ------------------------------------------------
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from fastckpt.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_diff_a_url_against_a_local_file(s3, st_file, tmp_path):
+    url = put(s3, "diff/model.safetensors", st_file)
+    report = fastckpt.diff(url, st_file, values=True)
+    assert report.equal and report.a_name == url
+    assert len(report.unchanged) == len(state())
+    changed = {k: v.clone() for k, v in state().items()}
+    changed["fc2.bias"][3] += 1
+    other = tmp_path / "other.safetensors"
+    save_file(changed, str(other))
+    result = _cli("diff", url, str(other), "--values", "--json")
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.output)
+    assert doc["a"] == url
+    assert [t["a"] for t in doc["tensors"] if t["status"] == "changed"] == ["fc2.bias"]
+    assert _cli("diff", str(st_file), url).exit_code == 0
+
+
+def test_diff_over_http(http_server, st_file):
+    http_server.files["/d/model.safetensors"] = st_file.read_bytes()
+    assert fastckpt.diff(f"{http_server.url}/d/model.safetensors", st_file, values=True).equal
+
+
+def _tensor_bytes(path: Path) -> bytes:
+    """A safetensors file's bytes after its header (the tensors, in order)."""
+    data = path.read_bytes()
+    return data[st_header_bytes(data) :]
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    data = path.read_bytes()
+    return json.loads(data[8 : st_header_bytes(data)])["__metadata__"]
+
+
+def test_convert_a_torch_zip_url_like_the_local_file(s3, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(state(), path)
+    url = put(s3, "conv/model.pt", path)
+    result = _cli("convert", url, str(tmp_path / "remote_out"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["source"] == url
+    from fastckpt.tools.convert import convert
+
+    convert(path, tmp_path / "local_out")
+    remote_file = tmp_path / "remote_out" / "model.safetensors"
+    local_file = tmp_path / "local_out" / "model.safetensors"
+    # Byte for byte, apart from the source the metadata names.
+    assert _tensor_bytes(remote_file) == _tensor_bytes(local_file)
+    meta_r, meta_l = _metadata(remote_file), _metadata(local_file)
+    assert meta_r.pop("fastckpt_source") == url
+    meta_l.pop("fastckpt_source")
+    assert meta_r == meta_l
+    assert load_file(remote_file).keys() == state().keys()
+
+
+def test_convert_a_remote_hf_folder_copies_its_config(s3, st_file, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "net"}')
+    put(s3, "hfconv/model.safetensors", st_file)
+    put(s3, "hfconv/config.json", config)
+    from fastckpt.tools.convert import convert
+
+    report = convert(f"s3://{BUCKET}/hfconv/", tmp_path / "out", dtype="bf16")
+    assert report.copied == ["config.json"]
+    assert (tmp_path / "out" / "config.json").read_bytes() == config.read_bytes()
+    local = convert(st_file, tmp_path / "local", dtype="bf16")
+    assert local.tensors == report.tensors
+    assert _tensor_bytes(tmp_path / "out" / "model.safetensors") == _tensor_bytes(
+        tmp_path / "local" / "model.safetensors"
+    )
+
+
+def test_convert_over_http_and_a_missing_url(http_server, st_file, tmp_path):
+    http_server.files["/c/model.safetensors"] = st_file.read_bytes()
+    http_server.files["/c/config.json"] = b"{}"
+    from fastckpt.tools.convert import convert
+
+    report = convert(f"{http_server.url}/c/", tmp_path / "out")
+    assert report.copied == ["config.json"]
+    assert _tensor_bytes(tmp_path / "out" / "model.safetensors") == _tensor_bytes(st_file)
+    result = _cli("convert", f"{http_server.url}/nope/model.safetensors", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert f"{http_server.url}/nope/model.safetensors" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_bench_a_url(s3, st_file):
+    url = put(s3, "bench/model.safetensors", st_file)
+    result = _cli("bench", url, "--repeat", "1", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    rows = {r["contender"]: r for r in doc["rows"]}
+    assert set(rows) == {"ceiling", "fastckpt", "download+load"}
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert doc["fetched"] == sum(t.numel() * t.element_size() for t in state().values())

@@ -15,6 +15,7 @@ from rich.markup import escape
 import fastckpt
 from fastckpt.dtypes import short_name
 from fastckpt.source.checkpoint import TensorInfo
+from fastckpt.source.remote_store import is_url
 from fastckpt.tools.listing import Listing, collapse, print_line, split_numbers
 
 app = typer.Typer(
@@ -170,7 +171,8 @@ _INPUT_ERRORS = (
 
 @app.command("convert")
 def convert_command(
-    src: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
+    # str, not Path: a URL (s3://bucket/key) must reach fastckpt.open unchanged.
+    src: str = typer.Argument(..., help="checkpoint file, shard index, model folder or URL"),
     dst: Path = typer.Argument(
         ..., help="a .safetensors file, or a folder (model.safetensors or shards + index)"
     ),
@@ -277,10 +279,52 @@ def _bench_ranks(
         raise typer.Exit(1)
 
 
+def _bench_remote(url: str, device: str, repeat: int, markdown: bool, as_json: bool) -> None:
+    import sys
+
+    from rich.table import Table
+
+    from fastckpt.bench.remote import run_remote_bench
+
+    try:
+        with Console(stderr=True).status(f"benchmarking {url}"):
+            result = run_remote_bench(url, repeat=repeat, device=device)
+    except _INPUT_ERRORS as e:
+        raise _fail(_error_text(e)) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    title = (
+        f"{url}: {result['format']}, {result['files']} file(s), {result['bytes'] / 1e6:.1f} MB, "
+        f"{result['tensors']} tensors, median of {repeat}"
+    )
+    head = ["contender", "seconds", "MB/s", "x ceiling speed"]
+    cells = [
+        [r["contender"], f"{r['seconds']:.3f}", f"{r['mb_per_s']:.0f}",
+         f"{r['x_ceiling_speed']:.2f}"]
+        for r in result["rows"]
+    ]  # fmt: skip
+    if markdown:
+        typer.echo(f"`fastckpt {' '.join(sys.argv[1:])}`: {title}\n")
+        typer.echo("| " + " | ".join(head) + " |")
+        typer.echo("|" + "---|" * len(head))
+        for c in cells:
+            typer.echo("| " + " | ".join(c) + " |")
+    else:
+        table = Table(*head, title=title)
+        for c in cells:
+            table.add_row(*c)
+        console.print(table)
+    for note in result["notes"]:
+        print_line(console, note, style="dim")
+
+
 @app.command("bench")
 def bench_command(
-    path: Path = typer.Argument(
-        None, help="checkpoint to load (default: generated BERT-large and many-small files)"
+    path: str = typer.Argument(
+        None, help="checkpoint to load (default: generated BERT-large and many-small files); "
+        "a URL (s3://, https://, ...): fastckpt against the raw ranged-GET ceiling and "
+        "download + load_file"
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     cold: bool = typer.Option(False, "--cold", help="evict the file from the page cache per run"),
@@ -340,6 +384,9 @@ def bench_command(
     if ranks > 0:
         _bench_ranks(ranks, size, repeat, cache_dir, markdown, as_json, read)
         return
+    if path is not None and is_url(path):
+        _bench_remote(path, device, repeat, markdown, as_json)
+        return
     try:
         with err.status("benchmarking") as status:
             result = run_bench(
@@ -384,7 +431,7 @@ def demo_command(
 
 
 # -- diff -----------------------
-def _suggested_rules_file(a: Path, b: Path) -> str:
+def _suggested_rules_file(a: str, b: str) -> str:
     """The rules for loading A into B (fastckpt.suggest.renames, the strict-mode error's
     engine) as a file to save and edit."""
     from fastckpt.suggest.renames import suggest_rules
@@ -403,8 +450,9 @@ def _suggested_rules_file(a: Path, b: Path) -> str:
 
 @app.command()
 def diff(
-    a: Path = typer.Argument(..., help="checkpoint file, shard index or model folder"),
-    b: Path = typer.Argument(..., help="checkpoint to compare against"),
+    # str, not Path: a URL (s3://bucket/key) must reach fastckpt.open unchanged.
+    a: str = typer.Argument(..., help="checkpoint file, shard index, model folder or URL"),
+    b: str = typer.Argument(..., help="checkpoint (or URL) to compare against"),
     rules: Path = typer.Option(None, "--rules", help="rules file mapping A's names onto B's"),
     values: bool = typer.Option(False, "--values", help="compare values too (streamed)"),
     atol: float = typer.Option(

@@ -20,7 +20,7 @@ import json
 import os
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import PosixPath, PurePosixPath
 from typing import Any
 
@@ -29,7 +29,7 @@ from fastckpt.errors import CheckpointError
 from fastckpt.source.memory_file import MemoryFile
 from fastckpt.source.remote_store import Object, Store, is_url
 
-__all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "is_url"]
+__all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "is_url", "remote_side_files"]
 
 _FIRST = 16 << 10  # bytes read first from the start of a file (most safetensors headers)
 _TAIL = 64 << 10  # and from the end of a zip (its end records and, mostly, its directory)
@@ -91,12 +91,55 @@ class RemoteFile(MemoryFile):
         return self.map[start:end]
 
 
+def _is_folder(url: str, key: str) -> bool:
+    return url.endswith("/") or not key or not key.lower().endswith(_FILE_SUFFIXES)
+
+
+# The files of a Hugging Face folder besides its weights, looked for by name on an HTTP
+# server (which cannot list a folder).
+_HF_SIDE_NAMES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt",
+    "tokenizer.model", "sentencepiece.bpe.model", "added_tokens.json", "preprocessor_config.json",
+)  # fmt: skip
+_SIDE_LIMIT = 256 << 20  # a side file larger than this is not a config: not copied
+
+
+def remote_side_files(url: str, is_weight: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the files directly in the folder a URL names that are not weights
+    (``is_weight(name)``): a Hugging Face folder's config and tokenizer files, which
+    ``convert`` copies beside the weights. A URL naming a file has none."""
+    store = Store(url)
+    key = store.key_of_path
+    if not _is_folder(url, key):
+        return []
+    base = key.rstrip("/")
+    prefix = f"{base}/" if base else ""
+    if url.startswith(("http://", "https://")):
+        found = []
+        for name in _HF_SIDE_NAMES:
+            try:
+                found.append((prefix + name, store.head(prefix + name).size))
+            except FileNotFoundError:
+                continue
+    else:
+        found = store.list_files(prefix)
+    out = []
+    for k, size in sorted(found):
+        name = k[len(prefix) :]
+        if not name or "/" in name or name.startswith(".") or is_weight(name):
+            continue
+        if size > _SIDE_LIMIT:
+            continue
+        out.append((name, store.get_all(k)))
+    return out
+
+
 def _resolve(url: str) -> tuple[Store, list[str], str]:
     """The store, the keys of the checkpoint files behind ``url``, and the URL it names."""
     store = Store(url)
     key = store.key_of_path
-    folder = url.endswith("/") or not key or not key.lower().endswith(_FILE_SUFFIXES)
-    if folder:
+    if _is_folder(url, key):
         base = key.rstrip("/")
         prefix = f"{base}/" if base else ""
         for name in FOLDER_CANDIDATES:

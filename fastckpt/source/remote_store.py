@@ -4,7 +4,8 @@ Why obstore (the ``remote`` extra): one small wheel (the Rust ``object_store``
 crate, no Python dependencies) speaks S3, GCS, Azure and plain HTTP, signs
 requests itself, takes credentials, endpoints and regions from each cloud's
 standard environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``, instance and
-workload identities, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``),
+workload identities, ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``;
+AWS profiles through boto3: fastckpt.source.remote_config),
 retries with backoff, and runs every request on its own threads without the
 GIL. bench/RESULTS.md has the comparison with boto3 and s3fs.
 
@@ -22,9 +23,9 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from fastckpt.errors import CheckpointError
+from fastckpt.source.remote_config import store_spec
 
 SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "azure://",
            "http://", "https://")  # fmt: skip
@@ -140,12 +141,13 @@ class Store:
     def __init__(self, url: str, settings: Settings | None = None):
         ob = _obstore()
         self.settings = settings or Settings.from_env()
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
+        spec = store_spec(url)
         client = {
             "timeout": f"{self.settings.timeout}s",
             "connect_timeout": f"{self.settings.connect_timeout}s",
         }
+        if spec.allow_http:
+            client["allow_http"] = "true"  # the URL or the environment said http
         retry = {
             "max_retries": self.settings.retries,
             "retry_timeout": timedelta(seconds=self.settings.retry_seconds),
@@ -155,24 +157,22 @@ class Store:
                 "base": 2.0,
             },
         }
-        if scheme in ("http", "https"):
-            root = f"{scheme}://{parts.netloc}"
-            if scheme == "http":
-                client["allow_http"] = "true"  # the URL said http: nothing to sign
-            self.key_of_path = parts.path.lstrip("/")
-        else:
-            root = f"{scheme}://{parts.netloc}"
-            self.key_of_path = parts.path.lstrip("/")
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if scheme == "s3" and endpoint and endpoint.startswith("http://"):
-                client["allow_http"] = "true"  # an endpoint the environment chose
+        extra: dict[str, Any] = {}
+        if spec.config:
+            extra["config"] = spec.config
+        if spec.credential_provider is not None:
+            extra["credential_provider"] = spec.credential_provider
         try:
-            self.store = ob.store.from_url(root, client_options=client, retry_config=retry)
+            self.store = ob.store.from_url(
+                spec.root, client_options=client, retry_config=retry, **extra
+            )
         except Exception as e:
             raise CheckpointError(
                 f"{url}: cannot set up a client for it ({type(e).__name__})"
             ) from None
-        self.root = root
+        self.spec = spec
+        self.root = spec.named
+        self.key_of_path = spec.key
 
     def url(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -191,6 +191,15 @@ class Store:
             return bytes(ob.get(self.store, key).bytes())
         except Exception as e:
             raise failure(self.url(key), e) from None
+
+    def list_files(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of the objects directly under ``prefix`` (``a/b/``)."""
+        ob = _obstore()
+        try:
+            found = ob.list_with_delimiter(self.store, prefix or None)
+        except Exception as e:
+            raise failure(self.url(prefix), e) from None
+        return [(str(m["path"]), int(m["size"])) for m in found["objects"]]
 
 
 @dataclass(frozen=True)

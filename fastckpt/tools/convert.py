@@ -56,6 +56,8 @@ from fastckpt.planning.load_plan import as_rules, match
 from fastckpt.planning.mapping import Assignment, MappingPlan
 from fastckpt.source.checkpoint import Checkpoint, PathLike
 from fastckpt.source.checkpoint import open as open_checkpoint
+from fastckpt.source.remote import remote_side_files
+from fastckpt.source.remote_store import is_url
 from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
 from fastckpt.version import __version__
 
@@ -287,16 +289,17 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _is_weight(name: str) -> bool:
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
 def _hf_side_files(src: Path) -> list[Path]:
     if not src.is_dir():
         return []
     return sorted(
         p
         for p in src.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(_WEIGHT_SUFFIXES)
-        and not p.name.endswith(".index.json")
+        if p.is_file() and not p.name.startswith(".") and not _is_weight(p.name)
     )
 
 
@@ -315,7 +318,9 @@ def convert(
     """Write the checkpoint at ``src`` as safetensors at ``dst`` (see the module docstring);
     ``max_host_bytes`` bounds the memory a piece of a tensor allocates."""
     start = time.perf_counter()
-    src_p, dst_p = Path(src), Path(dst)
+    remote = is_url(src)  # a URL stays a string: Path() would fold s3:// into s3:/
+    src_p: PathLike = src if remote else Path(src)
+    dst_p = Path(dst)
     if isinstance(dtype, str) and dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, not {dtype!r}")
     cast_to = DTYPE_CHOICES[dtype] if isinstance(dtype, str) else dtype
@@ -340,7 +345,7 @@ def convert(
             )
         metadata = {
             "format": "pt",
-            "fastckpt_source": str(src_p.resolve()),
+            "fastckpt_source": str(src) if remote else str(Path(src).resolve()),
             "fastckpt_version": __version__,
             "fastckpt_rules_sha256": rules_digest(rules, plan),
         }
@@ -373,13 +378,16 @@ def convert(
             if single_file:
                 write_safetensors(dst_p, specs, produce, metadata)
                 files = [dst_p.name]
-                copied: list[Path] = []
+                copied: list[str] = []
             else:
-                files, copied = _write_folder(src_p, dst_p, shards, produce, metadata, total)
+                side: list[Path] | list[tuple[str, bytes]] = (
+                    remote_side_files(str(src), _is_weight) if remote else _hf_side_files(Path(src))
+                )
+                files, copied = _write_folder(dst_p, shards, produce, metadata, total, side)
         source_dtypes = {a.target: ckpt.info(a.source).dtype for a in plan.assignments}
 
     report = ConvertReport(
-        source=str(src_p),
+        source=str(src),
         destination=str(dst_p),
         files=files,
         tensors=len(specs),
@@ -388,7 +396,7 @@ def convert(
         sliced=[a.target for a in plan.assignments if a.rows is not None],
         cast=[s.name for s in specs if s.dtype != source_dtypes[s.name]],
         ignored=list(plan.ignored_sources),
-        copied=[p.name for p in copied],
+        copied=copied,
     )
     report.seconds = time.perf_counter() - start
     return report
@@ -419,13 +427,14 @@ def _progress_bar(enabled: bool, total: int):
 
 
 def _write_folder(
-    src: Path,
     dst: Path,
     shards: list[list[TensorSpec]],
     produce,
     metadata: dict[str, str],
     total: int,
-) -> tuple[list[str], list[Path]]:
+    side: list[Path] | list[tuple[str, bytes]],
+) -> tuple[list[str], list[str]]:
+    """``side``: the folder's other files, local paths or (name, bytes) of a remote one."""
     with atomic_folder(dst) as tmp:
         files: list[str] = []
         weight_map: dict[str, str] = {}
@@ -440,8 +449,13 @@ def _write_folder(
             with atomic_write(tmp / INDEX_FILE) as f:
                 f.write(json.dumps(index, indent=2).encode() + b"\n")
             files.append(INDEX_FILE)
-        copied = _hf_side_files(src)
-        for p in copied:
-            # copyfile, not copy2: the copy gets the umask's mode, as every file written here
-            shutil.copyfile(p, tmp / p.name)
+        copied: list[str] = []
+        for item in side:
+            if isinstance(item, Path):
+                # copyfile, not copy2: the copy gets the umask's mode, as every file written here
+                shutil.copyfile(item, tmp / item.name)
+                copied.append(item.name)
+            else:
+                (tmp / item[0]).write_bytes(item[1])
+                copied.append(item[0])
     return files, copied

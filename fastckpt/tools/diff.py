@@ -35,6 +35,7 @@ from fastckpt.dtypes import short_name
 from fastckpt.planning.load_plan import match
 from fastckpt.planning.mapping import Assignment, RowSelection
 from fastckpt.source.checkpoint import Checkpoint
+from fastckpt.source.remote_store import is_url
 from fastckpt.tools.listing import Listing, collapse, split_numbers
 
 # Elements per comparison chunk: 1 Mi elements is 8 MB as float64 per side; the
@@ -272,7 +273,8 @@ class _Side:
             from fastckpt.source.checkpoint import open as open_checkpoint
 
             self.name = str(obj)
-            self._ckpt = open_checkpoint(Path(obj))
+            # A URL stays a string: Path() would fold s3:// into s3:/.
+            self._ckpt = open_checkpoint(obj if is_url(obj) else Path(obj))
             self._owned = True
         else:
             raise TypeError(

@@ -1,0 +1,147 @@
+"""``fastckpt bench URL``: a remote checkpoint (s3://, gs://, az://, http(s)://) loaded
+three ways, side by side in one process, in alternation:
+
+- ``ceiling``: raw concurrent ranged GETs of every file, whole, with the client fastckpt
+  uses (obstore, the same part size and requests in flight), the bytes dropped: what the
+  client and the server allow;
+- ``fastckpt``: ``load_into(model, URL)``;
+- ``download+load``: each file downloaded whole to a temporary file (one streamed GET),
+  then ``safetensors.torch.load_file`` and ``model.load_state_dict`` (safetensors only).
+
+The model is built from the checkpoint's own names, shapes and dtypes (empty tensors),
+so any file can be benched. Round 0 is a warm-up, and checks that fastckpt's values
+equal the downloaded file's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastckpt.load.execute import load_into
+from fastckpt.source.checkpoint import open as open_checkpoint
+from fastckpt.source.remote_store import Object, Store, run_sync
+
+CONTENDERS = ("ceiling", "fastckpt", "download+load")
+
+
+def _model(layout: list[tuple[str, tuple[int, ...], torch.dtype]], device: str) -> nn.Module:
+    """A module tree with one empty parameter per checkpoint name (``a.b.c`` -> a.b, c)."""
+    root = nn.Module()
+    for name, shape, dtype in layout:
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        t = torch.empty(shape, dtype=dtype, device=device)
+        mod.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
+    return root
+
+
+def _objects(urls: list[str]) -> list[Object]:
+    return [Object(Store(u), Store(u).key_of_path) for u in urls]
+
+
+def _ceiling(urls: list[str]) -> int:
+    total = 0
+    for obj in _objects(urls):
+        buf = bytearray(obj.size)
+        with memoryview(buf) as view:
+            obj.read_into([(0, obj.size)], view)
+        total += obj.size
+        del buf
+    return total
+
+
+def _download_and_load(urls: list[str], model: nn.Module, tmp: Path) -> dict[str, torch.Tensor]:
+    import obstore
+    from safetensors.torch import load_file
+
+    async def save(obj: Object, path: Path) -> None:
+        result = await obstore.get_async(obj.store.store, obj.key)
+        with path.open("wb") as f:
+            async for chunk in result.stream(min_chunk_size=8 << 20):
+                f.write(memoryview(chunk))
+
+    state: dict[str, torch.Tensor] = {}
+    for i, obj in enumerate(_objects(urls)):
+        path = tmp / f"{i}.safetensors"
+        run_sync(save(obj, path))
+        state.update(load_file(str(path)))
+        path.unlink()
+    model.load_state_dict(state, strict=True)
+    return state
+
+
+def run_remote_bench(url: str, *, repeat: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """Seconds per contender (median of ``repeat``), MB/s and the ratio to the ceiling."""
+    if repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, not {repeat}")
+    with open_checkpoint(url) as ckpt:
+        names = ckpt.keys()
+        layout = [(n, tuple(ckpt.info(n).shape), ckpt.info(n).dtype) for n in names]
+        urls = [str(f) for f in ckpt.files]
+        fmt = ckpt.format
+    nbytes = sum(o.size for o in _objects(urls))
+    names_run = [c for c in CONTENDERS if c != "download+load" or fmt == "safetensors"]
+    notes = [] if fmt == "safetensors" else [f"download+load: safetensors only (this is {fmt})"]
+    times: dict[str, list[float]] = {c: [] for c in names_run}
+    fetched = 0
+    with tempfile.TemporaryDirectory(prefix="fastckpt-bench-remote-") as tmp:
+        for round_ in range(repeat + 1):  # round 0: warm-up and the value check
+            order = names_run[round_ % len(names_run) :] + names_run[: round_ % len(names_run)]
+            for c in order:
+                model = _model(layout, device) if c != "ceiling" else None
+                gc.collect()
+                started = time.perf_counter()
+                if c == "ceiling":
+                    _ceiling(urls)
+                elif c == "fastckpt":
+                    assert model is not None
+                    fetched = load_into(model, url).fetched
+                else:
+                    assert model is not None
+                    state = _download_and_load(urls, model, Path(tmp))
+                seconds = time.perf_counter() - started
+                if round_ == 0 and c == "download+load":
+                    check = _model(layout, device)
+                    load_into(check, url)
+                    got = check.state_dict()
+                    for k, v in state.items():
+                        if not torch.equal(got[k].cpu().view(torch.uint8), v.view(torch.uint8)):
+                            raise AssertionError(f"fastckpt and the download differ at {k}")
+                    del check, got, state
+                if round_ > 0:
+                    times[c].append(seconds)
+                del model
+    ceiling = statistics.median(times["ceiling"])
+    rows = [
+        {
+            "contender": c,
+            "seconds": statistics.median(times[c]),
+            "mb_per_s": nbytes / 1e6 / statistics.median(times[c]),
+            "x_ceiling_speed": ceiling / statistics.median(times[c]),
+        }
+        for c in names_run
+    ]
+    return {
+        "url": url,
+        "format": fmt,
+        "files": len(urls),
+        "bytes": nbytes,
+        "fetched": fetched,
+        "tensors": len(layout),
+        "repeat": repeat,
+        "device": device,
+        "rows": rows,
+        "notes": notes,
+    }
