@@ -363,8 +363,10 @@ def test_other_globals_are_refused_by_name(one, tmp_path):
 # -- fastckpt convert DCP_DIR OUT/ ---------------------------------------------------------------
 
 
+# "100": pieces of 1 or 2 rows (48-byte rows), crossing every chunk boundary.
+@pytest.mark.parametrize("budget", ["256MiB", "100"])
 @pytest.mark.parametrize("layout", ["fsdp2", "tp"])
-def test_convert_to_safetensors_equals_torchs_consolidation(ranks, layout, tmp_path):
+def test_convert_to_safetensors_equals_torchs_consolidation(ranks, layout, budget, tmp_path):
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
@@ -373,7 +375,8 @@ def test_convert_to_safetensors_equals_torchs_consolidation(ranks, layout, tmp_p
     folder = ranks / layout
     want = torch_consolidated(folder, tmp_path)["model"]
     out = tmp_path / "hf"
-    r = CliRunner().invoke(app, ["convert", str(folder), str(out), "--max-shard-size", "2KB"])
+    args = ["convert", str(folder), str(out), "--max-shard-size", "2KB"]
+    r = CliRunner().invoke(app, [*args, "--max-host-bytes", budget])
     assert r.exit_code == 0, r.output
     assert (out / "model.safetensors.index.json").is_file()
     assert not list(out.glob("*.distcp"))  # the source's data files are not "side files"
@@ -385,17 +388,25 @@ def test_convert_to_safetensors_equals_torchs_consolidation(ranks, layout, tmp_p
         assert same_bytes(got[name], t), name
 
 
-def test_convert_with_dtype_and_rules(ranks, tmp_path):
+@pytest.mark.parametrize("budget", [256 << 20, 40])
+def test_convert_with_dtype_and_rules(ranks, budget, tmp_path):
     from safetensors.torch import load_file
 
     from fastckpt.tools.convert import convert
 
     folder = ranks / "fsdp2"
     want = torch_consolidated(folder, tmp_path)["model"]
-    rules = "embed.weight -> model.embed_tokens.weight rows[:30]\n{rest*} -> model.{rest*}\n"
-    report = convert(folder, tmp_path / "out", rules, dtype="bf16")
+    index = [36, 0, 1, 2, 20, 21, 5]  # runs across the chunks of the 37 rows
+    (tmp_path / "rows.txt").write_text("\n".join(map(str, index)))
+    rules = (
+        "embed.weight -> model.embed_tokens.weight rows[:30]\n"
+        f"head.weight -> model.head.weight rows[@{tmp_path / 'rows.txt'}]\n"
+        "{rest*} -> model.{rest*}\n"
+    )
+    report = convert(folder, tmp_path / "out", rules, dtype="bf16", max_host_bytes=budget)
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert same_bytes(got["model.embed_tokens.weight"], want["embed.weight"][:30].bfloat16())
+    assert same_bytes(got["model.head.weight"], want["head.weight"][index].bfloat16())
     assert same_bytes(got["model.blocks.0.q.weight"], want["blocks.0.q.weight"].bfloat16())
-    assert report.sliced == ["model.embed_tokens.weight"]
+    assert report.sliced == ["model.embed_tokens.weight", "model.head.weight"]
     assert len(report.cast) == len(want)  # all float32

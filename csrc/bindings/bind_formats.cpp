@@ -288,9 +288,13 @@ void register_formats(py::module_& m) {
       py::arg("path"), "Read and check a torch.distributed.checkpoint .metadata file (nothing is imported or run).");
   m.def(
       "open_archives",
-      [](const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+      [](const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& ranges,
+         bool exact_reads) {
         py::gil_scoped_release release;  // pure C++ over the mapped file
         auto file = MappedFile::open(path);
+        // A rank reading its shard touches each chunk's zip records only: without this,
+        // each touch reads the device's whole readahead window (MBs) around them.
+        if (exact_reads) file->advise_random();
         std::vector<std::shared_ptr<CheckpointIndex>> out;
         out.reserve(ranges.size());
         for (const auto& [base, length] : ranges) {
@@ -302,7 +306,7 @@ void register_formats(py::module_& m) {
         }
         return out;
       },
-      py::arg("path"), py::arg("ranges"),
+      py::arg("path"), py::arg("ranges"), py::arg("exact_reads") = false,
       "The torch.save archives at (offset, length) of one file, sharing one mapping of it.");
 
   m.def(

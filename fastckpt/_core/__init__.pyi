@@ -238,7 +238,7 @@ def match_pattern(pattern: str, names: typing.Any) -> list[bool]:
     """
     For each name: does the pattern match it.
     """
-def open_archives(path: str, ranges: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]]) -> list[FileIndex]:
+def open_archives(path: str, ranges: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], exact_reads: bool = False) -> list[FileIndex]:
     """
     The torch.save archives at (offset, length) of one file, sharing one mapping of it.
     """

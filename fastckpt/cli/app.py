@@ -183,6 +183,9 @@ def convert_command(
     ),
     key: str = typer.Option(None, help="container key of the state dict ('' for the whole tree)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing destination"),
+    max_host_bytes: str = typer.Option(
+        "256MiB", "--max-host-bytes", help="memory a piece of a tensor may take (256MiB, 1GB)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print a JSON report instead of a table"),
 ) -> None:
     """Convert any readable checkpoint to safetensors, streamed and written atomically.
@@ -201,6 +204,7 @@ def convert_command(
             key=key,
             overwrite=overwrite,
             progress=not as_json and console.is_terminal,
+            max_host_bytes=max_host_bytes,
         )
     except _INPUT_ERRORS as e:
         raise _fail(_error_text(e)) from None

@@ -189,6 +189,7 @@ class Opening:
         # exact_reads: parse with no readahead, so a rank reading its shard
         # fetches the headers' pages and nothing around them.
         self.remote: RemoteOpening | None = None
+        self.exact_reads = exact_reads
         if is_url(path):  # s3://, gs://, az://, http(s)://: headers fetched, then indexed
             self.remote = RemoteOpening(str(path))
             self.path: Path = self.remote.path

@@ -64,7 +64,7 @@ class Value(NamedTuple):
 class DcpLayout:
     """What ``.metadata`` says, with the archive of every tensor chunk opened."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, exact_reads: bool = False):
         self.directory = directory
         meta_path = directory / METADATA
         if not meta_path.is_file():
@@ -108,7 +108,7 @@ class DcpLayout:
         first: dict[str, int] = {}
         for name, file_ranges in ranges.items():
             first[name] = len(self.archives)
-            self.archives.extend(_core.open_archives(name, file_ranges))
+            self.archives.extend(_core.open_archives(name, file_ranges, exact_reads))
             self.archive_files.extend([name] * len(file_ranges))
         for item, where in pending:
             chunks = []
@@ -174,28 +174,46 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def assemble(t: LogicalTensor, chunk_tensor: Any, chunk_bytes: Any) -> torch.Tensor:
-    """A logical tensor built from its chunks: ``chunk_bytes(archive)`` gives a stored
-    chunk's bytes as a uint8 tensor when they are contiguous in the file (else None),
-    ``chunk_tensor(archive)`` the chunk as a tensor.
+def assemble(
+    t: LogicalTensor,
+    chunk_tensor: Any,
+    chunk_bytes: Any,
+    rows: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A logical tensor built from its chunks (``rows``: only rows [start, stop) of it, from
+    the chunks that hold them): ``chunk_bytes(archive)`` gives a stored chunk's bytes as a
+    uint8 tensor when they are contiguous in the file (else None), ``chunk_tensor(archive)``
+    the chunk as a tensor. ``out``: where to build it (contiguous, of its shape and dtype).
 
     Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
     offset of its .distcp file, so viewing it as its dtype would often need an
     aligned copy first (one more allocation per chunk)."""
-    out = torch.empty(t.shape, dtype=t.dtype)
+    start, stop = rows if rows is not None else (0, t.shape[0] if t.shape else 0)
+    shape = ((stop - start,) + t.shape[1:]) if t.shape else ()
+    if out is None:
+        out = torch.empty(shape, dtype=t.dtype)
     for archive, offsets, sizes in t.chunks:
         if math.prod(sizes) == 0:
             continue
-        region = out
-        for dim, (o, s) in enumerate(zip(offsets, sizes, strict=True)):
-            region = region.narrow(dim, o, s)
-        raw = chunk_bytes(archive) if sizes else None
-        if raw is None:
-            region.copy_(chunk_tensor(archive))
+        if not sizes:  # 0-d: one chunk, the whole tensor
+            out.copy_(chunk_tensor(archive))
             continue
-        # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8 view.
-        row = sizes[-1] * t.dtype.itemsize
-        region.view(torch.uint8).copy_(raw.view(*sizes[:-1], row))
+        lo, hi = max(start, offsets[0]), min(stop, offsets[0] + sizes[0])
+        if lo >= hi:
+            continue
+        region = out.narrow(0, lo - start, hi - lo)
+        for dim, (o, s) in enumerate(zip(offsets[1:], sizes[1:], strict=True), start=1):
+            region = region.narrow(dim, o, s)
+        raw = chunk_bytes(archive)
+        if raw is None:
+            region.copy_(chunk_tensor(archive).narrow(0, lo - offsets[0], hi - lo))
+            continue
+        # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8
+        # view; the chunk's rows lo..hi are one run of its bytes.
+        src = raw.view(*sizes, t.dtype.itemsize).narrow(0, lo - offsets[0], hi - lo)
+        dst = region.view(torch.uint8)
+        dst.copy_(src.reshape(dst.shape))
     return out
 
 
@@ -224,7 +242,9 @@ class DcpCheckpoint(Checkpoint):
         self, path: Any, *, key: str | Sequence[str] | None = None, _opening: Any = None
     ) -> None:
         self.path = Path(path)
-        layout = DcpLayout(self.path)
+        # Opening(exact_reads=True) (a rank reading its shard, as load_into opens it): no
+        # readahead around the chunks' zip records while they are indexed.
+        layout = DcpLayout(self.path, bool(getattr(_opening, "exact_reads", False)))
         self._layout = layout
         self.format = "dcp"
         self._indexes = layout.archives
@@ -336,6 +356,46 @@ class DcpCheckpoint(Checkpoint):
             self._missing(name)
         return self._assemble(t)
 
+    def tensor_rows(
+        self, name: str, start: int, stop: int, out: Any = None
+    ) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (``convert`` streams a tensor in such pieces): a
+        zero-copy view of the mapped file when one chunk holds them whole and its bytes are
+        aligned for the dtype, else those rows assembled from the chunks that hold them, in
+        a new tensor or in ``out(shape, dtype)``'s."""
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        for archive, offsets, sizes in t.chunks:
+            if (
+                sizes
+                and offsets[0] <= start
+                and stop <= offsets[0] + sizes[0]
+                and tuple(sizes[1:]) == t.shape[1:]
+            ):
+                raw = self._chunk_bytes(archive)
+                if raw is not None and raw.data_ptr() % t.dtype.itemsize == 0:
+                    rows = raw.view(t.dtype).view(sizes)
+                    return rows.narrow(0, start - offsets[0], stop - start)
+                break
+        into = None if out is None else out((stop - start, *t.shape[1:]), t.dtype)
+        return assemble(
+            t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes, (start, stop),
+            into,
+        )  # fmt: skip
+
+    def row_breaks(self, name: str) -> list[int]:
+        """The rows where a tensor's chunks start (and its row count): pieces cut there can
+        be read in place."""
+        try:
+            t = self._logical(self._entries[name])
+        except KeyError:
+            self._missing(name)
+        if not t.shape:
+            return []
+        return sorted({b for _, o, s in t.chunks if s for b in (o[0], o[0] + s[0])})
+
     def chunks(self, name: str) -> list[tuple[tuple[int, ...], tuple[int, ...], str]]:
         """(offsets, sizes, .distcp file) of each stored chunk of a tensor."""
         try:
@@ -346,6 +406,23 @@ class DcpCheckpoint(Checkpoint):
 
     def unloadable(self) -> dict[str, str]:
         return dict(self._unloadable or {})
+
+    def tensor_paths(self) -> list[tuple[str, ...]]:
+        """The saved state dict path (``planner_data``) of every tensor, whatever the pick;
+        list indices as strings."""
+        return [t.path for t in self._layout.tensors]
+
+    def value_paths(self) -> list[tuple[str, ...]]:
+        """The saved state dict path of every non-tensor entry."""
+        return [v.path for v in self._layout.values]
+
+    def value_at(self, path: Sequence[str]) -> Any:
+        """One non-tensor entry by its path (``("optim", "param_groups", "0", "params")``):
+        unlike a dotted name, a path cannot confuse an FQN's dots with the nesting."""
+        for v in self._layout.values:
+            if v.path == tuple(path):
+                return self._layout.read_value(v)
+        raise KeyError(f"{self.path}: no value at {tuple(path)}")
 
     def value_keys(self) -> list[str]:
         """Dotted paths of the non-tensor entries (step counters, param groups, bytes)."""

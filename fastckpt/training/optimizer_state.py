@@ -48,6 +48,46 @@ def load_named_optimizer_state(folder: Path) -> NamedOptimizerState:
     return {"state": state, "param_groups": groups, "class": doc.get("class")}
 
 
+def rule_renames(
+    saved: Sequence[str], model: nn.Module, rules: Any
+) -> tuple[dict[str, str], list[str]]:
+    """Saved parameter name -> current name under ``rules`` (as ``load_into`` reads the
+    weights), for the renames optimizer state can follow: plain renames (a cast too: the
+    optimizer casts its state to the parameter's dtype). A parameter whose weight its rule
+    cuts or converts keeps no saved state; a note says so. Returns (renames, notes)."""
+    from fastckpt.planning.load_plan import match
+
+    current = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    out: dict[str, str] = {}
+    notes: list[str] = []
+    for a in match(list(saved), current, rules).assignments:
+        if a.rows is not None or a.converts:
+            notes.append(
+                f"{a.target}: the rule {a.rule!r} cuts or converts its weight; the saved "
+                f"optimizer state of {a.source} does not follow it"
+            )
+        elif a.source != a.target:
+            out[a.source] = a.target
+            notes.append(f"optimizer state of {a.target} restored from {a.source} ({a.rule})")
+    targets = set(out.values())
+    clash = [n for n in saved if n not in out and n in targets]
+    if clash:
+        raise CheckpointError(
+            f"rules rename saved optimizer state onto {', '.join(clash)}, which the saved "
+            "state also holds under that name"
+        )
+    return out, notes
+
+
+def renamed_state(named: NamedOptimizerState, renames: Mapping[str, str]) -> NamedOptimizerState:
+    """``named`` with its saved parameter names turned into current ones."""
+    groups = [
+        {**g, "params": [renames.get(n, n) for n in g["params"]]} for g in named["param_groups"]
+    ]
+    state = {renames.get(n, n): v for n, v in named["state"].items()}
+    return {**named, "state": state, "param_groups": groups}
+
+
 def _state_shape_ok(entry: Mapping[str, Any], shape: tuple[int, ...]) -> str | None:
     """None when every per-parameter tensor in ``entry`` has ``shape``; else a reason."""
     for key, v in entry.items():

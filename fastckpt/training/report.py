@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(slots=True)
 class ResumeReport:
     path: str
-    layout: str  # "fastckpt" (name-keyed) or "position-keyed" (torch.optim / HF Trainer)
+    layout: str  # "fastckpt", "dcp" (name-keyed) or "position-keyed" (torch.optim, Trainer)
     model_loaded: int = 0
     model_missing: list[str] = field(default_factory=list)  # model tensors the file lacks
     model_unexpected: list[str] = field(default_factory=list)  # file tensors the model lacks
@@ -21,7 +21,8 @@ class ResumeReport:
     dropped_tied: list[tuple[str, str]] = field(default_factory=list)
     # saved state whose tensor shapes do not fit the parameter: fresh state instead
     shape_mismatch: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # how a position-keyed state was aligned
+    notes: list[str] = field(default_factory=list)  # how a state was aligned or renamed
+    optimizer_bytes: int = 0  # optimizer state bytes this rank read (DCP: its shard of them)
     extra: Any = None
 
     @property
@@ -59,6 +60,7 @@ class ResumeReport:
             "dropped_tied": [list(p) for p in self.dropped_tied],
             "shape_mismatch": list(self.shape_mismatch),
             "notes": list(self.notes),
+            "optimizer_bytes": self.optimizer_bytes,
         }
 
     def __str__(self) -> str:

@@ -1,5 +1,6 @@
-"""``fastckpt.resume``: a model and its optimizer from a ``save`` folder or a
-Hugging Face Trainer checkpoint folder, everything checked before anything changes."""
+"""``fastckpt.resume``: a model and its optimizer from a ``save`` folder, a Hugging Face
+Trainer checkpoint folder or a torch.distributed.checkpoint directory, everything checked
+before anything changes."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from fastckpt.training.optimizer_state import (
     apply_named_state,
     load_named_optimizer_state,
     remap_optimizer_state,
+    renamed_state,
+    rule_renames,
 )
 from fastckpt.training.report import ResumeReport
 
@@ -69,10 +72,18 @@ def resume(
     path: PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    rules: Any = None,
     *,
     strict: bool = True,
 ) -> ResumeReport:
-    """Restore ``model`` (and ``optimizer``) from a ``save`` folder or a Trainer checkpoint folder.
+    """Restore ``model`` (and ``optimizer``) from a ``save`` folder, a Trainer checkpoint
+    folder or a torch.distributed.checkpoint directory of ``{"model":
+    get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}`` (plain or
+    DTensor models, each rank reading only its shard of weights and moments).
+
+    ``rules`` (name-keyed layouts: ``save`` folders and DCP directories) rename the
+    saved names as ``load_into`` does; a parameter's optimizer state follows a plain
+    rename of its weight.
 
     Everything is checked before anything is changed: with ``strict=True`` any
     missing / unexpected model tensor, new / vanished parameter, state dropped
@@ -81,8 +92,10 @@ def resume(
     """
     from fastckpt.load.execute import load_into
     from fastckpt.planning.load_plan import plan
+    from fastckpt.source.dcp import is_dcp_dir
 
     folder = Path(path)
+    dcp_ckpt: Any = None
     if (folder / MANIFEST).is_file():
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("format") != FORMAT:
@@ -90,13 +103,32 @@ def resume(
         report = ResumeReport(path=str(folder), layout="fastckpt")
         weights: Path = folder / MODEL_FILE
         aliases: dict[str, str] = manifest.get("aliases", {})
+    elif is_dcp_dir(folder):
+        from fastckpt.source.dcp import DcpCheckpoint
+
+        report = ResumeReport(path=str(folder), layout="dcp")
+        weights, aliases = folder, {}
+        # Every saved path by its dotted name: the optimizer's part is found by its paths.
+        from fastckpt.planning.dtensor_plan import any_dtensor
+        from fastckpt.source.checkpoint import Opening
+
+        # A rank of a sharded model reads its shard of the moments: no readahead around them.
+        opening = Opening(folder, exact_reads=any_dtensor(model.parameters()))
+        dcp_ckpt = DcpCheckpoint(folder, key="", _opening=opening)
     else:
         report = ResumeReport(path=str(folder), layout="position-keyed")
         weights, aliases = folder, {}
+        if rules is not None:
+            raise ValueError(
+                f"{folder}: rules apply to name-keyed optimizer states (fastckpt save "
+                "folders, DCP directories); this one is keyed by position"
+            )
     state = state_tensors(model)
     ties = tie_groups(list(state), list(state.values())) or []
     weights_plan = plan(
-        model, weights, _SavedNames(aliases, [g for g in ties if len(g) > 1])
+        model,
+        weights,
+        _SavedNames(aliases, [g for g in ties if len(g) > 1]) if rules is None else rules,
     )
     report.model_missing = list(weights_plan.missing)
     report.model_unexpected = list(weights_plan.unexpected)
@@ -106,11 +138,23 @@ def resume(
     ]
 
     new_state: dict[str, Any] | None = None
+    dcp_state: Any = None
     if optimizer is not None:
         if report.layout == "fastckpt":
             if not (folder / OPT_JSON).is_file():
                 raise CheckpointError(f"{folder}: saved without an optimizer")
             named = load_named_optimizer_state(folder)
+            if rules is not None:
+                saved = [n for g in named["param_groups"] for n in g["params"]]
+                renames, notes = rule_renames(saved, model, rules)
+                named = renamed_state(named, renames)
+                report.notes += notes
+        elif report.layout == "dcp":
+            from fastckpt.training.dcp_optimizer import DcpOptimizerState
+
+            dcp_state = DcpOptimizerState.describe(dcp_ckpt, model, rules)
+            named = dcp_state.named
+            report.notes += dcp_state.notes
         else:
             opt_file = folder / TRAINER_OPTIMIZER if folder.is_dir() else None
             if opt_file is None or not opt_file.is_file():
@@ -135,6 +179,10 @@ def resume(
     with warnings.catch_warnings():  # what stays unloaded is in this report already
         warnings.simplefilter("ignore", UninitializedWarning)
         report.model_loaded = len(load_into(model, weights_plan, strict=False).loaded)
+    if dcp_state is not None:
+        report.optimizer_bytes = dcp_state.read(model, report.restored)  # only what is restored
+    if dcp_ckpt is not None:
+        dcp_ckpt.close()  # what was read was copied: nothing views its mapping
     if optimizer is not None and new_state is not None:
         optimizer.load_state_dict(new_state)
     if (folder / EXTRA_JSON).is_file():
