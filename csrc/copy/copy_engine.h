@@ -75,9 +75,10 @@ class CopyEngine {
   // Absolute file offset of the first source byte task `task` reads (before any row selection).
   uint64_t source_start(uint32_t task) const;
   void open_views();
-  // exact_reads: asks the kernel for every dense source range up front
-  // (POSIX_FADV_WILLNEED, exactly those pages), so the reads queue deep as readahead would.
-  void prefetch_exact_ranges() const;
+  // exact_reads: asks the kernel for every source range up front, dense ones and
+  // the runs of strided ones that are read with pread (POSIX_FADV_WILLNEED,
+  // exactly those pages), so the reads queue deep as readahead would.
+  void prefetch_exact_ranges(const std::atomic<bool>& stop) const;
   FileView* view_of(const MappedFile* file) const;
 
   std::vector<CopyTask> tasks_;
