@@ -79,6 +79,7 @@ class RemoteFile(MemoryFile):
         runs = [(max(0, s), min(self.size, e)) for s, e in runs if e > s]
         if not runs or self.map is None:
             return 0
+        self.populate(runs)
         with memoryview(self.map) as whole:
             self.obj.read_into(runs, whole)
         return sum(e - s for s, e in runs)
