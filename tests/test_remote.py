@@ -429,3 +429,50 @@ def test_cli_bench_a_url(s3, st_file):
     assert set(rows) == {"ceiling", "fastckpt", "download+load"}
     assert all(r["seconds"] > 0 for r in rows.values())
     assert doc["fetched"] == sum(t.numel() * t.element_size() for t in state().values())
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(256, 256)
+        self.b = nn.Linear(256, 256)  # the file stores a.weight's storage for it too
+        self.h = nn.Linear(256, 128).to(torch.bfloat16)  # cast on the way
+        self.emb = nn.Embedding(100, 64)  # rows[:100] of a 300-row table
+
+
+def test_http_bytes_go_straight_into_the_model_where_they_are_its_memory(
+    http_server, tmp_path, monkeypatch
+):
+    from fastckpt.source import remote
+
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
+    torch.manual_seed(3)
+    shared = torch.randn(256, 256)
+    sd = {
+        "a.weight": shared, "a.bias": torch.randn(256), "b.weight": shared,
+        "b.bias": torch.randn(256), "h.weight": torch.randn(128, 256), "h.bias": torch.randn(128),
+        "emb.weight": torch.randn(300, 64),
+    }  # fmt: skip
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(sd, path)
+    http_server.files["/t/pytorch_model.bin"] = path.read_bytes()
+    rules = "emb.weight -> emb.weight rows[:100]"
+    direct: list[int] = []
+    real = remote.RemoteFile.fetch_into
+
+    def spy(self, pieces):
+        direct.extend(e - s for s, e, _ in pieces)
+        return real(self, pieces)
+
+    monkeypatch.setattr(remote.RemoteFile, "fetch_into", spy)
+    local, got = Mixed(), Mixed()
+    fastckpt.load_into(local, path, rules)
+    report = fastckpt.load_into(got, f"{http_server.url}/t/pytorch_model.bin", rules)
+    assert_same(local, got)
+    assert torch.equal(got.h.weight, sd["h.weight"].to(torch.bfloat16))
+    assert torch.equal(got.emb.weight, sd["emb.weight"][:100])
+    # Straight in: a.bias, b.bias and the embedding's rows; not h's cast tensors, nor the
+    # storage two parameters read (fetched once, into the memory file).
+    assert sorted(direct) == [256 * 4, 256 * 4, 100 * 64 * 4]
+    needed = 256 * 256 * 4 + (128 * 256 + 128) * 4 + sum(direct)
+    assert needed <= report.fetched <= needed + (16 << 10)  # + small holes between runs

@@ -56,7 +56,7 @@ def _ceiling(urls: list[str]) -> int:
     for obj in _objects(urls):
         buf = bytearray(obj.size)
         with memoryview(buf) as view:
-            obj.read_into([(0, obj.size)], view)
+            obj.read_into([(0, obj.size, view)])
         total += obj.size
         del buf
     return total

@@ -482,6 +482,10 @@ def _device_key(d: torch.device) -> tuple[str, int]:
     return ("cuda", d.index or 0) if d.type == "cuda" else ("cpu", 0)
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    return _device_key(t.device)[0] == "cpu"
+
+
 class EngineColumns(NamedTuple):
     """The transfer list as the copy engine takes it: per task the source handle, the model
     and checkpoint names (errors), rows as ``(start, count)`` or an index list, the cast's
@@ -639,8 +643,9 @@ def _run_once(
 
     if remote is not None:
         return remote_reads.run(
-            tasks, remote.files, indexes, remote.gap, max_host_bytes, make_jobs, before_writing
-        )
+            tasks, remote.files, indexes, remote.gap, max_host_bytes, make_jobs, before_writing,
+            _on_host,
+        )  # fmt: skip
     if pread:
         return _run_pread(tasks, ckpt, max_host_bytes, make_jobs, before_writing)
     return read_once.run(tasks, indexes, group, max_host_bytes, make_jobs, before_writing)
@@ -655,7 +660,9 @@ def _run_pread(
     files = [pread_files.PreadFile(ix.path, ix.file_size) for ix in indexes]
     try:
         over = [ix.over(f.path) for ix, f in zip(indexes, files, strict=True)]
-        return remote_reads.run(tasks, files, over, 0, max_host_bytes, make_jobs, before_writing)
+        return remote_reads.run(
+            tasks, files, over, 0, max_host_bytes, make_jobs, before_writing, _on_host
+        )
     finally:
         for f in files:
             f.close()

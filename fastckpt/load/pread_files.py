@@ -85,28 +85,35 @@ class PreadFile(MemoryFile):
             raise CheckpointError(f"{self.url}: the file changed since it was opened; refused")
 
     def fetch(self, runs: list[tuple[int, int]]) -> int:
-        parts = [(s, min(e, s + PART)) for s, e in runs for s in range(s, e, PART)]
-        if not parts or self.map is None:
+        if self.map is None:
             return 0
-        with memoryview(self.map) as whole, ThreadPoolExecutor(min(THREADS, len(parts))) as ex:
-            for _ in ex.map(lambda r: self._read(whole, *r), parts):
-                pass
-        return sum(e - s for s, e in parts)
+        with memoryview(self.map) as whole:
+            return self.fetch_into([(s, e, whole[s:e]) for s, e in runs])
 
-    def _read(self, whole: memoryview, start: int, end: int) -> None:
-        view = whole[start:end]
+    def fetch_into(self, pieces: list[tuple[int, int, memoryview]]) -> int:
+        """Bytes [start, end) of the file into each piece's buffer; returns how many."""
+        parts = [
+            (at, min(end, at + PART), out[at - start : min(end, at + PART) - start])
+            for start, end, out in pieces
+            for at in range(start, end, PART)
+        ]
+        if not parts:
+            return 0
+        with ThreadPoolExecutor(min(THREADS, len(parts))) as ex:
+            for _ in ex.map(lambda p: self._read(*p), parts):
+                pass
+        return sum(e - s for s, e, _ in parts)
+
+    def _read(self, start: int, end: int, view: memoryview) -> None:
         done = 0
-        try:
-            while done < len(view):
-                n = os.preadv(self.src, [view[done:]], start + done)
-                if n <= 0:
-                    raise CheckpointError(
-                        f"{self.url}: ended at byte {start + done} while reading bytes {start} "
-                        f"to {end} (the file shrank?)"
-                    )
-                done += n
-        finally:
-            view.release()
+        while done < len(view):
+            n = os.preadv(self.src, [view[done:]], start + done)
+            if n <= 0:
+                raise CheckpointError(
+                    f"{self.url}: ended at byte {start + done} while reading bytes {start} "
+                    f"to {end} (the file shrank?)"
+                )
+            done += n
 
     def close(self) -> None:
         super().close()

@@ -81,8 +81,13 @@ class RemoteFile(MemoryFile):
             return 0
         self.populate(runs)
         with memoryview(self.map) as whole:
-            self.obj.read_into(runs, whole)
+            self.obj.read_into([(s, e, whole[s:e]) for s, e in runs])
         return sum(e - s for s, e in runs)
+
+    def fetch_into(self, pieces: Sequence[tuple[int, int, memoryview]]) -> int:
+        """Bytes [start, end) of the object straight into each piece's buffer; returns how many."""
+        self.obj.read_into(pieces)
+        return sum(e - s for s, e, _ in pieces)
 
     def check_unchanged(self) -> None:
         self.obj.check_unchanged()

@@ -232,29 +232,34 @@ class Object:
                 "refused before anything was written: open it again"
             )
 
-    def read_into(self, runs: Sequence[tuple[int, int]], into: memoryview) -> None:
-        """Bytes [start, end) of each run into the same place of ``into`` (the object's size),
-        the runs cut into parts of at most ``settings.part`` bytes, many in flight."""
+    def read_into(self, pieces: Sequence[tuple[int, int, memoryview]]) -> None:
+        """Bytes [start, end) of the object into each piece's buffer (``end - start`` bytes
+        long), cut into parts of at most ``settings.part`` bytes, many in flight."""
         part = self.store.settings.part
-        pieces = [(s, min(e, s + part)) for s, e in runs for s in range(s, e, part)]
-        if pieces:
-            run_sync(self._read_all(pieces, into))
+        parts = [
+            (at, min(end, at + part), out[at - start : min(end, at + part) - start])
+            for start, end, out in pieces
+            for at in range(start, end, part)
+        ]
+        if parts:
+            run_sync(self._read_all(parts))
 
-    async def _read_all(self, pieces: list[tuple[int, int]], into: memoryview) -> None:
+    async def _read_all(self, parts: list[tuple[int, int, memoryview]]) -> None:
         gate = asyncio.Semaphore(self.store.settings.concurrency)
 
-        async def one(start: int, end: int) -> None:
+        async def one(start: int, end: int, out: memoryview) -> None:
             async with gate:
-                await self._read_one(start, end, into)
+                await self._read_one(start, end, out)
 
-        tasks = [asyncio.ensure_future(one(s, e)) for s, e in pieces]
+        tasks = [asyncio.ensure_future(one(*p)) for p in parts]
         try:
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
 
-    async def _read_one(self, start: int, end: int, into: memoryview) -> None:
+    async def _read_one(self, start: int, end: int, out: memoryview) -> None:
+        """Bytes [start, end) of the object into ``out``."""
         ob = _obstore()
         options: dict[str, Any] = {"range": (start, end)}
         if self.etag:
@@ -275,7 +280,7 @@ class Object:
                 view = memoryview(chunk)
                 if at + len(view) > end:
                     break
-                into[at : at + len(view)] = view
+                out[at - start : at - start + len(view)] = view
                 at += len(view)
         except Exception as e:
             raise failure(self.url, e) from None
