@@ -67,3 +67,35 @@ def test_network_filesystem_picks_pread_by_itself(ckpt, monkeypatch):
 def test_pread_refuses_what_cannot_go_together(ckpt):
     with pytest.raises(ValueError, match="pread"):
         fastckpt.load_into(Net(), ckpt, read="pread", mmap=True)
+
+
+@pytest.fixture
+def fuse_mount(tmp_path):
+    """A real FUSE mount (bindfs, from Debian: .ci/run installs it) of a folder of tmp_path."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bindfs") is None or shutil.which("fusermount") is None:
+        pytest.skip("needs bindfs and fusermount (Debian's bindfs package)")
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    done = subprocess.run(["bindfs", str(src), str(mnt)], capture_output=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount FUSE here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield src, mnt
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_a_checkpoint_on_a_fuse_mount_is_read_with_preads(fuse_mount, ckpt):
+    src, mnt = fuse_mount
+    (src / ckpt.name).write_bytes(ckpt.read_bytes())
+    assert pread_files.filesystem_type(mnt / ckpt.name).startswith("fuse")
+    a, b = Net(), Net()
+    fastckpt.load_into(a, ckpt)
+    report = fastckpt.load_into(b, mnt / ckpt.name, max_host_bytes=1 << 20)
+    assert report.fetched == sum(v.numel() * v.element_size() for v in a.state_dict().values())
+    for k, v in a.state_dict().items():
+        assert torch.equal(v.view(torch.uint8), b.state_dict()[k].view(torch.uint8)), k
