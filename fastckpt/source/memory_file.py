@@ -28,9 +28,9 @@ class MemoryFile:
         return f"/proc/self/fd/{self.fd}"
 
     def populate(self, runs: Sequence[tuple[int, int]]) -> None:
-        """Allocates the pages of ``runs`` in one call each (MADV_POPULATE_WRITE), before
-        the bytes arrive: a page fault per 4 KiB page, taken by the thread that copies
-        the response in, cost more than the fetch itself."""
+        """Allocates the pages of ``runs`` in one call each (MADV_POPULATE_WRITE) before the
+        bytes arrive, instead of a fault per 4 KiB page taken by the thread that copies
+        the responses in."""
         if self.map is None:
             return
         for s, e in runs:
