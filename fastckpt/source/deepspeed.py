@@ -102,11 +102,11 @@ def tag_folder(path: Path) -> Path:
 
 
 class Run(NamedTuple):
-    """``count`` elements of a stored 1-d tensor (``handle``), from element ``start`` of it."""
+    """``length`` elements of a stored 1-d tensor (``handle``), from element ``start`` of it."""
 
     handle: int
     start: int
-    count: int
+    length: int
 
 
 class FlatParam(NamedTuple):
@@ -305,7 +305,7 @@ class ZeroLayout:
                         f"{self.files[0]}: frozen fragment {name!r} holds {n} elements, "
                         f"its shape {shape} needs {numel}"
                     )
-                runs = (Run(h, 0, n),)
+                runs: tuple[Run, ...] = (Run(h, 0, n),)
             else:
                 piece = -(-numel // self.world)
                 run_list, dtypes = [], set()
@@ -420,7 +420,10 @@ def _take(parts: Sequence[tuple[int, int]], offset: int, count: int) -> tuple[Ru
     return tuple(runs)
 
 
-def boxes(shape: Sequence[int], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+
+def boxes(shape: Sequence[int], start: int, stop: int) -> list[Box]:
     """Elements [start, stop) of a contiguous tensor of ``shape`` as boxes (offsets, sizes),
     in order: each is one contiguous run of the flat elements."""
     if start >= stop:
@@ -429,7 +432,7 @@ def boxes(shape: Sequence[int], start: int, stop: int) -> list[tuple[tuple[int, 
         return [((start,), (stop - start,))] if shape else [((), ())]
     row = math.prod(shape[1:])
     first, last = start // row, stop // row  # rows [first, last) whole when aligned
-    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    out: list[Box] = []
     if first == last:  # inside one row
         return [((first, *o), (1, *s)) for o, s in boxes(shape[1:], start % row, stop % row)]
     if start % row:
@@ -493,16 +496,15 @@ class DeepSpeedCheckpoint(Checkpoint):
             return None
         t = self._param(handle)
         out = []
+        strides = contiguous_strides(t.shape)
         done = 0  # elements of the parameter before this run
         for run in t.runs:
             base = self._indexes[run.handle >> 32].tensor_view(run.handle & 0xFFFFFFFF)
-            for offsets, sizes in boxes(t.shape, done, done + run.count):
-                # the box's first element, counted from the run's start
-                first = sum(o * s for o, s in zip(offsets, contiguous_strides(t.shape), strict=True))
-                out.append(
-                    Chunk(run.handle, offsets, sizes, base.storage_offset + run.start + first - done)
-                )
-            done += run.count
+            at = base.storage_offset + run.start - done  # where element 0 would be
+            for offsets, sizes in boxes(t.shape, done, done + run.length):
+                first = sum(o * s for o, s in zip(offsets, strides, strict=True))
+                out.append(Chunk(run.handle, offsets, sizes, at + first))
+            done += run.length
         return out
 
     def _handle_shape(self, handle: int) -> tuple[int, ...]:
@@ -548,10 +550,10 @@ class DeepSpeedCheckpoint(Checkpoint):
         done = 0
         pieces = []
         for run in t.runs:
-            a, b = max(lo, done), min(hi, done + run.count)
+            a, b = max(lo, done), min(hi, done + run.length)
             if a < b:
                 pieces.append((run, a - done + run.start, b - a))
-            done += run.count
+            done += run.length
         if len(pieces) == 1:
             run, first, count = pieces[0]
             flat, in_file = self._handle_flat(run.handle)
@@ -619,7 +621,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         row = math.prod(shape[1:]) or 1
         breaks, done = {0, shape[0]}, 0
         for run in self._param(h).runs:
-            done += run.count
+            done += run.length
             if done % row == 0:
                 breaks.add(done // row)
         return sorted(breaks)
@@ -632,7 +634,7 @@ class DeepSpeedCheckpoint(Checkpoint):
             self._missing(name)
         if h < LOGICAL:
             return [(self._file_names[h >> 32], 0, math.prod(self._handle_shape(h)))]
-        return [(self._file_names[r.handle >> 32], r.start, r.count) for r in self._param(h).runs]
+        return [(self._file_names[r.handle >> 32], r.start, r.length) for r in self._param(h).runs]
 
     def unloadable(self) -> dict[str, str]:
         return {}
