@@ -59,6 +59,17 @@ def scenario_fsdp2_zero3_bf16_meta(folder: Path) -> dict:
     return _load("zero3_bf16", meta=True)
 
 
+def scenario_read_once_zero3(folder: Path) -> dict:
+    """Plain models on both ranks, each byte of the partitions read by one rank and sent."""
+    torch.manual_seed(1)
+    model = Net()
+    report = fastckpt.load_into(model, DATA / "zero3", read="once")
+    expect = torch.load(DATA / "zero3" / "reference.pt", weights_only=True)
+    out = same_as(model, expect)
+    out.update(bytes=report.bytes, total=1, missing=report.missing, sharded=1)
+    return out
+
+
 def write_checkpoints(folder: Path) -> None:
     """Nothing: the fixtures are committed (tests/data/deepspeed)."""
 
