@@ -101,6 +101,18 @@ def test_tag_folder_opens_like_the_top_folder():
             assert_same_bytes(a.tensor(name), b.tensor(name))
 
 
+def test_hf_trainer_folder_opens_its_model_file_and_its_tag_the_zero_state(tmp_path):
+    """A Trainer's checkpoint-N/ holds model.safetensors beside latest + global_stepN/."""
+    from safetensors.torch import save_file
+
+    folder = _copy("zero2", tmp_path)
+    save_file({"only.weight": torch.ones(2)}, folder / "model.safetensors")
+    with fastckpt.open(folder) as ckpt:
+        assert ckpt.format == "safetensors" and ckpt.keys() == ["only.weight"]
+    with fastckpt.open(folder / "global_step2") as ckpt:
+        assert ckpt.format == "deepspeed" and "up.weight" in ckpt.keys()
+
+
 # -- loading ----------------------------------------------------------------------------
 
 

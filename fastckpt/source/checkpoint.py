@@ -224,7 +224,12 @@ def _training_source(path: Path) -> type[Checkpoint] | None:
 
     if dcp.is_dcp_dir(path):
         return dcp.DcpCheckpoint
-    if deepspeed.is_deepspeed_dir(path):
+    # A Hugging Face Trainer's checkpoint-N/ holds its model files beside DeepSpeed's
+    # latest + global_stepN/: the model files win there, as before; the tag folder
+    # (checkpoint-N/global_stepN) opens the ZeRO state.
+    if deepspeed.is_deepspeed_dir(path) and not any(
+        (path / name).is_file() for name in FOLDER_CANDIDATES
+    ):
         return deepspeed.DeepSpeedCheckpoint
     return None
 
