@@ -220,7 +220,7 @@ def test_diff_against_the_reference_has_equal_values():
     assert d.equal, d
 
 
-def test_cli_inspect_and_diff():
+def test_cli_inspect_diff_and_convert(tmp_path):
     r = CliRunner().invoke(app, ["inspect", str(DATA / "zero2")])
     assert r.exit_code == 0, r.output
     assert "deepspeed" in r.output and "up.weight" in r.output and "[13, 6]" in r.output
@@ -228,6 +228,10 @@ def test_cli_inspect_and_diff():
         app, ["diff", str(DATA / "zero2"), str(DATA / "zero2" / "reference.pt"), "--values"]
     )
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["convert", str(DATA / "zero3_bf16"), str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.output
+    out = load_file(tmp_path / "hf" / "model.safetensors")
+    assert_same_bytes(out["up.weight"], reference("zero3_bf16")["up.weight"])
 
 
 # -- 2 FSDP2 ranks ----------------------------------------------------------------------
