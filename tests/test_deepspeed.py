@@ -352,6 +352,13 @@ def test_zero3_partitions_of_unequal_size(tmp_path):
         fastckpt.open(folder)
 
 
+def test_zero3_rank_model_states_missing(tmp_path):
+    folder = _copy("zero3", tmp_path)
+    (folder / "global_step2" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(fastckpt.CheckpointError, match="ZeRO-3 checkpoint of 2 ranks holds"):
+        fastckpt.open(folder)
+
+
 def test_pickle_naming_os_system_is_refused_and_runs_nothing(tmp_path):
     folder = _copy("zero2", tmp_path)
     sentinel = tmp_path / "ran"

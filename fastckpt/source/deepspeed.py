@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,7 +173,7 @@ class ZeroLayout:
                 raise CheckpointError(f"{f}: not a data-parallel DeepSpeed model states file")
         self.files = model_files + optim
         self.indexes: list[_core.FileIndex] = _core.start_open(
-            [str(f) for f in self.files], 2, exact_reads
+            [str(f) for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         ).wait()
         self.world = len(optim)
         self.model_files = model_files
@@ -185,7 +186,7 @@ class ZeroLayout:
             self.meta.append(m)
         self._names = [dict(zip(ix.names(), range(len(ix)), strict=True)) for ix in self.indexes]
         model = self.meta[0]
-        osd = self._dict(first_optim, model_key="optimizer_state_dict")
+        osd = self._dict(first_optim, "optimizer_state_dict")
         self.stage = _int(osd.get("zero_stage"))
         if self.stage not in (1, 2, 3):
             raise CheckpointError(
@@ -199,10 +200,16 @@ class ZeroLayout:
                 f"{self.folder}: {optim[0].name} says {count!r} partitions but the folder "
                 f"holds {self.world} *_optim_states.pt file(s) (a rank's file missing?)"
             )
-        if self.stage == 3 and len(model_files) != self.world:
+        # Which model states files the stage reads (as zero_to_fp32): stage 1/2 one,
+        # stage 3 one per rank, in rank order (frozen fragments are per rank).
+        want = (
+            [_MODEL] if self.stage <= 2
+            else [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(self.world)]
+        )  # fmt: skip
+        if [f.name for f in model_files] != want:
             raise CheckpointError(
-                f"{self.folder}: a ZeRO-3 checkpoint of {self.world} ranks needs as many "
-                f"*_model_states.pt files, found {len(model_files)}"
+                f"{self.folder}: a ZeRO-{self.stage} checkpoint of {self.world} ranks holds "
+                f"{', '.join(want)}; found {', '.join(f.name for f in model_files)}"
             )
         self.ds_version = model.get("ds_version")
         key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"
@@ -230,10 +237,10 @@ class ZeroLayout:
                 self.tensors[str(alias)] = self.tensors[source]
 
     # -- reading the states -----------------------------------------------------------
-    def _dict(self, fi: int, model_key: str) -> dict[str, Any]:
-        v = self.meta[fi].get(model_key)
+    def _dict(self, fi: int, key: str) -> dict[str, Any]:
+        v = self.meta[fi].get(key)
         if not isinstance(v, dict):
-            raise CheckpointError(f"{self.files[fi]}: no {model_key!r} dict")
+            raise CheckpointError(f"{self.files[fi]}: no {key!r} dict")
         return v
 
     def _stored(self, fi: int, ref: Any, what: str) -> int:
