@@ -94,6 +94,28 @@ def test_stage3_pieces_are_ceil_numel_over_world():
             assert counts == [piece, numel - piece], name
 
 
+def test_flat_ranges_become_boxes_of_contiguous_runs():
+    """Any range of a contiguous tensor's elements (a partition's share of a parameter) as
+    boxes, in order, each one run of consecutive elements: the rows-and-columns the plan
+    intersects with a DTensor shard."""
+    from fastckpt.source.deepspeed import boxes
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        ndim = int(torch.randint(0, 5, (1,), generator=gen))
+        shape = tuple(int(d) for d in torch.randint(1, 6, (ndim,), generator=gen))
+        n = math.prod(shape)
+        start, stop = sorted(int(x) for x in torch.randint(0, n + 1, (2,), generator=gen))
+        t = torch.arange(n).reshape(shape)
+        got = []
+        for offsets, sizes in boxes(shape, start, stop):
+            part = t[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))]
+            flat = part.reshape(-1).tolist()
+            assert flat == list(range(flat[0], flat[0] + len(flat))), (shape, offsets, sizes)
+            got += flat
+        assert got == list(range(start, stop)), (shape, start, stop)
+
+
 def test_tag_folder_opens_like_the_top_folder():
     with fastckpt.open(DATA / "zero2" / "global_step2") as a, fastckpt.open(DATA / "zero2") as b:
         assert a.keys() == b.keys()
