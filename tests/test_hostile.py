@@ -288,3 +288,57 @@ def test_zero_copy_view_of_a_shrunk_file_is_still_fatal(tmp_path):
     assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.startswith("Fatal Python error")  # faulthandler reported, no hang
     assert "sum" not in proc.stdout
+
+
+# -- DeepSpeed ZeRO folders: hostile and truncated files in place of a rank's ----------------
+ZERO = REPO / "tests" / "data" / "deepspeed" / "zero2"
+ZERO_FILES = {
+    "optim": "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "model": "global_step2/mp_rank_00_model_states.pt",
+}
+ZIP_CASES = [n for n, c in CASES.items() if c.reader == "torch_zip"]
+
+
+@pytest.fixture(scope="module")
+def zero_folders(tmp_path_factory):
+    """Copies of a committed ZeRO-2 folder (tests/data/deepspeed), each with one file replaced
+    by a hostile torch zip of the corpus or by a truncation of itself; opened in child
+    processes like the single files."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("zero")
+    folders: dict[str, tuple[Path, str]] = {}
+    for which, rel in ZERO_FILES.items():
+        for name in ZIP_CASES:
+            folders[f"{which}-{name}"] = (root / f"{which}-{name}", rel)
+        blob = (ZERO / rel).read_bytes()
+        for cut in hostile.truncation_cut_points(len(blob), count=12):
+            folders[f"{which}-cut{cut:06d}"] = (root / f"{which}-cut{cut:06d}", rel)
+    for key, (folder, rel) in folders.items():
+        shutil.copytree(ZERO, folder)
+        which, _, what = key.partition("-")
+        if what.startswith("cut"):
+            (folder / rel).write_bytes((ZERO / rel).read_bytes()[: int(what[3:])])
+        else:
+            (folder / rel).write_bytes(CASES[what].data)
+    results = run_isolated([ZERO] + [f for f, _ in folders.values()])
+    time.sleep(0.5)  # a payload that spawned a process would have touched its sentinel by now
+    return folders, results
+
+
+def test_zero_folder_opens(zero_folders):
+    _, results = zero_folders
+    r = results[str(ZERO)]
+    assert r["outcome"] == "ok" and r["tensors"] == 9, _describe(r)
+
+
+def test_zero_folder_with_a_hostile_or_truncated_file_gives_checkpoint_error(zero_folders):
+    folders, results = zero_folders
+    wrong = {}
+    for key, (folder, rel) in folders.items():
+        r = results[str(folder)]
+        if r["outcome"] != "CheckpointError" or not r["message"].startswith(f"{folder / rel}: "):
+            wrong[key] = r
+    assert not wrong, _describe(wrong)
+    assert len(folders) >= 2 * (len(ZIP_CASES) + 12)
+    assert sorted(p.name for p in SENTINELS.iterdir()) == []

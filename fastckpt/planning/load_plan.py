@@ -44,6 +44,7 @@ from fastckpt.planning.rules import as_rules
 from fastckpt.planning.transfers import Region, Transfer, Transfers, nbytes
 from fastckpt.report import Mismatch, format_groups, group_names
 from fastckpt.source.checkpoint import Checkpoint, Opening
+from fastckpt.source.dcp import contiguous_strides
 
 PathLike = str | os.PathLike[str]
 
@@ -695,7 +696,10 @@ def _chunk_transfers(
         )
     out = []
     for chunk in chunks:
-        _, _, strides, offset = ckpt._handle_view(chunk.handle)
+        if chunk.storage_offset is None:  # the chunk is a stored tensor of its own
+            _, _, strides, offset = ckpt._handle_view(chunk.handle)
+        else:  # a contiguous run of the stored tensor's storage
+            strides, offset = contiguous_strides(chunk.sizes), chunk.storage_offset
         box = list(zip(chunk.offsets, chunk.sizes, strict=True))
         skip = 0
         if rows is not None and box:

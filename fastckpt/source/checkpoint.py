@@ -102,11 +102,14 @@ class TensorInfo(NamedTuple):
 
 class Chunk(NamedTuple):
     """One stored piece of a logical tensor (a DCP chunk): ``handle`` names an ordinary stored
-    tensor of shape ``sizes`` that holds the box [offsets, offsets + sizes) of it."""
+    tensor of shape ``sizes`` that holds the box [offsets, offsets + sizes) of it. With
+    ``storage_offset`` (a DeepSpeed flat partition), the box is instead the contiguous run of
+    ``handle``'s storage that starts at that element."""
 
     handle: int
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
+    storage_offset: int | None = None
 
 
 _new_tuple = tuple.__new__
@@ -196,7 +199,7 @@ class Opening:
             self.files: list[Path] = list(self.remote.paths)
             return
         self.path = Path(path)
-        if _is_dcp_dir(self.path):  # opened by source/dcp.py when the Checkpoint is made
+        if _training_source(self.path) is not None:  # opened when the Checkpoint is made
             self.files = []
             self._pending = None
             return
@@ -211,20 +214,32 @@ class Opening:
         return [] if self._pending is None else self._pending.wait()
 
 
-def _is_dcp_dir(path: Path) -> bool:
-    """A torch.distributed.checkpoint directory (source/dcp.py reads those)."""
-    if not path.is_dir():  # a file: spare the import on every plain load
-        return False
-    from fastckpt.source import dcp  # dcp imports this module: imported when asked
+def _training_source(path: Path) -> type[Checkpoint] | None:
+    """The Checkpoint class of a training checkpoint folder: a torch.distributed.checkpoint
+    directory (source/dcp.py) or a DeepSpeed ZeRO folder (source/deepspeed.py); else None."""
+    if not path.is_dir():  # a file: spare the imports on every plain load
+        return None
+    # Both modules import this one: imported when asked.
+    from fastckpt.source import dcp, deepspeed
 
-    return dcp.is_dcp_dir(path)
+    if dcp.is_dcp_dir(path):
+        return dcp.DcpCheckpoint
+    # A Hugging Face Trainer's checkpoint-N/ holds its model files beside DeepSpeed's
+    # latest + global_stepN/: the model files win there, as before; the tag folder
+    # (checkpoint-N/global_stepN) opens the ZeRO state.
+    if deepspeed.is_deepspeed_dir(path) and not any(
+        (path / name).is_file() for name in FOLDER_CANDIDATES
+    ):
+        return deepspeed.DeepSpeedCheckpoint
+    return None
 
 
 class Checkpoint:
     """A checkpoint opened for reading. Use as a context manager or call ``close()``.
 
     ``Checkpoint(path)`` of a torch.distributed.checkpoint directory is a
-    ``source.dcp.DcpCheckpoint``: its tensors are stored as chunks (``_chunks``).
+    ``source.dcp.DcpCheckpoint``, of a DeepSpeed ZeRO folder a
+    ``source.deepspeed.DeepSpeedCheckpoint``: their tensors are stored as chunks (``_chunks``).
     """
 
     def __new__(
@@ -234,10 +249,10 @@ class Checkpoint:
         key: str | Sequence[str] | None = None,
         _opening: Opening | None = None,
     ) -> Checkpoint:
-        if cls is Checkpoint and not is_url(path) and _is_dcp_dir(Path(path)):
-            from fastckpt.source.dcp import DcpCheckpoint
-
-            return object.__new__(DcpCheckpoint)
+        if cls is Checkpoint and not is_url(path):
+            source = _training_source(Path(path))
+            if source is not None:
+                return object.__new__(source)
         return object.__new__(cls)
 
     _remote: RemoteOpening | None = None  # set for a URL's checkpoint (source.remote)

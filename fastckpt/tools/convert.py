@@ -383,6 +383,8 @@ def convert(
                 side: list[Path] | list[tuple[str, bytes]] = (
                     remote_side_files(str(src), _is_weight) if remote else _hf_side_files(Path(src))
                 )
+                if ckpt.format == "deepspeed":  # a ZeRO folder's files (latest) are no HF files
+                    side = []
                 files, copied = _write_folder(dst_p, shards, produce, metadata, total, side)
         source_dtypes = {a.target: ckpt.info(a.source).dtype for a in plan.assignments}
 
