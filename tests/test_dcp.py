@@ -410,3 +410,20 @@ def test_convert_with_dtype_and_rules(ranks, budget, tmp_path):
     assert same_bytes(got["model.blocks.0.q.weight"], want["blocks.0.q.weight"].bfloat16())
     assert report.sliced == ["model.embed_tokens.weight", "model.head.weight"]
     assert len(report.cast) == len(want)  # all float32
+
+
+def test_explain_and_the_report_list_tensors_filled_chunk_by_chunk(one):
+    folder, state = one
+    model = Small()
+    model.emb = nn.Embedding(4, 5)
+    plan = fastckpt.plan(model, folder, "emb.weight -> emb.weight rows[:4]")
+    text = plan.explain(full=True)
+    for name in ("emb.weight", "proj.weight", "proj.bias", "counts"):
+        assert name in text, text
+    assert "[0:4]" in text
+    names = {"emb.weight", "proj.weight", "proj.bias", "counts"}
+    assert {e.target for e in plan.entries()} == names
+    report = fastckpt.load_into(model, plan, strict=False)
+    assert report.sliced == ["emb.weight"]
+    assert report.rule_for["emb.weight"] == "emb.weight -> emb.weight rows[:4]"
+    assert same_bytes(model.emb.weight, state["model"]["emb.weight"][:4])

@@ -299,6 +299,11 @@ def _report_of(p: LoadPlan) -> LoadReport:
     report.loaded += p.sharded
     report.renamed += [(s, n) for n, s in zip(p.sharded, p.sharded_sources, strict=True) if s != n]
     report.renamed += p.piece_renames
+    for _, name, _, _, cut, _, rule in p._chunked:  # the renames are in piece_renames
+        if cut is not None:
+            report.sliced.append(name)
+        if rule is not None:
+            report.rule_for[name] = rule
     tr = p.transfers
     if tr.rule is not None or tr.rows is not None:
         rules, rows = tr.column("rule"), tr.column("rows")

@@ -83,6 +83,9 @@ class PlanEntry:
     tied: tuple[str, ...] = ()
 
 
+_ChunkedEntry = tuple[int, str, str, int, RowSelection | None, torch.dtype | None, str | None]
+
+
 @dataclass
 class LoadPlan:
     """What a load of ``path`` into a model would do; ``load_into`` executes it.
@@ -107,6 +110,9 @@ class LoadPlan:
     # Every copy, whole tensors first, then pieces (conversions, chunks, DTensor shards).
     transfers: Transfers = field(default_factory=lambda: Transfers([], [], [], []))
     loaded_by_pieces: list[str] = field(default_factory=list)  # model names pieces fill
+    # Whole tensors of a chunked source (DCP, ZeRO) into plain tensors, filled chunk by
+    # chunk: (group, model name, checkpoint name, handle, rows, via dtype, rule)
+    _chunked: list[_ChunkedEntry] = field(default_factory=list)
     piece_rules: dict[str, str] = field(default_factory=dict)  # model name -> rule, for pieces
     partly_loaded: list[tuple[str, str]] = field(default_factory=list)  # (name, part left)
     # DTensor destinations (fastckpt.planning.dtensor_plan): model names, their sources and tensors'
@@ -146,7 +152,8 @@ class LoadPlan:
         return ckpt
 
     def entries(self) -> list[PlanEntry]:
-        """One ``PlanEntry`` per tensor copied whole, in model order."""
+        """One ``PlanEntry`` per tensor copied whole, in model order (then those of a
+        chunked source, filled chunk by chunk: their file is the checkpoint's folder)."""
         assert self._model is not None
         ckpt = self._ckpt
         aliases: dict[str, list[str]] = {}
@@ -154,14 +161,17 @@ class LoadPlan:
             aliases.setdefault(via, []).append(alias)
         tr = self.transfers
         rules, rows_of = tr.column("rule"), tr.column("rows")
+        whole = [
+            (tr.group[k], tr.target[k], tr.source[k], tr.handle[k], rows_of[k], rules[k])
+            for k in range(tr.whole)
+        ]
+        whole += [(g, n, s, h, rows, rule) for g, n, s, h, rows, _, rule in self._chunked]
         out = []
-        for k in range(tr.whole):
-            handle, name = tr.handle[k], tr.target[k]
+        for group, name, source, handle, rows, rule in whole:
             dtype, shape, _, _ = ckpt._handle_view(handle)
-            rows = rows_of[k]
             if rows is not None and shape:
                 shape = rows.shape(tuple(shape))
-            dst = self._model.tensors[tr.group[k]]
+            dst = self._model.tensors[group]
             target_dtype = dst.dtype
             if self.dtype is not None and dst.is_floating_point():
                 target_dtype = self.dtype
@@ -171,9 +181,9 @@ class LoadPlan:
             out.append(
                 PlanEntry(
                     name,
-                    tr.source[k],
+                    source,
                     ckpt._handle_file(handle),
-                    rules[k],
+                    rule,
                     rows,
                     dtype,
                     target_dtype,
@@ -389,7 +399,10 @@ def build(
         else []
     )
     if split:
-        pieces += _whole_transfers(p, ckpt, [cand.entry(k) for k in split])
+        pieces += _whole_transfers(
+            p, ckpt, [cand.entry(k) for k in split],
+            [None if cand.picks is None else cand.picks[k].rule for k in split],
+        )  # fmt: skip
         moved = set(split)
         cand = cand.keep([k for k in range(n_cand) if k not in moved])
     if p.any_sharded:
@@ -642,6 +655,7 @@ def _whole_transfers(
     p: LoadPlan,
     ckpt: Checkpoint,
     entries: list[tuple[int, str, str, int, RowSelection | None, torch.dtype | None]],
+    rules: list[str | None],
 ) -> list[Transfer]:
     """Transfers for whole-tensor copies into DTensors or from chunked sources: (group, model
     name, checkpoint name, handle, rows, via dtype) each. A global shape that differs from
@@ -649,7 +663,7 @@ def _whole_transfers(
     to ``p._global_transfers``; the others are returned."""
     assert p._model is not None
     out: list[Transfer] = []
-    for group, name, source, handle, rows, via in entries:
+    for (group, name, source, handle, rows, via), rule in zip(entries, rules, strict=True):
         dst = p._model.tensors[group]
         view = ckpt._handle_view(handle)
         src_shape = tuple(view[1])
@@ -674,6 +688,8 @@ def _whole_transfers(
             p.loaded_by_pieces.append(name)
             if source != name:
                 p.piece_renames.append((source, name))
+            if chunks is not None:
+                p._chunked.append((group, name, source, handle, rows, via, rule))
     return out
 
 
