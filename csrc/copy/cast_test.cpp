@@ -2,8 +2,8 @@
 // here from the formats' definitions (double arithmetic, nearbyint's
 // round-half-even), independent of cast.cpp's bit tricks: every fp16 and every
 // bf16 bit pattern, the ties and near-ties between neighbours, random fp32
-// values, through the kernel find_cast hands out (the vector one where the CPU
-// has it), the streaming kernels, and the scalar functions. Starting offsets
+// values, through the kernels of every set the CPU runs (AVX-512, AVX2,
+// portable), the streaming kernels, and the scalar functions. Starting offsets
 // and lengths that are not multiples of a vector width exercise the tails.
 #include "copy/cast.h"
 
@@ -103,10 +103,14 @@ int run_kernel(CastFn fn, const std::vector<In>& in, Check&& check, int report_f
   return wrong;
 }
 
+// The kernels of every set this CPU runs, plain and streaming.
 std::vector<CastFn> kernels(DType from, DType to) {
   std::vector<CastFn> out;
-  if (auto fn = find_cast(from, to)) out.push_back(*fn);
-  if (auto fn = find_streaming_cast(from, to)) out.push_back(*fn);
+  for (CastKernels set : {CastKernels::Avx512, CastKernels::Avx2, CastKernels::Portable}) {
+    if (!cast_kernels_available(set)) continue;
+    if (auto fn = find_cast(from, to, set)) out.push_back(*fn);
+    if (auto fn = find_streaming_cast(from, to, set)) out.push_back(*fn);
+  }
   return out;
 }
 
