@@ -145,15 +145,17 @@ def test_fp8_outputs_match_torch_including_nan_codes():
             assert_same_bytes(fastckpt_cast(x, dst), x.to(dst))
 
 
-def test_portable_kernels_can_be_forced():
+def test_kernel_sets_can_be_capped():
     # A way out should a vector kernel misbehave on some CPU: the environment
     # variable, read once per process.
     code = "from fastckpt import _core; print(_core._testing.cast_kernels())"
-    env = {"FASTCKPT_CAST_KERNELS": "portable", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "portable"
+    sets = _core._testing.cast_kernel_sets()
+    for cap, expected in [("portable", "portable"), ("avx2", "avx2+f16c" if "avx2" in sets else "portable")]:
+        env = {"FASTCKPT_CAST_KERNELS": cap, "PATH": "/usr/bin:/bin"}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == expected
 
 
 @pytest.mark.parametrize(

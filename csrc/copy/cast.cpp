@@ -155,17 +155,20 @@ To from_float(float f) {
   }
 }
 
-bool portable_forced() {
+// FASTCKPT_CAST_KERNELS=avx2 or =portable caps the sets loads use (a way out
+// should a kernel misbehave on some CPU, and the before/after of benchmarks).
+bool capped_at(const char* set) {
   const char* v = std::getenv("FASTCKPT_CAST_KERNELS");
-  return v != nullptr && std::strcmp(v, "portable") == 0;
+  return v != nullptr && std::strcmp(v, set) == 0;
 }
 
 // What Best means on this CPU, decided once.
 CastKernels best_kernels() {
-  static const CastKernels best = portable_forced()          ? CastKernels::Portable
-                                  : simd::avx512::available() ? CastKernels::Avx512
-                                  : simd::avx2::available()   ? CastKernels::Avx2
-                                                              : CastKernels::Portable;
+  static const CastKernels best = [] {
+    if (capped_at("portable")) return CastKernels::Portable;
+    if (simd::avx512::available() && !capped_at("avx2")) return CastKernels::Avx512;
+    return simd::avx2::available() ? CastKernels::Avx2 : CastKernels::Portable;
+  }();
   return best;
 }
 

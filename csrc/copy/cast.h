@@ -49,8 +49,8 @@ std::optional<CastFn> find_streaming_cast(DType from, DType to, CastKernels set 
 std::string unsupported_cast_text(DType from, DType to);
 
 // Which kernels find_cast hands out by default: "avx512", "avx2+f16c" or
-// "portable". The environment variable FASTCKPT_CAST_KERNELS=portable forces the
-// portable ones (a way out should a vector kernel misbehave on some CPU).
+// "portable". The environment variable FASTCKPT_CAST_KERNELS=avx2 or =portable
+// caps them at that set (a way out should a vector kernel misbehave on some CPU).
 const char* cast_kernel_set();
 
 // Scalar conversions, exposed for tests of the kernels themselves.
