@@ -52,9 +52,9 @@ def rules_for(
     model, or it declares none). ``source_shape(key)`` gives a checkpoint tensor's shape."""
     if not is_transformers_model(model):
         return None
-    from transformers.conversion_mapping import get_model_conversion_mapping
+    from fastckpt.planning.hf_mapping_table import model_conversion_mapping
 
-    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    transforms = model_conversion_mapping(model)
     if not transforms:
         return None
     return HFConversions(model, transforms, source_shape)
