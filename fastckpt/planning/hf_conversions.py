@@ -20,7 +20,6 @@ skipped. transformers is imported only for a model that is one of its own.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,21 +27,13 @@ from typing import Any
 from torch import nn
 
 from fastckpt.errors import CheckpointError
+from fastckpt.planning.hf_model import is_transformers_model
 from fastckpt.planning.mapping import Assignment, MappingPlan, Region, Rope, Select, Span
 from fastckpt.planning.views import read_shape
 
 __all__ = ["HFConversions", "rules_for"]
 
 Shape = tuple[int, ...]
-
-
-def is_transformers_model(model: object) -> bool:
-    """A ``transformers.PreTrainedModel``, without importing transformers for other models."""
-    if "transformers" not in sys.modules:
-        return False
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
 
 
 def rules_for(

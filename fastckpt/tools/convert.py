@@ -57,7 +57,7 @@ from fastckpt.planning.mapping import Assignment, MappingPlan
 from fastckpt.source.checkpoint import Checkpoint, PathLike
 from fastckpt.source.checkpoint import open as open_checkpoint
 from fastckpt.source.remote import remote_side_files
-from fastckpt.source.remote_store import is_url
+from fastckpt.source.urls import is_url
 from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
 from fastckpt.version import __version__
 
