@@ -81,9 +81,11 @@ def main() -> None:
     for w, n in times:
         t = times[w, n]
         peer = times.get((w, PEER))
-        vs_peer = statistics.median(p / x for p, x in zip(peer, t)) if peer and n != PEER else None
+        vs_peer = None
+        if peer and n != PEER:
+            vs_peer = statistics.median(p / x for p, x in zip(peer, t, strict=True))
         same = times.get(("same-bf16", n)) if "fp8" in w else None
-        vs_same = statistics.median(s / x for s, x in zip(same, t)) if same else None
+        vs_same = statistics.median(s / x for s, x in zip(same, t, strict=True)) if same else None
         print(f"| {w} | {n} | {1000 * statistics.median(t):.1f} | "
               f"{f'{vs_peer:.2f}x' if vs_peer else '-'} | {f'{vs_same:.2f}' if vs_same else '-'} |")
 

@@ -87,7 +87,11 @@ def fastckpt_cast(
 
 
 def cast_mismatches(
-    src: torch.dtype, dst: torch.dtype, kernel: str = "best", streaming: bool = False, start: int = 0
+    src: torch.dtype,
+    dst: torch.dtype,
+    kernel: str = "best",
+    streaming: bool = False,
+    start: int = 0,
 ) -> int:
     """Elements where fastckpt's kernel and Tensor.to() differ in bytes (in NaN-ness
     only, for NaNs, where torch runs its scalar kernels)."""
@@ -150,7 +154,8 @@ def test_kernel_sets_can_be_capped():
     # variable, read once per process.
     code = "from fastckpt import _core; print(_core._testing.cast_kernels())"
     sets = _core._testing.cast_kernel_sets()
-    for cap, expected in [("portable", "portable"), ("avx2", "avx2+f16c" if "avx2" in sets else "portable")]:
+    avx2 = "avx2+f16c" if "avx2" in sets else "portable"
+    for cap, expected in [("portable", "portable"), ("avx2", avx2)]:
         env = {"FASTCKPT_CAST_KERNELS": cap, "PATH": "/usr/bin:/bin"}
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

@@ -59,7 +59,7 @@ class _LazyCompileRe(ModuleType):
         return getattr(re, name)
 
     @staticmethod
-    def compile(pattern: str, flags: int = 0) -> LazyPattern:  # noqa: A003
+    def compile(pattern: str, flags: int = 0) -> LazyPattern:
         return LazyPattern(pattern, flags)
 
 
