@@ -54,10 +54,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="full", choices=sorted(CAST_SIZES))
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--only", nargs="*", help="workload names (default: all)")
     args = ap.parse_args()
     cache = default_cache_dir()
     runs: list[tuple[str, str, str | None, dict]] = []  # (workload, contender, env cap, spec)
     for w in CAST_SIZES[args.size]:
+        if args.only and w.name not in args.only:
+            continue
         path = ensure_files(w, cache, args.size)["safetensors"]
         info = read_layout(path)
         if w.model_dtype is not None:
