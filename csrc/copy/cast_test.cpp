@@ -214,8 +214,8 @@ FASTCKPT_TEST(test_cast_between_f16_and_bf16_every_pattern) {
 }
 
 // Every byte of each 8-bit format: decoding then encoding gives the byte back
-// (NaNs stay NaN; the fnuz formats have no -0), and the F32 kernel agrees with
-// the scalar decode.
+// (NaNs stay NaN; the fnuz formats have no -0), and the F32 and BF16 kernels
+// agree with the scalar decode.
 FASTCKPT_TEST(test_cast_fp8_every_byte_round_trips) {
   for (DType k : {DType::F8_E4M3, DType::F8_E5M2, DType::F8_E4M3FNUZ, DType::F8_E5M2FNUZ, DType::F8_E8M0}) {
     std::vector<uint8_t> in(256);
@@ -230,6 +230,12 @@ FASTCKPT_TEST(test_cast_fp8_every_byte_round_trips) {
       wrong += run_kernel<uint8_t, float>(fn, in, [&](size_t i, float got) {
         const float want = fp8_to_float(k, in[i]);
         return std::isnan(want) ? std::isnan(got) : bits_of(got) == bits_of(want);
+      });
+    // bf16 holds every fp8 value exactly: its top half of the fp32 value.
+    for (CastFn fn : kernels(k, DType::BF16))
+      wrong += run_kernel<uint8_t, uint16_t>(fn, in, [&](size_t i, uint16_t got) {
+        const float want = fp8_to_float(k, in[i]);
+        return std::isnan(want) ? is_nan_bits(kBf16, got) : got == bits_of(want) >> 16;
       });
     expect(wrong == 0, "every " + std::string(dtype_name(k)) + " byte round-trips and decodes alike: " +
                            std::to_string(wrong) + " wrong");
