@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "copy/cast.h"
 #include "copy/copy_engine.h"
+#include "copy/populate.h"
 #include "formats/checkpoint_index.h"
 #include "io/file_view.h"
 #include "io/mapped_file.h"
@@ -322,6 +323,20 @@ void register_copy(py::module_& m) {
       py::arg("streaming") = false,
       "kernel: 'best' (what loads use), 'avx512', 'avx2' or 'portable' (ValueError where this CPU lacks it); "
       "streaming: the non-temporal-store kernel where the set has one.");
+  m.def(
+      "populate_for_writing",
+      [](const std::vector<std::pair<uintptr_t, uint64_t>>& ranges, size_t threads) {
+        std::vector<WritableRange> rs;
+        rs.reserve(ranges.size());
+        for (const auto& [address, bytes] : ranges) rs.push_back({reinterpret_cast<uint8_t*>(address), bytes});
+        // Plain C++ on memory the caller keeps alive for the call: no Python object is touched.
+        py::gil_scoped_release release;
+        return populate_for_writing(rs, threads);
+      },
+      py::arg("ranges"), py::arg("threads"),
+      "Faults in the whole pages of each (address, bytes) range of fresh anonymous memory "
+      "(MADV_POPULATE_WRITE) over `threads` threads; the bytes populated (0 where the kernel "
+      "refuses).");
   testing.def("cast_kernels", &cast_kernel_set, "Which cast kernels loads use: 'avx512', 'avx2+f16c' or 'portable'.");
   testing.def(
       "cast_kernel_sets",

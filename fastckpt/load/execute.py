@@ -380,6 +380,7 @@ def _execute(
     devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}
     columns = EngineColumns.of(p.transfers, ckpt)
     n_threads = threads if threads is not None else _default_threads()
+    _populate_fresh(fresh, {p.transfers.group[k] for k in viewed}, n_threads)
     remote = ckpt._remote  # a URL's checkpoint: its bytes are fetched, window by window
     if once or remote is not None or pread:
         if dsts is None:
@@ -405,6 +406,19 @@ def _execute(
     if p.device is not None or p.dtype is not None:
         _assign_new(p, model, fresh, needs_new)
     return report
+
+
+def _populate_fresh(fresh: dict[int, torch.Tensor], mapped: set[int], threads: int) -> None:
+    """New CPU destinations' pages faulted in ahead of the copies, on the load's threads
+    (copy/populate.h: cheaper than the same faults among the copies' reads). Not the
+    groups ``mapped`` to the file by mmap=True: populating those for writing would copy
+    them."""
+    storages = [
+        t.untyped_storage() for g, t in fresh.items() if g not in mapped and t.device.type == "cpu"
+    ]
+    ranges = [(s.data_ptr(), s.nbytes()) for s in storages]
+    if ranges:
+        _core.populate_for_writing(ranges, threads)
 
 
 def _needs_new(
