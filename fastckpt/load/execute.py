@@ -413,9 +413,8 @@ def _populate_fresh(fresh: dict[int, torch.Tensor], mapped: set[int], threads: i
     (copy/populate.h: cheaper than the same faults among the copies' reads). Not the
     groups ``mapped`` to the file by mmap=True: populating those for writing would copy
     them."""
-    storages = [
-        t.untyped_storage() for g, t in fresh.items() if g not in mapped and t.device.type == "cpu"
-    ]
+    locals_ = (t.to_local() if is_dtensor(t) else t for g, t in fresh.items() if g not in mapped)
+    storages = [t.untyped_storage() for t in locals_ if t.device.type == "cpu"]
     ranges = [(s.data_ptr(), s.nbytes()) for s in storages]
     if ranges:
         _core.populate_for_writing(ranges, threads)
