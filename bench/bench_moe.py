@@ -32,9 +32,12 @@ import transformers
 
 from fastckpt.bench.sharded import PeakPrivate
 
-# "fastckpt[eager table]": fastckpt as it was before hf_mapping_table: transformers' own
-# conversion table (every model type's regexes compiled) built inside the timing.
-WAYS = ("fastckpt", "fastckpt[eager table]", "torch.cat", "from_pretrained")
+# fastckpt as it was before issue 26's changes, one and both undone in the child:
+# "eager table": transformers' own conversion table (every model type's regexes
+# compiled) built inside the timing, as before hf_mapping_table; "no populate": fresh
+# destinations fault page by page among the copies (load.execute._populate_fresh off).
+WAYS = ("fastckpt", "fastckpt[no populate]", "fastckpt[eager table, no populate]", "torch.cat",
+        "from_pretrained")  # fmt: skip
 
 
 def config(layers: int, hidden: int, inner: int, experts: int) -> transformers.MixtralConfig:
@@ -86,10 +89,14 @@ def child(way: str, folder: Path, experts: int, check: Path | None) -> dict[str,
         elif way.startswith("fastckpt"):
             with torch.device("meta"):
                 model = transformers.MixtralForCausalLM(cfg)
-            if way == "fastckpt[eager table]":
+            if "eager table" in way:
                 from transformers.conversion_mapping import get_model_conversion_mapping
 
                 get_model_conversion_mapping(model)
+            if "no populate" in way:
+                import fastckpt.load.execute
+
+                fastckpt.load.execute._populate_fresh = lambda *args: None
             fastckpt.load_into(model, folder, device="cpu")
         else:
             with no_init_weights():
