@@ -413,8 +413,13 @@ def _populate_fresh(fresh: dict[int, torch.Tensor], mapped: set[int], threads: i
     (copy/populate.h: cheaper than the same faults among the copies' reads). Not the
     groups ``mapped`` to the file by mmap=True: populating those for writing would copy
     them."""
-    locals_ = (t.to_local() if is_dtensor(t) else t for g, t in fresh.items() if g not in mapped)
-    storages = [t.untyped_storage() for t in locals_ if t.device.type == "cpu"]
+    # A DTensor's own storage is not its memory: its local tensor's is.
+    local: list[torch.Tensor] = [
+        t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+        for g, t in fresh.items()
+        if g not in mapped
+    ]
+    storages = [t.untyped_storage() for t in local if t.device.type == "cpu"]
     ranges = [(s.data_ptr(), s.nbytes()) for s in storages]
     if ranges:
         _core.populate_for_writing(ranges, threads)
