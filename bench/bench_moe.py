@@ -32,7 +32,12 @@ import transformers
 
 from fastckpt.bench.sharded import PeakPrivate
 
-WAYS = ("fastckpt", "torch.cat", "from_pretrained")
+# fastckpt as it was before issue 26's changes, one and both undone in the child:
+# "eager table": transformers' own conversion table (every model type's regexes
+# compiled) built inside the timing, as before hf_mapping_table; "no populate": fresh
+# destinations fault page by page among the copies (load.execute._populate_fresh off).
+WAYS = ("fastckpt", "fastckpt[no populate]", "fastckpt[eager table, no populate]", "torch.cat",
+        "from_pretrained")  # fmt: skip
 
 
 def config(layers: int, hidden: int, inner: int, experts: int) -> transformers.MixtralConfig:
@@ -81,9 +86,17 @@ def child(way: str, folder: Path, experts: int, check: Path | None) -> dict[str,
     with PeakPrivate() as peak:
         if way == "from_pretrained":
             model = transformers.MixtralForCausalLM.from_pretrained(folder)
-        elif way == "fastckpt":
+        elif way.startswith("fastckpt"):
             with torch.device("meta"):
                 model = transformers.MixtralForCausalLM(cfg)
+            if "eager table" in way:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+
+                get_model_conversion_mapping(model)
+            if "no populate" in way:
+                import fastckpt.load.execute
+
+                fastckpt.load.execute._populate_fresh = lambda *args: None
             fastckpt.load_into(model, folder, device="cpu")
         else:
             with no_init_weights():
@@ -136,7 +149,7 @@ def main() -> None:
     # First round: from_pretrained writes the reference the other two are checked against.
     results: dict[str, list[dict[str, float]]] = {w: [] for w in WAYS}
     for r in range(args.repeat):
-        for way in ("from_pretrained", "fastckpt", "torch.cat"):
+        for way in ("from_pretrained", *(w for w in WAYS if w != "from_pretrained")):
             results[way].append(run(way, checked=(r == 0)))
     check.unlink(missing_ok=True)
     print(f"folder {size / 1e6:.0f} MB; one load per fresh process, {args.repeat} rounds; "

@@ -249,6 +249,7 @@ def test_cast_workloads_pair_each_cast_with_a_same_dtype_load():
         ("float16", "float32"),
         ("float32", "bfloat16"),
         ("float8_e4m3fn", "bfloat16"),
+        ("float8_e5m2", "bfloat16"),
     }
     assert by_name["same-fp32"].model_dtype is None and by_name["same-bf16"].model_dtype is None
     # 40 tensors of 1024x1024: 168 MB as fp32, as in the issue that asked for them.

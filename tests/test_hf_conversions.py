@@ -6,6 +6,8 @@ same assignments."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -364,3 +366,55 @@ def test_an_interleave_along_dim_1_is_a_strided_view(inverse):
     stepped = Assignment("t", "s", part=Span(1, 1, 3, step=2))
     offset, shape, strides = source_view(0, x.shape, dense_strides(x.shape), stepped)
     assert torch.equal(torch.as_strided(x, shape, strides, offset), x[:, 1::2])
+
+
+FIRST_PLAN_SCRIPT = """
+import json, sys, torch, transformers
+import fastckpt
+from transformers import conversion_mapping
+from fastckpt.planning.hf_mapping_table import LazyPattern
+from tests.test_hf_conversions import MOE_MODELS
+folder = sys.argv[1]
+assert conversion_mapping._checkpoint_conversion_mapping_cache is None
+fresh = MOE_MODELS["mixtral"]()
+fastckpt.load_into(fresh, folder)
+table = conversion_mapping._checkpoint_conversion_mapping_cache
+patterns = [t.compiled_sources for ts in table.values() for t in ts]
+compiled = [p for p in patterns if p._compiled is not None]
+# from_pretrained, after fastckpt built the table, reads it as its own
+reference = type(fresh).from_pretrained(folder)
+same = all(torch.equal(v.view(torch.uint8), reference.state_dict()[k].view(torch.uint8))
+           for k, v in fresh.state_dict().items())
+print(json.dumps({"lazy": all(isinstance(p, LazyPattern) for p in patterns),
+                  "total": len(patterns), "compiled": len(compiled), "same": same}))
+"""
+
+
+def test_the_first_plan_compiles_only_the_patterns_it_uses(tmp_path):
+    # transformers' table holds every model type's transforms; a fresh process's
+    # first MoE load compiles a few of them, and from_pretrained still loads the same.
+    from tests.conftest import run_python
+
+    torch.manual_seed(0)
+    MOE_MODELS["mixtral"]().save_pretrained(tmp_path)  # builds the table: here, not there
+    r = run_python(FIRST_PLAN_SCRIPT, tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["lazy"] and out["same"]
+    assert out["total"] > 500 and 0 < out["compiled"] < out["total"] // 20
+
+
+def test_a_lazy_pattern_is_the_compiled_pattern():
+    import copy
+    import re
+
+    from fastckpt.planning.hf_mapping_table import LazyPattern
+
+    lazy = LazyPattern(r"(?P<g0>experts\.(\d+)\.w1)")
+    assert lazy._compiled is None
+    assert copy.deepcopy([lazy])[0] is lazy  # shared, as re.Pattern is, and still lazy
+    assert lazy._compiled is None
+    key = "model.layers.0.experts.7.w1.weight"
+    assert lazy.search(key).span() == re.search(lazy.pattern, key).span()
+    assert lazy.groupindex == {"g0": 1}
+    assert lazy.compiled is lazy._compiled is re.compile(lazy.pattern)

@@ -18,6 +18,13 @@ HEAVY = (
     "fastckpt.tools",
     "fastckpt.training",
     "fastckpt.suggest",
+    # what a plain load of a local file never uses: URLs, read="once"/"pread", the
+    # translation of transformers' conversions (each module's classes cost at import)
+    "fastckpt.source.remote",
+    "fastckpt.source.remote_store",
+    "fastckpt.load.read_once",
+    "fastckpt.load.remote_reads",
+    "fastckpt.planning.hf_conversions",
 )
 
 SCRIPT = """

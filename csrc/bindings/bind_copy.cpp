@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <string_view>
+#include <vector>
 #include <utility>
 
 #include "bindings/bindings.h"
@@ -10,6 +11,7 @@
 #include "common/error.h"
 #include "copy/cast.h"
 #include "copy/copy_engine.h"
+#include "copy/populate.h"
 #include "formats/checkpoint_index.h"
 #include "io/file_view.h"
 #include "io/mapped_file.h"
@@ -23,6 +25,20 @@ DType dtype_arg(const std::string& name) {
   auto d = dtype_from_name(name);
   if (!d) throw py::value_error("unknown dtype name '" + name + "'");
   return *d;
+}
+
+// The names cast(kernel=...) takes.
+constexpr std::pair<const char*, CastKernels> kCastKernelNames[] = {
+    {"best", CastKernels::Best}, {"avx512", CastKernels::Avx512}, {"avx2", CastKernels::Avx2},
+    {"portable", CastKernels::Portable}};
+
+CastKernels cast_kernels_arg(const std::string& name) {
+  for (const auto& [n, set] : kCastKernelNames) {
+    if (name != n) continue;
+    if (!cast_kernels_available(set)) throw py::value_error("this CPU cannot run the '" + name + "' cast kernels");
+    return set;
+  }
+  throw py::value_error("unknown cast kernel set '" + name + "' (best, avx512, avx2 or portable)");
 }
 
 // The source side of a task: the tensor's storage bytes and view within its file.
@@ -283,24 +299,54 @@ void register_copy(py::module_& m) {
   // Scalar kernels, for tests that compare them with torch directly.
   testing.def("float_to_bf16", &float_to_bf16);
   testing.def("float_to_half", &float_to_half);
-  // The kernel load_into would use for a from -> to cast, on raw bytes: for
-  // tests that compare every cast pair with Tensor.to().
+  // The kernel load_into would use for a from -> to cast, on raw bytes, or the
+  // one of a given set: for tests that compare every cast pair and every set
+  // with Tensor.to().
   testing.def(
       "cast",
-      [](const py::bytes& src, const std::string& from, const std::string& to) {
+      [](const py::bytes& src, const std::string& from, const std::string& to, const std::string& kernel,
+         bool streaming) {
         const DType f = dtype_arg(from);
         const DType t = dtype_arg(to);
+        const CastKernels set = cast_kernels_arg(kernel);
         const std::string_view in = src;
         if (in.size() % dtype_itemsize(f) != 0) throw py::value_error("source bytes are not whole elements");
-        const auto fn = find_cast(f, t);
+        auto fn = streaming ? find_streaming_cast(f, t, set) : std::nullopt;
+        if (!fn) fn = find_cast(f, t, set);
         if (!fn) throw CheckpointError(unsupported_cast_text(f, t));
         const size_t n = in.size() / dtype_itemsize(f);
         std::string out(n * dtype_itemsize(t), '\0');
         (*fn)(in.data(), out.data(), n);
         return py::bytes(out);
       },
-      py::arg("src"), py::arg("from_dtype"), py::arg("to_dtype"));
-  testing.def("cast_kernels", &cast_kernel_set, "Which cast kernels run: 'avx2+f16c' or 'portable'.");
+      py::arg("src"), py::arg("from_dtype"), py::arg("to_dtype"), py::arg("kernel") = "best",
+      py::arg("streaming") = false,
+      "kernel: 'best' (what loads use), 'avx512', 'avx2' or 'portable' (ValueError where this CPU lacks it); "
+      "streaming: the non-temporal-store kernel where the set has one.");
+  m.def(
+      "populate_for_writing",
+      [](const std::vector<std::pair<uintptr_t, uint64_t>>& ranges, size_t threads) {
+        std::vector<WritableRange> rs;
+        rs.reserve(ranges.size());
+        for (const auto& [address, bytes] : ranges) rs.push_back({reinterpret_cast<uint8_t*>(address), bytes});
+        // Plain C++ on memory the caller keeps alive for the call: no Python object is touched.
+        py::gil_scoped_release release;
+        return populate_for_writing(rs, threads);
+      },
+      py::arg("ranges"), py::arg("threads"),
+      "Faults in the whole pages of each (address, bytes) range of fresh anonymous memory "
+      "(MADV_POPULATE_WRITE) over `threads` threads; the bytes populated (0 where the kernel "
+      "refuses).");
+  testing.def("cast_kernels", &cast_kernel_set, "Which cast kernels loads use: 'avx512', 'avx2+f16c' or 'portable'.");
+  testing.def(
+      "cast_kernel_sets",
+      [] {
+        std::vector<std::string> out;
+        for (const auto& [name, set] : kCastKernelNames)
+          if (set != CastKernels::Best && cast_kernels_available(set)) out.emplace_back(name);
+        return out;
+      },
+      "The cast kernel sets this CPU runs, for cast(kernel=...).");
 }
 
 }  // namespace fastckpt::bindings

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 
 #include "copy/cast_simd.h"
@@ -105,19 +104,21 @@ uint8_t encode_fp8(float f) {
 }
 
 float decode_fp8(DType k, uint8_t v) {
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  if (k == DType::F8_E8M0) return v == 0xff ? nan : std::ldexp(1.0f, int{v} - 127);
+  if (k == DType::F8_E8M0) return v == 0xff ? float_of(0x7f800001u) : std::ldexp(1.0f, int{v} - 127);
   const Fp8Format fmt = fp8_format(k);
   const int m = fmt.mantissa_bits;
   const int e_max = (1 << (7 - m)) - 1;
   const bool negative = (v & 0x80) != 0;
   const int exponent = (v >> m) & e_max;
   const int mantissa = v & ((1 << m) - 1);
-  if (fmt.fnuz && v == 0x80) return nan;
-  if (k == DType::F8_E4M3 && (v & 0x7f) == 0x7f) return negative ? -nan : nan;
+  // NaN codes decode to the fp32 bits c10 gives them (torch's fp8 -> fp32).
+  const uint32_t sign = negative ? 0x80000000u : 0u;
+  if (fmt.fnuz && v == 0x80) return float_of(0x7f800001u);
+  if (k == DType::F8_E4M3 && (v & 0x7f) == 0x7f) return float_of(sign | 0x7ff00000u);
   if (k == DType::F8_E5M2 && exponent == e_max) {
-    const float inf = std::numeric_limits<float>::infinity();
-    return mantissa == 0 ? (negative ? -inf : inf) : (negative ? -nan : nan);
+    // e5m2 is fp16's top byte: its NaNs widen as fp16's do (quiet bit set).
+    const uint32_t payload = static_cast<uint32_t>(mantissa) << 21;
+    return float_of(sign | 0x7f800000u | payload | (mantissa != 0 ? 0x400000u : 0u));
   }
   const float magnitude = exponent == 0
                               ? std::ldexp(static_cast<float>(mantissa), 1 - fmt.bias - m)
@@ -136,6 +137,11 @@ float to_float(T v) {
   }
 }
 
+// torch converts fp16 and the fp8 formats to bf16 element by element through
+// c10::BFloat16(float), whose NaN is 0x7fc0 (fp32 and fp64 go through its vector
+// kernels: 0xffff, float_to_bf16).
+uint16_t narrow_to_bf16(float f) { return std::isnan(f) ? uint16_t{0x7fc0} : float_to_bf16(f); }
+
 template <typename To>
 To from_float(float f) {
   if constexpr (std::is_same_v<To, Half>) {
@@ -149,14 +155,31 @@ To from_float(float f) {
   }
 }
 
-bool portable_forced() {
+// FASTCKPT_CAST_KERNELS=avx2 or =portable caps the sets loads use (a way out
+// should a kernel misbehave on some CPU, and the before/after of benchmarks).
+bool capped_at(const char* set) {
   const char* v = std::getenv("FASTCKPT_CAST_KERNELS");
-  return v != nullptr && std::strcmp(v, "portable") == 0;
+  return v != nullptr && std::strcmp(v, set) == 0;
 }
 
-bool use_simd() {
-  static const bool use = !portable_forced() && simd::available();
-  return use;
+// What Best means on this CPU, decided once.
+CastKernels best_kernels() {
+  static const CastKernels best = [] {
+    if (capped_at("portable")) return CastKernels::Portable;
+    if (simd::avx512::available() && !capped_at("avx2")) return CastKernels::Avx512;
+    return simd::avx2::available() ? CastKernels::Avx2 : CastKernels::Portable;
+  }();
+  return best;
+}
+
+// The vector kernel of `set` (or of the sets below it) for from -> to, or nullptr.
+CastFn vector_kernel(DType from, DType to, CastKernels set, bool streaming) {
+  if (set == CastKernels::Best) set = best_kernels();
+  CastFn fn = nullptr;
+  if (set == CastKernels::Avx512) fn = streaming ? simd::avx512::find_streaming(from, to) : simd::avx512::find(from, to);
+  if (fn == nullptr && (set == CastKernels::Avx512 || set == CastKernels::Avx2))
+    fn = streaming ? simd::avx2::find_streaming(from, to) : simd::avx2::find(from, to);
+  return fn;
 }
 
 template <typename From, typename To>
@@ -168,6 +191,8 @@ To convert(From v) {
     else return static_cast<double>(to_float(v));  // exact
   } else if constexpr (std::is_same_v<From, double> && std::is_same_v<To, float>) {
     return static_cast<float>(v);
+  } else if constexpr (std::is_same_v<From, Half> && std::is_same_v<To, BFloat16>) {
+    return BFloat16{narrow_to_bf16(half_to_float(v.bits))};
   } else {
     return from_float<To>(to_float(v));
   }
@@ -188,6 +213,7 @@ struct Fp8Table {
     for (size_t b = 0; b < 256; ++b) {
       const float f = decode_fp8(K, static_cast<uint8_t>(b));
       if constexpr (std::is_same_v<To, double>) values[b] = static_cast<double>(f);
+      else if constexpr (std::is_same_v<To, BFloat16>) values[b] = BFloat16{narrow_to_bf16(f)};
       else values[b] = from_float<To>(f);
     }
   }
@@ -302,9 +328,7 @@ const CastEntry kOtherCasts[] = {
 
 uint16_t float_to_bf16(float f) {
   uint32_t u = bits_of(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    return static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN: keep sign, force quiet
-  }
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff;  // torch's vector kernels' NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
   return static_cast<uint16_t>(u >> 16);
 }
@@ -322,7 +346,8 @@ uint16_t float_to_half(float f) {
   u ^= sign;
   uint32_t out;
   if (u >= f16_overflow) {
-    out = u > f32_infinity ? 0x7e00u : 0x7c00u;
+    // NaN: quiet, the payload's top bits kept (F16C's vcvtps2ph, torch's kernel).
+    out = u > f32_infinity ? 0x7e00u | ((u >> 13) & 0x3ffu) : 0x7c00u;
   } else if (u < (113u << 23)) {
     // Below the smallest normal half: the FP add aligns and rounds the mantissa.
     const float magic = float_of(denorm_magic_bits);
@@ -343,6 +368,7 @@ float half_to_float(uint16_t h) {
   o += (127u - 15u) << 23;
   if (exp == shifted_exp) {
     o += (128u - 16u) << 23;  // inf / NaN
+    if ((h & 0x3ffu) != 0) o |= 0x400000u;  // NaN: quiet, as F16C's vcvtph2ps (torch's kernel)
   } else if (exp == 0) {
     o += 1u << 23;  // zero / subnormal: renormalise with an FP subtract
     o = bits_of(float_of(o) - float_of(113u << 23));
@@ -364,9 +390,23 @@ uint8_t float_to_fp8(DType format, float f) {
   }
 }
 
-const char* cast_kernel_set() { return use_simd() ? simd::name() : "portable"; }
+const char* cast_kernel_set() {
+  switch (best_kernels()) {
+    case CastKernels::Avx512: return "avx512";
+    case CastKernels::Avx2: return "avx2+f16c";
+    default: return "portable";
+  }
+}
 
-std::optional<CastFn> find_cast(DType from, DType to) {
+bool cast_kernels_available(CastKernels set) {
+  switch (set) {
+    case CastKernels::Avx512: return simd::avx512::available();
+    case CastKernels::Avx2: return simd::avx2::available();
+    default: return true;
+  }
+}
+
+std::optional<CastFn> find_cast(DType from, DType to, CastKernels set) {
   if (from == to) {
     switch (dtype_itemsize(from)) {
       case 1: return &copy_kernel<1>;
@@ -377,19 +417,15 @@ std::optional<CastFn> find_cast(DType from, DType to) {
       default: return std::nullopt;
     }
   }
-  if (use_simd()) {
-    if (CastFn fn = simd::find(from, to)) return fn;
-  }
+  if (CastFn fn = vector_kernel(from, to, set, /*streaming=*/false)) return fn;
   if (CastFn fn = portable_float_cast(from, to)) return fn;
   for (const auto& c : kOtherCasts)
     if (c.from == from && c.to == to) return c.fn;
   return std::nullopt;
 }
 
-std::optional<CastFn> find_streaming_cast(DType from, DType to) {
-  if (use_simd()) {
-    if (CastFn fn = simd::find_streaming(from, to)) return fn;
-  }
+std::optional<CastFn> find_streaming_cast(DType from, DType to, CastKernels set) {
+  if (CastFn fn = vector_kernel(from, to, set, /*streaming=*/true)) return fn;
   return std::nullopt;
 }
 

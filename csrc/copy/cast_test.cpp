@@ -2,8 +2,8 @@
 // here from the formats' definitions (double arithmetic, nearbyint's
 // round-half-even), independent of cast.cpp's bit tricks: every fp16 and every
 // bf16 bit pattern, the ties and near-ties between neighbours, random fp32
-// values, through the kernel find_cast hands out (the vector one where the CPU
-// has it), the streaming kernels, and the scalar functions. Starting offsets
+// values, through the kernels of every set the CPU runs (AVX-512, AVX2,
+// portable), the streaming kernels, and the scalar functions. Starting offsets
 // and lengths that are not multiples of a vector width exercise the tails.
 #include "copy/cast.h"
 
@@ -103,10 +103,14 @@ int run_kernel(CastFn fn, const std::vector<In>& in, Check&& check, int report_f
   return wrong;
 }
 
+// The kernels of every set this CPU runs, plain and streaming.
 std::vector<CastFn> kernels(DType from, DType to) {
   std::vector<CastFn> out;
-  if (auto fn = find_cast(from, to)) out.push_back(*fn);
-  if (auto fn = find_streaming_cast(from, to)) out.push_back(*fn);
+  for (CastKernels set : {CastKernels::Avx512, CastKernels::Avx2, CastKernels::Portable}) {
+    if (!cast_kernels_available(set)) continue;
+    if (auto fn = find_cast(from, to, set)) out.push_back(*fn);
+    if (auto fn = find_streaming_cast(from, to, set)) out.push_back(*fn);
+  }
   return out;
 }
 
@@ -210,8 +214,8 @@ FASTCKPT_TEST(test_cast_between_f16_and_bf16_every_pattern) {
 }
 
 // Every byte of each 8-bit format: decoding then encoding gives the byte back
-// (NaNs stay NaN; the fnuz formats have no -0), and the F32 kernel agrees with
-// the scalar decode.
+// (NaNs stay NaN; the fnuz formats have no -0), and the F32 and BF16 kernels
+// agree with the scalar decode.
 FASTCKPT_TEST(test_cast_fp8_every_byte_round_trips) {
   for (DType k : {DType::F8_E4M3, DType::F8_E5M2, DType::F8_E4M3FNUZ, DType::F8_E5M2FNUZ, DType::F8_E8M0}) {
     std::vector<uint8_t> in(256);
@@ -226,6 +230,12 @@ FASTCKPT_TEST(test_cast_fp8_every_byte_round_trips) {
       wrong += run_kernel<uint8_t, float>(fn, in, [&](size_t i, float got) {
         const float want = fp8_to_float(k, in[i]);
         return std::isnan(want) ? std::isnan(got) : bits_of(got) == bits_of(want);
+      });
+    // bf16 holds every fp8 value exactly: its top half of the fp32 value.
+    for (CastFn fn : kernels(k, DType::BF16))
+      wrong += run_kernel<uint8_t, uint16_t>(fn, in, [&](size_t i, uint16_t got) {
+        const float want = fp8_to_float(k, in[i]);
+        return std::isnan(want) ? is_nan_bits(kBf16, got) : got == bits_of(want) >> 16;
       });
     expect(wrong == 0, "every " + std::string(dtype_name(k)) + " byte round-trips and decodes alike: " +
                            std::to_string(wrong) + " wrong");

@@ -15,7 +15,7 @@ from . import _testing as _testing
 class CheckpointError(ValueError): ...
 class LimitError(CheckpointError): ...
 
-__all__: list[str] = ['CheckpointError', 'CopyJob', 'DcpChunk', 'DcpItem', 'DcpMetadata', 'DcpStorage', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'TensorView', 'all_distinct', 'locate', 'match_pattern', 'open_archives', 'open_file', 'parse_rules', 'read_dcp_metadata', 'read_pickled_value', 'start_open', 'state_tensors']
+__all__: list[str] = ['CheckpointError', 'CopyJob', 'DcpChunk', 'DcpItem', 'DcpMetadata', 'DcpStorage', 'FileBuffer', 'FileIndex', 'LimitError', 'PendingIndexes', 'RuleSet', 'Targets', 'TensorView', 'all_distinct', 'locate', 'match_pattern', 'open_archives', 'open_file', 'parse_rules', 'populate_for_writing', 'read_dcp_metadata', 'read_pickled_value', 'start_open', 'state_tensors']
 class DcpChunk:
     @property
     def offsets(self) -> tuple:
@@ -249,6 +249,10 @@ def open_file(path: str) -> FileIndex:
 def parse_rules(text: str, source_name: str) -> RuleSet:
     """
     Parse and compile a rules text.
+    """
+def populate_for_writing(ranges: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]], threads: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Faults in the whole pages of each (address, bytes) range of fresh anonymous memory (MADV_POPULATE_WRITE) over `threads` threads; the bytes populated (0 where the kernel refuses).
     """
 def read_dcp_metadata(path: str) -> DcpMetadata:
     """

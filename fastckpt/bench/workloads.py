@@ -11,7 +11,7 @@ Each is written as ``model.safetensors`` and as a torch zip ``model.pt`` (same t
 
 ``--casts`` adds loads whose file dtype differs from the model's (``CAST_SIZES``):
 40 tensors of 1024x1024 (10 of 512x512 at ``small``) saved as bf16, fp16, fp32
-and fp8 (e4m3fn), loaded into fp32 / bf16 models, next to the same-dtype loads
+and fp8 (e4m3fn, e5m2), loaded into fp32 / bf16 models, next to the same-dtype loads
 of the same destination bytes. These are written as safetensors only.
 """
 
@@ -142,6 +142,7 @@ def _cast_workloads(count: int, side: int) -> list[Workload]:
         ("cast-fp16-to-fp32", "float16", "float32"),
         ("cast-fp32-to-bf16", "float32", "bfloat16"),
         ("cast-fp8-to-bf16", "float8_e4m3fn", "bfloat16"),
+        ("cast-fp8e5m2-to-bf16", "float8_e5m2", "bfloat16"),
         ("same-fp32", "float32", None),  # the destination bytes of the fp32 models
         ("same-bf16", "bfloat16", None),  # ... and of the bf16 ones
     ]

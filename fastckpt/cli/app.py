@@ -15,7 +15,7 @@ from rich.markup import escape
 import fastckpt
 from fastckpt.dtypes import short_name
 from fastckpt.source.checkpoint import TensorInfo
-from fastckpt.source.remote_store import is_url
+from fastckpt.source.urls import is_url
 from fastckpt.tools.listing import Listing, collapse, print_line, split_numbers
 
 app = typer.Typer(

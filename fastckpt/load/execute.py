@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch import nn
 import fastckpt._core as _core
 from fastckpt.dtypes import DTYPE_NAMES, short_name, to_name, to_torch
 from fastckpt.errors import CheckpointError, StrictLoadError, UninitializedWarning
-from fastckpt.load import pread_files, read_once, remote_reads
+from fastckpt.load import pread_files
 from fastckpt.planning.destinations import assign, owners, same_device, state_tensors
 from fastckpt.planning.dtensor_plan import agree, fresh_local, has_dtensors, is_dtensor
 from fastckpt.planning.hf_model import broken_ties, initialise
@@ -33,6 +33,9 @@ from fastckpt.planning.load_plan import LoadPlan, build, meta_message
 from fastckpt.planning.transfers import Transfers
 from fastckpt.report import LoadReport, SharedReads, format_groups
 from fastckpt.source.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from fastckpt.load import read_once
 
 # Importable under their earlier names.
 _state_tensors = state_tensors
@@ -382,6 +385,7 @@ def _execute(
     devices = {torch.device("cpu")} if dsts is None else {t.device for t in dsts}
     columns = EngineColumns.of(p.transfers, ckpt)
     n_threads = threads if threads is not None else _default_threads()
+    _populate_fresh(fresh, {p.transfers.group[k] for k in viewed}, n_threads)
     remote = ckpt._remote  # a URL's checkpoint: its bytes are fetched, window by window
     if once or remote is not None or pread:
         if dsts is None:
@@ -407,6 +411,23 @@ def _execute(
     if p.device is not None or p.dtype is not None:
         _assign_new(p, model, fresh, needs_new)
     return report
+
+
+def _populate_fresh(fresh: dict[int, torch.Tensor], mapped: set[int], threads: int) -> None:
+    """New CPU destinations' pages faulted in ahead of the copies, on the load's threads
+    (copy/populate.h: cheaper than the same faults among the copies' reads). Not the
+    groups ``mapped`` to the file by mmap=True: populating those for writing would copy
+    them."""
+    # A DTensor's own storage is not its memory: its local tensor's is.
+    local: list[torch.Tensor] = [
+        t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+        for g, t in fresh.items()
+        if g not in mapped
+    ]
+    storages = [t.untyped_storage() for t in local if t.device.type == "cpu"]
+    ranges = [(s.data_ptr(), s.nbytes()) for s in storages]
+    if ranges:
+        _core.populate_for_writing(ranges, threads)
 
 
 def _needs_new(
@@ -610,6 +631,9 @@ def _run_once(
 ) -> read_once.Counts:  # fmt: skip
     """read="once": every task, its bytes read by one rank of the group (load.read_once);
     or, from a remote checkpoint, fetched by this rank (load.remote_reads)."""
+    # Imported by these loads only: `import fastckpt` builds no class a plain load never uses.
+    from fastckpt.load import read_once, remote_reads
+
     ckpt = p.checkpoint
     indexes = ckpt._core_indexes
     views, rows = columns.views, columns.rows
@@ -661,6 +685,8 @@ def _run_pread(
     before_writing: Callable[[], None],
 ) -> read_once.Counts:  # fmt: skip
     """read="pread": the runs the tasks read, pread into memory files (load.pread_files)."""
+    from fastckpt.load import remote_reads
+
     indexes = ckpt._core_indexes
     files = [pread_files.PreadFile(ix.path, ix.file_size) for ix in indexes]
     try:

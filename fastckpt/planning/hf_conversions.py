@@ -20,7 +20,6 @@ skipped. transformers is imported only for a model that is one of its own.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,21 +27,13 @@ from typing import Any
 from torch import nn
 
 from fastckpt.errors import CheckpointError
+from fastckpt.planning.hf_model import is_transformers_model
 from fastckpt.planning.mapping import Assignment, MappingPlan, Region, Rope, Select, Span
 from fastckpt.planning.views import read_shape
 
 __all__ = ["HFConversions", "rules_for"]
 
 Shape = tuple[int, ...]
-
-
-def is_transformers_model(model: object) -> bool:
-    """A ``transformers.PreTrainedModel``, without importing transformers for other models."""
-    if "transformers" not in sys.modules:
-        return False
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
 
 
 def rules_for(
@@ -52,9 +43,9 @@ def rules_for(
     model, or it declares none). ``source_shape(key)`` gives a checkpoint tensor's shape."""
     if not is_transformers_model(model):
         return None
-    from transformers.conversion_mapping import get_model_conversion_mapping
+    from fastckpt.planning.hf_mapping_table import model_conversion_mapping
 
-    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    transforms = model_conversion_mapping(model)
     if not transforms:
         return None
     return HFConversions(model, transforms, source_shape)

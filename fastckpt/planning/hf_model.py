@@ -24,6 +24,7 @@ error names the broken ties and says to call ``model.tie_weights()``.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -32,9 +33,18 @@ import torch
 from torch import nn
 
 from fastckpt.errors import CheckpointError
-from fastckpt.planning.hf_conversions import is_transformers_model
 
 _FLAG = "_is_hf_initialized"
+
+
+def is_transformers_model(model: object) -> bool:
+    """A ``transformers.PreTrainedModel``, without importing transformers for other models
+    (nor hf_conversions: that is imported by the plan of a transformers model only)."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
 
 
 def _can_initialise(model: nn.Module) -> bool:

@@ -39,6 +39,7 @@ from fastckpt.planning.dtensor_plan import (
     stored_view,
     whole_source,
 )
+from fastckpt.planning.hf_model import fillable, is_transformers_model, recomputed
 from fastckpt.planning.mapping import MappingPlan, RowSelection, plain_plan
 from fastckpt.planning.rules import as_rules
 from fastckpt.planning.transfers import Region, Transfer, Transfers, nbytes
@@ -768,7 +769,7 @@ def _transformers_rules(model: nn.Module, mt: ModelTensors, ckpt: Checkpoint) ->
     checkpoint names differ from the model's; None otherwise."""
     if "transformers" not in sys.modules:  # not one of its models: spare the import
         return None
-    from fastckpt.planning.hf_conversions import is_transformers_model, rules_for
+    from fastckpt.planning.hf_conversions import rules_for
 
     if not is_transformers_model(model):
         return None
@@ -862,9 +863,6 @@ def _find_meta_leftovers(
     p: LoadPlan, model: nn.Module, mt: ModelTensors, loaded: set[int], want: torch.device | None
 ) -> None:
     """Names that would keep no values: tensors on meta that nothing fills."""
-    from fastckpt.planning.hf_conversions import is_transformers_model
-    from fastckpt.planning.hf_model import fillable, recomputed
-
     left = (
         []
         if len(loaded) == len(mt.tensors)  # every tensor gets values

@@ -33,14 +33,17 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import torch
 
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES, to_torch
 from fastckpt.errors import CheckpointError
-from fastckpt.source.remote import RemoteOpening, is_url
+from fastckpt.source.urls import is_url
+
+if TYPE_CHECKING:
+    from fastckpt.source.remote import RemoteOpening
 
 STATE_DICT_KEYS = (
     "state_dict",
@@ -194,6 +197,8 @@ class Opening:
         self.remote: RemoteOpening | None = None
         self.exact_reads = exact_reads
         if is_url(path):  # s3://, gs://, az://, http(s)://: headers fetched, then indexed
+            from fastckpt.source.remote import RemoteOpening  # with the first URL only
+
             self.remote = RemoteOpening(str(path))
             self.path: Path = self.remote.path
             self.files: list[Path] = list(self.remote.paths)

@@ -27,9 +27,9 @@ from typing import Any
 import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
 from fastckpt.source.memory_file import MemoryFile
-from fastckpt.source.remote_store import Object, Store, is_url
+from fastckpt.source.remote_store import Object, Store
 
-__all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "is_url", "remote_side_files"]
+__all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "remote_side_files"]
 
 _FIRST = 16 << 10  # bytes read first from the start of a file (most safetensors headers)
 _TAIL = 64 << 10  # and from the end of a zip (its end records and, mostly, its directory)

@@ -27,14 +27,8 @@ from typing import Any, TypeVar
 from fastckpt.errors import CheckpointError
 from fastckpt.source.remote_config import store_spec
 
-SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "azure://",
-           "http://", "https://")  # fmt: skip
 _T = TypeVar("_T")
 _CHUNK = 1 << 20  # bytes a response is copied in, as they arrive
-
-
-def is_url(path: object) -> bool:
-    return isinstance(path, str) and path.startswith(SCHEMES)
 
 
 def _env_float(name: str, default: float) -> float:

@@ -57,8 +57,8 @@ from fastckpt.planning.mapping import Assignment, MappingPlan
 from fastckpt.source.checkpoint import Checkpoint, PathLike
 from fastckpt.source.checkpoint import open as open_checkpoint
 from fastckpt.source.remote import remote_side_files
-from fastckpt.source.remote_store import is_url
 from fastckpt.source.safetensors_writer import TensorSpec, write_safetensors
+from fastckpt.source.urls import is_url
 from fastckpt.version import __version__
 
 DTYPE_CHOICES: dict[str, torch.dtype] = {

@@ -35,7 +35,7 @@ from fastckpt.dtypes import short_name
 from fastckpt.planning.load_plan import match
 from fastckpt.planning.mapping import Assignment, RowSelection
 from fastckpt.source.checkpoint import Checkpoint
-from fastckpt.source.remote_store import is_url
+from fastckpt.source.urls import is_url
 from fastckpt.tools.listing import Listing, collapse, split_numbers
 
 # Elements per comparison chunk: 1 Mi elements is 8 MB as float64 per side; the
