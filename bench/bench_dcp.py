@@ -253,7 +253,7 @@ def same_outputs(a: Path, b: Path) -> bool:
         )
 
 
-def _load_average() -> str:
+def load_average() -> str:
     return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
@@ -273,7 +273,7 @@ def bench_convert(args: argparse.Namespace) -> None:
                     capture_output=True, text=True, check=True, env={**os.environ, **env},
                 )  # fmt: skip
                 runs[way].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"-- convert, {label}, load average {_load_average()}")
+        print(f"-- convert, {label}, load average {load_average()}")
         base = statistics.median(r["durable_seconds"] for r in runs["fastckpt"])
         for way, rs in runs.items():
             secs = [r["seconds"] for r in rs]
@@ -301,7 +301,7 @@ def bench_load(args: argparse.Namespace) -> None:
         for way in LOAD_WAYS:
             outs = _ranks(["--load-rank", way, str(args.dir), str(args.mb)], LOAD_WORLD)
             runs[way].append([json.loads(o.strip().splitlines()[-1]) for o in outs])
-    print(f"-- load into {LOAD_WORLD} TP ranks, cold cache, load average {_load_average()}")
+    print(f"-- load into {LOAD_WORLD} TP ranks, cold cache, load average {load_average()}")
     base = statistics.median(max(r["seconds"] for r in run) for run in runs["fastckpt"])
     for way, rs in runs.items():
         slowest = [max(r["seconds"] for r in run) for run in rs]

@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_dcp import load_average, same_outputs  # this folder: sys.path[0]
+
 REPO = Path(__file__).resolve().parents[1]
 WAYS = ("fastckpt", "zero_to_fp32")
 STAGES = (2, 3)
@@ -112,26 +114,6 @@ def run_one(part: str, way: str, src: Path, out: Path, mb: int) -> dict:
     return result
 
 
-def same_files(a: Path, b: Path) -> bool:
-    import torch
-    from safetensors import safe_open
-
-    files_a, files_b = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
-    if len(files_a) != 1 or len(files_b) != 1:
-        return False
-    with safe_open(str(files_a[0]), "pt") as x, safe_open(str(files_b[0]), "pt") as y:
-        if set(x.keys()) != set(y.keys()):
-            return False
-        return all(
-            torch.equal(x.get_tensor(k).view(torch.uint8), y.get_tensor(k).view(torch.uint8))
-            for k in x.keys()
-        )
-
-
-def _load_average() -> str:
-    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
 def bench(args: argparse.Namespace) -> None:
     parts = ("load", "convert") if args.part == "both" else (args.part,)
     for stage in STAGES:
@@ -151,7 +133,7 @@ def bench(args: argparse.Namespace) -> None:
                     runs[way].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(
                 f"-- ZeRO-{stage}, 2 ranks, {args.mb} MB of parameters ({size:.0f} MB of "
-                f"*_states.pt files), {part}, load average {_load_average()}"
+                f"*_states.pt files), {part}, load average {load_average()}"
             )
             base = statistics.median(r["seconds"] for r in runs["fastckpt"])
             for way, rs in runs.items():
@@ -166,7 +148,7 @@ def bench(args: argparse.Namespace) -> None:
                 same = len({r["digest"] for rs in runs.values() for r in rs}) == 1
                 print(f"the loaded models identical byte for byte: {same}")
             else:
-                same = same_files(args.dir / "out-fastckpt", args.dir / "out-zero_to_fp32")
+                same = same_outputs(args.dir / "out-fastckpt", args.dir / "out-zero_to_fp32")
                 print(f"the converted files identical byte for byte, tensor by tensor: {same}")
 
 
