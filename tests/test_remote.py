@@ -476,3 +476,19 @@ def test_http_bytes_go_straight_into_the_model_where_they_are_its_memory(
     assert sorted(direct) == [256 * 4, 256 * 4, 100 * 64 * 4]
     needed = 256 * 256 * 4 + (128 * 256 + 128) * 4 + sum(direct)
     assert needed <= report.fetched <= needed + (16 << 10)  # + small holes between runs
+
+
+def test_http_a_transposed_view_is_not_taken_for_its_storage(http_server, tmp_path, monkeypatch):
+    # torch.save of w.t() stores w's storage with transposed strides: 120,000 runs of one
+    # element, given as their hull (one run of exactly the tensor's bytes). Fetched straight
+    # into the parameter, the values would land transposed.
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
+    torch.manual_seed(4)
+    w = torch.randn(300, 400)
+    path = tmp_path / "t.pt"
+    torch.save({"lin.weight": w.t()}, path)
+    http_server.files["/v/t.pt"] = path.read_bytes()
+    model = nn.Module()
+    model.lin = nn.Linear(300, 400, bias=False)
+    fastckpt.load_into(model, f"{http_server.url}/v/t.pt")
+    assert torch.equal(model.lin.weight.view(torch.uint8), w.t().contiguous().view(torch.uint8))

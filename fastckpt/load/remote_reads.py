@@ -63,6 +63,7 @@ def _direct(
         if (
             t.via is None
             and t.pos not in cast
+            and _dense(t)
             and len(runs[i]) == 1
             and on_host(d)
             and d.is_contiguous()
@@ -84,6 +85,21 @@ def _direct(
     if len(group) > 1:
         out.difference_update(group)
     return out
+
+
+def _dense(t: Task) -> bool:
+    """The task's source elements lie in the file in the destination's order: a row-major
+    view, of which a range of rows may be taken. (Its runs alone do not say so: past
+    ``_MAX_RUNS`` a transposed view's runs are given as its hull, one run of the right size.)"""
+    if t.rows is not None and not isinstance(t.rows, tuple):
+        return False
+    _, shape, strides = t.view
+    step = 1
+    for n, st in zip(reversed(shape), reversed(strides), strict=True):
+        if n != 1 and st != step:
+            return False
+        step *= n
+    return True
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
