@@ -67,6 +67,7 @@ def _direct(
             and len(runs[i]) == 1
             and on_host(d)
             and d.is_contiguous()
+            and list(d.shape) == t.shape()
             and d.element_size() == t.itemsize
             and int(runs[i][0, 1] - runs[i][0, 0]) == d.numel() * t.itemsize
         ):
