@@ -45,7 +45,7 @@ from fastckpt.planning.rules import as_rules
 from fastckpt.planning.transfers import Region, Transfer, Transfers, nbytes
 from fastckpt.report import Mismatch, format_groups, group_names
 from fastckpt.source.checkpoint import Checkpoint, Opening
-from fastckpt.source.dcp import contiguous_strides
+from fastckpt.source.chunked import contiguous_strides
 
 PathLike = str | os.PathLike[str]
 

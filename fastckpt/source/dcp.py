@@ -35,8 +35,6 @@ from fastckpt.dtypes import TORCH_DTYPES
 from fastckpt.errors import CheckpointError
 
 METADATA = ".metadata"
-# Handles of logical tensors: above any file << 32 | tensor handle of the chunks.
-LOGICAL = 1 << 62
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -165,15 +163,6 @@ class DcpLayout:
         return _core.read_pickled_value(str(v.file), v.offset, v.length)
 
 
-def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides = []
-    step = 1
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= max(dim, 1)
-    return tuple(reversed(strides))
-
-
 def assemble(
     t: LogicalTensor,
     chunk_tensor: Any,
@@ -220,15 +209,15 @@ def assemble(
 # The Checkpoint of a DCP directory. Imported here rather than at the top:
 # checkpoint.py's Checkpoint() and Opening() hand DCP directories to this module.
 from fastckpt.source.checkpoint import (  # noqa: E402
-    Checkpoint,
     Chunk,
     TensorInfo,
     _split_key,
     pick_state_dict,
 )
+from fastckpt.source.chunked import LOGICAL, ChunkedCheckpoint, contiguous_strides  # noqa: E402
 
 
-class DcpCheckpoint(Checkpoint):
+class DcpCheckpoint(ChunkedCheckpoint):
     """A DCP directory opened for reading: logical tensors by FQN, each stored as chunks.
 
     ``Checkpoint(path)`` and ``fastckpt.open(path)`` return one for a directory
@@ -287,36 +276,14 @@ class DcpCheckpoint(Checkpoint):
         return self._layout.tensors[handle - LOGICAL]
 
     # -- the loader's view ---------------------------------------------------------
-    def _has_chunks(self) -> bool:
-        return True
+    def _logical_meta(self, handle: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._logical(handle)
+        return t.dtype, t.shape
 
     def _chunks(self, handle: int) -> list[Chunk] | None:
         if handle < LOGICAL:
             return None
         return [Chunk(a << 32, o, s) for a, o, s in self._logical(handle).chunks]
-
-    def _handle_shape(self, handle: int) -> tuple[int, ...]:
-        if handle >= LOGICAL:
-            return self._logical(handle).shape
-        return super()._handle_shape(handle)
-
-    def _handle_view(
-        self, handle: int
-    ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
-        if handle >= LOGICAL:
-            t = self._logical(handle)
-            return t.dtype, t.shape, contiguous_strides(t.shape), 0
-        return super()._handle_view(handle)
-
-    def _handle_file(self, handle: int) -> str:
-        return str(self.path) if handle >= LOGICAL else super()._handle_file(handle)
-
-    def _handle_storage(self, handle: int) -> tuple[int, int]:
-        if handle >= LOGICAL:
-            raise CheckpointError(
-                f"{self.path}: a DCP tensor is stored as chunks; read them (_chunks), not it"
-            )
-        return super()._handle_storage(handle)
 
     def _handle_tensor(self, handle: int) -> tuple[torch.Tensor, bool]:
         if handle >= LOGICAL:

@@ -52,12 +52,10 @@ import torch
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES
 from fastckpt.errors import CheckpointError
-from fastckpt.source.checkpoint import Checkpoint, Chunk, TensorInfo
-from fastckpt.source.dcp import contiguous_strides
+from fastckpt.source.checkpoint import Chunk, TensorInfo
+from fastckpt.source.chunked import LOGICAL, ChunkedCheckpoint, contiguous_strides
 
 LATEST = "latest"
-# Handles of parameters stored in flat partitions: above any file << 32 | tensor handle.
-LOGICAL = 1 << 62
 _MAX_TAG = 4096  # bytes of `latest` read: a tag is a folder name
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL_Z3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -452,7 +450,7 @@ def boxes(shape: Sequence[int], start: int, stop: int) -> list[Box]:
     return out
 
 
-class DeepSpeedCheckpoint(Checkpoint):
+class DeepSpeedCheckpoint(ChunkedCheckpoint):
     """A ZeRO checkpoint folder opened for reading: the names ``zero_to_fp32`` gives, each
     tensor either stored whole (buffers, stage 1/2 frozen parameters) or as runs of flat
     partitions (``_chunks``). ``tensor(name)`` assembles one (for inspection: it allocates
@@ -495,8 +493,14 @@ class DeepSpeedCheckpoint(Checkpoint):
         return self._params[handle - LOGICAL]
 
     # -- the loader's view ---------------------------------------------------------
-    def _has_chunks(self) -> bool:
-        return True
+    _pieces = "runs of flat partitions"
+
+    def _logical_meta(self, handle: int) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self._param(handle)
+        return t.dtype, t.shape
+
+    def _logical_file(self) -> str:
+        return str(self._layout.folder)
 
     def _chunks(self, handle: int) -> list[Chunk] | None:
         if handle < LOGICAL:
@@ -513,30 +517,6 @@ class DeepSpeedCheckpoint(Checkpoint):
                 out.append(Chunk(run.handle, offsets, sizes, at + first))
             done += run.length
         return out
-
-    def _handle_shape(self, handle: int) -> tuple[int, ...]:
-        if handle >= LOGICAL:
-            return self._param(handle).shape
-        return super()._handle_shape(handle)
-
-    def _handle_view(
-        self, handle: int
-    ) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]:
-        if handle >= LOGICAL:
-            t = self._param(handle)
-            return t.dtype, t.shape, contiguous_strides(t.shape), 0
-        return super()._handle_view(handle)
-
-    def _handle_file(self, handle: int) -> str:
-        return str(self._layout.folder) if handle >= LOGICAL else super()._handle_file(handle)
-
-    def _handle_storage(self, handle: int) -> tuple[int, int]:
-        if handle >= LOGICAL:
-            raise CheckpointError(
-                f"{self.path}: a ZeRO parameter is stored as runs of flat partitions; "
-                "read them (_chunks), not it"
-            )
-        return super()._handle_storage(handle)
 
     def _handle_tensor(self, handle: int) -> tuple[torch.Tensor, bool]:
         if handle >= LOGICAL:
