@@ -6,13 +6,15 @@
   ``If-Match`` (nginx is not used: CI may not have it), the same counters and faults.
 
 Faults (``server.fault``): ``("status", code, n)`` answers ``code`` to the next ``n``
-object requests (n < 0: all), ``("stall", seconds)`` stalls each one that long.
+object requests (n < 0: all), ``("stall", seconds)`` stalls each one that long, ``("cut",
+n)`` (RangeServer) drops the connection halfway through the body of the next ``n`` GETs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,18 +52,19 @@ class _Faults:
     fault: Any = None
     _lock = threading.Lock()
 
-    def take_fault(self) -> Any:
-        """The fault for this request, if any (counting down a status fault)."""
+    def take_fault(self, head: bool = False) -> Any:
+        """The fault for this request, if any (counting down a status or cut fault; a HEAD,
+        which has no body, is never cut)."""
         with self._lock:
             f = self.fault
-            if f is None:
+            if f is None or (head and f[0] == "cut"):
                 return None
-            if f[0] == "status":
-                _, code, n = f
+            if f[0] in ("status", "cut"):
+                n = f[-1]
                 if n == 0:
                     return None
                 if n > 0:
-                    self.fault = ("status", code, n - 1)
+                    self.fault = (*f[:-1], n - 1)
             return f
 
 
@@ -152,10 +155,10 @@ class RangeServer(_Faults):
                 self._answer(head=False)
 
             def _answer(self, head: bool) -> None:
-                fault = outer.take_fault()
+                fault = outer.take_fault(head)
                 if fault is not None and fault[0] == "stall":
                     time.sleep(fault[1])
-                elif fault is not None:
+                elif fault is not None and fault[0] == "status":
                     self.send_response(fault[1])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -201,6 +204,12 @@ class RangeServer(_Faults):
                     outer.counters.auth.append(self.headers.get("Authorization", ""))
                     outer.counters.add(self.headers.get("Authorization", ""), end - start)
                 try:
+                    if fault is not None and fault[0] == "cut":
+                        self.wfile.write(data[start : start + (end - start) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
                     self.wfile.write(data[start:end])
                 except (BrokenPipeError, ConnectionResetError):
                     pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -282,6 +283,34 @@ def test_http_object_changed_during_load_is_refused(http_server, st_file, monkey
         fastckpt.load_into(model, plan)
 
 
+def test_http_dropped_connections_are_retried(http_server, st_file, monkeypatch):
+    """Connections closed halfway through a body (the header's read and the tensors'):
+    each such request is asked again, and the load ends with the file's values."""
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
+    http_server.files["/m/model.safetensors"] = st_file.read_bytes()
+    local = fresh()
+    fastckpt.load_into(local, st_file)
+    http_server.fault = ("cut", 3)
+    remote = fresh()
+    fastckpt.load_into(remote, f"{http_server.url}/m/model.safetensors")
+    assert http_server.fault == ("cut", 0)  # all three were cut
+    assert_same(local, remote)
+
+
+def test_http_connections_dropped_every_time_fail_naming_the_url(http_server, st_file, monkeypatch):
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
+    monkeypatch.setenv("FASTCKPT_REMOTE_RETRIES", "2")
+    url = f"{http_server.url}/m/model.safetensors"
+    http_server.files["/m/model.safetensors"] = st_file.read_bytes()
+    model = fresh()
+    plan = fastckpt.plan(model, url)
+    http_server.fault = ("cut", -1)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=re.escape(url) + ".*connection was closed"):
+        fastckpt.load_into(model, plan)
+    assert time.monotonic() - started < 20
+
+
 def test_cli_inspect_a_url(s3, st_file):
     from typer.testing import CliRunner
 
@@ -460,9 +489,9 @@ def test_http_bytes_go_straight_into_the_model_where_they_are_its_memory(
     direct: list[int] = []
     real = remote.RemoteFile.fetch_into
 
-    def spy(self, pieces):
+    def spy(self, pieces, max_buffered):
         direct.extend(e - s for s, e, _ in pieces)
-        return real(self, pieces)
+        return real(self, pieces, max_buffered)
 
     monkeypatch.setattr(remote.RemoteFile, "fetch_into", spy)
     local, got = Mixed(), Mixed()

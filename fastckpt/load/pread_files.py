@@ -90,8 +90,9 @@ class PreadFile(MemoryFile):
         with memoryview(self.map) as whole:
             return self.fetch_into([(s, e, whole[s:e]) for s, e in runs])
 
-    def fetch_into(self, pieces: list[tuple[int, int, memoryview]]) -> int:
-        """Bytes [start, end) of the file into each piece's buffer; returns how many."""
+    def fetch_into(self, pieces: list[tuple[int, int, memoryview]], max_buffered: int = 0) -> int:
+        """Bytes [start, end) of the file into each piece's buffer; returns how many.
+        (``max_buffered``, as for remote files: nothing is buffered, preads land in place.)"""
         parts = [
             (at, min(end, at + PART), out[at - start : min(end, at + PART) - start])
             for start, end, out in pieces

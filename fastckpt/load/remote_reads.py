@@ -151,7 +151,7 @@ def run(
         lo, hi = (int(v) for v in runs[i][0].tolist())
         by_file.setdefault(cut[i].file, []).append((lo, hi, _bytes_of(cut[i].dst)))
     for f, pieces in by_file.items():
-        got = files[f].fetch_into(pieces)
+        got = files[f].fetch_into(pieces, max_host_bytes)  # the windows come after these
         counts.read += got
         counts.copied += got
     cut = [t for i, t in enumerate(cut) if i not in direct]

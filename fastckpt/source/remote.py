@@ -84,9 +84,10 @@ class RemoteFile(MemoryFile):
             self.obj.read_into([(s, e, whole[s:e]) for s, e in runs])
         return sum(e - s for s, e in runs)
 
-    def fetch_into(self, pieces: Sequence[tuple[int, int, memoryview]]) -> int:
-        """Bytes [start, end) of the object straight into each piece's buffer; returns how many."""
-        self.obj.read_into(pieces)
+    def fetch_into(self, pieces: Sequence[tuple[int, int, memoryview]], max_buffered: int) -> int:
+        """Bytes [start, end) of the object straight into each piece's buffer, with at most
+        ``max_buffered`` bytes of responses held at once; returns how many."""
+        self.obj.read_into(pieces, max_buffered)
         return sum(e - s for s, e, _ in pieces)
 
     def check_unchanged(self) -> None:
