@@ -50,7 +50,7 @@ clean:
 
 # The peers `fastckpt bench` compares against (the `bench` extra), pinned. Optional:
 # `make test` and CI do not install them; their tests skip when they are missing.
-BENCH_PINS := fastsafetensors==0.5.0 runai-model-streamer==0.17.1
+BENCH_PINS := fastsafetensors==0.5.0 runai-model-streamer==0.17.1 runai-model-streamer-s3==0.17.1
 
 bench-deps: env
 	$(PY) -m pip install -q $(TORCH_PIN) $(BENCH_PINS)

@@ -455,9 +455,39 @@ def test_cli_bench_a_url(s3, st_file):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     rows = {r["contender"]: r for r in doc["rows"]}
-    assert set(rows) == {"ceiling", "fastckpt", "download+load"}
+    assert set(rows) - {"runai"} == {"ceiling", "fastckpt", "download+load"}
     assert all(r["seconds"] > 0 for r in rows.values())
     assert doc["fetched"] == sum(t.numel() * t.element_size() for t in state().values())
+    # Run:ai is a row, or its absence is said
+    assert "runai" in rows or [n for n in doc["notes"] if n.startswith("runai: ")]
+
+
+def test_bench_a_url_beside_runai(s3, st_file, monkeypatch):
+    """Run:ai's streamer at the same endpoint (when installed: `make bench-deps`); the
+    bench itself checks in its warm-up round that its values equal fastckpt's."""
+    pytest.importorskip("runai_model_streamer", reason="runai-model-streamer is not installed")
+    pytest.importorskip("runai_model_streamer_s3", reason="its S3 backend is not installed")
+    from fastckpt.bench.remote import run_remote_bench
+
+    monkeypatch.setenv("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0")  # path-style, as moto
+    url = put(s3, "runai/model.safetensors", st_file)
+    doc = run_remote_bench(url, repeat=1)
+    assert doc["notes"] == []
+    assert {r["contender"] for r in doc["rows"]} == {
+        "ceiling",
+        "fastckpt",
+        "download+load",
+        "runai",
+    }
+
+
+def test_bench_of_a_http_url_says_why_runai_is_not_a_row(http_server, st_file):
+    from fastckpt.bench.remote import run_remote_bench
+
+    http_server.files["/m/model.safetensors"] = st_file.read_bytes()
+    doc = run_remote_bench(f"{http_server.url}/m/model.safetensors", repeat=1)
+    assert {r["contender"] for r in doc["rows"]} == {"ceiling", "fastckpt", "download+load"}
+    assert doc["notes"] == ["runai: s3://, gs:// and az:// only"]
 
 
 class Mixed(nn.Module):
