@@ -20,7 +20,8 @@ Rows (each a new interpreter, the same object, the same endpoint):
 - fastckpt: ``fastckpt.load_into(model, "s3://...")``;
 - download + load: boto3 ``download_file`` (s3transfer, 10 threads) to a local file, then
   ``safetensors.torch.load_file`` and ``model.load_state_dict``;
-- runai-model-streamer, when it and its S3 backend are installed.
+- runai-model-streamer, when it and its S3 backend are installed: each tensor it yields
+  copied into the model's parameter.
 Peak RSS is the child's ``ru_maxrss``. Raw mode (``raw CLIENT URL``) needs only the client.
 """
 
@@ -171,14 +172,14 @@ def load(
             )
             model.load_state_dict(load_file(local))
     elif method == "runai":
+        import torch
         from runai_model_streamer import SafetensorsStreamer
 
-        sd = {}
-        with SafetensorsStreamer() as streamer:
+        into = dict(model.named_parameters())  # each tensor copied into place as it comes
+        with torch.no_grad(), SafetensorsStreamer() as streamer:
             streamer.stream_file(url)
             for name, tensor in streamer.get_tensors():
-                sd[name] = tensor.clone()
-        model.load_state_dict(sd)
+                into[name].copy_(tensor)
     else:
         raise SystemExit(f"unknown method {method}")
     return {"seconds": time.perf_counter() - started, "fetched": fetched, "rss_mb": _rss_mb()}

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 
 @dataclass
@@ -163,7 +163,10 @@ class RangeServer(_Faults):
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = outer.files.get(unquote(self.path))  # as a server decodes %2F
+                # A request line may name the whole URL (absolute form, RFC 9112 3.2.2, as
+                # Run:ai's S3 client sends it): the path is the part after the host.
+                path = urlsplit(self.path).path if "://" in self.path else self.path
+                data = outer.files.get(unquote(path))  # as a server decodes %2F
                 if data is None:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
