@@ -30,6 +30,8 @@ class Counters:
     ranges: list[str] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)  # Authorization headers of object requests
     by_key: dict[str, int] = field(default_factory=dict)  # body bytes per SigV4 access key id
+    in_flight: int = 0  # GETs being answered now (RangeServer)
+    most_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, auth: str, n: int) -> None:
@@ -46,6 +48,7 @@ class Counters:
             self.ranges = []
             self.auth = []
             self.by_key = {}
+            self.most_in_flight = self.in_flight
 
 
 class _Faults:
@@ -152,7 +155,15 @@ class RangeServer(_Faults):
                 self._answer(head=True)
 
             def do_GET(self) -> None:
-                self._answer(head=False)
+                c = outer.counters
+                with c.lock:
+                    c.in_flight += 1
+                    c.most_in_flight = max(c.most_in_flight, c.in_flight)
+                try:
+                    self._answer(head=False)
+                finally:
+                    with c.lock:
+                        c.in_flight -= 1
 
             def _answer(self, head: bool) -> None:
                 fault = outer.take_fault(head)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 import fastckpt
@@ -309,6 +309,34 @@ def test_http_connections_dropped_every_time_fail_naming_the_url(http_server, st
     with pytest.raises(CheckpointError, match=re.escape(url) + ".*connection was closed"):
         fastckpt.load_into(model, plan)
     assert time.monotonic() - started < 20
+
+
+def test_http_responses_held_at_once_stay_within_max_host_bytes(http_server, monkeypatch):
+    """Each part's body is held whole before it is copied: parts are cut to the budget and
+    no more of them are in flight than it allows (each request stalled 0.1 s, so those
+    the client lets go together are answered together)."""
+    torch.manual_seed(0)
+    sd = {f"w{i}": torch.randn(1024, 1024) for i in range(4)}  # 4 MiB each
+    http_server.files["/b/model.safetensors"] = save(sd)
+    monkeypatch.setenv("FASTCKPT_REMOTE_PART_BYTES", str(4 << 20))
+    url = f"{http_server.url}/b/model.safetensors"
+    http_server.fault = ("stall", 0.1)
+    seen = {}
+    for budget in (256 << 20, 2 << 20):
+        model = nn.Module()
+        for k, v in sd.items():
+            model.register_parameter(k, nn.Parameter(torch.empty_like(v)))
+        plan = fastckpt.plan(model, url)
+        http_server.counters.reset()
+        fastckpt.load_into(model, plan, max_host_bytes=budget)
+        for k, v in sd.items():
+            assert torch.equal(getattr(model, k).detach().view(torch.uint8), v.view(torch.uint8))
+        spans = [re.fullmatch(r"bytes=(\d+)-(\d+)", r) for r in http_server.counters.ranges]
+        largest = max(int(m[2]) - int(m[1]) + 1 for m in spans if m)
+        seen[budget] = (largest, http_server.counters.most_in_flight)
+    assert seen[256 << 20] == (4 << 20, 4)  # four 4 MiB parts, all in flight
+    largest, most = seen[2 << 20]
+    assert most * largest <= 2 << 20
 
 
 def test_cli_inspect_a_url(s3, st_file):

@@ -233,16 +233,17 @@ class Object:
         """Bytes [start, end) of the object into each piece's buffer (``end - start`` bytes
         long), cut into parts of at most ``settings.part`` bytes, many in flight: at most
         ``settings.concurrency``, and no more than ``max_buffered`` bytes of responses held
-        at once (each part's body is received whole, then copied into its buffer)."""
-        part = self.store.settings.part
+        at once (each part's body is received whole, then copied into its buffer; parts
+        are cut smaller where one would exceed it, down to 1 MiB)."""
+        part, in_flight = self.store.settings.part, self.store.settings.concurrency
+        if max_buffered is not None:
+            part = min(part, max(max_buffered, 1 << 20))
+            in_flight = max(1, min(in_flight, max_buffered // part))
         parts = [
             (at, min(end, at + part), out[at - start : min(end, at + part) - start])
             for start, end, out in pieces
             for at in range(start, end, part)
         ]
-        in_flight = self.store.settings.concurrency
-        if max_buffered is not None:
-            in_flight = max(1, min(in_flight, max_buffered // part))
         if parts:
             run_sync(self._read_all(parts, in_flight))
 
