@@ -7,7 +7,9 @@
 
 Faults (``server.fault``): ``("status", code, n)`` answers ``code`` to the next ``n``
 object requests (n < 0: all), ``("stall", seconds)`` stalls each one that long, ``("cut",
-n)`` (RangeServer) drops the connection halfway through the body of the next ``n`` GETs.
+n)`` (RangeServer) drops the connection halfway through the body of the next ``n`` GETs,
+``("no-range",)`` (RangeServer) answers every GET with the whole object, as a server
+without range support does.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ class RangeServer(_Faults):
                     return
                 start, end, code = 0, len(data), 200
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-                if m:
+                if m and not (fault is not None and fault[0] == "no-range"):
                     start = int(m.group(1))
                     end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)
                     if start >= len(data) or start >= end:

@@ -339,6 +339,14 @@ def test_http_responses_held_at_once_stay_within_max_host_bytes(http_server, mon
     assert most * largest <= 2 << 20
 
 
+def test_http_server_without_range_requests_is_refused_by_name(http_server, st_file):
+    url = f"{http_server.url}/m/model.safetensors"
+    http_server.files["/m/model.safetensors"] = st_file.read_bytes()
+    http_server.fault = ("no-range",)
+    with pytest.raises(CheckpointError, match=re.escape(url) + ".*does not answer range requests"):
+        fastckpt.open(url)
+
+
 def test_cli_inspect_a_url(s3, st_file):
     from typer.testing import CliRunner
 

@@ -116,6 +116,11 @@ def failure(url: str, e: BaseException) -> Exception:
         )
     if isinstance(e, CheckpointError):
         return e
+    if name == "NotSupportedError" and "Range" in text:
+        return CheckpointError(
+            f"{url}: the server does not answer range requests (it sent the whole object "
+            "for a part): fastckpt reads remote files by ranges; download the file instead"
+        )
     status = re.search(r"\b(?:status|Status)[^0-9]{0,20}([1-5]\d\d)\b", text)
     if status:
         why = f"the server answered HTTP {status.group(1)}"
