@@ -347,6 +347,23 @@ def test_http_server_without_range_requests_is_refused_by_name(http_server, st_f
         fastckpt.open(url)
 
 
+def test_http_load_from_inside_a_running_event_loop(http_server, st_file):
+    """As from a notebook cell or an async server's handler: the remote reads run on a
+    thread of their own instead of failing on the running loop."""
+    import asyncio
+
+    http_server.files["/m/model.safetensors"] = st_file.read_bytes()
+    local = fresh()
+    fastckpt.load_into(local, st_file)
+
+    async def handler() -> Net:
+        remote = fresh()
+        fastckpt.load_into(remote, f"{http_server.url}/m/model.safetensors")
+        return remote
+
+    assert_same(local, asyncio.run(handler()))
+
+
 def test_cli_inspect_a_url(s3, st_file):
     from typer.testing import CliRunner
 
