@@ -192,6 +192,24 @@ def test_missing_object_and_bucket_read_as_a_missing_path(s3):
         fastckpt.open(f"s3://{BUCKET}/empty-prefix/")
 
 
+def test_training_checkpoint_folders_at_urls_are_refused_by_name(s3, tmp_path):
+    """A DCP directory or a DeepSpeed folder in a bucket exists: it is refused for what it
+    is, not reported missing."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.randn(4, 4)}, checkpoint_id=str(tmp_path / "dcp"))
+    for f in (tmp_path / "dcp").iterdir():
+        put(s3, f"train/dcp/{f.name}", f)
+    zero = Path(__file__).parent / "data" / "deepspeed" / "zero2"
+    for f in zero.rglob("*"):
+        if f.is_file():
+            put(s3, f"train/zero2/{f.relative_to(zero)}", f)
+    with pytest.raises(CheckpointError, match=r"s3://ckpts/train/dcp/: a torch.distributed"):
+        fastckpt.open(f"s3://{BUCKET}/train/dcp/")
+    with pytest.raises(CheckpointError, match=r"s3://ckpts/train/zero2: a DeepSpeed checkpoint"):
+        fastckpt.load_into(fresh(), f"s3://{BUCKET}/train/zero2")
+
+
 def test_403_names_the_url_not_the_credentials(s3, st_file):
     url = put(s3, "deny/model.safetensors", st_file)
     s3.fault = ("status", 403, -1)

@@ -157,6 +157,7 @@ def _resolve(url: str) -> tuple[Store, list[str], str]:
             key = prefix + name
             break
         else:
+            _refuse_training_folder(store, url, prefix)
             # A missing prefix reads as a missing local folder would.
             raise FileNotFoundError(
                 f"{url}: no such checkpoint file or folder (looked for "
@@ -165,6 +166,27 @@ def _resolve(url: str) -> tuple[Store, list[str], str]:
     if key.endswith(".index.json"):
         return store, _shards(store, key), store.url(key)
     return store, [key], store.url(key)
+
+
+# What marks the folders large-model training writes (fastckpt.source.dcp, .deepspeed).
+_TRAINING_MARKS = (
+    (".metadata", "a torch.distributed.checkpoint (DCP) directory"),
+    ("latest", "a DeepSpeed checkpoint folder"),
+)
+
+
+def _refuse_training_folder(store: Store, url: str, prefix: str) -> None:
+    """A folder of training checkpoints is refused by name: those are read from local
+    directories only (download the folder first)."""
+    for name, what in _TRAINING_MARKS:
+        try:
+            store.head(prefix + name)
+        except FileNotFoundError:
+            continue
+        raise CheckpointError(
+            f"{url}: {what} (it holds {name}): read from a local directory only; download "
+            "the folder (e.g. `aws s3 sync`, `gcloud storage cp -r`) and load that"
+        )
 
 
 def _shards(store: Store, index_key: str) -> list[str]:
