@@ -282,7 +282,7 @@ class Object:
                     "from when it was opened); refused: load again"
                 )
             # The body whole, gathered by obstore's own threads, then one copy: streaming it
-            # in 1 MiB chunks, each a hop through the event loop, made a 256 MiB load 1.4x
+            # in 1 MiB chunks, each a hop through the event loop, made a 256 MiB load 1.3x
             # slower (bench/RESULTS.md).
             body = memoryview(await result.bytes_async())
         except Exception as e:
