@@ -220,6 +220,47 @@ def test_convert_from_a_url_writes_what_the_local_convert_writes(served, saved, 
     )
 
 
+def test_convert_in_small_pieces_fetches_each_byte_once(s3, saved, tmp_path):
+    """A piece of rows fetches those rows, not its whole chunk again."""
+    from fastckpt.tools.convert import convert
+
+    url = upload(s3, "dcp-pieces", saved)
+    header = fastckpt.open(url)._remote.header_bytes  # type: ignore[union-attr]
+    s3.counters.reset()
+    convert(url, tmp_path / "remote", max_host_bytes=16 << 10)
+    convert(saved, tmp_path / "local")
+    assert _tensor_bytes(tmp_path / "remote") == _tensor_bytes(tmp_path / "local")
+    assert s3.counters.body_bytes <= 1.1 * nbytes(Net()) + header
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(512, 512))
+        self.b = nn.Parameter(torch.randn(1024, 512).to(torch.bfloat16))
+        self.c = nn.Parameter(torch.randn(700, 300))
+
+
+def test_load_in_many_small_windows(s3, tmp_path):
+    """Windows of 512 KiB over 3 MiB: the archives share their object's memory file, and
+    the pages one gives back never hold bytes another still needs."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": Wide().state_dict()}, checkpoint_id=tmp_path / "wide")
+    url = upload(s3, "dcp-windows", tmp_path / "wide")
+    # float64 parameters: every byte is cast, so it goes through the memory files (an
+    # fp32 chunk into an fp32 parameter is fetched straight into it).
+    torch.manual_seed(1)
+    local = Wide().double()
+    torch.manual_seed(2)
+    remote = Wide().double()
+    fastckpt.load_into(local, tmp_path / "wide")
+    report = fastckpt.load_into(remote, url, max_host_bytes=1 << 20)
+    same(local, remote)
+    assert report.fetched == nbytes(local) // 2 - 1024 * 512 * 2  # float32 and bfloat16 read
+
+
 def test_cli_inspect_a_dcp_url(s3, saved):
     from typer.testing import CliRunner
 

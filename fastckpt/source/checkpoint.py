@@ -283,9 +283,8 @@ class Checkpoint:
         key: str | Sequence[str] | None = None,
         _opening: Opening | None = None,
     ):
-        if _opening is None:
-            _opening = self.__dict__.pop("_made_opening", None)
-        opening = _opening if _opening is not None else Opening(path)
+        made = self.__dict__.pop("_made_opening", None)
+        opening = _opening or made or Opening(path)
         self.path = opening.path
         self.files: list[Path] = opening.files
         self._indexes = opening.wait()

@@ -224,8 +224,9 @@ def assemble(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A logical tensor built from its chunks (``rows``: only rows [start, stop) of it, from
-    the chunks that hold them): ``chunk_bytes(archive)`` gives a stored chunk's bytes as a
-    uint8 tensor when they are contiguous in the file (else None), ``chunk_tensor(archive)``
+    the chunks that hold them): ``chunk_bytes(archive, first, last)`` gives the bytes of rows
+    [first, last) of a stored chunk as a uint8 tensor when they are contiguous in the file
+    (else None), ``chunk_tensor(archive)``
     the chunk as a tensor. ``out``: where to build it (contiguous, of its shape and dtype).
 
     Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
@@ -247,13 +248,13 @@ def assemble(
         region = out.narrow(0, lo - start, hi - lo)
         for dim, (o, s) in enumerate(zip(offsets[1:], sizes[1:], strict=True), start=1):
             region = region.narrow(dim, o, s)
-        raw = chunk_bytes(archive)
+        raw = chunk_bytes(archive, lo - offsets[0], hi - offsets[0])
         if raw is None:
             region.copy_(chunk_tensor(archive).narrow(0, lo - offsets[0], hi - lo))
             continue
         # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8
         # view; the chunk's rows lo..hi are one run of its bytes.
-        src = raw.view(*sizes, t.dtype.itemsize).narrow(0, lo - offsets[0], hi - lo)
+        src = raw.view(hi - lo, *sizes[1:], t.dtype.itemsize)
         dst = region.view(torch.uint8)
         dst.copy_(src.reshape(dst.shape))
     return out
@@ -287,8 +288,8 @@ class DcpCheckpoint(ChunkedCheckpoint):
     def __init__(
         self, path: Any, *, key: str | Sequence[str] | None = None, _opening: Any = None
     ) -> None:
-        if _opening is None:  # made by Checkpoint.__new__ for a URL
-            _opening = self.__dict__.pop("_made_opening", None)
+        made = self.__dict__.pop("_made_opening", None)  # by Checkpoint.__new__, for a URL
+        _opening = _opening or made
         if _opening is None and is_url(path):
             _opening = Opening(path)
         remote = getattr(_opening, "remote", None)
@@ -362,15 +363,20 @@ class DcpCheckpoint(ChunkedCheckpoint):
             return self._tensor_at(t.chunks[0][0], 0)[0]
         return assemble(t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes)
 
-    def _chunk_bytes(self, archive: int) -> torch.Tensor | None:
-        """A chunk's bytes in the mapped file when they are contiguous there, else None
-        (at a URL: a copy of them, fetched)."""
+    def _chunk_bytes(
+        self, archive: int, first: int = 0, last: int | None = None
+    ) -> torch.Tensor | None:
+        """Rows [first, last) of a chunk (all by default) as bytes of the mapped file when
+        they are contiguous there, else None; at a URL a copy of those rows' bytes only,
+        fetched (convert asks for a tensor piece by piece)."""
         view = self._indexes[archive].tensor_view(0)
         if view.strides != contiguous_strides(view.shape):
             return None
         itemsize = TORCH_DTYPES[view.dtype].itemsize
-        start = view.file_offset + view.storage_offset * itemsize
-        end = start + math.prod(view.shape) * itemsize
+        row = math.prod(view.shape[1:]) * itemsize
+        last = (view.shape[0] if view.shape else 1) if last is None else last
+        start = view.file_offset + view.storage_offset * itemsize + first * row
+        end = start + (last - first) * row
         if self._remote is not None:
             fetched = self._remote.fetch_tensor(archive, start, end)
             return torch.frombuffer(fetched, dtype=torch.uint8) if fetched else torch.empty(
@@ -415,10 +421,9 @@ class DcpCheckpoint(ChunkedCheckpoint):
                 and stop <= offsets[0] + sizes[0]
                 and tuple(sizes[1:]) == t.shape[1:]
             ):
-                raw = self._chunk_bytes(archive)
+                raw = self._chunk_bytes(archive, start - offsets[0], stop - offsets[0])
                 if raw is not None and raw.data_ptr() % t.dtype.itemsize == 0:
-                    rows = raw.view(t.dtype).view(sizes)
-                    return rows.narrow(0, start - offsets[0], stop - start)
+                    return raw.view(t.dtype).view(stop - start, *sizes[1:])
                 break
         into = None if out is None else out((stop - start, *t.shape[1:]), t.dtype)
         return assemble(
