@@ -192,20 +192,22 @@ def test_missing_object_and_bucket_read_as_a_missing_path(s3):
         fastckpt.open(f"s3://{BUCKET}/empty-prefix/")
 
 
-def test_training_checkpoint_folders_at_urls_are_refused_by_name(s3, tmp_path):
-    """A DCP directory or a DeepSpeed folder in a bucket exists: it is refused for what it
-    is, not reported missing."""
+def test_deepspeed_folders_at_urls_are_refused_by_name_dcp_directories_open(s3, tmp_path):
+    """A DeepSpeed folder in a bucket is refused for what it is, not reported missing; a
+    DCP directory opens (tests/test_remote_dcp.py loads them)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"w": torch.randn(4, 4)}, checkpoint_id=str(tmp_path / "dcp"))
+    w = torch.randn(4, 4)
+    dcp.save({"w": w}, checkpoint_id=str(tmp_path / "dcp"))
     for f in (tmp_path / "dcp").iterdir():
         put(s3, f"train/dcp/{f.name}", f)
     zero = Path(__file__).parent / "data" / "deepspeed" / "zero2"
     for f in zero.rglob("*"):
         if f.is_file():
             put(s3, f"train/zero2/{f.relative_to(zero)}", f)
-    with pytest.raises(CheckpointError, match=r"s3://ckpts/train/dcp/: a torch.distributed"):
-        fastckpt.open(f"s3://{BUCKET}/train/dcp/")
+    with fastckpt.open(f"s3://{BUCKET}/train/dcp/") as ckpt:
+        assert ckpt.format == "dcp" and ckpt.keys() == ["w"]
+        assert torch.equal(ckpt.tensor("w").view(torch.uint8), w.view(torch.uint8))
     with pytest.raises(CheckpointError, match=r"s3://ckpts/train/zero2: a DeepSpeed checkpoint"):
         fastckpt.load_into(fresh(), f"s3://{BUCKET}/train/zero2")
 

@@ -44,6 +44,7 @@ from fastckpt.source.urls import is_url
 
 if TYPE_CHECKING:
     from fastckpt.source.remote import RemoteOpening
+    from fastckpt.source.remote_dcp import RemoteDcp
 
 STATE_DICT_KEYS = (
     "state_dict",
@@ -194,12 +195,12 @@ class Opening:
     def __init__(self, path: PathLike, *, exact_reads: bool = False):
         # exact_reads: parse with no readahead, so a rank reading its shard
         # fetches the headers' pages and nothing around them.
-        self.remote: RemoteOpening | None = None
+        self.remote: RemoteOpening | RemoteDcp | None = None
         self.exact_reads = exact_reads
         if is_url(path):  # s3://, gs://, az://, http(s)://: headers fetched, then indexed
-            from fastckpt.source.remote import RemoteOpening  # with the first URL only
+            from fastckpt.source.remote import open_url  # with the first URL only
 
-            self.remote = RemoteOpening(str(path))
+            self.remote = open_url(str(path))
             self.path: Path = self.remote.path
             self.files: list[Path] = list(self.remote.paths)
             return
@@ -254,13 +255,26 @@ class Checkpoint:
         key: str | Sequence[str] | None = None,
         _opening: Opening | None = None,
     ) -> Checkpoint:
-        if cls is Checkpoint and not is_url(path):
+        if cls is Checkpoint and is_url(path):
+            # What a URL holds is known once it is opened: the opening goes to __init__.
+            opening = _opening if _opening is not None else Opening(path)
+            if getattr(opening.remote, "is_dcp", False):
+                from fastckpt.source.dcp import DcpCheckpoint
+
+                made: Checkpoint = object.__new__(DcpCheckpoint)
+            else:
+                made = object.__new__(cls)
+            made._made_opening = opening
+            return made
+        if cls is Checkpoint:
             source = _training_source(Path(path))
             if source is not None:
                 return object.__new__(source)
         return object.__new__(cls)
 
-    _remote: RemoteOpening | None = None  # set for a URL's checkpoint (source.remote)
+    # set for a URL's checkpoint (source.remote, source.remote_dcp)
+    _remote: RemoteOpening | RemoteDcp | None = None
+    _made_opening: Opening | None = None  # by __new__, for __init__
 
     def __init__(
         self,
@@ -269,7 +283,8 @@ class Checkpoint:
         key: str | Sequence[str] | None = None,
         _opening: Opening | None = None,
     ):
-        opening = _opening if _opening is not None else Opening(path)
+        made = self.__dict__.pop("_made_opening", None)
+        opening = _opening or made or Opening(path)
         self.path = opening.path
         self.files: list[Path] = opening.files
         self._indexes = opening.wait()

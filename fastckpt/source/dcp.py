@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES
 from fastckpt.errors import CheckpointError
+from fastckpt.source.urls import is_url
 
 METADATA = ".metadata"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -54,30 +55,81 @@ class LogicalTensor(NamedTuple):
 
 class Value(NamedTuple):
     path: tuple[str, ...]
-    file: Path
+    file: str  # relative to the directory
     offset: int
     length: int
 
 
-class DcpLayout:
-    """What ``.metadata`` says, with the archive of every tensor chunk opened."""
+class DcpFiles(Protocol):
+    """How a layout reads the directory's files, named relative to it: local files
+    (``LocalFiles``) or objects under a URL (source.remote_dcp.RemoteDcp)."""
 
-    def __init__(self, directory: Path, exact_reads: bool = False):
+    def name(self, relative: str) -> str: ...
+    def path_of(self, relative: str) -> Path: ...
+    def read_metadata(self) -> Any: ...
+    def size(self, relative: str) -> int | None: ...
+    def open_archives(
+        self, relative: str, ranges: Sequence[tuple[int, int]], exact_reads: bool
+    ) -> list[Any]: ...
+    def read(self, relative: str, offset: int, length: int) -> bytes: ...
+    def pickled_value(self, relative: str, offset: int, length: int) -> Any: ...
+
+
+class LocalFiles:
+    """A DCP directory on a filesystem."""
+
+    def __init__(self, directory: Path):
         self.directory = directory
-        meta_path = directory / METADATA
+
+    def name(self, relative: str) -> str:
+        return str(self.directory / relative)
+
+    def path_of(self, relative: str) -> Path:
+        return self.directory / relative
+
+    def read_metadata(self) -> Any:
+        meta_path = self.directory / METADATA
         if not meta_path.is_file():
             raise CheckpointError(
                 f"{meta_path}: missing: a torch.distributed.checkpoint directory needs its "
                 ".metadata file (was the save interrupted before rank 0 finished?)"
             )
-        meta = _core.read_dcp_metadata(str(meta_path))
+        return _core.read_dcp_metadata(str(meta_path))
+
+    def size(self, relative: str) -> int | None:
+        file = self.directory / relative
+        return file.stat().st_size if file.is_file() else None
+
+    def open_archives(
+        self, relative: str, ranges: Sequence[tuple[int, int]], exact_reads: bool
+    ) -> list[Any]:
+        return list(_core.open_archives(self.name(relative), list(ranges), exact_reads))
+
+    def read(self, relative: str, offset: int, length: int) -> bytes:
+        with open(self.directory / relative, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def pickled_value(self, relative: str, offset: int, length: int) -> Any:
+        return _core.read_pickled_value(self.name(relative), offset, length)
+
+
+class DcpLayout:
+    """What ``.metadata`` says, with the archive of every tensor chunk opened."""
+
+    def __init__(
+        self, directory: Path, exact_reads: bool = False, files: DcpFiles | None = None
+    ):
+        self.directory = directory
+        self.files: DcpFiles = files if files is not None else LocalFiles(directory)
+        meta = self.files.read_metadata()
         self.version: str = meta.version
         storage = meta.storage
         self.tensors: list[LogicalTensor] = []
         self.values: list[Value] = []
         self.unloadable: dict[tuple[str, ...], str] = {}
         self.file_sizes: dict[str, int] = {}
-        ranges: dict[str, list[tuple[int, int]]] = {}
+        ranges: dict[str, list[tuple[int, int]]] = {}  # by file, relative to the directory
         pending: list[tuple[Any, list[tuple[str, int]]]] = []
         for item in meta.items:
             path = tuple(item.path)
@@ -96,53 +148,57 @@ class DcpLayout:
             where: list[tuple[str, int]] = []
             for chunk in item.chunks:
                 place, offset, length = self._place(storage[chunk.storage], item.fqn)
-                file_ranges = ranges.setdefault(str(place), [])
-                where.append((str(place), len(file_ranges)))
+                file_ranges = ranges.setdefault(place, [])
+                where.append((place, len(file_ranges)))
                 file_ranges.append((offset, length))
             pending.append((item, where))
         # One mapping per .distcp file, its chunks' archives read in place.
         self.archives: list[_core.FileIndex] = []
-        self.archive_files: list[str] = []
+        self.archive_files: list[str] = []  # each archive's file, by its name (path or URL)
+        self.archive_relative: list[str] = []
         first: dict[str, int] = {}
-        for name, file_ranges in ranges.items():
-            first[name] = len(self.archives)
-            self.archives.extend(_core.open_archives(name, file_ranges, exact_reads))
-            self.archive_files.extend([name] * len(file_ranges))
+        for rel, file_ranges in ranges.items():
+            first[rel] = len(self.archives)
+            self.archives.extend(self.files.open_archives(rel, file_ranges, exact_reads))
+            self.archive_files.extend([self.files.name(rel)] * len(file_ranges))
+            self.archive_relative.extend([rel] * len(file_ranges))
         for item, where in pending:
             chunks = []
-            for chunk, (name, k) in zip(item.chunks, where, strict=True):
-                archive = first[name] + k
+            for chunk, (rel, k) in zip(item.chunks, where, strict=True):
+                archive = first[rel] + k
                 self._check_chunk(archive, item, chunk.offsets, chunk.sizes)
                 chunks.append((archive, chunk.offsets, chunk.sizes))
             self.tensors.append(
                 LogicalTensor(tuple(item.path), TORCH_DTYPES[item.dtype], item.size, tuple(chunks))
             )
 
-    def _place(self, s: Any, fqn: str) -> tuple[Path, int, int]:
-        """The file, offset and length of one stored blob, checked against the file."""
-        file = self.directory / s.relative_path
+    def _place(self, s: Any, fqn: str) -> tuple[str, int, int]:
+        """The file (relative), offset and length of one stored blob, checked against it."""
+        rel = s.relative_path
+        file = self.files.name(rel)
         if s.transforms:
             raise CheckpointError(
                 f"{file}: {fqn!r} is stored through the transform(s) "
                 f"{', '.join(s.transforms)}, which fastckpt does not read"
             )
-        size = self.file_sizes.get(str(file))
+        size = self.file_sizes.get(rel)
         if size is None:
-            if not file.is_file():
+            found = self.files.size(rel)
+            if found is None:
                 raise CheckpointError(f"{file}: missing: .metadata stores {fqn!r} in it")
-            size = self.file_sizes[str(file)] = file.stat().st_size
+            size = self.file_sizes[rel] = found
         if s.offset + s.length > size:
             raise CheckpointError(
                 f"{file}: {fqn!r} is stored at bytes {s.offset}..{s.offset + s.length}, "
                 f"past the end of the file ({size} bytes; truncated?)"
             )
-        return file, s.offset, s.length
+        return rel, s.offset, s.length
 
     def _check_chunk(
         self, archive: int, item: Any, offsets: tuple[int, ...], sizes: tuple[int, ...]
     ) -> None:
         index = self.archives[archive]
-        where = f"{index.path} (archive of {item.fqn!r} at offsets {offsets})"
+        where = f"{self.archive_files[archive]} (archive of {item.fqn!r} at offsets {offsets})"
         if len(index) != 1:
             raise CheckpointError(f"{where}: holds {len(index)} tensors, not one chunk")
         view = index.tensor_view(0)
@@ -155,12 +211,9 @@ class DcpLayout:
     def read_value(self, v: Value) -> Any:
         """A non-tensor value: plain data as the restricted pickle VM reads it (an
         ``io.BytesIO`` as its bytes); raw bytes where a planner stored them raw."""
-        with open(v.file, "rb") as f:
-            f.seek(v.offset)
-            if f.read(min(v.length, 4)) != _ZIP_MAGIC:
-                f.seek(v.offset)
-                return f.read(v.length)
-        return _core.read_pickled_value(str(v.file), v.offset, v.length)
+        if self.files.read(v.file, v.offset, min(v.length, 4)) != _ZIP_MAGIC:
+            return self.files.read(v.file, v.offset, v.length)
+        return self.files.pickled_value(v.file, v.offset, v.length)
 
 
 def assemble(
@@ -171,8 +224,9 @@ def assemble(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A logical tensor built from its chunks (``rows``: only rows [start, stop) of it, from
-    the chunks that hold them): ``chunk_bytes(archive)`` gives a stored chunk's bytes as a
-    uint8 tensor when they are contiguous in the file (else None), ``chunk_tensor(archive)``
+    the chunks that hold them): ``chunk_bytes(archive, first, last)`` gives the bytes of rows
+    [first, last) of a stored chunk as a uint8 tensor when they are contiguous in the file
+    (else None), ``chunk_tensor(archive)``
     the chunk as a tensor. ``out``: where to build it (contiguous, of its shape and dtype).
 
     Bytes are copied into a uint8 view of the output: a chunk's archive sits at any
@@ -194,13 +248,13 @@ def assemble(
         region = out.narrow(0, lo - start, hi - lo)
         for dim, (o, s) in enumerate(zip(offsets[1:], sizes[1:], strict=True), start=1):
             region = region.narrow(dim, o, s)
-        raw = chunk_bytes(archive)
+        raw = chunk_bytes(archive, lo - offsets[0], hi - offsets[0])
         if raw is None:
             region.copy_(chunk_tensor(archive).narrow(0, lo - offsets[0], hi - lo))
             continue
         # The output is contiguous: a box of it keeps its last dim dense, so it has a uint8
         # view; the chunk's rows lo..hi are one run of its bytes.
-        src = raw.view(*sizes, t.dtype.itemsize).narrow(0, lo - offsets[0], hi - lo)
+        src = raw.view(hi - lo, *sizes[1:], t.dtype.itemsize)
         dst = region.view(torch.uint8)
         dst.copy_(src.reshape(dst.shape))
     return out
@@ -210,6 +264,7 @@ def assemble(
 # checkpoint.py's Checkpoint() and Opening() hand DCP directories to this module.
 from fastckpt.source.checkpoint import (  # noqa: E402
     Chunk,
+    Opening,
     TensorInfo,
     _split_key,
     pick_state_dict,
@@ -225,20 +280,33 @@ class DcpCheckpoint(ChunkedCheckpoint):
     ``_chunks(handle)`` gives each logical tensor's chunks; ``tensor(name)``
     assembles one (for inspection: it allocates the whole tensor); ``values()``
     and ``metadata`` give the non-tensor entries.
+
+    At a URL (``s3://bucket/run/step-100/``) the directory is read through
+    source.remote_dcp: ``_remote`` fetches what loads and ``tensor()`` read.
     """
 
     def __init__(
         self, path: Any, *, key: str | Sequence[str] | None = None, _opening: Any = None
     ) -> None:
-        self.path = Path(path)
+        made = self.__dict__.pop("_made_opening", None)  # by Checkpoint.__new__, for a URL
+        _opening = _opening or made
+        if _opening is None and is_url(path):
+            _opening = Opening(path)
+        remote = getattr(_opening, "remote", None)
+        if remote is not None and not getattr(remote, "is_dcp", False):
+            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint directory")
+        self.path = remote.path if remote is not None else Path(path)
         # Opening(exact_reads=True) (a rank reading its shard, as load_into opens it): no
         # readahead around the chunks' zip records while they are indexed.
-        layout = DcpLayout(self.path, bool(getattr(_opening, "exact_reads", False)))
+        layout = DcpLayout(
+            self.path, bool(getattr(_opening, "exact_reads", False)), remote
+        )
         self._layout = layout
+        self._remote = remote
         self.format = "dcp"
         self._indexes = layout.archives
         self._file_names = layout.archive_files
-        self.files = [Path(f) for f in dict.fromkeys(layout.archive_files)]
+        self.files = [layout.files.path_of(r) for r in dict.fromkeys(layout.archive_relative)]
         self._buffers: dict[int, torch.Tensor] = {}
         tensor_paths = [t.path for t in layout.tensors]
         if key is not None:
@@ -295,14 +363,26 @@ class DcpCheckpoint(ChunkedCheckpoint):
             return self._tensor_at(t.chunks[0][0], 0)[0]
         return assemble(t, lambda archive: self._tensor_at(archive, 0)[0], self._chunk_bytes)
 
-    def _chunk_bytes(self, archive: int) -> torch.Tensor | None:
-        """A chunk's bytes in the mapped file when they are contiguous there, else None."""
+    def _chunk_bytes(
+        self, archive: int, first: int = 0, last: int | None = None
+    ) -> torch.Tensor | None:
+        """Rows [first, last) of a chunk (all by default) as bytes of the mapped file when
+        they are contiguous there, else None; at a URL a copy of those rows' bytes only,
+        fetched (convert asks for a tensor piece by piece)."""
         view = self._indexes[archive].tensor_view(0)
         if view.strides != contiguous_strides(view.shape):
             return None
         itemsize = TORCH_DTYPES[view.dtype].itemsize
-        start = view.file_offset + view.storage_offset * itemsize
-        return self._file_bytes(archive)[start : start + math.prod(view.shape) * itemsize]
+        row = math.prod(view.shape[1:]) * itemsize
+        last = (view.shape[0] if view.shape else 1) if last is None else last
+        start = view.file_offset + view.storage_offset * itemsize + first * row
+        end = start + (last - first) * row
+        if self._remote is not None:
+            fetched = self._remote.fetch_tensor(archive, start, end)
+            return torch.frombuffer(fetched, dtype=torch.uint8) if fetched else torch.empty(
+                0, dtype=torch.uint8
+            )
+        return self._file_bytes(archive)[start:end]
 
     # -- the user's view -------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
@@ -341,10 +421,9 @@ class DcpCheckpoint(ChunkedCheckpoint):
                 and stop <= offsets[0] + sizes[0]
                 and tuple(sizes[1:]) == t.shape[1:]
             ):
-                raw = self._chunk_bytes(archive)
+                raw = self._chunk_bytes(archive, start - offsets[0], stop - offsets[0])
                 if raw is not None and raw.data_ptr() % t.dtype.itemsize == 0:
-                    rows = raw.view(t.dtype).view(sizes)
-                    return rows.narrow(0, start - offsets[0], stop - start)
+                    return raw.view(t.dtype).view(stop - start, *sizes[1:])
                 break
         into = None if out is None else out((stop - start, *t.shape[1:]), t.dtype)
         return assemble(

@@ -47,6 +47,13 @@ class MemoryFile:
             self.map.madvise(mmap.MADV_REMOVE, self.freed, end - self.freed)
             self.freed = end
 
+    def drop(self, start: int, end: int) -> None:
+        """Gives back the whole pages inside [start, end) (the pages it shares with bytes
+        around it are kept); ``freed`` is left as it is."""
+        lo, hi = -(-start // PAGE) * PAGE, min(self.size, end) // PAGE * PAGE
+        if self.map is not None and hi > lo:
+            self.map.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+
     def release_all(self) -> None:
         self.freed = 0
         self.release(self.size)

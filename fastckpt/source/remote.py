@@ -11,7 +11,8 @@ runs its plan reads into the memory file, window by window
 
 A URL ending in ``/`` (or naming no file the formats know) is a folder: the
 files a local folder is searched for are looked up under it, an index's shards
-beside the index.
+beside the index; else a ``.metadata`` makes it a torch.distributed.checkpoint
+directory (source.remote_dcp). DeepSpeed folders are refused by name.
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ import struct
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import PosixPath, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
 from fastckpt.source.memory_file import MemoryFile
 from fastckpt.source.remote_store import Object, Store
 
-__all__ = ["RemoteFile", "RemoteOpening", "RemotePath", "remote_side_files"]
+if TYPE_CHECKING:
+    from fastckpt.source.remote_dcp import RemoteDcp
+
+__all__ = [
+    "RemoteFile", "RemoteOpening", "RemotePath", "open_url", "read_zip_headers",
+    "remote_side_files",
+]  # fmt: skip
 
 _FIRST = 16 << 10  # bytes read first from the start of a file (most safetensors headers)
 _TAIL = 64 << 10  # and from the end of a zip (its end records and, mostly, its directory)
+_HEADER_GAP = 1 << 10  # header runs closer than this are fetched as one
 _FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 FOLDER_CANDIDATES = (
     "model.safetensors",
@@ -143,12 +151,12 @@ def remote_side_files(url: str, is_weight: Callable[[str], bool]) -> list[tuple[
 
 
 def _resolve(url: str) -> tuple[Store, list[str], str]:
-    """The store, the keys of the checkpoint files behind ``url``, and the URL it names."""
+    """The store, the keys of the checkpoint files behind ``url``, and the URL it names;
+    no keys for a folder that holds none of ``FOLDER_CANDIDATES`` (open_url looks further)."""
     store = Store(url)
     key = store.key_of_path
     if _is_folder(url, key):
-        base = key.rstrip("/")
-        prefix = f"{base}/" if base else ""
+        prefix = _prefix(key)
         for name in FOLDER_CANDIDATES:
             try:
                 store.head(prefix + name)
@@ -157,35 +165,64 @@ def _resolve(url: str) -> tuple[Store, list[str], str]:
             key = prefix + name
             break
         else:
-            _refuse_training_folder(store, url, prefix)
-            # A missing prefix reads as a missing local folder would.
-            raise FileNotFoundError(
-                f"{url}: no such checkpoint file or folder (looked for "
-                f"{', '.join(FOLDER_CANDIDATES)} under it)"
-            )
+            return store, [], url
     if key.endswith(".index.json"):
         return store, _shards(store, key), store.url(key)
     return store, [key], store.url(key)
 
 
-# What marks the folders large-model training writes (fastckpt.source.dcp, .deepspeed).
-_TRAINING_MARKS = (
-    (".metadata", "a torch.distributed.checkpoint (DCP) directory"),
-    ("latest", "a DeepSpeed checkpoint folder"),
-)
+def _prefix(key: str) -> str:
+    base = key.rstrip("/")
+    return f"{base}/" if base else ""
+
+
+def open_url(url: str, exact_reads: bool = True) -> RemoteOpening | RemoteDcp:
+    """The checkpoint behind a URL, its headers fetched: files (safetensors, torch zip, a
+    folder's model files or shard index), or a torch.distributed.checkpoint directory
+    (source.remote_dcp)."""
+    store, keys, named = _resolve(url)
+    if keys:
+        return RemoteOpening(url, exact_reads, (store, keys, named))
+    prefix = _prefix(store.key_of_path)
+    try:
+        store.head(prefix + DCP_METADATA)
+    except FileNotFoundError:
+        pass
+    else:
+        from fastckpt.source.remote_dcp import RemoteDcp  # with the first DCP URL only
+
+        return RemoteDcp(store, prefix, url)
+    _refuse_training_folder(store, url, prefix)
+    # A missing prefix reads as a missing local folder would.
+    raise FileNotFoundError(
+        f"{url}: no such checkpoint file or folder (looked for "
+        f"{', '.join(FOLDER_CANDIDATES)} and {DCP_METADATA} under it)"
+    )
+
+
+DCP_METADATA = ".metadata"  # what marks a torch.distributed.checkpoint directory
 
 
 def _refuse_training_folder(store: Store, url: str, prefix: str) -> None:
-    """A folder of training checkpoints is refused by name: those are read from local
-    directories only (download the folder first)."""
-    for name, what in _TRAINING_MARKS:
-        try:
-            store.head(prefix + name)
-        except FileNotFoundError:
-            continue
+    """A DeepSpeed folder is refused by name (read from local directories only: download
+    it first); so is a DCP directory that lost its ``.metadata`` (where the store lists)."""
+    try:
+        store.head(prefix + "latest")
+    except FileNotFoundError:
+        pass
+    else:
         raise CheckpointError(
-            f"{url}: {what} (it holds {name}): read from a local directory only; download "
-            "the folder (e.g. `aws s3 sync`, `gcloud storage cp -r`) and load that"
+            f"{url}: a DeepSpeed checkpoint folder (it holds latest): read from a local "
+            "directory only; download the folder (e.g. `aws s3 sync`, `gcloud storage cp -r`) "
+            "and load that"
+        )
+    if url.startswith(("http://", "https://")):
+        return  # an HTTP server cannot list a folder
+    if any(k.endswith(".distcp") for k, _ in store.list_files(prefix)):
+        raise CheckpointError(
+            f"{store.url(prefix + DCP_METADATA)}: missing: a torch.distributed.checkpoint "
+            "directory needs its .metadata file beside its .distcp files (was the save "
+            "interrupted before rank 0 finished?)"
         )
 
 
@@ -216,7 +253,7 @@ def _read_headers(f: RemoteFile) -> None:
     f.header_bytes += f.fetch([(0, first)])
     head = f.bytes_at(0, first)
     if head[:4] == b"PK\x03\x04":
-        _read_zip_headers(f, first)
+        read_zip_headers(f, [(0, f.size)], [(0, first)])
         return
     if len(head) >= 8:
         (n,) = struct.unpack("<Q", head[:8])
@@ -233,12 +270,16 @@ def _read_headers(f: RemoteFile) -> None:
 
 
 class _Reader:
-    """A seekable file over the object for ``zipfile``: reads fetch what is not yet here."""
+    """A seekable file for ``zipfile`` over the zip at [base, base + size) of the object:
+    reads fetch what is not yet here, in whole ``block``s (clipped to the zip)."""
 
-    def __init__(self, f: RemoteFile, have: list[tuple[int, int]]):
+    def __init__(
+        self, f: RemoteFile, have: list[tuple[int, int]], base: int, size: int, block: int
+    ):
         self.f = f
         self.pos = 0
         self.have = have
+        self.base, self.size, self.block = base, size, block
 
     def seekable(self) -> bool:
         return True
@@ -247,21 +288,23 @@ class _Reader:
         return self.pos
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.f.size}[whence]
-        self.pos = max(0, base + offset)
+        at = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, at + offset)
         return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        end = self.f.size if n is None or n < 0 else min(self.f.size, self.pos + n)
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         start = self.pos
-        if end > start and not any(s <= start and end <= e for s, e in self.have):
-            # Whole 16 KiB blocks: the directory is read in many small reads.
-            lo, hi = start // _FIRST * _FIRST, min(self.f.size, -(-end // _FIRST) * _FIRST)
-            missing = _subtract((lo, hi), self.have)
-            self.f.header_bytes += self.f.fetch(missing)
-            self.have.extend(missing)
         self.pos = max(start, end)
-        return self.f.bytes_at(start, end) if end > start else b""
+        if end <= start:
+            return b""
+        lo, hi = self.base + start, self.base + end
+        if not _inside((lo, hi), self.have):
+            # Whole blocks: the directory is read in many small reads.
+            b = self.block
+            run = (max(self.base, lo // b * b), min(self.base + self.size, -(-hi // b) * b))
+            _fetch_missing(self.f, self.have, [run])
+        return self.f.bytes_at(lo, hi)
 
 
 def _subtract(run: tuple[int, int], have: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -280,40 +323,66 @@ def _subtract(run: tuple[int, int], have: list[tuple[int, int]]) -> list[tuple[i
     return out
 
 
-def _read_zip_headers(f: RemoteFile, first: int) -> None:
-    have = [(0, first)]
-    tail = (max(first, f.size - _TAIL), f.size)
-    if tail[1] > tail[0]:
-        f.header_bytes += f.fetch([tail])
-        have.append(tail)
-    try:
-        infos = zipfile.ZipFile(_Reader(f, have)).infolist()  # type: ignore[arg-type]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
-        return  # the core reports what is wrong with the zip (it reads the same bytes)
-    local = [
-        (i.header_offset, i.header_offset + 30 + len(i.orig_filename.encode("utf-8")))
-        for i in infos
-    ]
-    f.header_bytes += f.fetch(_merge([r for r in local if not _inside(r, have)]))
-    have.extend(local)
+def _fetch_missing(
+    f: RemoteFile, have: list[tuple[int, int]], runs: list[tuple[int, int]], gap: int = 0
+) -> None:
+    """Fetches the parts of ``runs`` not in ``have`` (header bytes), in one batch of
+    concurrent requests (runs less than ``gap`` apart in one), and adds them to ``have``
+    (kept merged)."""
+    need = _merge([m for r in runs if r[1] > r[0] for m in _subtract(r, have)], gap)
+    f.header_bytes += f.fetch(need)
+    have[:] = _merge(have + need)
+
+
+def read_zip_headers(
+    f: RemoteFile,
+    zips: Sequence[tuple[int, int]],
+    have: list[tuple[int, int]],
+    tail: int = _TAIL,
+    block: int = _FIRST,
+) -> None:
+    """Fetches what the core reads to index each torch zip archive at (offset, length) of
+    the object (the whole file; or, in a DCP ``.distcp`` file, each chunk's archive): its
+    end records and central directory (the last ``tail`` bytes, more if the directory is
+    longer), each record's local header, and the small records (``data.pkl`` and the
+    like), never a storage. ``have``: the runs already here. Each kind of record is fetched
+    for every archive at once: one batch of concurrent requests, not one per archive."""
+    _fetch_missing(f, have, [(max(b, b + n - tail), b + n) for b, n in zips])
+    found = []
+    for base, n in zips:
+        try:
+            infos = zipfile.ZipFile(_Reader(f, have, base, n, block)).infolist()  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+            continue  # the core reports what is wrong with the zip (it reads the same bytes)
+        heads = [
+            (base + i.header_offset, base + i.header_offset + 30 + len(i.orig_filename.encode()))
+            for i in infos
+        ]
+        found.append((base + n, infos, heads))
+    # A torch zip's first records (data.pkl, .format_version, byteorder) lie a few hundred
+    # bytes apart: one request for them, not one each.
+    _fetch_missing(
+        f, have, [(s, min(e, end)) for end, _, heads in found for s, e in heads], _HEADER_GAP
+    )
     small = []
-    for info, (start, _) in zip(infos, local, strict=True):
-        if "/data/" in info.orig_filename or start + 30 > f.size:
-            continue  # a storage: its bytes are read by the load
-        name_len, extra_len = struct.unpack("<HH", f.bytes_at(start + 26, start + 30))
-        data = start + 30 + name_len + extra_len
-        small.append((data, min(f.size, data + info.compress_size)))
-    f.header_bytes += f.fetch(_merge([r for r in small if r[1] > r[0] and not _inside(r, have)]))
+    for end, infos, heads in found:
+        for info, (start, _) in zip(infos, heads, strict=True):
+            if "/data/" in info.orig_filename or start + 30 > end:
+                continue  # a storage: its bytes are read by the load
+            name_len, extra_len = struct.unpack("<HH", f.bytes_at(start + 26, start + 30))
+            data = start + 30 + name_len + extra_len
+            small.append((data, min(end, data + info.compress_size)))
+    _fetch_missing(f, have, small, _HEADER_GAP)
 
 
 def _inside(run: tuple[int, int], have: list[tuple[int, int]]) -> bool:
     return any(s <= run[0] and run[1] <= e for s, e in have)
 
 
-def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _merge(runs: list[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for s, e in sorted(runs):
-        if out and s <= out[-1][1]:
+        if out and s <= out[-1][1] + gap:
             out[-1] = (out[-1][0], max(out[-1][1], e))
         else:
             out.append((s, e))
@@ -323,8 +392,15 @@ def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 class RemoteOpening:
     """The files behind a URL, their headers fetched, indexed by the core."""
 
-    def __init__(self, url: str, exact_reads: bool = True):
-        store, keys, named = _resolve(url)
+    def __init__(
+        self,
+        url: str,
+        exact_reads: bool = True,
+        resolved: tuple[Store, list[str], str] | None = None,
+    ):
+        store, keys, named = resolved or _resolve(url)
+        if not keys:
+            raise FileNotFoundError(f"{url}: no such checkpoint file or folder")
         self.url = named if len(keys) > 1 else store.url(keys[0])
         self.path = RemotePath.of(url)
         self.files = [RemoteFile(Object(store, k)) for k in keys]
