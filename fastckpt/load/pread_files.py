@@ -75,6 +75,7 @@ class PreadFile(MemoryFile):
 
     def __init__(self, path: str, size: int):
         super().__init__(size, "fastckpt-pread")
+        self.holder = self  # what fetches for it (load.remote_reads)
         self.url = path
         self.src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.stamp = _Stamp(os.fstat(self.src))

@@ -80,6 +80,7 @@ class RemoteFile(MemoryFile):
         self.obj = obj
         self.url = obj.url
         self.header_bytes = 0  # fetched to index the file
+        self.holder = self  # what fetches for it (load.remote_reads)
 
     def fetch(self, runs: Sequence[tuple[int, int]]) -> int:
         """Bytes [start, end) of each run (sorted, disjoint) from the object into the memory

@@ -41,6 +41,7 @@ class _Archive:
         self.url = f.url
         self.freed = 0
         self.checks = checks  # the first archive of its object checks it (one HEAD per file)
+        self.holder = f  # its object fetches for all its archives at once (load.remote_reads)
 
     def fetch(self, runs: Sequence[tuple[int, int]]) -> int:
         return self.f.fetch(runs)
