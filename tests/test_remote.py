@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
@@ -382,6 +384,29 @@ def test_http_load_from_inside_a_running_event_loop(http_server, st_file):
         return remote
 
     assert_same(local, asyncio.run(handler()))
+
+
+def _runs(draw_list: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    from fastckpt.source.remote import _merge
+
+    return _merge([(a, a + n) for a, n in draw_list])
+
+
+_spans = st.lists(st.tuples(st.integers(0, 300), st.integers(1, 40)), max_size=12)
+
+
+@given(_spans, _spans)
+def test_header_runs_missing_and_inside_agree_with_sets_of_bytes(runs, have):
+    """The sweep that finds which header bytes are still to fetch (thousands of runs for a
+    DCP file's archives), against sets of byte offsets."""
+    from fastckpt.source.remote import _inside, _missing
+
+    runs, have = _runs(runs), _runs(have)
+    held = {x for s, e in have for x in range(s, e)}
+    got = [x for s, e in _missing(runs, have) for x in range(s, e)]
+    assert sorted(got) == sorted({x for s, e in runs for x in range(s, e)} - held)
+    for s, e in runs:
+        assert _inside((s, e), have) == any(hs <= s and e <= he for hs, he in have)
 
 
 def test_cli_inspect_a_url(s3, st_file):

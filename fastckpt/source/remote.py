@@ -17,6 +17,7 @@ directory (source.remote_dcp). DeepSpeed folders are refused by name.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import struct
@@ -308,19 +309,24 @@ class _Reader:
         return self.f.bytes_at(lo, hi)
 
 
-def _subtract(run: tuple[int, int], have: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out = [run]
-    for hs, he in have:
-        nxt = []
-        for s, e in out:
-            if he <= s or e <= hs:
-                nxt.append((s, e))
-                continue
-            if s < hs:
-                nxt.append((s, hs))
-            if he < e:
-                nxt.append((he, e))
-        out = nxt
+def _missing(runs: list[tuple[int, int]], have: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``runs`` (sorted, disjoint) outside ``have`` (sorted, disjoint): one
+    sweep, as a DCP file's archives bring thousands of both."""
+    out = []
+    for s, e in runs:
+        i = max(0, bisect.bisect_right(have, (s, s)) - 1)
+        at = s
+        while at < e and i < len(have):
+            hs, he = have[i]
+            if hs >= e:
+                break
+            if he > at:
+                if hs > at:
+                    out.append((at, hs))
+                at = he
+            i += 1
+        if at < e:
+            out.append((at, e))
     return out
 
 
@@ -330,7 +336,8 @@ def _fetch_missing(
     """Fetches the parts of ``runs`` not in ``have`` (header bytes), in one batch of
     concurrent requests (runs less than ``gap`` apart in one), and adds them to ``have``
     (kept merged)."""
-    need = _merge([m for r in runs if r[1] > r[0] for m in _subtract(r, have)], gap)
+    have[:] = _merge(have)
+    need = _merge(_missing(_merge([r for r in runs if r[1] > r[0]]), have), gap)
     f.header_bytes += f.fetch(need)
     have[:] = _merge(have + need)
 
@@ -341,6 +348,7 @@ def read_zip_headers(
     have: list[tuple[int, int]],
     tail: int = _TAIL,
     block: int = _FIRST,
+    head: int = 0,
 ) -> None:
     """Fetches what the core reads to index each torch zip archive at (offset, length) of
     the object (the whole file; or, in a DCP ``.distcp`` file, each chunk's archive): its
@@ -348,7 +356,10 @@ def read_zip_headers(
     longer), each record's local header, and the small records (``data.pkl`` and the
     like), never a storage. ``have``: the runs already here. Each kind of record is fetched
     for every archive at once: one batch of concurrent requests, not one per archive."""
-    _fetch_missing(f, have, [(max(b, b + n - tail), b + n) for b, n in zips])
+    # With each end, its first ``head`` bytes (the first records: data.pkl, byteorder): in
+    # a .distcp file one archive's end and the next one's start are then one request.
+    ends = [(max(b, b + n - tail), b + n) for b, n in zips]
+    _fetch_missing(f, have, ends + [(b, b + min(n, head)) for b, n in zips])
     found = []
     for base, n in zips:
         try:
@@ -377,7 +388,9 @@ def read_zip_headers(
 
 
 def _inside(run: tuple[int, int], have: list[tuple[int, int]]) -> bool:
-    return any(s <= run[0] and run[1] <= e for s, e in have)
+    """``run`` lies in one run of ``have`` (sorted, merged)."""
+    i = bisect.bisect_right(have, (run[0], float("inf"))) - 1
+    return i >= 0 and have[i][0] <= run[0] and run[1] <= have[i][1]
 
 
 def _merge(runs: list[tuple[int, int]], gap: int = 0) -> list[tuple[int, int]]:

@@ -25,7 +25,8 @@ from fastckpt.source.memory_file import MemoryFile
 from fastckpt.source.remote import DCP_METADATA, RemoteFile, RemotePath, read_zip_headers
 from fastckpt.source.remote_store import Object, Store
 
-_ARCHIVE_TAIL = 1 << 10  # a chunk archive's end records and directory: under 1 KiB
+_ARCHIVE_TAIL = 1 << 10  # a chunk archive's end records and directory: under 1 KiB;
+# its first records (data.pkl, byteorder) too
 _ARCHIVE_BLOCK = 512  # further reads of a directory longer than that
 
 
@@ -115,9 +116,8 @@ class RemoteDcp:
     ) -> list[Any]:
         f = self._object(relative)
         assert f is not None  # DcpLayout asked for its size first
-        read_zip_headers(
-            f, ranges, self._have.setdefault(relative, []), _ARCHIVE_TAIL, _ARCHIVE_BLOCK
-        )
+        have = self._have.setdefault(relative, [])
+        read_zip_headers(f, ranges, have, _ARCHIVE_TAIL, _ARCHIVE_BLOCK, _ARCHIVE_TAIL)
         out = _named(lambda: _core.open_archives(f.path, list(ranges), exact_reads), f.path, f.url)
         first = not any(a.f is f for a in self.files)
         for k, (offset, length) in enumerate(ranges):
