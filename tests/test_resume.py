@@ -352,3 +352,11 @@ def test_trainer_bin_holding_both_tied_names_resumes_through_load_into(tmp_path)
         assert_same_bytes(t, state[name])
     assert model2.lm_head.decoder.weight is model2.roberta.embeddings.word_embeddings.weight
     train_step(model2, opt2, 1)
+
+
+def test_resume_from_a_url_is_refused_by_name():
+    """Not a mangled path ("s3:/bucket/...") reported missing: what resume reads, named."""
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(fastckpt.CheckpointError, match=r"step-10/: resume reads local"):
+        fastckpt.resume("s3://bucket/run/step-10/", model, opt)

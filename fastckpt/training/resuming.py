@@ -93,7 +93,14 @@ def resume(
     from fastckpt.load.execute import load_into
     from fastckpt.planning.load_plan import plan
     from fastckpt.source.dcp import is_dcp_dir
+    from fastckpt.source.urls import is_url
 
+    if is_url(path):
+        raise CheckpointError(
+            f"{path}: resume reads local folders only (a save folder, a Trainer checkpoint, "
+            "a DCP directory): download it first; load_into(model, URL) reads a model's "
+            "weights from a URL"
+        )
     folder = Path(path)
     dcp_ckpt: Any = None
     if (folder / MANIFEST).is_file():
