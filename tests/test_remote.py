@@ -600,8 +600,10 @@ class Mixed(nn.Module):
 def test_http_bytes_go_straight_into_the_model_where_they_are_its_memory(
     http_server, tmp_path, monkeypatch
 ):
+    from fastckpt.load import remote_reads
     from fastckpt.source import remote
 
+    monkeypatch.setattr(remote_reads, "_DIRECT_MIN", 0)  # these are small tensors
     monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
     torch.manual_seed(3)
     shared = torch.randn(256, 256)
@@ -639,6 +641,9 @@ def test_http_a_transposed_view_is_not_taken_for_its_storage(http_server, tmp_pa
     # torch.save of w.t() stores w's storage with transposed strides: 120,000 runs of one
     # element, given as their hull (one run of exactly the tensor's bytes). Fetched straight
     # into the parameter, the values would land transposed.
+    from fastckpt.load import remote_reads
+
+    monkeypatch.setattr(remote_reads, "_DIRECT_MIN", 0)  # 480 KB: would go by the window
     monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
     torch.manual_seed(4)
     w = torch.randn(300, 400)

@@ -158,7 +158,9 @@ def test_load_into_matches_local_and_fetches_only_what_it_reads(served, saved):
     header = plan.checkpoint._remote.header_bytes  # type: ignore[union-attr]
     report = fastckpt.load_into(remote, plan)
     same(local, remote)
-    assert report.fetched == nbytes(local)  # each tensor is one chunk, read whole
+    # Each tensor is one chunk, read whole; small ones share requests with their
+    # neighbours, and the zip records between archives come along (less than 10%).
+    assert nbytes(local) <= report.fetched <= 1.1 * nbytes(local)
     assert header < 64 << 10
     assert server.counters.body_bytes <= 1.1 * report.fetched + header
 
@@ -188,7 +190,7 @@ def test_rows_rule_fetches_only_those_rows(s3, saved):
     header = plan.checkpoint._remote.header_bytes  # type: ignore[union-attr]
     report = fastckpt.load_into(remote, plan)
     same(local, remote)
-    assert report.fetched == nbytes(local)
+    assert nbytes(local) <= report.fetched <= 1.1 * nbytes(local)  # not the 412 other rows
     assert s3.counters.body_bytes <= 1.1 * report.fetched + header
 
 
@@ -345,3 +347,23 @@ def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
         assert sent <= 1.1 * res["fetched"] + res["header"], (rank, sent, res)
         assert sent < 0.6 * total  # not the whole directory
         print(f"rank {rank}: sent {sent} B: plan {res['fetched']}, headers {res['header']}")
+
+
+def test_small_chunks_share_requests(http_server, tmp_path):
+    """Forty 4 KiB chunks, each in an archive of its own: fetched one request each (as
+    straight-in reads of their parameters were), a load would be forty round trips; the
+    memory file's window takes them, and the zip records between them, together."""
+    folder = tmp_path / "small"
+    torch.manual_seed(0)
+    model = nn.ParameterDict({f"p{i}": nn.Parameter(torch.randn(32, 32)) for i in range(40)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(model.state_dict(), checkpoint_id=folder)
+    url = upload(http_server, "small", folder)
+    got = nn.ParameterDict({f"p{i}": nn.Parameter(torch.empty(32, 32)) for i in range(40)})
+    plan = fastckpt.plan(got, url)
+    http_server.counters.reset()
+    report = fastckpt.load_into(got, plan)
+    same(model, got)
+    assert http_server.counters.gets == 1
+    assert nbytes(model) <= report.fetched <= 1.5 * nbytes(model)  # + the records between
