@@ -194,9 +194,9 @@ def test_missing_object_and_bucket_read_as_a_missing_path(s3):
         fastckpt.open(f"s3://{BUCKET}/empty-prefix/")
 
 
-def test_deepspeed_folders_at_urls_are_refused_by_name_dcp_directories_open(s3, tmp_path):
-    """A DeepSpeed folder in a bucket is refused for what it is, not reported missing; a
-    DCP directory opens (tests/test_remote_dcp.py loads them)."""
+def test_deepspeed_folders_and_dcp_directories_at_urls_open(s3, tmp_path):
+    """A DeepSpeed folder and a DCP directory in a bucket open for what they are
+    (tests/test_remote_deepspeed.py and tests/test_remote_dcp.py load them)."""
     import torch.distributed.checkpoint as dcp
 
     w = torch.randn(4, 4)
@@ -210,8 +210,8 @@ def test_deepspeed_folders_at_urls_are_refused_by_name_dcp_directories_open(s3, 
     with fastckpt.open(f"s3://{BUCKET}/train/dcp/") as ckpt:
         assert ckpt.format == "dcp" and ckpt.keys() == ["w"]
         assert torch.equal(ckpt.tensor("w").view(torch.uint8), w.view(torch.uint8))
-    with pytest.raises(CheckpointError, match=r"s3://ckpts/train/zero2: a DeepSpeed checkpoint"):
-        fastckpt.load_into(fresh(), f"s3://{BUCKET}/train/zero2")
+    with fastckpt.open(f"s3://{BUCKET}/train/zero2") as ckpt, fastckpt.open(zero) as local:
+        assert ckpt.format == "deepspeed" and ckpt.keys() == local.keys()
 
 
 def test_403_names_the_url_not_the_credentials(s3, st_file):

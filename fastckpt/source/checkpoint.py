@@ -45,6 +45,7 @@ from fastckpt.source.urls import is_url
 if TYPE_CHECKING:
     from fastckpt.source.remote import RemoteOpening
     from fastckpt.source.remote_dcp import RemoteDcp
+    from fastckpt.source.remote_deepspeed import RemoteZero
 
 STATE_DICT_KEYS = (
     "state_dict",
@@ -195,7 +196,7 @@ class Opening:
     def __init__(self, path: PathLike, *, exact_reads: bool = False):
         # exact_reads: parse with no readahead, so a rank reading its shard
         # fetches the headers' pages and nothing around them.
-        self.remote: RemoteOpening | RemoteDcp | None = None
+        self.remote: RemoteOpening | RemoteDcp | RemoteZero | None = None
         self.exact_reads = exact_reads
         if is_url(path):  # s3://, gs://, az://, http(s)://: headers fetched, then indexed
             from fastckpt.source.remote import open_url  # with the first URL only
@@ -262,6 +263,10 @@ class Checkpoint:
                 from fastckpt.source.dcp import DcpCheckpoint
 
                 made: Checkpoint = object.__new__(DcpCheckpoint)
+            elif getattr(opening.remote, "is_deepspeed", False):
+                from fastckpt.source.deepspeed import DeepSpeedCheckpoint
+
+                made = object.__new__(DeepSpeedCheckpoint)
             else:
                 made = object.__new__(cls)
             made._made_opening = opening
@@ -272,8 +277,8 @@ class Checkpoint:
                 return object.__new__(source)
         return object.__new__(cls)
 
-    # set for a URL's checkpoint (source.remote, source.remote_dcp)
-    _remote: RemoteOpening | RemoteDcp | None = None
+    # set for a URL's checkpoint (source.remote, source.remote_dcp, source.remote_deepspeed)
+    _remote: RemoteOpening | RemoteDcp | RemoteZero | None = None
     _made_opening: Opening | None = None  # by __new__, for __init__
 
     def __init__(

@@ -45,15 +45,16 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES
 from fastckpt.errors import CheckpointError
-from fastckpt.source.checkpoint import Chunk, TensorInfo
+from fastckpt.source.checkpoint import Chunk, Opening, TensorInfo
 from fastckpt.source.chunked import LOGICAL, ChunkedCheckpoint, contiguous_strides
+from fastckpt.source.urls import is_url
 
 LATEST = "latest"
 _MAX_TAG = 4096  # bytes of `latest` read: a tag is a folder name
@@ -82,22 +83,71 @@ def tag_folder(path: Path) -> Path:
         return path
     latest = path / LATEST
     if not latest.is_file():
-        raise CheckpointError(
-            f"{latest}: missing: a DeepSpeed checkpoint folder names its tag (global_step<N>) "
-            "in it; open the tag folder itself to pick one"
-        )
+        raise CheckpointError(missing_latest(str(latest)))
     with latest.open("rb") as f:
         raw = f.read(_MAX_TAG + 1)
+    tag = tag_name(raw, str(latest))
+    folder = path / tag
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing: {latest} names the tag {tag!r}")
+    return folder
+
+
+def missing_latest(latest: str) -> str:
+    return (
+        f"{latest}: missing: a DeepSpeed checkpoint folder names its tag (global_step<N>) "
+        "in it; open the tag folder itself to pick one"
+    )
+
+
+def tag_name(raw: bytes, latest: str) -> str:
+    """The tag ``latest`` (its first ``_MAX_TAG + 1`` bytes: ``raw``) names: a plain folder
+    name, never a path that leaves the checkpoint folder."""
     try:
         tag = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         tag = ""
     if not tag or len(raw) > _MAX_TAG or "/" in tag or "\\" in tag or tag in (".", ".."):
         raise CheckpointError(f"{latest}: does not name a tag folder ({raw[:80]!r})")
-    folder = path / tag
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: missing: {latest} names the tag {tag!r}")
-    return folder
+    return tag
+
+
+def is_states_file(name: str) -> bool:
+    return name.endswith(("_model_states.pt", "_optim_states.pt"))
+
+
+class ZeroFiles(Protocol):
+    """How ``ZeroLayout`` reads a tag folder: local files (``LocalZeroFiles``) or objects
+    under a URL (source.remote_deepspeed.RemoteZero)."""
+
+    folder: Path  # the tag folder (named in messages; its name is the tag)
+
+    def names(self) -> list[str]:
+        """The names of the files directly in the tag folder."""
+        ...
+
+    def path_of(self, name: str) -> Path: ...
+
+    def open(self, names: Sequence[str], exact_reads: bool) -> list[_core.FileIndex]:
+        """The core's index of each file, in order."""
+        ...
+
+
+class LocalZeroFiles:
+    """A ZeRO checkpoint folder on a filesystem (``path``: the folder or its tag folder)."""
+
+    def __init__(self, path: Path):
+        self.folder = tag_folder(path)
+
+    def names(self) -> list[str]:
+        return [f.name for f in self.folder.iterdir() if f.is_file()]
+
+    def path_of(self, name: str) -> Path:
+        return self.folder / name
+
+    def open(self, names: Sequence[str], exact_reads: bool) -> list[_core.FileIndex]:
+        paths = [str(self.folder / n) for n in names]
+        return list(_core.start_open(paths, min(8, os.cpu_count() or 1), exact_reads).wait())
 
 
 class Run(NamedTuple):
@@ -117,8 +167,8 @@ class FlatParam(NamedTuple):
     runs: tuple[Run, ...]
 
 
-def _natural(p: Path) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _int(v: Any) -> Any:
@@ -139,11 +189,14 @@ class ZeroLayout:
     """What a ZeRO tag folder holds: every tensor of the fp32 state dict as runs of its
     files' stored tensors (see the module docstring)."""
 
-    def __init__(self, path: Path, exact_reads: bool = False) -> None:
-        self.folder = tag_folder(path)
-        optim = sorted(
-            (f for f in self.folder.glob("*_optim_states.pt") if f.is_file()), key=_natural
-        )
+    def __init__(
+        self, path: Path, exact_reads: bool = False, files: ZeroFiles | None = None
+    ) -> None:
+        self._files: ZeroFiles = files if files is not None else LocalZeroFiles(path)
+        self.folder = self._files.folder
+        names = self._files.names()
+        optim_names = sorted((n for n in names if n.endswith("_optim_states.pt")), key=_natural)
+        optim = [self._files.path_of(n) for n in optim_names]
         if not optim:
             raise CheckpointError(f"{self.folder}: holds no *_optim_states.pt file")
         for f in optim:
@@ -158,21 +211,20 @@ class ZeroLayout:
             raise CheckpointError(
                 f"{self.folder}: optimizer files of ranks {ranks}, not 0..{len(optim) - 1}"
             )
-        model_files = sorted(
-            (f for f in self.folder.glob("*_model_states.pt") if f.is_file()), key=_natural
-        )
+        model_names = sorted((n for n in names if n.endswith("_model_states.pt")), key=_natural)
+        model_files = [self._files.path_of(n) for n in model_names]
         if not model_files:
             raise CheckpointError(
-                f"{self.folder / _MODEL}: missing: a ZeRO checkpoint keeps the parameter "
+                f"{self._files.path_of(_MODEL)}: missing: a ZeRO checkpoint keeps the parameter "
                 "names and shapes in its model states file"
             )
         for f in model_files:
             if f.name != _MODEL and _MODEL_Z3.match(f.name) is None:
                 raise CheckpointError(f"{f}: not a data-parallel DeepSpeed model states file")
         self.files = model_files + optim
-        self.indexes: list[_core.FileIndex] = _core.start_open(
-            [str(f) for f in self.files], min(8, os.cpu_count() or 1), exact_reads
-        ).wait()
+        self.indexes: list[_core.FileIndex] = self._files.open(
+            model_names + optim_names, exact_reads
+        )
         self.world = len(optim)
         self.model_files = model_files
         first_optim = len(model_files)
@@ -463,9 +515,19 @@ class DeepSpeedCheckpoint(ChunkedCheckpoint):
             raise CheckpointError(
                 f"{path}: a DeepSpeed ZeRO folder holds one state dict; key={key!r} picks none"
             )
-        self.path = Path(path)
-        layout = ZeroLayout(self.path, bool(getattr(_opening, "exact_reads", False)))
+        made = self.__dict__.pop("_made_opening", None)  # by Checkpoint.__new__, for a URL
+        _opening = _opening or made
+        if _opening is None and is_url(path):
+            _opening = Opening(path)
+        remote = getattr(_opening, "remote", None)
+        if remote is not None and not getattr(remote, "is_deepspeed", False):
+            raise CheckpointError(f"{path}: not a DeepSpeed ZeRO checkpoint folder")
+        # At a URL (source.remote_deepspeed) the tag folder's objects are listed, their zip
+        # records fetched, and ``_remote`` fetches what loads and tensor() read.
+        self.path = remote.path if remote is not None else Path(path)
+        layout = ZeroLayout(self.path, bool(getattr(_opening, "exact_reads", False)), remote)
         self._layout = layout
+        self._remote = remote
         self.format = "deepspeed"
         self._indexes = layout.indexes
         self.files = list(layout.files)

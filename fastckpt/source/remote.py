@@ -12,7 +12,9 @@ runs its plan reads into the memory file, window by window
 A URL ending in ``/`` (or naming no file the formats know) is a folder: the
 files a local folder is searched for are looked up under it, an index's shards
 beside the index; else a ``.metadata`` makes it a torch.distributed.checkpoint
-directory (source.remote_dcp). DeepSpeed folders are refused by name.
+directory (source.remote_dcp); else ``latest`` or ``*_states.pt`` files in its listing
+make it a DeepSpeed ZeRO folder (source.remote_deepspeed), refused by name where the
+server cannot list (http).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from fastckpt.source.remote_store import Object, Store
 
 if TYPE_CHECKING:
     from fastckpt.source.remote_dcp import RemoteDcp
+    from fastckpt.source.remote_deepspeed import RemoteZero
 
 __all__ = [
-    "RemoteFile", "RemoteOpening", "RemotePath", "open_url", "read_zip_headers",
+    "RemoteFile", "RemoteOpening", "RemotePath", "open_url", "read_headers", "read_zip_headers",
     "remote_side_files",
 ]  # fmt: skip
 
@@ -178,10 +181,11 @@ def _prefix(key: str) -> str:
     return f"{base}/" if base else ""
 
 
-def open_url(url: str, exact_reads: bool = True) -> RemoteOpening | RemoteDcp:
+def open_url(url: str, exact_reads: bool = True) -> RemoteOpening | RemoteDcp | RemoteZero:
     """The checkpoint behind a URL, its headers fetched: files (safetensors, torch zip, a
-    folder's model files or shard index), or a torch.distributed.checkpoint directory
-    (source.remote_dcp)."""
+    folder's model files or shard index), a torch.distributed.checkpoint directory
+    (source.remote_dcp) or a DeepSpeed ZeRO folder (source.remote_deepspeed). A folder's
+    model files win over a training state beside them (a Trainer's checkpoint-N/)."""
     store, keys, named = _resolve(url)
     if keys:
         return RemoteOpening(url, exact_reads, (store, keys, named))
@@ -194,7 +198,21 @@ def open_url(url: str, exact_reads: bool = True) -> RemoteOpening | RemoteDcp:
         from fastckpt.source.remote_dcp import RemoteDcp  # with the first DCP URL only
 
         return RemoteDcp(store, prefix, url)
-    _refuse_training_folder(store, url, prefix)
+    if url.startswith(("http://", "https://")):
+        _refuse_unlisted_deepspeed(store, url, prefix)
+    else:
+        listed = store.list_files(prefix)
+        names = [k[len(prefix) :] for k, _ in listed]
+        if _DS_LATEST in names or any(n.endswith(_DS_STATES) for n in names):
+            from fastckpt.source.remote_deepspeed import RemoteZero  # with the first one only
+
+            return RemoteZero(store, prefix, url, listed)
+        if any(n.endswith(".distcp") for n in names):
+            raise CheckpointError(
+                f"{store.url(prefix + DCP_METADATA)}: missing: a torch.distributed.checkpoint "
+                "directory needs its .metadata file beside its .distcp files (was the save "
+                "interrupted before rank 0 finished?)"
+            )
     # A missing prefix reads as a missing local folder would.
     raise FileNotFoundError(
         f"{url}: no such checkpoint file or folder (looked for "
@@ -203,28 +221,24 @@ def open_url(url: str, exact_reads: bool = True) -> RemoteOpening | RemoteDcp:
 
 
 DCP_METADATA = ".metadata"  # what marks a torch.distributed.checkpoint directory
+_DS_LATEST = "latest"  # what marks a DeepSpeed ZeRO folder (source.deepspeed), or
+_DS_STATES = ("_model_states.pt", "_optim_states.pt")  # its tag folder's files
+# Names a ZeRO tag folder always holds, looked for on a server that cannot list.
+_DS_PROBES = (_DS_LATEST, "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
-def _refuse_training_folder(store: Store, url: str, prefix: str) -> None:
-    """A DeepSpeed folder is refused by name (read from local directories only: download
-    it first); so is a DCP directory that lost its ``.metadata`` (where the store lists)."""
-    try:
-        store.head(prefix + "latest")
-    except FileNotFoundError:
-        pass
-    else:
+def _refuse_unlisted_deepspeed(store: Store, url: str, prefix: str) -> None:
+    """A DeepSpeed folder on an HTTP server is refused by name: its files (one per rank,
+    named by rank and precision) are found by listing, which an HTTP server cannot do."""
+    for name in _DS_PROBES:
+        try:
+            store.head(prefix + name)
+        except FileNotFoundError:
+            continue
         raise CheckpointError(
-            f"{url}: a DeepSpeed checkpoint folder (it holds latest): read from a local "
-            "directory only; download the folder (e.g. `aws s3 sync`, `gcloud storage cp -r`) "
-            "and load that"
-        )
-    if url.startswith(("http://", "https://")):
-        return  # an HTTP server cannot list a folder
-    if any(k.endswith(".distcp") for k, _ in store.list_files(prefix)):
-        raise CheckpointError(
-            f"{store.url(prefix + DCP_METADATA)}: missing: a torch.distributed.checkpoint "
-            "directory needs its .metadata file beside its .distcp files (was the save "
-            "interrupted before rank 0 finished?)"
+            f"{url}: a DeepSpeed checkpoint folder (it holds {name}): its files are found by "
+            "listing the folder, which an http(s):// server cannot do; put it in a bucket "
+            "(s3://, gs://, az://) or download it and load that"
         )
 
 
@@ -247,7 +261,7 @@ def _shards(store: Store, index_key: str) -> list[str]:
     return out
 
 
-def _read_headers(f: RemoteFile) -> None:
+def read_headers(f: RemoteFile) -> None:
     """Fetches what the core reads to index the file, and nothing of its tensors."""
     if f.size == 0:
         raise CheckpointError(f"{f.url}: the object is empty (0 bytes): not a checkpoint")
@@ -420,7 +434,7 @@ class RemoteOpening:
         self.files = [RemoteFile(Object(store, k)) for k in keys]
         self.paths = [RemotePath.of(f.url) for f in self.files]
         for f in self.files:
-            _read_headers(f)
+            read_headers(f)
         self._pending = _core.start_open(
             [f.path for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         )
