@@ -409,6 +409,29 @@ def test_header_runs_missing_and_inside_agree_with_sets_of_bytes(runs, have):
         assert _inside((s, e), have) == any(hs <= s and e <= he for hs, he in have)
 
 
+def test_http_shards_are_read_together(http_server, monkeypatch):
+    """A sharded folder's headers, and then its tensors, are requested for all shards at
+    once (each request stalled 0.1 s: those sent together are answered together)."""
+    import json as json_
+
+    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
+    torch.manual_seed(0)
+    sd = {f"w{i}": torch.randn(512, 512) for i in range(4)}  # 1 MiB each: fetched straight in
+    index = {"weight_map": {k: f"model-{i}.safetensors" for i, k in enumerate(sd)}}
+    for i, (k, v) in enumerate(sd.items()):
+        http_server.files[f"/s/model-{i}.safetensors"] = save({k: v})
+    http_server.files["/s/model.safetensors.index.json"] = json_.dumps(index).encode()
+    model = nn.ParameterDict({k: nn.Parameter(torch.empty_like(v)) for k, v in sd.items()})
+    http_server.fault = ("stall", 0.1)
+    plan = fastckpt.plan(model, f"{http_server.url}/s/")
+    assert http_server.counters.most_in_flight == 4  # the four shards' headers
+    http_server.counters.reset()
+    fastckpt.load_into(model, plan)
+    assert http_server.counters.most_in_flight == 4  # and their tensors
+    for k, v in sd.items():
+        assert torch.equal(model[k].detach().view(torch.uint8), v.view(torch.uint8))
+
+
 def test_cli_inspect_a_url(s3, st_file):
     from typer.testing import CliRunner
 

@@ -26,6 +26,7 @@ import torch
 from fastckpt.errors import CheckpointError
 from fastckpt.load import read_once
 from fastckpt.load.read_once import Counts, Segment, Task
+from fastckpt.source.remote_store import each
 
 _WINDOW = 64 << 20
 # Smaller tensors go through the memory file, where neighbouring runs are one request:
@@ -149,8 +150,7 @@ def run(
             mine.setdefault(t.file, []).append(runs[i])
     need = {f: read_once.merge(torch.cat(rs)) for f, rs in mine.items()}
     segs = _segments(need, gap, window)
-    for f in files:
-        f.check_unchanged()  # later remote reads are checked by If-Match and size
+    each([f.check_unchanged for f in files])  # later reads: checked by If-Match and size
     before_writing()
     # Everything is checked: from here on the model is written.
     # Reads are gathered per object (``holder``): the archives of a DCP .distcp file are
@@ -160,10 +160,11 @@ def run(
         lo, hi = (int(v) for v in runs[i][0].tolist())
         holder = files[cut[i].file].holder
         by_holder.setdefault(id(holder), (holder, []))[1].append((lo, hi, _bytes_of(cut[i].dst)))
-    for holder, pieces in by_holder.values():
-        got = holder.fetch_into(pieces, max_host_bytes)  # the windows come after these
-        counts.read += got
-        counts.copied += got
+    # Objects fetched together share the budget (the windows come after these).
+    share = max_host_bytes // min(8, max(1, len(by_holder)))
+    got = sum(each([lambda h=h, p=p: h.fetch_into(p, share) for h, p in by_holder.values()]))
+    counts.read += got
+    counts.copied += got
     cut = [t for i, t in enumerate(cut) if i not in direct]
     cut.sort(key=lambda t: (t.file, t.hull()[1]))
     hulls = [t.hull() for t in cut]
@@ -184,11 +185,12 @@ def run(
             for seg in part:
                 holder = files[seg.file].holder
                 by_holder.setdefault(id(holder), (holder, []))[1].append((seg.start, seg.end))
-            for holder, runs in by_holder.values():
-                # Runs of different files of one object (a DCP file's archives) close
-                # together are one request too, as those of one file are (_segments).
-                merged = _coalesce(torch.tensor(sorted(runs)), gap)
-                counts.read += holder.fetch(merged)
+            # Runs of different files of one object (a DCP file's archives) close
+            # together are one request too, as those of one file are (_segments).
+            counts.read += sum(each([
+                lambda h=h, r=r: h.fetch(_coalesce(torch.tensor(sorted(r)), gap))
+                for h, r in by_holder.values()
+            ]))  # fmt: skip
         except BaseException as e:  # re-raised on the loading thread
             errors.append(e)
 

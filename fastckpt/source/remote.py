@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
 from fastckpt.source.memory_file import MemoryFile
-from fastckpt.source.remote_store import Object, Store
+from fastckpt.source.remote_store import Object, Store, each
 
 if TYPE_CHECKING:
     from fastckpt.source.remote_dcp import RemoteDcp
@@ -433,8 +433,7 @@ class RemoteOpening:
         self.path = RemotePath.of(url)
         self.files = [RemoteFile(Object(store, k)) for k in keys]
         self.paths = [RemotePath.of(f.url) for f in self.files]
-        for f in self.files:
-            read_headers(f)
+        each([lambda f=f: read_headers(f) for f in self.files])
         self._pending = _core.start_open(
             [f.path for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         )

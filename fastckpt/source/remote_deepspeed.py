@@ -25,7 +25,7 @@ import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
 from fastckpt.source.deepspeed import _MAX_TAG, LATEST, is_states_file, missing_latest, tag_name
 from fastckpt.source.remote import RemoteFile, RemotePath, read_headers
-from fastckpt.source.remote_store import Object, Store
+from fastckpt.source.remote_store import Object, Store, each
 
 
 class RemoteZero:
@@ -85,8 +85,7 @@ class RemoteZero:
 
     def open(self, names: Sequence[str], exact_reads: bool) -> list[_core.FileIndex]:
         files = [RemoteFile(Object(self.store, self._tag + n)) for n in names]
-        for f in files:
-            read_headers(f)
+        each([lambda f=f: read_headers(f) for f in files])
         self.files = files
         self.paths = [RemotePath.of(f.url) for f in files]
         try:

@@ -19,7 +19,8 @@ import asyncio
 import os
 import re
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -96,6 +97,17 @@ def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+def each(calls: Sequence[Callable[[], _T]], threads: int = 8) -> list[_T]:
+    """The results of ``calls``, run on up to ``threads`` threads: requests to different
+    objects (a folder's shards, a DCP directory's files) in flight together, not one
+    object's after another's. The first error is raised, after every call has ended."""
+    if len(calls) <= 1:
+        return [c() for c in calls]
+    with ThreadPoolExecutor(min(threads, len(calls)), thread_name_prefix="fastckpt-remote") as ex:
+        futures = [ex.submit(c) for c in calls]
+    return [f.result() for f in futures]
 
 
 def failure(url: str, e: BaseException) -> Exception:
