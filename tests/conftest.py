@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The servers of tests/test_remote*.py (moto is imported only when one is started).
+from tests.remote_fixtures import http_server, s3, s3_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -53,32 +54,40 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def scenario_remote_dcp_fsdp2(folder: Path) -> dict:
+def shards_from_url(folder: Path, make: Callable[[], nn.Module], want: nn.Module,
+                    local_path: Path) -> dict:  # fmt: skip
+    """This rank's FSDP2 shards of ``make()`` loaded from the URL of FOLDER/env.json (signed
+    as ``rank<N>``), compared with ``want``'s values and with a load of ``local_path``; the
+    bytes fetched, the headers' and the shard's. (tests/remote_deepspeed_worker too.)"""
     env = json.loads((folder / "env.json").read_text())
     env["AWS_ACCESS_KEY_ID"] = f"rank{dist.get_rank()}"
     torch.manual_seed(1)
     with mock.patch.dict(os.environ, env):
-        model = fsdp(Big(), world_mesh())
+        model = fsdp(make(), world_mesh())
         plan = fastckpt.plan(model, env["FASTCKPT_TEST_URL"])
         header = plan.checkpoint._remote.header_bytes
         report = fastckpt.load_into(model, plan)
     torch.manual_seed(2)
-    local = fsdp(Big(), world_mesh())
-    fastckpt.load_into(local, folder / "big")
+    local = fsdp(make(), world_mesh())
+    fastckpt.load_into(local, local_path)
     unlike, shard_bytes = [], 0
-    want = local.state_dict()
+    other = local.state_dict()
     for name, t in model.state_dict().items():
-        a, b = _local(t), _local(want[name])
+        a, b = _local(t), _local(other[name])
         shard_bytes += a.numel() * a.element_size()
         if a.shape != b.shape or not torch.equal(
             a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
         ):
             unlike.append(name)  # this rank's shard differs from the local load's
-    expect = {k: v.detach() for k, v in reference().state_dict().items()}
+    expect = {k: v.detach() for k, v in want.state_dict().items()}
     return same_as(model, expect) | {
         "unlike_local": unlike, "fetched": report.fetched, "header": header,
         "local_bytes": shard_bytes,
     }  # fmt: skip
+
+
+def scenario_remote_dcp_fsdp2(folder: Path) -> dict:
+    return shards_from_url(folder, Big, reference(), folder / "big")
 
 
 SCENARIOS = {

@@ -16,31 +16,23 @@ rank signing with its own access key (``rank<N>``) so that the server counts its
 
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict
 from pathlib import Path
-from unittest import mock
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-import fastckpt
-from tests.sharded_worker import fsdp, same_as, world_mesh
+from tests.remote_dcp_worker import Big as DcpBig
+from tests.remote_dcp_worker import shards_from_url
 
 WORLD = 2
 
 
-class Big(nn.Module):
+class Big(DcpBig):
+    """tests/remote_dcp_worker's model, with a buffer (stored whole in the model states)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(1001, 256)  # uneven over 2 ranks
-        self.blocks = nn.ModuleList(
-            [nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256)) for _ in range(2)]
-        )
-        self.norm = nn.LayerNorm(256)
         self.register_buffer("scale", torch.arange(7, dtype=torch.float32))
 
 
@@ -104,36 +96,8 @@ def write_checkpoints(folder: Path) -> None:
     """Nothing: the test writes and uploads the folder before the ranks load it."""
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def scenario_remote_deepspeed_fsdp2(folder: Path) -> dict:
-    env = json.loads((folder / "env.json").read_text())
-    env["AWS_ACCESS_KEY_ID"] = f"rank{dist.get_rank()}"
-    torch.manual_seed(1)
-    with mock.patch.dict(os.environ, env):
-        model = fsdp(Big(), world_mesh())
-        plan = fastckpt.plan(model, env["FASTCKPT_TEST_URL"])
-        header = plan.checkpoint._remote.header_bytes
-        report = fastckpt.load_into(model, plan)
-    torch.manual_seed(2)
-    local = fsdp(Big(), world_mesh())
-    fastckpt.load_into(local, folder / "zero2")
-    unlike, shard_bytes = [], 0
-    want = local.state_dict()
-    for name, t in model.state_dict().items():
-        a, b = _local(t), _local(want[name])
-        shard_bytes += a.numel() * a.element_size()
-        if a.shape != b.shape or not torch.equal(
-            a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
-        ):
-            unlike.append(name)  # this rank's shard differs from the local load's
-    expect = {k: v.detach() for k, v in reference().state_dict().items()}
-    return same_as(model, expect) | {
-        "unlike_local": unlike, "fetched": report.fetched, "header": header,
-        "local_bytes": shard_bytes,
-    }  # fmt: skip
+    return shards_from_url(folder, Big, reference(), folder / "zero2")
 
 
 SCENARIOS = {

@@ -27,10 +27,7 @@ from fastckpt.errors import CheckpointError
 pytest.importorskip("obstore", reason="the 'remote' extra (obstore) is not installed")
 pytest.importorskip("moto", reason="moto[server] (the test extra) is not installed")
 
-from tests.remote_servers import RangeServer, S3Server
-
-BUCKET = "ckpts"
-SECRET = "fastckpt-test-secret-key-1234"
+from tests.remote_fixtures import BUCKET, SECRET
 
 
 class Net(nn.Module):
@@ -61,41 +58,6 @@ def fresh(vocab: int = 1024) -> Net:
 
 def st_header_bytes(data: bytes) -> int:
     return 8 + struct.unpack("<Q", data[:8])[0]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    server = S3Server()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    import boto3
-
-    for k, v in {
-        "AWS_ENDPOINT_URL": s3_server.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "FASTCKPT_REMOTE_TIMEOUT": "3",
-        "FASTCKPT_REMOTE_CONNECT_TIMEOUT": "2",
-        "FASTCKPT_REMOTE_RETRY_SECONDS": "6",
-        "FASTCKPT_REMOTE_RETRIES": "3",
-    }.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    s3_server.fault = None
-    s3_server.counters.reset()
-    s3_server.client = client
-    yield s3_server
-    s3_server.fault = None
 
 
 def put(server, key: str, path: Path) -> str:
@@ -269,13 +231,6 @@ def test_object_changed_after_open_is_refused(s3, st_file, tmp_path):
         fastckpt.load_into(model, plan)
     for k, v in model.state_dict().items():  # refused before anything was written
         assert torch.equal(v, before[k]), k
-
-
-@pytest.fixture
-def http_server():
-    server = RangeServer()
-    yield server
-    server.stop()
 
 
 def test_http_safetensors_and_zip_match_local(http_server, st_file, tmp_path, monkeypatch):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 from torch import nn
 
 import fastckpt
@@ -27,8 +26,8 @@ from fastckpt.errors import CheckpointError
 pytest.importorskip("obstore", reason="the 'remote' extra (obstore) is not installed")
 pytest.importorskip("moto", reason="moto[server] (the test extra) is not installed")
 
-from tests.remote_servers import RangeServer, S3Server
-from tests.test_remote import BUCKET, SECRET
+from tests.conftest import same_bytes
+from tests.remote_fixtures import BUCKET, tensor_bytes, upload
 
 STEP = 11
 
@@ -48,11 +47,7 @@ def fresh() -> Net:
 
 
 def same(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
-        assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), k
+    same_bytes(a.state_dict(), b.state_dict())
 
 
 def nbytes(model: nn.Module) -> int:
@@ -67,63 +62,6 @@ def saved(tmp_path_factory) -> Path:
         warnings.simplefilter("ignore")
         dcp.save({"model": Net().state_dict(), "step": STEP}, checkpoint_id=folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    server = S3Server()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    import boto3
-
-    for k, v in {
-        "AWS_ENDPOINT_URL": s3_server.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "FASTCKPT_REMOTE_TIMEOUT": "3",
-        "FASTCKPT_REMOTE_CONNECT_TIMEOUT": "2",
-        "FASTCKPT_REMOTE_RETRY_SECONDS": "6",
-        "FASTCKPT_REMOTE_RETRIES": "3",
-    }.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    s3_server.fault = None
-    s3_server.counters.reset()
-    s3_server.client = client
-    yield s3_server
-
-
-@pytest.fixture
-def http_server(monkeypatch):
-    monkeypatch.setenv("FASTCKPT_REMOTE_TIMEOUT", "5")
-    server = RangeServer()
-    yield server
-    server.stop()
-
-
-def upload(server, prefix: str, folder: Path, skip: tuple[str, ...] = ()) -> str:
-    """The directory's files under ``prefix`` (S3 or the Range server); its URL."""
-    for f in folder.iterdir():
-        if f.name in skip:
-            continue
-        if isinstance(server, RangeServer):
-            server.files[f"/{prefix}/{f.name}"] = f.read_bytes()
-        else:
-            server.client.put_object(Bucket=BUCKET, Key=f"{prefix}/{f.name}", Body=f.read_bytes())
-    server.counters.reset()
-    if isinstance(server, RangeServer):
-        return f"{server.url}/{prefix}/"
-    return f"s3://{BUCKET}/{prefix}/"
 
 
 @pytest.fixture(params=["s3", "http"])
@@ -201,20 +139,13 @@ def test_diff_against_the_local_directory(served, saved):
     assert len(report.unchanged) == len(fastckpt.open(saved).keys())
 
 
-def _tensor_bytes(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= {k: v.view(torch.uint8).numpy().tobytes() for k, v in load_file(f).items()}
-    return out
-
-
 def test_convert_from_a_url_writes_what_the_local_convert_writes(served, saved, tmp_path):
     from fastckpt.tools.convert import convert
 
     _, url = served
     convert(saved, tmp_path / "local")
     convert(url, tmp_path / "remote")
-    a, b = _tensor_bytes(tmp_path / "local"), _tensor_bytes(tmp_path / "remote")
+    a, b = tensor_bytes(tmp_path / "local"), tensor_bytes(tmp_path / "remote")
     assert a.keys() == b.keys() and len(a) == len(fastckpt.open(saved).keys())
     assert a == b
     assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == sorted(
@@ -231,7 +162,7 @@ def test_convert_in_small_pieces_fetches_each_byte_once(s3, saved, tmp_path):
     s3.counters.reset()
     convert(url, tmp_path / "remote", max_host_bytes=16 << 10)
     convert(saved, tmp_path / "local")
-    assert _tensor_bytes(tmp_path / "remote") == _tensor_bytes(tmp_path / "local")
+    assert tensor_bytes(tmp_path / "remote") == tensor_bytes(tmp_path / "local")
     assert s3.counters.body_bytes <= 1.1 * nbytes(Net()) + header
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import fastckpt
@@ -26,39 +25,17 @@ from tests.fixtures.make_deepspeed import Net
 pytest.importorskip("obstore", reason="the 'remote' extra (obstore) is not installed")
 pytest.importorskip("moto", reason="moto[server] (the test extra) is not installed")
 
-from tests import test_remote_dcp as _dcp_tests
+from tests.conftest import same_bytes
 from tests.remote_deepspeed_worker import Big, reference, write_zero2
-from tests.remote_servers import RangeServer
-from tests.test_remote import BUCKET
+from tests.remote_fixtures import BUCKET, tensor_bytes, upload
 
 DATA = Path(__file__).resolve().parent / "data" / "deepspeed"
 # The servers of the DCP tests: moto's S3 (one per module) and a Range server.
-s3_server, s3, http_server = _dcp_tests.s3_server, _dcp_tests.s3, _dcp_tests.http_server
 RUNS = ["zero2", "zero3", "zero3_bf16"]
 
 
-def upload(server, prefix: str, folder: Path, skip: tuple[str, ...] = ()) -> str:
-    """The folder's files (its tag folder too) under ``prefix``; the folder's URL."""
-    for f in sorted(folder.rglob("*")):
-        rel = f.relative_to(folder).as_posix()
-        if not f.is_file() or rel in skip:
-            continue
-        if isinstance(server, RangeServer):
-            server.files[f"/{prefix}/{rel}"] = f.read_bytes()
-        else:
-            server.client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=f.read_bytes())
-    server.counters.reset()
-    if isinstance(server, RangeServer):
-        return f"{server.url}/{prefix}/"
-    return f"s3://{BUCKET}/{prefix}/"
-
-
 def same(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
-        assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), k
+    same_bytes(a.state_dict(), b.state_dict())
 
 
 def fresh_net() -> Net:
@@ -119,20 +96,13 @@ def test_diff_against_the_local_folder(served):
     assert len(report.unchanged) == len(fastckpt.open(folder).keys())
 
 
-def _tensor_bytes(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= {k: v.view(torch.uint8).numpy().tobytes() for k, v in load_file(f).items()}
-    return out
-
-
 def test_convert_from_a_url_writes_what_the_local_convert_writes(s3, tmp_path):
     from fastckpt.tools.convert import convert
 
     url = upload(s3, "ds-convert", DATA / "zero3_bf16")
     convert(DATA / "zero3_bf16", tmp_path / "local")
     convert(url, tmp_path / "remote", max_host_bytes=1 << 10)  # in pieces of rows
-    a, b = _tensor_bytes(tmp_path / "local"), _tensor_bytes(tmp_path / "remote")
+    a, b = tensor_bytes(tmp_path / "local"), tensor_bytes(tmp_path / "remote")
     assert a.keys() == b.keys() and len(a) > 0
     assert a == b
 

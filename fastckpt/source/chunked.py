@@ -10,11 +10,14 @@ its dtype and global shape, row-major; its bytes are only ever read piece by pie
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from fastckpt.errors import CheckpointError
-from fastckpt.source.checkpoint import Checkpoint
+from fastckpt.source.checkpoint import Checkpoint, Opening
+from fastckpt.source.urls import is_url
 
 LOGICAL = 1 << 62
 
@@ -30,6 +33,20 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 class ChunkedCheckpoint(Checkpoint):
     """The handle methods for logical tensors; a source says what they are."""
+
+    def _opening_of(self, path: Any, opening: Any, mark: str, what: str) -> tuple[Path, Any, Any]:
+        """The path, the opening and the remote source (None: a local one) of the
+        checkpoint being opened: at a URL, the opening Checkpoint.__new__ made (or a new
+        one), refused where it holds another kind of checkpoint than ``what`` (its source
+        sets ``mark``)."""
+        made = self.__dict__.pop("_made_opening", None)  # by Checkpoint.__new__, for a URL
+        opening = opening or made
+        if opening is None and is_url(path):
+            opening = Opening(path)
+        remote = getattr(opening, "remote", None)
+        if remote is not None and not getattr(remote, mark, False):
+            raise CheckpointError(f"{path}: not {what}")
+        return (remote.path if remote is not None else Path(path)), opening, remote
 
     _pieces = "chunks"  # what a logical tensor is stored as, for the refusal below
 

@@ -33,7 +33,6 @@ import torch
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES
 from fastckpt.errors import CheckpointError
-from fastckpt.source.urls import is_url
 
 METADATA = ".metadata"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -264,7 +263,6 @@ def assemble(
 # checkpoint.py's Checkpoint() and Opening() hand DCP directories to this module.
 from fastckpt.source.checkpoint import (  # noqa: E402
     Chunk,
-    Opening,
     TensorInfo,
     _split_key,
     pick_state_dict,
@@ -288,14 +286,9 @@ class DcpCheckpoint(ChunkedCheckpoint):
     def __init__(
         self, path: Any, *, key: str | Sequence[str] | None = None, _opening: Any = None
     ) -> None:
-        made = self.__dict__.pop("_made_opening", None)  # by Checkpoint.__new__, for a URL
-        _opening = _opening or made
-        if _opening is None and is_url(path):
-            _opening = Opening(path)
-        remote = getattr(_opening, "remote", None)
-        if remote is not None and not getattr(remote, "is_dcp", False):
-            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint directory")
-        self.path = remote.path if remote is not None else Path(path)
+        self.path, _opening, remote = self._opening_of(
+            path, _opening, "is_dcp", "a torch.distributed.checkpoint directory"
+        )
         # Opening(exact_reads=True) (a rank reading its shard, as load_into opens it): no
         # readahead around the chunks' zip records while they are indexed.
         layout = DcpLayout(

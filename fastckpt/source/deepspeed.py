@@ -52,9 +52,8 @@ import torch
 import fastckpt._core as _core
 from fastckpt.dtypes import TORCH_DTYPES
 from fastckpt.errors import CheckpointError
-from fastckpt.source.checkpoint import Chunk, Opening, TensorInfo
+from fastckpt.source.checkpoint import Chunk, TensorInfo
 from fastckpt.source.chunked import LOGICAL, ChunkedCheckpoint, contiguous_strides
-from fastckpt.source.urls import is_url
 
 LATEST = "latest"
 _MAX_TAG = 4096  # bytes of `latest` read: a tag is a folder name
@@ -515,16 +514,11 @@ class DeepSpeedCheckpoint(ChunkedCheckpoint):
             raise CheckpointError(
                 f"{path}: a DeepSpeed ZeRO folder holds one state dict; key={key!r} picks none"
             )
-        made = self.__dict__.pop("_made_opening", None)  # by Checkpoint.__new__, for a URL
-        _opening = _opening or made
-        if _opening is None and is_url(path):
-            _opening = Opening(path)
-        remote = getattr(_opening, "remote", None)
-        if remote is not None and not getattr(remote, "is_deepspeed", False):
-            raise CheckpointError(f"{path}: not a DeepSpeed ZeRO checkpoint folder")
         # At a URL (source.remote_deepspeed) the tag folder's objects are listed, their zip
         # records fetched, and ``_remote`` fetches what loads and tensor() read.
-        self.path = remote.path if remote is not None else Path(path)
+        self.path, _opening, remote = self._opening_of(
+            path, _opening, "is_deepspeed", "a DeepSpeed ZeRO checkpoint folder"
+        )
         layout = ZeroLayout(self.path, bool(getattr(_opening, "exact_reads", False)), remote)
         self._layout = layout
         self._remote = remote
