@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -162,7 +163,7 @@ def run(
         by_holder.setdefault(id(holder), (holder, []))[1].append((lo, hi, _bytes_of(cut[i].dst)))
     # Objects fetched together share the budget (the windows come after these).
     share = max_host_bytes // min(8, max(1, len(by_holder)))
-    got = sum(each([lambda h=h, p=p: h.fetch_into(p, share) for h, p in by_holder.values()]))
+    got = sum(each([partial(h.fetch_into, p, share) for h, p in by_holder.values()]))
     counts.read += got
     counts.copied += got
     cut = [t for i, t in enumerate(cut) if i not in direct]
@@ -188,7 +189,7 @@ def run(
             # Runs of different files of one object (a DCP file's archives) close
             # together are one request too, as those of one file are (_segments).
             counts.read += sum(each([
-                lambda h=h, r=r: h.fetch(_coalesce(torch.tensor(sorted(r)), gap))
+                partial(h.fetch, _coalesce(torch.tensor(sorted(r)), gap))
                 for h, r in by_holder.values()
             ]))  # fmt: skip
         except BaseException as e:  # re-raised on the loading thread

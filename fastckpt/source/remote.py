@@ -25,6 +25,7 @@ import os
 import struct
 import zipfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import PosixPath, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -433,7 +434,7 @@ class RemoteOpening:
         self.path = RemotePath.of(url)
         self.files = [RemoteFile(Object(store, k)) for k in keys]
         self.paths = [RemotePath.of(f.url) for f in self.files]
-        each([lambda f=f: read_headers(f) for f in self.files])
+        each([partial(read_headers, f) for f in self.files])
         self._pending = _core.start_open(
             [f.path for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ class RemoteZero:
 
     def open(self, names: Sequence[str], exact_reads: bool) -> list[_core.FileIndex]:
         files = [RemoteFile(Object(self.store, self._tag + n)) for n in names]
-        each([lambda f=f: read_headers(f) for f in files])
+        each([partial(read_headers, f) for f in files])
         self.files = files
         self.paths = [RemotePath.of(f.url) for f in files]
         try:
