@@ -66,10 +66,10 @@ class DcpFiles(Protocol):
     def name(self, relative: str) -> str: ...
     def path_of(self, relative: str) -> Path: ...
     def read_metadata(self) -> Any: ...
-    def size(self, relative: str) -> int | None: ...
+    def sizes(self, relatives: Sequence[str]) -> dict[str, int | None]: ...
     def open_archives(
-        self, relative: str, ranges: Sequence[tuple[int, int]], exact_reads: bool
-    ) -> list[Any]: ...
+        self, ranges: dict[str, list[tuple[int, int]]], exact_reads: bool
+    ) -> dict[str, list[Any]]: ...
     def read(self, relative: str, offset: int, length: int) -> bytes: ...
     def pickled_value(self, relative: str, offset: int, length: int) -> Any: ...
 
@@ -95,14 +95,17 @@ class LocalFiles:
             )
         return _core.read_dcp_metadata(str(meta_path))
 
-    def size(self, relative: str) -> int | None:
-        file = self.directory / relative
-        return file.stat().st_size if file.is_file() else None
+    def sizes(self, relatives: Sequence[str]) -> dict[str, int | None]:
+        files = {r: self.directory / r for r in relatives}
+        return {r: f.stat().st_size if f.is_file() else None for r, f in files.items()}
 
     def open_archives(
-        self, relative: str, ranges: Sequence[tuple[int, int]], exact_reads: bool
-    ) -> list[Any]:
-        return list(_core.open_archives(self.name(relative), list(ranges), exact_reads))
+        self, ranges: dict[str, list[tuple[int, int]]], exact_reads: bool
+    ) -> dict[str, list[Any]]:
+        return {
+            rel: list(_core.open_archives(self.name(rel), rs, exact_reads))
+            for rel, rs in ranges.items()
+        }
 
     def read(self, relative: str, offset: int, length: int) -> bytes:
         with open(self.directory / relative, "rb") as f:
@@ -127,7 +130,9 @@ class DcpLayout:
         self.tensors: list[LogicalTensor] = []
         self.values: list[Value] = []
         self.unloadable: dict[tuple[str, ...], str] = {}
-        self.file_sizes: dict[str, int] = {}
+        # Every file .metadata names, asked for at once (at a URL: one HEAD each, together).
+        entries = storage.values() if isinstance(storage, dict) else storage
+        self.file_sizes = self.files.sizes(list(dict.fromkeys(e.relative_path for e in entries)))
         ranges: dict[str, list[tuple[int, int]]] = {}  # by file, relative to the directory
         pending: list[tuple[Any, list[tuple[str, int]]]] = []
         for item in meta.items:
@@ -156,11 +161,11 @@ class DcpLayout:
         self.archive_files: list[str] = []  # each archive's file, by its name (path or URL)
         self.archive_relative: list[str] = []
         first: dict[str, int] = {}
-        for rel, file_ranges in ranges.items():
+        for rel, opened in self.files.open_archives(ranges, exact_reads).items():
             first[rel] = len(self.archives)
-            self.archives.extend(self.files.open_archives(rel, file_ranges, exact_reads))
-            self.archive_files.extend([self.files.name(rel)] * len(file_ranges))
-            self.archive_relative.extend([rel] * len(file_ranges))
+            self.archives.extend(opened)
+            self.archive_files.extend([self.files.name(rel)] * len(opened))
+            self.archive_relative.extend([rel] * len(opened))
         for item, where in pending:
             chunks = []
             for chunk, (rel, k) in zip(item.chunks, where, strict=True):
@@ -182,10 +187,7 @@ class DcpLayout:
             )
         size = self.file_sizes.get(rel)
         if size is None:
-            found = self.files.size(rel)
-            if found is None:
-                raise CheckpointError(f"{file}: missing: .metadata stores {fqn!r} in it")
-            size = self.file_sizes[rel] = found
+            raise CheckpointError(f"{file}: missing: .metadata stores {fqn!r} in it")
         if s.offset + s.length > size:
             raise CheckpointError(
                 f"{file}: {fqn!r} is stored at bytes {s.offset}..{s.offset + s.length}, "

@@ -16,6 +16,7 @@ the copy tasks name archives, and the pages each releases stay inside its archiv
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -23,7 +24,7 @@ import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
 from fastckpt.source.memory_file import MemoryFile
 from fastckpt.source.remote import DCP_METADATA, RemoteFile, RemotePath, read_zip_headers
-from fastckpt.source.remote_store import Object, Store
+from fastckpt.source.remote_store import Object, Store, each
 
 _ARCHIVE_TAIL = 1 << 10  # a chunk archive's end records and directory: under 1 KiB;
 # its first records (data.pkl, byteorder) too
@@ -107,22 +108,34 @@ class RemoteDcp:
         finally:
             meta.close()
 
-    def size(self, relative: str) -> int | None:
-        f = self._object(relative)
-        return None if f is None else f.size
+    def sizes(self, relatives: Sequence[str]) -> dict[str, int | None]:
+        """Each file's size (one HEAD each, together), None where it is missing."""
+        found = each([partial(self._object, r) for r in relatives])
+        return {r: None if f is None else f.size for r, f in zip(relatives, found, strict=True)}
 
     def open_archives(
-        self, relative: str, ranges: Sequence[tuple[int, int]], exact_reads: bool
-    ) -> list[Any]:
-        f = self._object(relative)
-        assert f is not None  # DcpLayout asked for its size first
-        have = self._have.setdefault(relative, [])
-        read_zip_headers(f, ranges, have, _ARCHIVE_TAIL, _ARCHIVE_BLOCK, _ARCHIVE_TAIL)
-        out = _named(lambda: _core.open_archives(f.path, list(ranges), exact_reads), f.path, f.url)
-        first = not any(a.f is f for a in self.files)
-        for k, (offset, length) in enumerate(ranges):
-            self.files.append(_Archive(f, offset, offset + length, first and k == 0))
-        return list(out)
+        self, ranges: dict[str, list[tuple[int, int]]], exact_reads: bool
+    ) -> dict[str, list[Any]]:
+        """The core's index of each chunk archive, by file; the zip records the core reads
+        fetched first, for every file together."""
+        objects: dict[str, RemoteFile] = {}
+        for rel in ranges:
+            found = self._object(rel)
+            assert found is not None  # DcpLayout found its size first
+            objects[rel] = found
+        each([
+            partial(read_zip_headers, f, rs, self._have.setdefault(rel, []), _ARCHIVE_TAIL,
+                    _ARCHIVE_BLOCK, _ARCHIVE_TAIL)
+            for (rel, rs), f in zip(ranges.items(), objects.values(), strict=True)
+        ])  # fmt: skip
+        out = {}
+        for rel, rs in ranges.items():
+            f = objects[rel]
+            out[rel] = _named(partial(_core.open_archives, f.path, rs, exact_reads), f.path, f.url)
+            first = not any(a.f is f for a in self.files)
+            for k, (offset, length) in enumerate(rs):
+                self.files.append(_Archive(f, offset, offset + length, first and k == 0))
+        return out
 
     def read(self, relative: str, offset: int, length: int) -> bytes:
         f = self._object(relative)
