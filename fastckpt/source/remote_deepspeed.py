@@ -85,8 +85,7 @@ class RemoteZero:
         return RemotePath.of(self.store.url(self._tag + name))
 
     def open(self, names: Sequence[str], exact_reads: bool) -> list[_core.FileIndex]:
-        files = [RemoteFile(Object(self.store, self._tag + n)) for n in names]
-        each([partial(read_headers, f) for f in files])
+        files = each([partial(self._opened, n) for n in names])  # together: a HEAD, headers
         self.files = files
         self.paths = [RemotePath.of(f.url) for f in files]
         try:
@@ -100,6 +99,11 @@ class RemoteZero:
             for f in files:
                 text = text.replace(f.path, f.url)  # the URL, not the memory file the core read
             raise CheckpointError(text) from None
+
+    def _opened(self, name: str) -> RemoteFile:
+        f = RemoteFile(Object(self.store, self._tag + name))
+        read_headers(f)
+        return f
 
     # -- what loads and tensor() use ----------------------------------------------------
     @property
