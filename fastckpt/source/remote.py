@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from fastckpt.source.remote_deepspeed import RemoteZero
 
 __all__ = [
-    "RemoteFile", "RemoteOpening", "RemotePath", "open_url", "read_headers", "read_zip_headers",
-    "remote_side_files",
+    "RemoteFile", "RemoteOpening", "RemotePath", "open_file", "open_url",
+    "read_zip_headers", "remote_side_files",
 ]  # fmt: skip
 
 _FIRST = 16 << 10  # bytes read first from the start of a file (most safetensors headers)
@@ -262,7 +262,15 @@ def _shards(store: Store, index_key: str) -> list[str]:
     return out
 
 
-def read_headers(f: RemoteFile) -> None:
+def open_file(store: Store, key: str) -> RemoteFile:
+    """One checkpoint file of a store (a HEAD: its size and ETag) with what the core reads
+    to index it fetched."""
+    f = RemoteFile(Object(store, key))
+    _read_headers(f)
+    return f
+
+
+def _read_headers(f: RemoteFile) -> None:
     """Fetches what the core reads to index the file, and nothing of its tensors."""
     if f.size == 0:
         raise CheckpointError(f"{f.url}: the object is empty (0 bytes): not a checkpoint")
@@ -432,9 +440,8 @@ class RemoteOpening:
             raise FileNotFoundError(f"{url}: no such checkpoint file or folder")
         self.url = named if len(keys) > 1 else store.url(keys[0])
         self.path = RemotePath.of(url)
-        self.files = [RemoteFile(Object(store, k)) for k in keys]
+        self.files = each([partial(open_file, store, k) for k in keys])  # together
         self.paths = [RemotePath.of(f.url) for f in self.files]
-        each([partial(read_headers, f) for f in self.files])
         self._pending = _core.start_open(
             [f.path for f in self.files], min(8, os.cpu_count() or 1), exact_reads
         )

@@ -25,8 +25,8 @@ from typing import Any
 import fastckpt._core as _core
 from fastckpt.errors import CheckpointError
 from fastckpt.source.deepspeed import _MAX_TAG, LATEST, is_states_file, missing_latest, tag_name
-from fastckpt.source.remote import RemoteFile, RemotePath, read_headers
-from fastckpt.source.remote_store import Object, Store, each
+from fastckpt.source.remote import RemoteFile, RemotePath, open_file
+from fastckpt.source.remote_store import Store, each
 
 
 class RemoteZero:
@@ -85,7 +85,7 @@ class RemoteZero:
         return RemotePath.of(self.store.url(self._tag + name))
 
     def open(self, names: Sequence[str], exact_reads: bool) -> list[_core.FileIndex]:
-        files = each([partial(self._opened, n) for n in names])  # together: a HEAD, headers
+        files = each([partial(open_file, self.store, self._tag + n) for n in names])  # together
         self.files = files
         self.paths = [RemotePath.of(f.url) for f in files]
         try:
@@ -99,11 +99,6 @@ class RemoteZero:
             for f in files:
                 text = text.replace(f.path, f.url)  # the URL, not the memory file the core read
             raise CheckpointError(text) from None
-
-    def _opened(self, name: str) -> RemoteFile:
-        f = RemoteFile(Object(self.store, self._tag + name))
-        read_headers(f)
-        return f
 
     # -- what loads and tensor() use ----------------------------------------------------
     @property
