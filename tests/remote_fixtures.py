@@ -3,6 +3,8 @@ and the upload of a folder to either: one definition for tests/test_remote*.py."
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,13 @@ def tensor_bytes(folder: Path) -> dict[str, bytes]:
     for f in sorted(folder.glob("*.safetensors")):
         out |= {k: v.view(torch.uint8).numpy().tobytes() for k, v in load_file(f).items()}
     return out
+
+
+def rank_env(folder: Path, url: str, monkeypatch) -> None:
+    """FOLDER/env.json for the ranks a test starts: the server's environment and ``url``
+    (FASTCKPT_TEST_URL), holes never fetched (FASTCKPT_REMOTE_GAP_BYTES=0), so that the
+    bytes sent to a rank are exactly its shard's runs."""
+    monkeypatch.setenv("FASTCKPT_TEST_URL", url)
+    monkeypatch.setenv("FASTCKPT_REMOTE_GAP_BYTES", "0")
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FASTCKPT_"))}
+    (folder / "env.json").write_text(json.dumps(env))

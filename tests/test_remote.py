@@ -8,7 +8,6 @@ plan reads (x1.1) plus the headers.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import time
@@ -27,7 +26,7 @@ from fastckpt.errors import CheckpointError
 pytest.importorskip("obstore", reason="the 'remote' extra (obstore) is not installed")
 pytest.importorskip("moto", reason="moto[server] (the test extra) is not installed")
 
-from tests.remote_fixtures import BUCKET, SECRET
+from tests.remote_fixtures import BUCKET, SECRET, rank_env
 
 
 class Net(nn.Module):
@@ -407,10 +406,7 @@ def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
 
     write_checkpoints(tmp_path)
     url = put(s3, "fsdp/net.safetensors", tmp_path / "net.safetensors")
-    monkeypatch.setenv("FASTCKPT_TEST_URL", url)
-    monkeypatch.setenv("FASTCKPT_REMOTE_GAP_BYTES", "0")  # exact runs: bytes per rank = shard
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FASTCKPT_"))}
-    (tmp_path / "env.json").write_text(json.dumps(env))
+    rank_env(tmp_path, url, monkeypatch)  # bytes per rank = its shard
     results = run_ranks(2, tmp_path, ["remote_fsdp2"], worker="tests.remote_worker")
     for r in results:
         res = r["remote_fsdp2"]

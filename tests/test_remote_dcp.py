@@ -10,7 +10,6 @@ are held to what the plan reads (x1.1) plus the headers the opening fetched.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ pytest.importorskip("obstore", reason="the 'remote' extra (obstore) is not insta
 pytest.importorskip("moto", reason="moto[server] (the test extra) is not installed")
 
 from tests.conftest import same_bytes
-from tests.remote_fixtures import BUCKET, tensor_bytes, upload
+from tests.remote_fixtures import BUCKET, rank_env, tensor_bytes, upload
 
 STEP = 11
 
@@ -262,10 +261,7 @@ def test_two_fsdp2_ranks_each_fetch_their_shard(s3, tmp_path, monkeypatch):
     for r in run_ranks(2, tmp_path, ["save_big"], worker="tests.remote_dcp_worker"):
         assert r["save_big"]["ok"], r
     url = upload(s3, "dcp-fsdp2", tmp_path / "big")
-    monkeypatch.setenv("FASTCKPT_TEST_URL", url)
-    monkeypatch.setenv("FASTCKPT_REMOTE_GAP_BYTES", "0")  # exact runs: bytes per rank = shard
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FASTCKPT_"))}
-    (tmp_path / "env.json").write_text(json.dumps(env))
+    rank_env(tmp_path, url, monkeypatch)  # bytes per rank = its shard
     results = run_ranks(2, tmp_path, ["remote_dcp_fsdp2"], worker="tests.remote_dcp_worker")
     total = sum(f.stat().st_size for f in (tmp_path / "big").iterdir())
     for rank, r in enumerate(results):

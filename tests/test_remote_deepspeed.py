@@ -11,7 +11,6 @@ local read is first checked against the parameters it was written from.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ pytest.importorskip("moto", reason="moto[server] (the test extra) is not install
 
 from tests.conftest import same_bytes
 from tests.remote_deepspeed_worker import Big, reference, write_zero2
-from tests.remote_fixtures import BUCKET, tensor_bytes, upload
+from tests.remote_fixtures import BUCKET, rank_env, tensor_bytes, upload
 
 DATA = Path(__file__).resolve().parent / "data" / "deepspeed"
 # The servers of the DCP tests: moto's S3 (one per module) and a Range server.
@@ -249,10 +248,7 @@ def test_two_fsdp2_ranks_each_fetch_their_shard(s3, big, tmp_path, monkeypatch):
 
     shutil.copytree(big, tmp_path / "zero2")  # the ranks' local load reads it there
     url = upload(s3, "ds-fsdp2", big)
-    monkeypatch.setenv("FASTCKPT_TEST_URL", url)
-    monkeypatch.setenv("FASTCKPT_REMOTE_GAP_BYTES", "0")  # exact runs: bytes per rank = shard
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FASTCKPT_"))}
-    (tmp_path / "env.json").write_text(json.dumps(env))
+    rank_env(tmp_path, url, monkeypatch)  # bytes per rank = its shard
     results = run_ranks(2, tmp_path, ["remote_deepspeed_fsdp2"],
                         worker="tests.remote_deepspeed_worker")  # fmt: skip
     for rank, r in enumerate(results):

@@ -20,16 +20,17 @@ import ctypes
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fastckpt.errors import CheckpointError
 from fastckpt.load import read_once
 from fastckpt.load.read_once import Counts, Segment, Task
-from fastckpt.source.remote_store import each
+from fastckpt.source.remote_store import OBJECTS_AT_ONCE, each
 
 _WINDOW = 64 << 20
+_I = TypeVar("_I")
 # Smaller tensors go through the memory file, where neighbouring runs are one request:
 # fetched straight in, each was a request of its own (a DCP file of 300 chunks of 64 KiB
 # took 300 GETs).
@@ -110,6 +111,17 @@ def _dense(t: Task) -> bool:
     return True
 
 
+def _by_holder(files: list[Any], items: list[tuple[int, _I]]) -> list[tuple[Any, list[_I]]]:
+    """``items`` (file, item) gathered by the object that fetches for each file (its
+    ``holder``): a DCP .distcp file's archives are files of their own here, and one batch
+    of requests per archive ran them one after another."""
+    out: dict[int, tuple[Any, list[_I]]] = {}
+    for f, item in items:
+        holder = files[f].holder
+        out.setdefault(id(holder), (holder, []))[1].append(item)
+    return list(out.values())
+
+
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The memory of a contiguous CPU tensor, writable."""
     n = t.numel() * t.element_size()
@@ -154,16 +166,14 @@ def run(
     each([f.check_unchanged for f in files])  # later reads: checked by If-Match and size
     before_writing()
     # Everything is checked: from here on the model is written.
-    # Reads are gathered per object (``holder``): the archives of a DCP .distcp file are
-    # files of their own here, and one batch of requests per archive ran them one by one.
-    by_holder: dict[int, tuple[Any, list[tuple[int, int, memoryview]]]] = {}
+    pieces = []
     for i in sorted(direct):
         lo, hi = (int(v) for v in runs[i][0].tolist())
-        holder = files[cut[i].file].holder
-        by_holder.setdefault(id(holder), (holder, []))[1].append((lo, hi, _bytes_of(cut[i].dst)))
+        pieces.append((cut[i].file, (lo, hi, _bytes_of(cut[i].dst))))
+    by_holder = _by_holder(files, pieces)
     # Objects fetched together share the budget (the windows come after these).
-    share = max_host_bytes // min(8, max(1, len(by_holder)))
-    got = sum(each([partial(h.fetch_into, p, share) for h, p in by_holder.values()]))
+    share = max_host_bytes // min(OBJECTS_AT_ONCE, max(1, len(by_holder)))
+    got = sum(each([partial(h.fetch_into, p, share) for h, p in by_holder]))
     counts.read += got
     counts.copied += got
     cut = [t for i, t in enumerate(cut) if i not in direct]
@@ -182,15 +192,11 @@ def run(
 
     def fetch(part: list[Segment], errors: list[BaseException]) -> None:
         try:
-            by_holder: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
-            for seg in part:
-                holder = files[seg.file].holder
-                by_holder.setdefault(id(holder), (holder, []))[1].append((seg.start, seg.end))
+            by_holder = _by_holder(files, [(seg.file, (seg.start, seg.end)) for seg in part])
             # Runs of different files of one object (a DCP file's archives) close
             # together are one request too, as those of one file are (_segments).
             counts.read += sum(each([
-                partial(h.fetch, _coalesce(torch.tensor(sorted(r)), gap))
-                for h, r in by_holder.values()
+                partial(h.fetch, _coalesce(torch.tensor(sorted(r)), gap)) for h, r in by_holder
             ]))  # fmt: skip
         except BaseException as e:  # re-raised on the loading thread
             errors.append(e)

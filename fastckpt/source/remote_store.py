@@ -99,13 +99,17 @@ def run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     return value  # type: ignore[no-any-return]
 
 
-def each(calls: Sequence[Callable[[], _T]], threads: int = 8) -> list[_T]:
-    """The results of ``calls``, run on up to ``threads`` threads: requests to different
-    objects (a folder's shards, a DCP directory's files) in flight together, not one
-    object's after another's. The first error is raised, after every call has ended."""
+OBJECTS_AT_ONCE = 8  # objects whose requests ``each`` has in flight together
+
+
+def each(calls: Sequence[Callable[[], _T]]) -> list[_T]:
+    """The results of ``calls``, run on up to ``OBJECTS_AT_ONCE`` threads: requests to
+    different objects (a folder's shards, a DCP directory's files) in flight together, not
+    one object's after another's. The first error is raised, after every call has ended."""
     if len(calls) <= 1:
         return [c() for c in calls]
-    with ThreadPoolExecutor(min(threads, len(calls)), thread_name_prefix="fastckpt-remote") as ex:
+    threads = min(OBJECTS_AT_ONCE, len(calls))
+    with ThreadPoolExecutor(threads, thread_name_prefix="fastckpt-remote") as ex:
         futures = [ex.submit(c) for c in calls]
     return [f.result() for f in futures]
 
